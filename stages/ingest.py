@@ -1,20 +1,31 @@
-"""Ingest: read a corpus folder into cleaned, deduplicated documents with a content fingerprint."""
+"""Ingest: read a corpus folder into cleaned, deduplicated documents, fingerprint it, chunk it by tokens.
 
+Outputs (in the run folder, each written atomically): `documents.parquet`, `chunks.parquet`.
+"""
+
+import json
+import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyarrow as pa
+from transformers import PreTrainedTokenizerBase
+
+from cartridges.atomic import write_parquet_atomically, write_text_atomically
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes, sha256_of_named_hashes
+from cartridges.stages.readers import READERS
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
 DOCUMENT_SEPARATOR = "\n\n"
+DOCUMENTS_FILE = "documents.parquet"
+CHUNKS_FILE = "chunks.parquet"
 
 
 @dataclass(frozen=True)
 class Document:
-    path: str  # relative to the corpus root, with '/' separators
+    path: str  # relative to the corpus root, '/' separators; `file.jsonl#2` for the third record of a file
     title: str
     text: str
     sha256: str
@@ -40,6 +51,21 @@ class Corpus:
         return DOCUMENT_SEPARATOR.join(doc.text for doc in self.documents)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    chunk_id: int
+    doc_id: int
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+    text: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
 def normalize_text(text: str) -> str:
     """Unicode NFC, unified newlines, no trailing spaces, at most one blank line in a row."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
@@ -48,27 +74,20 @@ def normalize_text(text: str) -> str:
     return text.strip()
 
 
-def _decode(data: bytes) -> str | None:
-    """Decode UTF-8 (with or without BOM), else Latin-1 unless the bytes look binary."""
-    if b"\x00" in data[:4096]:
-        return None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
-def _title(relative: str, text: str) -> str:
-    first = text.lstrip().split("\n", 1)[0].lstrip("#").strip()
+def _title(given: str | None, relative: str, text: str) -> str:
+    if given and given.strip():
+        return given.strip()[:120]
+    first = text.split("\n", 1)[0].lstrip("#").strip()
     return first[:120] if first else Path(relative).stem
 
 
 def read_corpus(folder: Path) -> Corpus:
-    """Read every supported file under `folder`; identical documents are kept once."""
+    """Read every supported file under `folder` (hidden files skipped); identical documents are kept once."""
+    supported = ", ".join(sorted(READERS))
     if not folder.exists():
-        raise CartridgeError(f"corpus folder {folder} does not exist: pass a folder of .txt/.md files")
+        raise CartridgeError(f"corpus folder {folder} does not exist: pass a folder of documents ({supported})")
     if not folder.is_dir():
-        raise CartridgeError(f"corpus {folder} is not a folder: pass a folder of .txt/.md files")
+        raise CartridgeError(f"corpus {folder} is not a folder: pass a folder of documents ({supported})")
     documents: list[Document] = []
     skipped: list[str] = []
     seen: set[str] = set()
@@ -76,17 +95,91 @@ def read_corpus(folder: Path) -> Corpus:
         relative = path.relative_to(folder).as_posix()
         if any(part.startswith(".") for part in Path(relative).parts):
             continue
-        text = _decode(path.read_bytes()) if path.suffix.lower() in TEXT_SUFFIXES else None
-        if text is None:
+        reader = READERS.get(path.suffix.lower())
+        records = reader(path) if reader else None
+        if records is None:
             skipped.append(relative)
             continue
-        text = normalize_text(text)
-        digest = sha256_bytes(text.encode())
-        if not text or digest in seen:
-            continue
-        seen.add(digest)
-        documents.append(Document(path=relative, title=_title(relative, text), text=text, sha256=digest))
+        for index, (title, raw) in enumerate(records):
+            text = normalize_text(raw)
+            digest = sha256_bytes(text.encode())
+            if not text or digest in seen:
+                continue
+            seen.add(digest)
+            name = relative if len(records) == 1 else f"{relative}#{index}"
+            documents.append(Document(path=name, title=_title(title, relative, text), text=text, sha256=digest))
     if not documents:
-        what = f"; unsupported or binary files skipped: {', '.join(skipped[:5])}" if skipped else ""
-        raise CartridgeError(f"corpus folder {folder} has no readable text ({', '.join(sorted(TEXT_SUFFIXES))}){what}")
+        what = f"; unsupported or unreadable files skipped: {', '.join(skipped[:5])}" if skipped else ""
+        raise CartridgeError(f"corpus folder {folder} has no readable text ({supported}){what}")
     return Corpus(root=folder, documents=documents, skipped=skipped)
+
+
+def _balanced_bounds(length: int, max_tokens: int) -> list[tuple[int, int]]:
+    """Split [0, length) into the fewest near-equal parts of at most `max_tokens` each.
+
+    Equal parts keep every part above max_tokens / 2 whenever a split happens, so no runt tail.
+    """
+    parts = max(1, math.ceil(length / max_tokens))
+    cuts = [round(i * length / parts) for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def chunk_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, min_tokens: int, max_tokens: int) -> list[Chunk]:
+    """Token-level chunks within documents. A document shorter than `min_tokens` stays one chunk."""
+    if not 0 < min_tokens <= max_tokens // 2:
+        raise CartridgeError(f"chunk sizes must satisfy 0 < min ({min_tokens}) <= max / 2 ({max_tokens // 2})")
+    chunks: list[Chunk] = []
+    for doc_id, doc in enumerate(corpus.documents):
+        encoding = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoding["offset_mapping"]
+        for start, end in _balanced_bounds(len(offsets), max_tokens):
+            if start == end:
+                continue
+            char_start, char_end = offsets[start][0], offsets[end - 1][1]
+            chunks.append(Chunk(len(chunks), doc_id, start, end, char_start, char_end, doc.text[char_start:char_end]))
+    return chunks
+
+
+def write_ingest_outputs(out_dir: Path, corpus: Corpus, chunks: list[Chunk]) -> None:
+    doc_tokens = [0] * len(corpus.documents)
+    for chunk in chunks:
+        doc_tokens[chunk.doc_id] = max(doc_tokens[chunk.doc_id], chunk.token_end)
+    documents = pa.Table.from_pylist(
+        [{"doc_id": i, **asdict(doc), "num_tokens": doc_tokens[i]} for i, doc in enumerate(corpus.documents)]
+    )
+    write_parquet_atomically(out_dir / DOCUMENTS_FILE, documents)
+    write_parquet_atomically(out_dir / CHUNKS_FILE, pa.Table.from_pylist([asdict(c) | {"num_tokens": c.num_tokens} for c in chunks]))
+
+
+def read_chunks(out_dir: Path) -> list[Chunk]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out_dir / CHUNKS_FILE).to_pylist()
+    return [Chunk(**{k: v for k, v in row.items() if k != "num_tokens"}) for row in rows]
+
+
+INGEST_FILE = "ingest.json"
+
+
+def ingest(corpus_dir: Path, run_dir: Path, tokenizer: PreTrainedTokenizerBase, tokenizer_fingerprint: str, min_tokens: int, max_tokens: int) -> dict:
+    """Read, chunk and write the corpus into `run_dir`; reuses earlier outputs of the same corpus and chunking."""
+    corpus = read_corpus(corpus_dir)
+    record = {
+        "corpus_fingerprint": corpus.fingerprint(tokenizer_fingerprint),
+        "chunk_min_tokens": min_tokens,
+        "chunk_max_tokens": max_tokens,
+    }
+    done = run_dir / INGEST_FILE
+    if done.is_file() and {k: v for k, v in json.loads(done.read_text()).items() if k in record} == record:
+        return json.loads(done.read_text())
+    chunks = chunk_corpus(corpus, tokenizer, min_tokens, max_tokens)
+    write_ingest_outputs(run_dir, corpus, chunks)
+    record |= {
+        "source": str(corpus_dir),
+        "num_documents": len(corpus.documents),
+        "num_chunks": len(chunks),
+        "num_tokens": sum(c.num_tokens for c in chunks),
+        "skipped": corpus.skipped,
+    }
+    write_text_atomically(done, json.dumps(record, indent=2))
+    return record

