@@ -5,9 +5,6 @@ The tensors live in `adapter_model.safetensors` under PEFT's key `prompt_embeddi
 cartridge with no code of ours. Nothing is pickled.
 """
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +14,7 @@ from peft import CartridgeConfig
 from peft.utils.other import _prepare_prompt_learning_config
 from safetensors.torch import load_file, save_file
 
+from cartridges.atomic import write_folder_atomically
 from cartridges.errors import CartridgeError
 from cartridges.manifest import (
     ADAPTER_WEIGHTS_FILE,
@@ -71,17 +69,19 @@ def describe_model(loaded: LoadedModel) -> dict:
 
 def _write_atomically(destination: Path, manifest: Manifest, write_payload: Callable[[Path], None]) -> Manifest:
     """Write the payload and the manifest into a temp folder next to `destination`, then rename."""
+    exists = CartridgeError(f"{destination} already exists: choose another output folder or remove it")
     if destination.exists():
-        raise CartridgeError(f"{destination} already exists: choose another output folder or remove it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
-    try:
-        write_payload(staging)
-        final = manifest.model_copy(update={"files": payload_checksums(staging)})
-        (staging / MANIFEST_FILE).write_text(final.to_json())
-        os.rename(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise exists
+    final = manifest
+
+    def write(folder: Path) -> None:
+        nonlocal final
+        write_payload(folder)
+        final = manifest.model_copy(update={"files": payload_checksums(folder)})
+        (folder / MANIFEST_FILE).write_text(final.to_json())
+
+    if not write_folder_atomically(destination, write):
+        raise exists
     return final
 
 

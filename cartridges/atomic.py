@@ -1,6 +1,9 @@
 """Write files so that readers see the old file or the complete new one, never a partial one."""
 
+import errno
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -27,3 +30,24 @@ def write_text_atomically(path: Path, text: str) -> Path:
 
 def write_parquet_atomically(path: Path, table: pa.Table) -> Path:
     return write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_folder_atomically(destination: Path, write: Callable[[Path], None]) -> bool:
+    """Fill a temporary folder next to `destination` with `write(tmp)`, then rename it into place.
+
+    Returns False (and discards the new folder) when `destination` appeared meanwhile: another
+    writer finished first, and a complete folder is never replaced.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        write(staging)
+        try:
+            os.rename(staging, destination)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return False
+            raise
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -4,13 +4,11 @@ Real legal text on any machine, gathered at run time from `*.dist-info` folders 
 NOTICE files), deduplicated, so nothing is copied into the repository.
 """
 
-import os
 import re
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from cartridges.atomic import write_folder_atomically
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes
 from cartridges.home import cartridges_home
@@ -47,17 +45,14 @@ def gather_license_corpus(destination: Path | None = None) -> Path:
                 found[key] = (f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{Path(str(file)).name}", text)
     if not found:
         raise CartridgeError("no license texts found in the installed packages: pass --corpus DIR")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".licenses-", dir=destination.parent))
-    try:
+    def write(folder: Path) -> None:
         for index, (filename, text) in enumerate(found.values()):
-            target = staging / f"{filename.removesuffix('.txt')}.txt"
+            target = folder / f"{filename.removesuffix('.txt')}.txt"
             if target.exists():  # two different texts under the same file name
                 target = target.with_stem(f"{target.stem}-{index}")
             target.write_text(text, encoding="utf-8")
-        if destination.exists():
-            destination.rmdir()  # empty, checked above
-        os.rename(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    if destination.exists():
+        destination.rmdir()  # empty, checked above
+    write_folder_atomically(destination, write)
     return destination

@@ -6,9 +6,6 @@ fingerprints, so that a cartridge built for one model is never silently used wit
 """
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -16,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from cartridges.atomic import write_folder_atomically, write_text_atomically
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes, sha256_file, sha256_of_named_hashes
 from cartridges.home import cartridges_home, models_dir
@@ -75,17 +73,7 @@ def prepare_embedded_model() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf_file = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}-", dir=target.parent))
-    try:
-        _convert_gguf(gguf_file, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_folder_atomically(target, lambda folder: _convert_gguf(gguf_file, folder))  # a concurrent winner is as good
     return target
 
 
@@ -161,10 +149,7 @@ def model_fingerprint(path: Path) -> str:
             return cached["fingerprint"]
     hashes = _file_hashes(path, ["config.json", *weights]) + [("tokenizer", tokenizer_fingerprint(path))]
     fingerprint = sha256_of_named_hashes(hashes)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"stamp": stamp, "fingerprint": fingerprint}))
-    os.replace(tmp, cache_file)
+    write_text_atomically(cache_file, json.dumps({"stamp": stamp, "fingerprint": fingerprint}))
     return fingerprint
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from cartridges.atomic import write_atomically
 from cartridges.errors import CartridgeError
 from cartridges.home import cartridges_home
 from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, verify_payload
@@ -215,8 +216,6 @@ class Registry:
     def _write_json(self, path: str, data: dict) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True).encode()
         if self.is_local:
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            Path(tmp).write_bytes(payload)
-            os.replace(tmp, path)
+            write_atomically(Path(path), lambda tmp: tmp.write_bytes(payload))
         else:
             self.fs.pipe_file(path, payload)

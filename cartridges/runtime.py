@@ -45,6 +45,19 @@ def prefix_cache(prompt_embeddings: torch.Tensor, num_layers: int, num_kv_heads:
     return DynamicCache(ddp_cache_data=layers)
 
 
+def prefix_logits(model, prefix: torch.Tensor | None, shape: tuple[int, int, int], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of right-padded `input_ids` [batch, T] placed after a KV prefix (None: no prefix)."""
+    batch, length = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if prefix is None or prefix.shape[0] == 0:
+        return model(input_ids=input_ids, attention_mask=mask).logits
+    num_tokens = prefix.shape[0]
+    positions = torch.arange(num_tokens, num_tokens + length, device=input_ids.device).expand(batch, -1)
+    full_mask = torch.cat([torch.ones(batch, num_tokens, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    cache = prefix_cache(prefix, *shape, batch_size=batch)
+    return model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
+
+
 class CartridgeRuntime:
     """A model plus loaded cartridges: logits, generation and streaming chat turns."""
 
@@ -70,15 +83,9 @@ class CartridgeRuntime:
         return prefix_cache(self.prefix, *self._shape, batch_size=batch_size)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits for `input_ids` [batch, T] placed after the prefix."""
-        batch, length = input_ids.shape
-        positions = torch.arange(self.num_tokens, self.num_tokens + length, device=input_ids.device).expand(batch, -1)
-        mask = torch.ones(batch, self.num_tokens + length, dtype=torch.long, device=input_ids.device)
-        out = self.loaded.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache(batch), use_cache=True
-        )
-        return out.logits
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits for right-padded `input_ids` [batch, T] placed after the prefix."""
+        return prefix_logits(self.loaded.model, self.prefix, self._shape, input_ids, attention_mask)
 
     def _generate_kwargs(self, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> dict:
         ids = torch.tensor([chat_token_ids(self.loaded.tokenizer, messages, self.system_prompt)], device=self.loaded.model.device)

@@ -297,6 +297,52 @@ def synthesize_command(
     )
 
 
+@app.command("distill")
+def distill_command(
+    run: Annotated[Path, typer.Argument(help="run folder made by `cartridges synthesize`")],
+    name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")],
+    tokens: Annotated[int | None, typer.Option("--tokens", help="cartridge length P (default 256)")] = None,
+    steps: Annotated[int | None, typer.Option("--steps")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="first_tokens, random_chunks or random")] = None,
+    qa: Annotated[Path | None, typer.Option("--qa", help="QA file (shared/data/qa format) for gold-answer NLL during training")] = None,
+    qa_corpus: Annotated[str | None, typer.Option("--qa-corpus", help="corpus id inside --qa")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Ray Train workers")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="ray (Ray Train) or local")] = "ray",
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per worker")] = None,
+    model: ModelOption = None,
+    registry: RegistryOption = None,
+) -> None:
+    """Train the cartridge on a run's synthetic conversations and publish it (resumes an interrupted run).
+
+    Example: cartridges distill runs/legal --name legal --tokens 256 --steps 200
+    """
+    from cartridges.models import load_model
+    from cartridges.names import validate_name
+    from cartridges.pipeline.runs import new_run_dir
+    from cartridges.qa import find_corpus
+    from cartridges.stages.distill import DistillConfig, TrainSettings, run_training, save_distilled
+
+    validate_name(name)
+    config = _validated(DistillConfig, num_tokens=tokens, steps=steps, lr=lr, batch_size=batch_size, init=init)
+    settings = _validated(TrainSettings, workers=workers, executor=executor, threads=threads)
+    if not (run / "synthesis" / "shards").is_dir():
+        raise CartridgeError(f"{run} has no synthesis shards: run `cartridges synthesize CORPUS --out {run}` first")
+    qa_pairs = []
+    if qa is not None:
+        if qa_corpus is None:
+            raise CartridgeError("--qa needs --qa-corpus ID (the corpus the questions are about)")
+        qa_pairs = [(q.question, q.answer) for q in find_corpus(qa, qa_corpus).questions]
+    loaded = load_model(model)
+    run_training(run, loaded, config, settings, qa_pairs)
+    artifact = new_run_dir(name) / "cartridge"
+    save_distilled(loaded, run, name, config, artifact)
+    published = open_registry(registry).publish(artifact, name)
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(published.metrics.items()) if k in ("kd", "eval_topk_kl", "qa_gold_nll"))
+    console.print(f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     from transformers.utils import logging as transformers_logging

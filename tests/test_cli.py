@@ -161,3 +161,24 @@ def test_synthesize_bad_options(cli, corpus_dir, tiny_model_dir, tmp_path, optio
     result = cli("synthesize", str(corpus_dir), "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), option, value)
     assert_user_error(result, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_distill_publishes_a_distilled_cartridge(cli, tiny_model_dir, tmp_path):
+    corpus = tmp_path / "statutes"
+    corpus.mkdir()
+    (corpus / "s.txt").write_text(" ".join(f"Section {i}. Rent for unit {i} is due on day {i % 28 + 1}." for i in range(40)))
+    run = tmp_path / "run"
+    code, _, err = cli("synthesize", str(corpus), "--out", str(run), "--samples", "6", "--engine", "hf", "--model", str(tiny_model_dir),
+                       "--executor", "local", "--kinds", "continuation=1", "--chunk-min-tokens", "16", "--chunk-max-tokens", "64",
+                       "--max-answer-tokens", "12", "--top-k", "4")
+    assert code == 0, err
+    code, out, err = cli("distill", str(run), "--name", "legal", "--tokens", "8", "--steps", "2", "--batch-size", "2",
+                         "--executor", "local", "--model", str(tiny_model_dir))
+    assert code == 0, err
+    assert "published legal@1 (8 tokens, method distilled)" in out
+    manifest = json.loads(cli("show", "legal@1")[1])
+    assert manifest["method"] == "distilled" and manifest["method_config"]["steps"] == 2
+
+
+def test_distill_without_synthesis_is_a_user_error(cli, tmp_path, tiny_model_dir):
+    assert_user_error(cli("distill", str(tmp_path), "--name", "x", "--model", str(tiny_model_dir)), "has no synthesis shards")

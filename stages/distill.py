@@ -1,0 +1,304 @@
+"""Distill: train the cartridge's KV prefix so the model *without* the corpus matches the teacher.
+
+The student is the frozen model with PEFT's CARTRIDGE prefix (first token frozen as attention
+sink); the target is the teacher's top-k distribution over each synthetic answer, recorded with
+the chunk in context. The loop below is the whole method; `run_training` runs it in-process or
+under Ray Train's `TorchTrainer` (N workers, gradients all-reduced by DDP).
+"""
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from cartridges.artifact import cartridge_peft_config, kv_shape
+from cartridges.atomic import write_atomically
+from cartridges.errors import CartridgeError
+from cartridges.stages.answer_scoring import mean_answer_nll
+from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from cartridges.stages.training_data import collate, distillation_loss, load_examples
+
+DISTILL_DIR = "distill"
+INIT_FILE = "init_prefix.safetensors"
+FINAL_FILE = "final_prefix.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_tokens: int = Field(256, ge=2, description="cartridge length P")
+    init: Literal["first_tokens", "random_chunks", "random"] = Field("first_tokens", description="prefix initialisation")
+    steps: int = Field(200, ge=1)
+    lr: float = Field(2e-2, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    batch_size: int = Field(4, ge=1, description="global batch (split across workers)")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0, description="weight of the sampled-token cross-entropy added to top-k KD")
+    max_length: int = Field(512, ge=16, description="student tokens per example (chat + answer)")
+    eval_every: int = Field(50, ge=1)
+    eval_samples: int = Field(16, ge=0, description="synthetic samples held out for KL to the teacher")
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+
+
+def split_examples(examples: list, eval_samples: int, seed: int) -> tuple[list, list]:
+    """Hold out `eval_samples` (at most a fifth of the data) for KL to the teacher."""
+    if not examples:
+        raise CartridgeError("no synthetic samples to train on: synthesize more (--samples) or check the filters' summary")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: min(eval_samples, len(examples) // 5)])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def batch_for_step(train: list, step: int, micro: int, config: DistillConfig, rank: int, world: int) -> list:
+    """This worker's slice of the global batch for (step, micro-step); epochs reshuffle with the seed."""
+    first = (step * config.grad_accum + micro) * config.batch_size
+    picked = []
+    for index in range(first, first + config.batch_size):
+        epoch, position = divmod(index, len(train))
+        order = list(range(len(train)))
+        random.Random(config.seed * 100_003 + epoch).shuffle(order)
+        picked.append(train[order[position]])
+    return picked[rank::world]
+
+
+def _student(model_path: str, num_tokens: int, init_prefix: torch.Tensor):
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base.requires_grad_(False)
+    model = get_peft_model(base, cartridge_peft_config(base.config, num_tokens, num_frozen_tokens=1))
+    model.prompt_encoder["default"].load_prompt_embeddings(init_prefix)
+    return model
+
+
+def _unwrap(model):
+    """The PEFT model inside DDP: rank-0-only work (eval) must not run DDP's collective forward."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _encoder(model):
+    return _unwrap(model).prompt_encoder["default"]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, held_out: list, qa_pairs: list[tuple[str, str]], pad_id: int, batch_size: int) -> dict[str, float]:
+    model.eval()
+    metrics: dict[str, float] = {}
+    if held_out:
+        losses = []
+        for start in range(0, len(held_out), batch_size):
+            batch = collate(held_out[start : start + batch_size], pad_id)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            losses.append(distillation_loss(logits, batch)[1]["topk_kl"] * len(batch.input_ids))
+        metrics["eval_topk_kl"] = sum(losses) / len(held_out)
+    if qa_pairs:
+        forward = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+        nll = mean_answer_nll(forward, tokenizer, qa_pairs, batch_size=batch_size, pad_token_id=pad_id)
+        metrics["qa_gold_nll"] = sum(nll) / len(nll)
+    model.train()
+    return metrics
+
+
+def train_loop(loop_config: dict) -> None:
+    """One worker's training loop (also the whole loop when run in-process)."""
+    config = DistillConfig.model_validate(loop_config["config"])
+    out = Path(loop_config["out_dir"])
+    rank, world = 0, 1
+    if loop_config.get("ray"):
+        import ray.train
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+    if loop_config.get("threads"):
+        torch.set_num_threads(loop_config["threads"])
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = _student(loop_config["model_path"], config.num_tokens, load_file(str(out / INIT_FILE))["prefix"])
+    examples = load_examples(Path(loop_config["samples_dir"]), tokenizer, config.max_length)
+    train, held_out = split_examples(examples, config.eval_samples, config.seed)
+    qa_pairs = [tuple(p) for p in loop_config.get("qa_pairs", [])]
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    start = 0
+    checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
+    if checkpoint is not None:
+        start, prefix, _ = load_checkpoint(checkpoint, optimizer, scheduler)
+        model.prompt_encoder["default"].load_prompt_embeddings(prefix)
+    if world > 1:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    model.train()
+
+    log = (out / METRICS_FILE).open("a") if rank == 0 else None
+    started, tokens_seen = time.perf_counter(), 0
+    for step in range(start, config.steps):
+        optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        for micro in range(config.grad_accum):
+            batch = collate(batch_for_step(train, step, micro, config, rank, world), pad_id)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss, stats = distillation_loss(logits, batch, config.ce_weight)
+            (loss / config.grad_accum).backward()
+            tokens_seen += int(batch.attention_mask.sum()) * world
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        if rank != 0:
+            continue
+        elapsed = time.perf_counter() - started
+        record = {"step": done, **stats, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                  "tokens_per_second": tokens_seen / elapsed, "eta_seconds": elapsed / (done - start) * (config.steps - done)}
+        if done % config.eval_every == 0 or done == config.steps:
+            record |= evaluate(_unwrap(model), tokenizer, held_out, qa_pairs, pad_id, config.batch_size)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if loop_config.get("on_step"):
+            loop_config["on_step"](record)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save_checkpoint(out / CHECKPOINTS_DIR, done, _encoder(model).weight, optimizer, scheduler, {"world": world})
+    if rank == 0:
+        final = _encoder(model).weight.detach().cpu().contiguous()
+        write_atomically(out / FINAL_FILE, lambda tmp: save_file({"prefix": final}, str(tmp)))
+        log.close()
+
+
+class TrainSettings(BaseModel):
+    """How training runs; does not change the result beyond floating-point reduction order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["ray", "local"] = "ray"
+    workers: int = Field(1, ge=1, description="Ray Train workers (gloo on CPU)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker")
+
+
+def initial_prefix(loaded, run_dir: Path, config: DistillConfig) -> torch.Tensor:
+    """The prefix training starts from: KV of the first corpus tokens, of random chunks, or random."""
+    import pyarrow.parquet as pq
+
+    from cartridges.layout import context_token_ids
+    from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
+    from cartridges.stages.initialize import kv_prefix_of_tokens
+
+    if config.init == "random":
+        num_layers, num_kv_heads, head_dim = kv_shape(loaded.model.config)
+        generator = torch.Generator().manual_seed(config.seed)
+        return torch.randn(config.num_tokens, num_layers * 2 * num_kv_heads * head_dim, generator=generator)
+    texts = pq.read_table(run_dir / "documents.parquet", columns=["text"]).column("text").to_pylist()
+    if config.init == "first_tokens":
+        ids = context_token_ids(loaded.tokenizer, DOCUMENT_SEPARATOR.join(texts), config.num_tokens)
+    else:
+        chunks = read_chunks(run_dir)
+        rng = random.Random(config.seed)
+        ids = context_token_ids(loaded.tokenizer, "", None)  # BOS, if the tokenizer has one
+        while len(ids) < config.num_tokens:
+            ids += loaded.tokenizer(rng.choice(chunks).text, add_special_tokens=False)["input_ids"][: config.num_tokens // 4]
+        ids = ids[: config.num_tokens]
+    return kv_prefix_of_tokens(loaded, ids)
+
+
+def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSettings, qa_pairs: list[tuple[str, str]] = ()) -> Path:
+    """Train (or resume) the prefix of `run_dir`'s synthesis; returns the path of the final prefix."""
+    from cartridges.progress import ThroughputProgress
+    from cartridges.stages.synthesize import SHARDS_DIR, SYNTHESIS_DIR
+
+    out = run_dir / DISTILL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()) != config.model_dump():
+        raise CartridgeError(f"{out} holds a training with other settings: use the same settings to resume, or a new run folder")
+    write_atomically(config_file, lambda tmp: tmp.write_text(json.dumps(config.model_dump(), indent=2)))
+    if not (out / INIT_FILE).is_file():
+        prefix = initial_prefix(loaded, run_dir, config)
+        write_atomically(out / INIT_FILE, lambda tmp: save_file({"prefix": prefix.contiguous()}, str(tmp)))
+    loop_config = {
+        "config": config.model_dump(),
+        "out_dir": str(out),
+        "model_path": str(loaded.path),
+        "samples_dir": str(run_dir / SYNTHESIS_DIR / SHARDS_DIR),
+        "qa_pairs": [list(p) for p in qa_pairs],
+        "threads": settings.threads,
+    }
+    if settings.executor == "local":
+        done = latest_checkpoint(out / CHECKPOINTS_DIR)
+        first = int(done.name.split("-")[1]) if done else 0
+        with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
+            train_loop(loop_config | {"on_step": lambda record: progress.advance(1)})
+    else:
+        import os
+
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR")
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config | {"ray": True},
+            scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=torch.cuda.is_available()),
+            torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
+            run_config=RunConfig(storage_path=str((out / "ray").resolve()), name="train"),
+        )
+        trainer.fit()
+    return out / FINAL_FILE
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    """The last value of each metric in the training log."""
+    metrics: dict[str, float] = {}
+    for line in (run_dir / DISTILL_DIR / METRICS_FILE).read_text().splitlines():
+        metrics |= {k: float(v) for k, v in json.loads(line).items() if isinstance(v, (int, float))}
+    return metrics
+
+
+def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig, prefix: torch.Tensor):
+    """The manifest of a distilled cartridge: config, data fingerprint, init, final metrics."""
+    from cartridges.artifact import describe_model
+    from cartridges.manifest import CorpusInfo, Manifest
+    from cartridges.stages.ingest import INGEST_FILE
+    from cartridges.stages.synthesize import SHARDS_DIR, SYNTHESIS_DIR
+    from cartridges.stages.training_data import data_fingerprint
+
+    ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
+    return Manifest(
+        name=name,
+        **describe_model(loaded),
+        num_tokens=config.num_tokens,
+        num_frozen_tokens=1,
+        dtype=str(prefix.dtype).removeprefix("torch."),
+        corpus=[
+            CorpusInfo(
+                fingerprint=ingest_record["corpus_fingerprint"],
+                num_documents=ingest_record["num_documents"],
+                num_tokens=ingest_record["num_tokens"],
+                source=ingest_record["source"],
+            )
+        ],
+        method="distilled",
+        method_config=config.model_dump() | {"data_fingerprint": data_fingerprint(run_dir / SYNTHESIS_DIR / SHARDS_DIR), "run": str(run_dir)},
+        metrics=final_metrics(run_dir),
+    )
+
+
+def save_distilled(loaded, run_dir: Path, name: str, config: DistillConfig, destination: Path):
+    """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest)."""
+    from cartridges.artifact import save_artifact
+
+    prefix = load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"]
+    manifest = publishable_manifest(loaded, run_dir, name, config, prefix)
+    return save_artifact(destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest)

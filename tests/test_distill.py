@@ -1,0 +1,176 @@
+"""Distillation mechanics on the tiny model: gradients, overfitting, resume, PEFT equality, Ray Train."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from cartridges.artifact import load_artifact
+from cartridges.models import load_model
+from cartridges.runtime import CartridgeRuntime
+from cartridges.stages.distill import (
+    CHECKPOINTS_DIR,
+    DISTILL_DIR,
+    FINAL_FILE,
+    INIT_FILE,
+    METRICS_FILE,
+    DistillConfig,
+    TrainSettings,
+    _student,
+    run_training,
+    save_distilled,
+)
+from cartridges.stages.ingest import ingest
+from cartridges.stages.synthesize import RunSettings, SynthesisConfig, synthesize
+from cartridges.stages.training_data import collate, distillation_loss, load_examples
+
+P = 12
+LOCAL = TrainSettings(executor="local")
+
+
+@pytest.fixture
+def synthesized_run(tiny, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "s.txt").write_text(" ".join(f"Section {i}. The deposit for unit {i} is {i * 7} dollars, due by day {i % 28 + 1}." for i in range(50)))
+    run = tmp_path / "run"
+    ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
+    config = SynthesisConfig(samples=12, shard_size=6, chunk_min_tokens=16, chunk_max_tokens=64, max_message_tokens=12,
+                             max_answer_tokens=12, kinds={"continuation": 1.0, "fill_span": 1.0}, top_k=8)
+    synthesize(run, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local"))
+    return run
+
+
+def config(**changes) -> DistillConfig:
+    return DistillConfig(**({"num_tokens": P, "steps": 4, "batch_size": 2, "eval_every": 2, "eval_samples": 2, "checkpoint_every": 2, "lr": 1e-2} | changes))
+
+
+def test_loss_equals_an_independent_computation(tiny, synthesized_run):
+    examples = load_examples(synthesized_run / "synthesis" / "shards", tiny.tokenizer, 512)[:2]
+    batch = collate(examples, 0)
+    logits = torch.randn(*batch.input_ids.shape, len(tiny.tokenizer), generator=torch.Generator().manual_seed(0))
+    loss, stats = distillation_loss(logits, batch, ce_weight=0.5)
+    per_sample_kd, per_sample_ce = [], []
+    for row, example in enumerate(examples):
+        start = len(example.prompt_ids) - 1
+        kd = ce = 0.0
+        for j, answer_token in enumerate(example.answer_ids):
+            student = torch.log_softmax(logits[row, start + j], -1)
+            teacher = torch.softmax(torch.tensor(example.topk_logprobs[j]), -1)
+            kd += -(teacher * student[example.topk_ids[j]]).sum().item()
+            ce += -student[answer_token].item()
+        per_sample_kd.append(kd / len(example.answer_ids))
+        per_sample_ce.append(ce / len(example.answer_ids))
+    expected_kd = sum(per_sample_kd) / 2
+    assert stats["kd"] == pytest.approx(expected_kd, rel=1e-5)
+    assert loss.item() == pytest.approx(expected_kd + 0.5 * sum(per_sample_ce) / 2, rel=1e-5)
+
+
+def test_gradient_reaches_only_the_trainable_prefix(tiny, synthesized_run):
+    init = torch.randn(P, 2 * 2 * 2 * 16)
+    model = _student(str(tiny.path), P, init)
+    batch = collate(load_examples(synthesized_run / "synthesis" / "shards", tiny.tokenizer, 512)[:2], 0)
+    loss, _ = distillation_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+    loss.backward()
+    encoder = model.prompt_encoder["default"]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["prompt_encoder.default.trainable_embedding"]
+    assert encoder.trainable_embedding.grad.abs().sum() > 0
+    assert encoder.frozen_embedding.grad is None
+    assert all(p.grad is None for n, p in model.named_parameters() if "prompt_encoder" not in n)
+    assert torch.equal(encoder.weight[:1], init[:1])
+
+
+def test_overfits_a_fixed_batch_towards_a_reachable_teacher(tiny):
+    """Teacher = the same model with a known prefix (full-vocabulary targets), so KL 0 is reachable:
+    training from another prefix must close most of the gap on a fixed batch."""
+    from cartridges.stages.training_data import Example
+
+    generator = torch.Generator().manual_seed(0)
+    teacher = _student(str(tiny.path), P, torch.randn(P, 128, generator=generator))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15]]
+    answers = [[20, 21, 22, 23, 24], [25, 26, 27]]
+    vocab = len(tiny.tokenizer)
+    examples = []
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers):
+            logprobs = torch.log_softmax(teacher(input_ids=torch.tensor([prompt + answer])).logits[0], -1)
+            top = logprobs[len(prompt) - 1 : len(prompt) + len(answer) - 1].topk(vocab, dim=-1)
+            examples.append(Example(0, prompt, answer, top.indices.tolist(), top.values.tolist()))
+    batch = collate(examples, 0)
+    student = _student(str(tiny.path), P, torch.randn(P, 128, generator=generator))
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=5e-2)
+    kls = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss, stats = distillation_loss(student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+        loss.backward()
+        optimizer.step()
+        kls.append(stats["topk_kl"])
+    assert kls[0] > 1e-3
+    assert kls[-1] < 0.3 * kls[0]
+
+
+def test_resume_continues_with_identical_state(tiny, synthesized_run, tmp_path):
+    import shutil
+
+    straight = tmp_path / "straight"
+    shutil.copytree(synthesized_run, straight)
+    run_training(straight, tiny, config(), LOCAL)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(synthesized_run, resumed)
+    run_training(resumed, tiny, config(steps=2), LOCAL)
+    (resumed / DISTILL_DIR / "config.json").unlink()  # the same run, continued to 4 steps
+    run_training(resumed, tiny, config(), LOCAL)
+    a = load_file(str(straight / DISTILL_DIR / FINAL_FILE))["prefix"]
+    b = load_file(str(resumed / DISTILL_DIR / FINAL_FILE))["prefix"]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not torch.equal(a, load_file(str(straight / DISTILL_DIR / INIT_FILE))["prefix"])
+    steps = sorted(p.name for p in (resumed / DISTILL_DIR / CHECKPOINTS_DIR).iterdir())
+    assert steps == ["step-000002", "step-000004"]
+    records = [json.loads(line) for line in (straight / DISTILL_DIR / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and "eval_topk_kl" in records[1]
+
+
+def test_changed_settings_are_refused(tiny, synthesized_run):
+    from cartridges.errors import CartridgeError
+
+    run_training(synthesized_run, tiny, config(steps=1), LOCAL)
+    with pytest.raises(CartridgeError, match="other settings"):
+        run_training(synthesized_run, tiny, config(steps=1, lr=0.5), LOCAL)
+
+
+def test_published_artifact_loads_in_peft_like_in_our_runtime(tiny, synthesized_run, tmp_path):
+    run_training(synthesized_run, tiny, config(steps=2), LOCAL)
+    manifest = save_distilled(tiny, synthesized_run, "legal", config(steps=2), tmp_path / "artifact")
+    assert manifest.method == "distilled" and "eval_topk_kl" in manifest.metrics
+    assert manifest.method_config["data_fingerprint"] and manifest.method_config["init"] == "first_tokens"
+    cartridge = load_artifact(tmp_path / "artifact")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ours = CartridgeRuntime(tiny, [cartridge]).logits(ids)[0]
+    peft_model = PeftModel.from_pretrained(load_model(str(tiny.path)).model, str(cartridge.path))
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_two_ray_workers_match_one_local_worker(tiny, synthesized_run, tmp_path):
+    import shutil
+
+    import ray
+
+    single = tmp_path / "single"
+    shutil.copytree(synthesized_run, single)
+    run_training(single, tiny, config(steps=3, batch_size=4), LOCAL)
+    double = tmp_path / "double"
+    shutil.copytree(synthesized_run, double)
+    try:
+        run_training(double, tiny, config(steps=3, batch_size=4), TrainSettings(executor="ray", workers=2, threads=1))
+    finally:
+        ray.shutdown()
+    a = load_file(str(single / DISTILL_DIR / FINAL_FILE))["prefix"]
+    b = load_file(str(double / DISTILL_DIR / FINAL_FILE))["prefix"]
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,90 @@
+"""Metrics on hand-made logits, candidate selection, and the QA loader's errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cartridges.errors import CartridgeError
+from cartridges.layout import chat_token_ids
+from cartridges.qa import QACorpus, Question, find_corpus, load_qa_file
+from cartridges.stages.answer_scoring import answer_token_ids, mean_answer_nll
+from cartridges.stages.evaluate import mean_and_se, rank_candidates, score_corpus
+
+
+def test_mean_answer_nll_equals_hand_computation(tiny):
+    vocab = len(tiny.tokenizer)
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+
+    def forward(ids, mask):  # a bigram "model": logits depend only on the current token
+        return table[ids]
+
+    pairs = [("How long?", "three days"), ("Who pays?", "the tenant")]
+    got = mean_answer_nll(forward, tiny.tokenizer, pairs, batch_size=2)
+    for (question, answer), value in zip(pairs, got):
+        prompt = chat_token_ids(tiny.tokenizer, [{"role": "user", "content": question}])
+        tokens = answer_token_ids(tiny.tokenizer, answer)
+        previous = [prompt[-1], *tokens[:-1]]
+        expected = -sum(torch.log_softmax(table[p], -1)[t].item() for p, t in zip(previous, tokens)) / len(tokens)
+        assert value == pytest.approx(expected, rel=1e-5)
+
+
+def corpus_of(answers: list[tuple[str, str]]) -> QACorpus:
+    questions = tuple(Question(id=str(i), question=f"q{i}?", answer=a, answer_type=t) for i, (a, t) in enumerate(answers))
+    return QACorpus(id="c", title="", text="Some statute text.", questions=questions)
+
+
+def test_rank_candidates_use_same_type_answers_and_skip_yes_no():
+    corpus = corpus_of([("3 days", "duration"), ("10 days", "duration"), ("5 days", "duration"), ("Yes", "yes_no"), ("No", "yes_no")])
+    candidates = rank_candidates(corpus, corpus.questions[0], distractors=8, seed=0)
+    assert candidates[0] == "3 days" and sorted(candidates[1:]) == ["10 days", "5 days"]
+    assert rank_candidates(corpus, corpus.questions[3], 8, 0) is None
+    assert len(rank_candidates(corpus, corpus.questions[0], distractors=1, seed=0)) == 2
+
+
+def test_score_corpus_rank_accuracy_against_hand_made_preferences(tiny, monkeypatch):
+    """With a fake model that prefers one answer per question, rank accuracy counts exactly those hits."""
+    corpus = corpus_of([("alpha", "category"), ("beta", "category"), ("gamma", "category")])
+    preferred = {"q0?": "alpha", "q1?": "gamma", "q2?": "gamma"}  # right, wrong, right
+
+    def fake_nll(forward, tokenizer, pairs, batch_size=8, pad_token_id=0):
+        return [0.1 if preferred.get(q) == a else 1.0 for q, a in pairs]
+
+    monkeypatch.setattr("cartridges.stages.evaluate.mean_answer_nll", fake_nll)
+    score = score_corpus(tiny, corpus, None, "none", distractors=8)
+    assert score.ranked_questions == 3 and score.rank_accuracy == pytest.approx(2 / 3)
+    assert score.nll == pytest.approx((0.1 + 1.0 + 0.1) / 3)
+
+
+def test_mean_and_se():
+    mean, se = mean_and_se([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and se == pytest.approx(math.sqrt(1.6666666 / 4), rel=1e-5)
+
+
+def test_score_corpus_budget_accounting(tiny):
+    from cartridges.stages.evaluate import corpus_prefix
+
+    corpus = corpus_of([("alpha", "category"), ("beta", "category")])
+    corpus = QACorpus("c", "", "Section 1. Rent is due monthly. " * 20, corpus.questions)
+    prefix = corpus_prefix(tiny, corpus, 16)
+    assert prefix.shape[0] == 16
+    assert score_corpus(tiny, corpus, prefix, "truncated", distractors=0).kv_tokens == 16
+
+
+def test_qa_loader_errors(tmp_path):
+    with pytest.raises(CartridgeError, match="does not exist"):
+        load_qa_file(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"corpora": [{"id": "x", "text": "t", "questions": [{"id": "1", "question": "q"}]}]}))
+    with pytest.raises(CartridgeError, match=r"questions\[0\]: missing field 'answer'"):
+        load_qa_file(bad)
+    bad.write_text(json.dumps({"corpora": [{"id": "x", "text": "  ", "questions": []}]}))
+    with pytest.raises(CartridgeError, match="corpus text is empty"):
+        load_qa_file(bad)
+    bad.write_text(json.dumps({"corpora": [{"id": "x", "text": "t", "questions": []}]}))
+    with pytest.raises(CartridgeError, match="has no questions"):
+        load_qa_file(bad)
+    bad.write_text(json.dumps({"corpora": [{"id": "x", "text": "t", "questions": [{"id": "1", "question": "q", "answer": "a", "answer_type": "value"}]}]}))
+    with pytest.raises(CartridgeError, match="no corpus 'y'.*available: x"):
+        find_corpus(bad, "y")
