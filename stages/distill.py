@@ -7,23 +7,31 @@ under Ray Train's `TorchTrainer` (N workers, gradients all-reduced by DDP).
 """
 
 import json
+import os
 import random
 import time
 from pathlib import Path
 from typing import Literal
 
+import pyarrow.parquet as pq
 import torch
 from peft import get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from cartridges.artifact import cartridge_peft_config, kv_shape
+from cartridges.artifact import cartridge_peft_config, describe_model, kv_shape, save_artifact
 from cartridges.atomic import write_atomically
 from cartridges.errors import CartridgeError
+from cartridges.layout import context_token_ids
+from cartridges.manifest import CorpusInfo, Manifest
+from cartridges.progress import ThroughputProgress
 from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from cartridges.stages.training_data import collate, distillation_loss, load_examples
+from cartridges.stages.ingest import DOCUMENT_SEPARATOR, INGEST_FILE, read_chunks
+from cartridges.stages.initialize import kv_prefix_of_tokens
+from cartridges.stages.synthesize import SHARDS_DIR, SYNTHESIS_DIR
+from cartridges.stages.training_data import collate, data_fingerprint, distillation_loss, load_examples
 
 DISTILL_DIR = "distill"
 INIT_FILE = "init_prefix.safetensors"
@@ -189,12 +197,6 @@ class TrainSettings(BaseModel):
 
 def initial_prefix(loaded, run_dir: Path, config: DistillConfig) -> torch.Tensor:
     """The prefix training starts from: KV of the first corpus tokens, of random chunks, or random."""
-    import pyarrow.parquet as pq
-
-    from cartridges.layout import context_token_ids
-    from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
-    from cartridges.stages.initialize import kv_prefix_of_tokens
-
     if config.init == "random":
         num_layers, num_kv_heads, head_dim = kv_shape(loaded.model.config)
         generator = torch.Generator().manual_seed(config.seed)
@@ -214,9 +216,6 @@ def initial_prefix(loaded, run_dir: Path, config: DistillConfig) -> torch.Tensor
 
 def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSettings, qa_pairs: list[tuple[str, str]] = ()) -> Path:
     """Train (or resume) the prefix of `run_dir`'s synthesis; returns the path of the final prefix."""
-    from cartridges.progress import ThroughputProgress
-    from cartridges.stages.synthesize import SHARDS_DIR, SYNTHESIS_DIR
-
     out = run_dir / DISTILL_DIR
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.json"
@@ -240,8 +239,6 @@ def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSe
         with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
             train_loop(loop_config | {"on_step": lambda record: progress.advance(1)})
     else:
-        import os
-
         import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -268,12 +265,6 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
 
 def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig, prefix: torch.Tensor):
     """The manifest of a distilled cartridge: config, data fingerprint, init, final metrics."""
-    from cartridges.artifact import describe_model
-    from cartridges.manifest import CorpusInfo, Manifest
-    from cartridges.stages.ingest import INGEST_FILE
-    from cartridges.stages.synthesize import SHARDS_DIR, SYNTHESIS_DIR
-    from cartridges.stages.training_data import data_fingerprint
-
     ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
     return Manifest(
         name=name,
@@ -297,8 +288,6 @@ def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig
 
 def save_distilled(loaded, run_dir: Path, name: str, config: DistillConfig, destination: Path):
     """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest)."""
-    from cartridges.artifact import save_artifact
-
     prefix = load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"]
     manifest = publishable_manifest(loaded, run_dir, name, config, prefix)
     return save_artifact(destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest)

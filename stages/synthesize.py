@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cartridges.atomic import write_parquet_atomically, write_text_atomically
 from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
+from cartridges.progress import ThroughputProgress
 from cartridges.stages.engines import Engine, EngineName, SamplingConfig, TokenScores, make_engine
-from cartridges.stages.ingest import Chunk, read_chunks
+from cartridges.stages.ingest import INGEST_FILE, Chunk, read_chunks
 from cartridges.stages.quality import answer_problem, message_problem
 from cartridges.stages.seed_prompts import ALL_KINDS, CORPUS_ANSWERED, corpus_answer, message_instruction, writer_excerpt
 
@@ -39,6 +40,7 @@ STATS_METADATA_KEY = b"cartridges.shard_stats"
 ATTEMPT_SEED_STRIDE = 1_000_003
 WORDS_PER_TOKEN = 0.75
 WRITER_EXCERPT_WORDS = 250
+PROMPT_OVERHEAD_TOKENS = 256  # title, chat template and system instruction around chunk and message
 
 DEFAULT_KINDS = {
     "question": 2.0,
@@ -349,8 +351,6 @@ class SynthesisWorker:
         return {"stats": [json.dumps(r) for r in results]}
 
 
-PROMPT_OVERHEAD_TOKENS = 256
-
 
 def max_prompt_tokens(config: SynthesisConfig) -> int:
     """Upper bound of a teacher prompt: chunk, title, chat template and the user message."""
@@ -409,9 +409,6 @@ def synthesize(run_dir: Path, model_path: Path, model_fingerprint: str, config: 
 
     Expects the ingest outputs (`chunks.parquet`, `documents.parquet`, `ingest.json`) in `run_dir`.
     """
-    from cartridges.progress import ThroughputProgress
-    from cartridges.stages.ingest import INGEST_FILE
-
     ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
     _check_run_config(run_dir, {"config": config.model_dump(), "corpus_fingerprint": ingest_record["corpus_fingerprint"], "model_fingerprint": model_fingerprint})
     shards = range(num_shards(config))

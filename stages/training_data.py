@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cartridges.errors import CartridgeError
-from cartridges.hashing import sha256_of_named_hashes
+from cartridges.hashing import sha256_file, sha256_of_named_hashes
 from cartridges.layout import chat_token_ids
 
 COLUMNS = ["sample_id", "messages", "answer_ids", "topk_ids", "topk_logprobs", "token_logprobs"]
@@ -45,8 +45,6 @@ def shard_files(samples_dir: Path) -> list[Path]:
 
 
 def data_fingerprint(samples_dir: Path) -> str:
-    from cartridges.hashing import sha256_file
-
     return sha256_of_named_hashes((p.name, sha256_file(p)) for p in shard_files(samples_dir))
 
 
