@@ -13,7 +13,7 @@ NAME ?= legal
 TOKENS ?= 256
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm test test-slow bench-synthesis cartridge chat clean
+.PHONY: setup setup-vllm test test-slow bench-synthesis bench-headroom bench-distill cartridge chat clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ test-slow: setup-vllm
 
 bench-synthesis: setup-vllm
 	$(BIN)/python bench/synthesis_engines.py --samples 256
+
+bench-headroom: setup-vllm
+	$(BIN)/python bench/headroom.py
+
+bench-distill: setup-vllm
+	$(BIN)/python bench/distill_quality.py --corpus-id "squad2-Sky_(United_Kingdom)"
 
 cartridge: setup
 	$(BIN)/cartridges init $(if $(CORPUS),--corpus $(CORPUS)) --tokens $(TOKENS) --name $(NAME)

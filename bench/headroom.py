@@ -46,9 +46,14 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("corpus", "headroom", "headroom_se", "seconds")}), flush=True)
             (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
-    rows.sort(key=lambda r: -r["headroom"])
+            write_report(rows, args.distractors, args.out)  # after every corpus: an interrupted run still reports
+    print((args.out / "results.md").read_text())
+
+
+def write_report(rows: list[dict], distractors: int, out: Path) -> None:
+    rows = sorted(rows, key=lambda r: -r["headroom"])
     lines = [
-        f"Headroom per corpus: SmolLM2-135M-Instruct fp32, rank accuracy among the gold + up to {args.distractors} same-type answers",
+        f"Headroom per corpus: SmolLM2-135M-Instruct fp32, rank accuracy among the gold + up to {distractors} same-type answers",
         "",
         "| corpus | questions | icl KV tokens | NLL none | NLL icl | headroom (none - icl) ± SE | rank acc none | rank acc icl |",
         "|---|---|---|---|---|---|---|---|",
@@ -61,9 +66,8 @@ def main() -> None:
         )
     clear = [r for r in rows if r["headroom"] > 2 * r["headroom_se"]]
     lines += ["", f"{len(clear)} of {len(rows)} corpora have headroom above 2 standard errors."]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    plot(rows, args.out / "headroom.png")
-    print("\n".join(lines))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "headroom.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
