@@ -156,12 +156,14 @@ def train_loop(loop_config: dict) -> None:
     for step in range(start, config.steps):
         optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
+        step_tokens = 0
         for micro in range(config.grad_accum):
             batch = collate(batch_for_step(train, step, micro, config, rank, world), pad_id)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss, stats = distillation_loss(logits, batch, config.ce_weight)
             (loss / config.grad_accum).backward()
-            tokens_seen += int(batch.attention_mask.sum()) * world
+            step_tokens += int(batch.attention_mask.sum()) * world
+        tokens_seen += step_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
@@ -169,7 +171,7 @@ def train_loop(loop_config: dict) -> None:
         if rank != 0:
             continue
         elapsed = time.perf_counter() - started
-        record = {"step": done, **stats, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+        record = {"step": done, **stats, "tokens": step_tokens, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                   "tokens_per_second": tokens_seen / elapsed, "eta_seconds": elapsed / (done - start) * (config.steps - done)}
         if done % config.eval_every == 0 or done == config.steps:
             record |= evaluate(_unwrap(model), tokenizer, held_out, qa_pairs, pad_id, config.batch_size)
@@ -237,7 +239,7 @@ def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSe
         done = latest_checkpoint(out / CHECKPOINTS_DIR)
         first = int(done.name.split("-")[1]) if done else 0
         with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
-            train_loop(loop_config | {"on_step": lambda record: progress.advance(1)})
+            train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
     else:
         import ray
         from ray.train import RunConfig, ScalingConfig
