@@ -42,12 +42,18 @@ def write_folder_atomically(destination: Path, write: Callable[[Path], None]) ->
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
     try:
         write(staging)
-        try:
-            os.rename(staging, destination)
-        except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                return False
-            raise
-        return True
+        return rename_unless_exists(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def rename_unless_exists(source: str | Path, destination: str | Path) -> bool:
+    """Rename a complete folder into place in one step; False if `destination` already exists
+    (a non-empty folder is never replaced by rename(2))."""
+    try:
+        os.rename(source, destination)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True

@@ -12,7 +12,6 @@ a half version and concurrent publishers get distinct versions. Object stores ha
 folder rename; there the move is guarded by a lock within one process only.
 """
 
-import errno
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cartridges.atomic import write_atomically
+from cartridges.atomic import rename_unless_exists, write_atomically
 from cartridges.errors import CartridgeError
 from cartridges.home import cartridges_home
 from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, verify_payload
@@ -163,13 +162,7 @@ class Registry:
     def _commit(self, staging: str, target: str) -> bool:
         """Make `staging` visible as `target` in one step; False if `target` already exists."""
         if self.is_local:
-            try:
-                os.rename(staging, target)
-            except OSError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    return False
-                raise
-            return True
+            return rename_unless_exists(staging, target)
         with _REMOTE_COMMIT_LOCK:
             if self.fs.exists(target):
                 return False
