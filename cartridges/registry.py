@@ -23,7 +23,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cartridges.atomic import rename_unless_exists, write_atomically
+from cartridges.atomic import rename_unless_exists, write_atomically, write_folder_atomically
 from cartridges.errors import CartridgeError
 from cartridges.home import cartridges_home
 from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, verify_payload
@@ -118,14 +118,12 @@ class Registry:
             return Path(source)
         cached = cartridges_home() / "cache" / self.fs.protocol[0] / self.root.strip("/") / name / str(version)
         if not (cached / MANIFEST_FILE).is_file():
-            staging = cached.with_name(f".{version}-{uuid.uuid4().hex}")
-            staging.mkdir(parents=True)
-            for file in (*PAYLOAD_FILES, MANIFEST_FILE):
-                self.fs.get_file(f"{source}/{file}", str(staging / file))
-            try:
-                os.rename(staging, cached)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)
+
+            def download(folder: Path) -> None:
+                for file in (*PAYLOAD_FILES, MANIFEST_FILE):
+                    self.fs.get_file(f"{source}/{file}", str(folder / file))
+
+            write_folder_atomically(cached, download)  # a concurrent download that won is as good
         return cached
 
     def verify(self, ref: str | Ref) -> Manifest:
