@@ -7,7 +7,6 @@ under Ray Train's `TorchTrainer` (N workers, gradients all-reduced by DDP).
 """
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 
 from cartridges.artifact import cartridge_peft_config, describe_model, kv_shape, save_artifact
 from cartridges.atomic import write_atomically
+from cartridges.cluster import init_ray
 from cartridges.errors import CartridgeError
 from cartridges.layout import context_token_ids
 from cartridges.manifest import CorpusInfo, Manifest
@@ -241,11 +241,10 @@ def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSe
         with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
             train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
     else:
-        import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR")
+        init_ray()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config | {"ray": True},

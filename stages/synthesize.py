@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cartridges.atomic import write_parquet_atomically, write_text_atomically
+from cartridges.cluster import init_ray
 from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.progress import ThroughputProgress
@@ -389,7 +390,7 @@ def _run_shards(pending: list[int], worker_args: dict, settings: RunSettings, on
         return
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR")
+    init_ray()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
