@@ -13,7 +13,7 @@ NAME ?= legal
 TOKENS ?= 256
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm test test-slow bench-synthesis bench-headroom bench-distill cartridge chat clean
+.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat clean
 
 setup: $(STAMP)
 
@@ -37,11 +37,29 @@ $(VLLM_STAMP): $(STAMP)
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
+BENCH_STAMP := $(VENV)/.bench-done
+
+setup-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 test: setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup-vllm
 	$(BIN)/python -m pytest -q -m slow
+
+# Every method at every KV budget on every QA corpus; cartridges to compare: CARTRIDGES="CORPUS_ID=REF ..."
+CARTRIDGES ?=
+bench: setup-bench
+	$(BIN)/python bench/methods.py $(foreach c,$(CARTRIDGES),--cartridge $(c))
+
+# Two corpora with headroom (one HousingQA jurisdiction, one SQuAD article), one budget.
+bench-quick: setup-bench
+	$(BIN)/python bench/methods.py --corpus-id housingqa-delaware --corpus-id "squad2-Sky_(United_Kingdom)" --budget 256 \
+		--out bench/results/$$(date +%F)/methods-quick $(foreach c,$(CARTRIDGES),--cartridge $(c))
 
 bench-synthesis: setup-vllm
 	$(BIN)/python bench/synthesis_engines.py --samples 256
@@ -50,7 +68,7 @@ bench-headroom: setup-vllm
 	$(BIN)/python bench/headroom.py
 
 bench-distill: setup-vllm
-	$(BIN)/python bench/distill_quality.py --corpus-id "squad2-Sky_(United_Kingdom)"
+	$(BIN)/python bench/distill_sweep.py --engine vllm --samples 384 --trial corpus/2e-3/200/256
 
 cartridge: setup
 	$(BIN)/cartridges init $(if $(CORPUS),--corpus $(CORPUS)) --tokens $(TOKENS) --name $(NAME)

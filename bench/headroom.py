@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cartridges.models import load_model
 from cartridges.qa import DEFAULT_QA_DIR, load_qa_file
-from cartridges.stages.evaluate import corpus_prefix, score_corpus
+from cartridges.stages.contexts import context_source
+from cartridges.stages.evaluate import score_corpus
 
 
 def main() -> None:
@@ -38,8 +39,8 @@ def main() -> None:
             if wanted and corpus.id not in wanted:
                 continue
             started = time.perf_counter()
-            none = score_corpus(loaded, corpus, None, "none", args.distractors)
-            icl = score_corpus(loaded, corpus, corpus_prefix(loaded, corpus, None), "icl", args.distractors)
+            none = score_corpus(loaded, corpus, context_source(loaded, "none", corpus.text, None), "none", args.distractors)
+            icl = score_corpus(loaded, corpus, context_source(loaded, "icl", corpus.text, None), "icl", args.distractors)
             row = {"file": path.name, "corpus": corpus.id, "none": asdict(none), "icl": asdict(icl),
                    "headroom": none.nll - icl.nll, "headroom_se": (none.nll_se**2 + icl.nll_se**2) ** 0.5,
                    "seconds": time.perf_counter() - started}

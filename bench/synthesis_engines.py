@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 
 from cartridges.qa import DEFAULT_QA_DIR, find_corpus
 
+# Every seed kind, model-written and corpus-answered, so generation speed is measured on real chat turns.
+ALL_KINDS_MIX = "question=2,use_case=1,summarization=1,structuring=1,creative=0.5,generic=0.5,quote=2,continuation=2,fill_span=1"
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
@@ -40,6 +42,7 @@ def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
     command = [
         sys.executable, "-m", "cartridges.pipeline.cli", "synthesize", str(corpus_dir), "--out", str(run_dir),
         "--samples", str(args.samples), "--engine", engine, "--seed", str(args.seed), "--executor", args.executor,
+        "--kinds", args.kinds,
     ]
     started = time.perf_counter()
     result = subprocess.run(command, env=engine_env(engine), capture_output=True, text=True)
@@ -65,7 +68,7 @@ def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
 
 def markdown(rows: list[dict], args) -> str:
     lines = [
-        f"Synthesis, {args.samples} samples of `{args.corpus_id}`, SmolLM2-135M-Instruct fp32, seed {args.seed}, executor {args.executor}",
+        f"Synthesis, {args.samples} samples of `{args.corpus_id}`, SmolLM2-135M-Instruct fp32, seed {args.seed}, executor {args.executor}, kinds {args.kinds}",
         "",
         "| engine | wall s | start-up s | engine s | samples | samples/s (engine) | generated tok/s |",
         "|---|---|---|---|---|---|---|",
@@ -120,7 +123,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default="hf,vllm")
-    parser.add_argument("--executor", default="ray", choices=["ray", "local"])
+    parser.add_argument("--executor", default="local", choices=["ray", "local"])
+    parser.add_argument("--kinds", default=ALL_KINDS_MIX, help="seed kind weights (default: every kind, as in the 64-sample run)")
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "synthesis")
     args = parser.parse_args()
 

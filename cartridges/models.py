@@ -153,11 +153,16 @@ def model_fingerprint(path: Path) -> str:
     return fingerprint
 
 
-def load_model(spec: str | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(spec: str | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad on weights)."""
     path = resolve_model_path(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device or default_device())
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(

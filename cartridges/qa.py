@@ -69,3 +69,18 @@ def find_corpus(path: Path, corpus_id: str) -> QACorpus:
         if corpus.id == corpus_id:
             return corpus
     raise CartridgeError(f"{path} has no corpus {corpus_id!r} (available: {', '.join(c.id for c in corpora)})")
+
+
+def load_qa_files(paths: list[Path] | None, corpus_ids: list[str] | None = None) -> list[QACorpus]:
+    """Corpora of several QA files (default: every file in DEFAULT_QA_DIR), optionally only `corpus_ids`, in that order."""
+    if not paths:
+        paths = sorted(DEFAULT_QA_DIR.glob("*.json"))
+        if not paths:
+            raise CartridgeError(f"no QA files in {DEFAULT_QA_DIR.resolve()}: pass --qa FILE (shared/data/qa format)")
+    corpora = {c.id: c for path in paths for c in load_qa_file(path)}
+    if not corpus_ids:
+        return list(corpora.values())
+    missing = [c for c in corpus_ids if c not in corpora]
+    if missing:
+        raise CartridgeError(f"no QA corpus {', '.join(map(repr, missing))} in {', '.join(map(str, paths))} (available: {', '.join(corpora)})")
+    return [corpora[c] for c in dict.fromkeys(corpus_ids)]

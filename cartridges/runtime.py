@@ -45,14 +45,27 @@ def prefix_cache(prompt_embeddings: torch.Tensor, num_layers: int, num_kv_heads:
     return DynamicCache(ddp_cache_data=layers)
 
 
-def prefix_logits(model, prefix: torch.Tensor | None, shape: tuple[int, int, int], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of right-padded `input_ids` [batch, T] placed after a KV prefix (None: no prefix)."""
+def prefix_logits(
+    model,
+    prefix: torch.Tensor | None,
+    shape: tuple[int, int, int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    start_position: int | None = None,
+) -> torch.Tensor:
+    """Logits of right-padded `input_ids` [batch, T] placed after a KV prefix (None: no prefix).
+
+    The inputs take positions from `start_position` on (default: the prefix length); a compressed
+    prefix passes the length of the text it was compressed from.
+    """
     batch, length = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if prefix is None or prefix.shape[0] == 0:
         return model(input_ids=input_ids, attention_mask=mask).logits
     num_tokens = prefix.shape[0]
-    positions = torch.arange(num_tokens, num_tokens + length, device=input_ids.device).expand(batch, -1)
+    prefix = prefix.to(input_ids.device)
+    first = num_tokens if start_position is None else start_position
+    positions = torch.arange(first, first + length, device=input_ids.device).expand(batch, -1)
     full_mask = torch.cat([torch.ones(batch, num_tokens, dtype=mask.dtype, device=mask.device), mask], dim=1)
     cache = prefix_cache(prefix, *shape, batch_size=batch)
     return model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True).logits

@@ -37,6 +37,6 @@ def mean_answer_nll(forward: Forward, tokenizer, pairs: Sequence[tuple[str, str]
         logprobs = torch.log_softmax(forward(ids, mask).float(), dim=-1)
         for row, (prompt, answer) in enumerate(chunk):
             predicted = logprobs[row, len(prompt) - 1 : len(prompt) + len(answer) - 1]
-            token_lp = predicted.gather(-1, torch.tensor(answer).unsqueeze(-1)).squeeze(-1)
+            token_lp = predicted.gather(-1, torch.tensor(answer, device=predicted.device).unsqueeze(-1)).squeeze(-1)
             results.append(-token_lp.mean().item())
     return results

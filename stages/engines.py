@@ -49,6 +49,10 @@ class Engine(Protocol):
         """Top-k log-probabilities of the next token at every answer position, given prompt + answer so far."""
         ...
 
+    def close(self) -> None:
+        """Release the engine's processes and memory; the engine is unusable afterwards."""
+        ...
+
 
 def _batches(items: list, size: int):
     iterator = iter(items)
@@ -148,6 +152,9 @@ class HFEngine:
         return results
 
 
+    def close(self) -> None:
+        self.model = None
+
 class VLLMEngine:
     """vLLM's offline `LLM`: one engine per stage run (start-up compiles for minutes on CPU)."""
 
@@ -200,6 +207,13 @@ class VLLMEngine:
             _scores_from_vllm(answer, output.prompt_logprobs[len(prompt) : len(prompt) + len(answer)], top_k)
             for prompt, answer, output in zip(prompts, answers, outputs)
         ]
+
+    def close(self) -> None:
+        # Without an explicit shutdown the engine core's threads are torn down at interpreter exit,
+        # which aborts the process ("terminate called without an active exception") after the work is done.
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
 
 
 def vllm_available() -> bool:

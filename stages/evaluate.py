@@ -1,8 +1,7 @@
 """Evaluate: gold-answer NLL and rank accuracy on real QA sets, for any context block.
 
-Every method is a KV prefix in front of the identical chat (see `cartridges.layout`): `none` (no
-prefix), `icl` (the KV of the whole corpus), `truncated` (KV of its first B tokens, = an `init`
-cartridge) and `cartridge` (a trained prefix). Scoring is shared, so only the prefix differs.
+Every method is a context source (`cartridges.stages.contexts`): a KV prefix in front of the
+identical chat (see `cartridges.layout`). Scoring is shared, so only the prefix differs.
 """
 
 import math
@@ -13,12 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from cartridges.artifact import kv_shape
-from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
 from cartridges.qa import QACorpus, Question
 from cartridges.runtime import prefix_logits
-from cartridges.stages.answer_scoring import mean_answer_nll
-from cartridges.stages.initialize import kv_prefix_of_tokens
+from cartridges.stages.answer_scoring import Forward, mean_answer_nll
+from cartridges.stages.contexts import Context, ContextSource
 
 EXCLUDED_FROM_RANKING = ("yes_no",)
 
@@ -27,17 +25,13 @@ EXCLUDED_FROM_RANKING = ("yes_no",)
 class CorpusScore:
     corpus_id: str
     method: str
-    kv_tokens: int
+    kv_tokens: int  # the largest context block any question got
     nll: float  # mean over questions of the mean NLL per gold-answer token
     nll_se: float
     rank_accuracy: float | None
     ranked_questions: int
     questions: int
-
-
-def corpus_prefix(loaded: LoadedModel, corpus: QACorpus, max_tokens: int | None) -> torch.Tensor:
-    """KV of the corpus text (or its first `max_tokens` tokens) in the cartridge layout."""
-    return kv_prefix_of_tokens(loaded, context_token_ids(loaded.tokenizer, corpus.text, max_tokens))
+    per_question_nll: tuple[float, ...] = ()  # in corpus order, for paired comparisons between methods
 
 
 def rank_candidates(corpus: QACorpus, question: Question, distractors: int, seed: int) -> list[str] | None:
@@ -59,18 +53,32 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / len(values))
 
 
-@torch.no_grad()
-def score_corpus(loaded: LoadedModel, corpus: QACorpus, prefix: torch.Tensor | None, method: str, distractors: int = 8, batch_size: int = 8, seed: int = 0) -> CorpusScore:
+def _forward(loaded: LoadedModel, context: Context) -> Forward:
     shape = kv_shape(loaded.model.config)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    device = loaded.model.device
 
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return prefix_logits(loaded.model, prefix, shape, ids, mask)
+        return prefix_logits(loaded.model, context.prefix, shape, ids.to(device), mask.to(device), context.start_position)
 
-    gold = mean_answer_nll(forward, loaded.tokenizer, [(q.question, q.answer) for q in corpus.questions], batch_size, pad)
+    return forward
+
+
+@torch.no_grad()
+def score_corpus(loaded: LoadedModel, corpus: QACorpus, source: ContextSource, method: str, distractors: int = 8, batch_size: int = 8, seed: int = 0) -> CorpusScore:
+    """Gold-answer NLL and rank accuracy of every question, each after its context block."""
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    contexts = [source.context(q) for q in corpus.questions]
+    groups: dict[int, list[int]] = {}  # questions that share one context block are scored in batches
+    for index, context in enumerate(contexts):
+        groups.setdefault(id(context), []).append(index)
+    gold = [0.0] * len(corpus.questions)
     ranked = correct = 0
-    if distractors > 0:
-        for question in corpus.questions:
+    for indices in groups.values():
+        forward = _forward(loaded, contexts[indices[0]])
+        questions = [corpus.questions[i] for i in indices]
+        for i, value in zip(indices, mean_answer_nll(forward, loaded.tokenizer, [(q.question, q.answer) for q in questions], batch_size, pad)):
+            gold[i] = value
+        for question in questions if distractors > 0 else ():
             candidates = rank_candidates(corpus, question, distractors, seed)
             if candidates is None:
                 continue
@@ -81,10 +89,11 @@ def score_corpus(loaded: LoadedModel, corpus: QACorpus, prefix: torch.Tensor | N
     return CorpusScore(
         corpus_id=corpus.id,
         method=method,
-        kv_tokens=0 if prefix is None else prefix.shape[0],
+        kv_tokens=max(c.kv_tokens for c in contexts),
         nll=nll,
         nll_se=se,
         rank_accuracy=correct / ranked if ranked else None,
         ranked_questions=ranked,
         questions=len(corpus.questions),
+        per_question_nll=tuple(gold),
     )

@@ -4,7 +4,7 @@ The student sees the conversation *without* the chunk: the same chat tokens the 
 its context block (see `cartridges.layout`), followed by the answer tokens.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -35,6 +35,9 @@ class Batch:
     answer_ids: torch.Tensor  # [B, A]
     topk_ids: torch.Tensor  # [B, A, k]
     topk_logprobs: torch.Tensor  # [B, A, k]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def shard_files(samples_dir: Path) -> list[Path]:

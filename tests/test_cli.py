@@ -182,3 +182,35 @@ def test_distill_publishes_a_distilled_cartridge(cli, tiny_model_dir, tmp_path):
 
 def test_distill_without_synthesis_is_a_user_error(cli, tmp_path, tiny_model_dir):
     assert_user_error(cli("distill", str(tmp_path), "--name", "x", "--model", str(tiny_model_dir)), "has no synthesis shards")
+
+
+def test_eval_scores_a_cartridge_like_the_same_tokens_truncated(cli, published, tiny_model_dir, corpus_dir, tmp_path):
+    """An init cartridge of 24 tokens is the corpus truncated to 24 tokens: both paths must score the same."""
+    from cartridges.stages.ingest import read_corpus
+
+    qa = tmp_path / "qa.json"
+    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "duration"} for i, (q, a) in enumerate([("Notice?", "three days"), ("Cure?", "ten days")])]
+    qa.write_text(json.dumps({"corpora": [{"id": "legal", "text": read_corpus(corpus_dir).text, "questions": questions}]}))
+    code, out, err = cli("eval", "--cartridge", published, "--qa", str(qa), "--out", str(tmp_path / "cartridge.json"))
+    assert code == 0, err
+    assert "legal" in out and "cartridge" in out
+    code, _, err = cli("eval", "--method", "truncated", "--budget", "24", "--qa", str(qa), "--model", str(tiny_model_dir), "--out", str(tmp_path / "truncated.json"))
+    assert code == 0, err
+    cartridge = json.loads((tmp_path / "cartridge.json").read_text())["scores"][0]
+    truncated = json.loads((tmp_path / "truncated.json").read_text())["scores"][0]
+    assert cartridge["kv_tokens"] == truncated["kv_tokens"] == 24
+    assert cartridge["per_question_nll"] == pytest.approx(truncated["per_question_nll"], abs=1e-5)
+    assert cartridge["rank_accuracy"] == truncated["rank_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "cartridge"], "--method cartridge needs --cartridge"),
+        (["--method", "rag", "--cartridge", "legal@1"], "--cartridge is only used with --method cartridge"),
+        (["--method", "none", "--qa", "missing.json"], "QA file missing.json does not exist"),
+    ],
+)
+def test_eval_mistakes_exit_2_with_the_fix(cli, args, message):
+    code, _, err = cli("eval", *args)
+    assert code == 2 and message in err and "Traceback" not in err

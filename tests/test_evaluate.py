@@ -8,8 +8,9 @@ import torch
 
 from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids
-from cartridges.qa import QACorpus, Question, find_corpus, load_qa_file
+from cartridges.qa import QACorpus, Question, find_corpus, load_qa_file, load_qa_files
 from cartridges.stages.answer_scoring import answer_token_ids, mean_answer_nll
+from cartridges.stages.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluate import mean_and_se, rank_candidates, score_corpus
 
 
@@ -52,7 +53,7 @@ def test_score_corpus_rank_accuracy_against_hand_made_preferences(tiny, monkeypa
         return [0.1 if preferred.get(q) == a else 1.0 for q, a in pairs]
 
     monkeypatch.setattr("cartridges.stages.evaluate.mean_answer_nll", fake_nll)
-    score = score_corpus(tiny, corpus, None, "none", distractors=8)
+    score = score_corpus(tiny, corpus, FixedContext(Context(None)), "none", distractors=8)
     assert score.ranked_questions == 3 and score.rank_accuracy == pytest.approx(2 / 3)
     assert score.nll == pytest.approx((0.1 + 1.0 + 0.1) / 3)
 
@@ -63,13 +64,11 @@ def test_mean_and_se():
 
 
 def test_score_corpus_budget_accounting(tiny):
-    from cartridges.stages.evaluate import corpus_prefix
-
     corpus = corpus_of([("alpha", "category"), ("beta", "category")])
     corpus = QACorpus("c", "", "Section 1. Rent is due monthly. " * 20, corpus.questions)
-    prefix = corpus_prefix(tiny, corpus, 16)
+    prefix = corpus_kv(tiny, corpus.text, 16)
     assert prefix.shape[0] == 16
-    assert score_corpus(tiny, corpus, prefix, "truncated", distractors=0).kv_tokens == 16
+    assert score_corpus(tiny, corpus, FixedContext(Context(prefix)), "truncated", distractors=0).kv_tokens == 16
 
 
 def test_qa_loader_errors(tmp_path):
@@ -88,3 +87,17 @@ def test_qa_loader_errors(tmp_path):
     bad.write_text(json.dumps({"corpora": [{"id": "x", "text": "t", "questions": [{"id": "1", "question": "q", "answer": "a", "answer_type": "value"}]}]}))
     with pytest.raises(CartridgeError, match="no corpus 'y'.*available: x"):
         find_corpus(bad, "y")
+
+
+def test_load_qa_files_selects_corpora_and_names_missing_ones(tmp_path):
+    path = tmp_path / "qa.json"
+    question = {"id": "1", "question": "q?", "answer": "a", "answer_type": "category"}
+    path.write_text(json.dumps({"corpora": [{"id": i, "text": "t", "questions": [question]} for i in ("x", "y")]}))
+    assert [c.id for c in load_qa_files([path], ["y", "x", "y"])] == ["y", "x"]
+    assert [c.id for c in load_qa_files([path])] == ["x", "y"]
+    with pytest.raises(CartridgeError, match=r"no QA corpus 'z'.*available: x, y"):
+        load_qa_files([path], ["z"])
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"corpora": [{"id": "e", "text": "  ", "questions": [question]}]}))
+    with pytest.raises(CartridgeError, match="corpus text is empty"):
+        load_qa_files([empty])

@@ -1,0 +1,179 @@
+"""Which distillation settings make the best cartridge? A sweep over seed-prompt mix, learning rate, steps and P.
+
+For each QA corpus, every seed-prompt mix is synthesized once; each trial trains a cartridge from
+one mix and is scored with the shared evaluation next to `none`, `init` (same P) and `icl`.
+Trials run in the order given, corpus by corpus inside each trial, until `--deadline` seconds have
+passed; results.json and results.md are rewritten after every trial, so a cut-off sweep keeps
+what it finished.
+
+    python bench/distill_sweep.py --corpus-id squad2-Normans --trial corpus/2e-2/200/256 --trial all/2e-3/200/256
+"""
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from cartridges.models import load_model
+from cartridges.qa import DEFAULT_QA_DIR, QACorpus, load_qa_file
+from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, DistillConfig, TrainSettings, final_metrics, run_training
+from cartridges.stages.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.evaluate import score_corpus
+from cartridges.stages.ingest import INGEST_FILE, ingest
+from cartridges.stages.seed_prompts import CORPUS_ANSWERED
+from cartridges.stages.synthesize import DEFAULT_KINDS, SYNTHESIS_DIR, RunSettings, SynthesisConfig, synthesize
+
+MIXES = {"all": dict(DEFAULT_KINDS), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
+DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]
+RUN_FILES = ("documents.parquet", "chunks.parquet", INGEST_FILE)
+
+
+@dataclass(frozen=True)
+class Trial:
+    mix: str
+    lr: float
+    steps: int
+    num_tokens: int
+
+    @classmethod
+    def parse(cls, spec: str) -> "Trial":
+        mix, lr, steps, tokens = spec.split("/")
+        if mix not in MIXES:
+            raise SystemExit(f"unknown mix {mix!r} in {spec!r}; known: {', '.join(MIXES)}")
+        return cls(mix, float(lr), int(steps), int(tokens))
+
+    @property
+    def name(self) -> str:
+        return f"{self.mix}-lr{self.lr:g}-s{self.steps}-p{self.num_tokens}"
+
+
+class CorpusSweep:
+    """One corpus: its synthesized mixes, its baselines, and the trials trained on it."""
+
+    def __init__(self, corpus: QACorpus, loaded, args):
+        self.corpus, self.loaded, self.args = corpus, loaded, args
+        self.root = args.out / corpus.id
+        self.corpus_dir = self.root / "corpus"
+        self.corpus_dir.mkdir(parents=True, exist_ok=True)
+        (self.corpus_dir / "corpus.txt").write_text(corpus.text)
+        self.synthesis: dict[str, dict] = {}
+        self.scores: dict[str, dict] = {}
+
+    def score(self, name: str, prefix) -> dict:
+        if name not in self.scores:
+            self.scores[name] = asdict(score_corpus(self.loaded, self.corpus, FixedContext(Context(prefix)), name, self.args.distractors))
+        return self.scores[name]
+
+    def baselines(self) -> None:
+        self.score("none", None)
+        self.score("icl", corpus_kv(self.loaded, self.corpus.text))
+
+    def mix_run(self, mix: str) -> Path:
+        """The run folder holding `mix`'s synthesis (made on first use)."""
+        run = self.root / f"mix-{mix}"
+        if mix not in self.synthesis:
+            config = SynthesisConfig(samples=self.args.samples, kinds=MIXES[mix], shard_size=self.args.shard_size, seed=self.args.seed)
+            ingest(self.corpus_dir, run, self.loaded.tokenizer, self.loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens)
+            started = time.perf_counter()
+            settings = RunSettings(engine=self.args.engine, executor="local", batch_size=self.args.engine_batch)
+            summary = synthesize(run, self.loaded.path, self.loaded.fingerprint, config, settings)
+            self.synthesis[mix] = summary | {"wall_seconds": time.perf_counter() - started}
+        return run
+
+    def run_trial(self, trial: Trial) -> dict:
+        source = self.mix_run(trial.mix)
+        folder = self.root / trial.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (*RUN_FILES, SYNTHESIS_DIR):
+            if not (folder / name).exists():
+                (folder / name).symlink_to((source / name).resolve())
+        config = DistillConfig(num_tokens=trial.num_tokens, steps=trial.steps, lr=trial.lr, batch_size=self.args.batch_size,
+                               eval_every=trial.steps, checkpoint_every=trial.steps, seed=self.args.seed)
+        started = time.perf_counter()
+        run_training(folder, self.loaded, config, TrainSettings(executor="local"))
+        seconds = time.perf_counter() - started
+        init = self.score(f"init-p{trial.num_tokens}", load_file(str(folder / DISTILL_DIR / INIT_FILE))["prefix"])
+        trained = FixedContext(Context(load_file(str(folder / DISTILL_DIR / FINAL_FILE))["prefix"]))
+        distilled = asdict(score_corpus(self.loaded, self.corpus, trained, trial.name, self.args.distractors))
+        return {"corpus": self.corpus.id, **asdict(trial), "name": trial.name, "train_seconds": seconds,
+                "train_metrics": final_metrics(folder), "init": init, "distilled": distilled}
+
+
+def report(sweeps: list[CorpusSweep], rows: list[dict], args) -> str:
+    lines = [f"Distillation sweep, {args.samples} samples per mix ({args.engine}), batch {args.batch_size}", ""]
+    for sweep in sweeps:
+        none, icl = sweep.scores.get("none"), sweep.scores.get("icl")
+        if none is None or icl is None:
+            continue
+        lines += [
+            f"`{sweep.corpus.id}`: none {none['nll']:.3f} (rank {none['rank_accuracy']:.2f}), icl {icl['nll']:.3f} "
+            f"(rank {icl['rank_accuracy']:.2f}), headroom {none['nll'] - icl['nll']:.3f}",
+            "",
+            "| trial | init NLL | distilled NLL ± SE | rank acc (init / distilled) | recovery | held-out KL | train s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in (r for r in rows if r["corpus"] == sweep.corpus.id):
+            init, dist = row["init"], row["distilled"]
+            recovery = (none["nll"] - dist["nll"]) / (none["nll"] - icl["nll"])
+            lines.append(
+                f"| {row['name']} | {init['nll']:.3f} | {dist['nll']:.3f} ± {dist['nll_se']:.3f} | "
+                f"{init['rank_accuracy']:.2f} / {dist['rank_accuracy']:.2f} | {recovery:.2f} | "
+                f"{row['train_metrics'].get('eval_topk_kl', float('nan')):.3f} | {row['train_seconds']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus-id", action="append", default=None, help="QA corpus id (repeatable)")
+    parser.add_argument("--qa", type=Path, nargs="*", default=sorted(DEFAULT_QA_DIR.glob("*.json")))
+    parser.add_argument("--trial", action="append", default=None, help="mix/lr/steps/P, e.g. corpus/2e-2/200/256 (repeatable)")
+    parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
+    parser.add_argument("--engine", default="hf")
+    parser.add_argument("--engine-batch", type=int, default=16, help="HF engine batch size")
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--distractors", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="start no trial after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "distill-sweep")
+    parser.add_argument("--results", type=Path, default=None, help="folder for results.json/.md (default: --out)")
+    args = parser.parse_args()
+    results = args.results or args.out
+    results.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    wanted = list(dict.fromkeys(args.corpus_id or ["squad2-Sky_(United_Kingdom)", "squad2-Normans"]))
+    corpora = {c.id: c for path in args.qa for c in load_qa_file(path) if c.id in wanted}
+    missing = sorted(set(wanted) - corpora.keys())
+    if missing:
+        raise SystemExit(f"no QA corpus {missing} in {[str(p) for p in args.qa]}")
+    trials = [Trial.parse(spec) for spec in args.trial or DEFAULT_TRIALS]
+    loaded = load_model(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sweeps = [CorpusSweep(corpora[cid], loaded, args) for cid in wanted]
+    rows: list[dict] = []
+    for sweep in sweeps:
+        sweep.baselines()
+    for trial in trials:
+        for sweep in sweeps:
+            if time.perf_counter() - started > args.deadline:
+                print(f"deadline reached: skipping {trial.name} on {sweep.corpus.id}", flush=True)
+                continue
+            rows.append(sweep.run_trial(trial))
+            result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                      "baselines": {s.corpus.id: s.scores for s in sweeps}, "synthesis": {s.corpus.id: s.synthesis for s in sweeps},
+                      "elapsed_seconds": time.perf_counter() - started}
+            (results / "results.json").write_text(json.dumps(result, indent=2))
+            (results / "results.md").write_text(report(sweeps, rows, args))
+            print(report(sweeps, rows, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Context blocks for evaluation: what stands before the identical chat, per method, within a KV budget.
+
+Every method is a KV prefix in PEFT's flattened layout `[tokens, layers * 2 * kv_heads * head_dim]`:
+`none` (no prefix), `icl` (the KV of the whole corpus), `truncated` (its first B tokens, = an
+`init` cartridge), `rag` (BM25-retrieved passages up to B tokens, per question), the presses
+`knorm` and `streaming` (the whole corpus prefilled, then B tokens kept per layer and KV head), and
+`cartridge` (a trained prefix, several composed by concatenation).
+
+The presses follow kvpress's KnormPress (keep the keys of lowest L2 norm) and StreamingLLMPress
+(keep the first token as attention sink plus the most recent ones). kvpress itself pins
+transformers < 5.3, so they are written here on the cache tensors directly. As in kvpress, the chat
+after a compressed prefix keeps the positions it would have after the whole corpus.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from cartridges.artifact import kv_shape
+from cartridges.errors import CartridgeError
+from cartridges.layout import context_token_ids
+from cartridges.models import LoadedModel
+from cartridges.qa import Question
+from cartridges.stages.initialize import kv_prefix_of_tokens
+
+SINK_TOKENS = 1  # presses always keep the first token: attention sinks carry much of the attention mass
+
+
+@dataclass(frozen=True)
+class Context:
+    prefix: torch.Tensor | None
+    start_position: int | None = None  # position of the first chat token; None: right after the prefix
+
+    @property
+    def kv_tokens(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[0]
+
+
+class ContextSource(Protocol):
+    def context(self, question: Question) -> Context:
+        """The context block placed before this question's chat."""
+        ...
+
+
+@dataclass(frozen=True)
+class FixedContext:
+    """The same block before every question (none, icl, truncated, presses, cartridges)."""
+
+    block: Context
+
+    def context(self, question: Question) -> Context:
+        return self.block
+
+
+def corpus_kv(loaded: LoadedModel, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """KV of corpus text (or its first `max_tokens` tokens) as it stands in the context block."""
+    return kv_prefix_of_tokens(loaded, context_token_ids(loaded.tokenizer, text, max_tokens))
+
+
+def _knorm_scores(kv: torch.Tensor) -> torch.Tensor:
+    return -kv[:, :, 0].float().norm(dim=-1)
+
+
+def _streaming_scores(kv: torch.Tensor) -> torch.Tensor:
+    tokens, layers, _, heads, _ = kv.shape
+    return torch.arange(tokens, dtype=torch.float32, device=kv.device)[:, None, None].expand(tokens, layers, heads)
+
+
+PRESSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"knorm": _knorm_scores, "streaming": _streaming_scores}
+
+
+def compress(prefix: torch.Tensor, shape: tuple[int, int, int], budget: int, press: str) -> Context:
+    """Keep `budget` tokens per layer and KV head by the press's score (higher is kept)."""
+    if press not in PRESSES:
+        raise CartridgeError(f"unknown press {press!r}; known: {', '.join(PRESSES)}")
+    if budget <= SINK_TOKENS:
+        raise CartridgeError(f"a press needs a budget above {SINK_TOKENS} token(s), got {budget}")
+    tokens = prefix.shape[0]
+    if tokens <= budget:
+        return Context(prefix)
+    layers, heads, head_dim = shape
+    kv = prefix.view(tokens, layers, 2, heads, head_dim)
+    scores = PRESSES[press](kv).clone()
+    scores[:SINK_TOKENS] = float("inf")
+    keep = scores.topk(budget, dim=0).indices.sort(dim=0).values  # [budget, layers, heads], in corpus order
+    index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim)
+    return Context(kv.gather(0, index).reshape(budget, -1), start_position=tokens)
+
+
+class RetrievedContext:
+    """BM25 (`bm25s`) over corpus passages of `passage_tokens`; per question, the best passages in rank order, cut at the budget."""
+
+    def __init__(self, loaded: LoadedModel, text: str, budget: int, passage_tokens: int = 64):
+        import bm25s
+
+        self.loaded, self.budget = loaded, budget
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.passages = [loaded.tokenizer.decode(ids[i : i + passage_tokens]) for i in range(0, len(ids), passage_tokens)]
+        if not self.passages:
+            raise CartridgeError("rag needs a non-empty corpus text")
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(self.passages, stopwords="en", show_progress=False), show_progress=False)
+        self._cache: dict[str, Context] = {}
+
+    def ranked_passages(self, query: str) -> list[str]:
+        import bm25s
+
+        tokens = bm25s.tokenize([query], stopwords="en", show_progress=False)
+        order, _ = self.retriever.retrieve(tokens, k=len(self.passages), show_progress=False)
+        return [self.passages[i] for i in order[0]]
+
+    def context(self, question: Question) -> Context:
+        if question.id not in self._cache:
+            chosen: list[str] = []
+            for passage in self.ranked_passages(question.question):
+                chosen.append(passage)
+                if len(context_token_ids(self.loaded.tokenizer, "\n".join(chosen))) >= self.budget:
+                    break  # the last passage is cut at the budget
+            ids = context_token_ids(self.loaded.tokenizer, "\n".join(chosen), self.budget)
+            self._cache[question.id] = Context(kv_prefix_of_tokens(self.loaded, ids))
+        return self._cache[question.id]
+
+
+METHODS = ("none", "icl", "truncated", "rag", *PRESSES, "cartridge")
+
+
+def context_source(loaded: LoadedModel, method: str, text: str, budget: int | None, cartridge: torch.Tensor | None = None) -> ContextSource:
+    """The context source of `method` over corpus `text` at a KV budget of `budget` tokens."""
+    if method not in METHODS:
+        raise CartridgeError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method == "none":
+        return FixedContext(Context(None))
+    if method == "icl":
+        return FixedContext(Context(corpus_kv(loaded, text)))
+    if method == "cartridge":
+        if cartridge is None:
+            raise CartridgeError("method 'cartridge' needs a cartridge: pass --cartridge NAME[@VERSION]")
+        return FixedContext(Context(cartridge))
+    if budget is None or budget < 2:
+        raise CartridgeError(f"method {method!r} needs a KV budget of at least 2 tokens (--budget)")
+    if method == "truncated":
+        return FixedContext(Context(corpus_kv(loaded, text, budget)))
+    if method == "rag":
+        return RetrievedContext(loaded, text, budget)
+    return FixedContext(compress(corpus_kv(loaded, text), kv_shape(loaded.model.config), budget, method))
