@@ -343,6 +343,38 @@ def distill_command(
     console.print(f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}")
 
 
+@app.command("build")
+def build_command(
+    corpus: Annotated[Path, typer.Argument(help="corpus folder (.txt .md .rst .html .pdf .json .jsonl)")],
+    name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")],
+    config: Annotated[str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")] = "default",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="override one setting, e.g. --set distill.steps=100 (repeatable)")] = None,
+    registry: RegistryOption = None,
+) -> None:
+    """Build a trained cartridge end to end (ingest, synthesize, distill, publish); rerun to resume.
+
+    Example: cartridges build legal/ --name legal --set distill.steps=100
+    """
+    from cartridges.names import validate_name
+    from cartridges.pipeline.build import build
+    from cartridges.pipeline.build_config import load_build_config
+
+    validate_name(name)
+    if not corpus.is_dir():
+        raise CartridgeError(f"corpus folder {corpus} does not exist: pass a folder of documents")
+    settings = load_build_config(config, overrides or [])
+    result = build(corpus, name, settings, open_registry(registry), on_stage=lambda stage: console.print(f"[bold]{stage}[/bold]"))
+    if not result.built:
+        console.print(f"nothing to do: {result.ref} is already built from this corpus and config ({result.run_dir})")
+        return
+    timing = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.summary["metrics"].items()) if k in ("kd", "eval_topk_kl", "qa_gold_nll"))
+    console.print(
+        f"published [bold]{result.ref}[/bold] from {result.summary['documents']} documents: {result.summary['samples']} samples "
+        f"{result.summary['kinds']}, {result.summary['steps']} steps; {metrics}\nwall time: {timing}; run folder {result.run_dir}"
+    )
+
+
 @app.command("eval")
 def eval_command(
     method: Annotated[str, typer.Option("--method", help="none, icl, truncated, rag, knorm, streaming or cartridge")] = "cartridge",

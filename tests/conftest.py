@@ -128,3 +128,12 @@ def smollm2(cartridges_home, shared_models_dir):
     shared_models_dir.mkdir(parents=True, exist_ok=True)
     (cartridges_home / "models").symlink_to(shared_models_dir)
     return load_model()
+
+
+@pytest.fixture
+def long_corpus(tmp_path):
+    folder = tmp_path / "long-corpus"
+    folder.mkdir()
+    text = " ".join(f"Section {i}. A tenant in unit {i} must pay {i * 10} dollars before day {i % 28 + 1}." for i in range(60))
+    (folder / "statute.txt").write_text(text)
+    return folder

@@ -28,15 +28,6 @@ CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
 SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 16}
 
 
-@pytest.fixture
-def long_corpus(tmp_path):
-    folder = tmp_path / "long-corpus"
-    folder.mkdir()
-    text = " ".join(f"Section {i}. A tenant in unit {i} must pay {i * 10} dollars before day {i % 28 + 1}." for i in range(60))
-    (folder / "statute.txt").write_text(text)
-    return folder
-
-
 def run_synthesis(tiny, corpus, run, executor="local", **config):
     ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
     settings = RunSettings(engine="hf", executor=executor, batch_size=4)

@@ -1,0 +1,74 @@
+"""`cartridges build`: ingest -> synthesize -> distill -> publish, resumable and idempotent.
+
+The run folder is named after the cartridge, the corpus fingerprint and the config fingerprint, so
+the same command finds its own unfinished run and continues it: ingest is skipped when done,
+synthesis makes only missing shards, training resumes from its last checkpoint. A run that has
+published records the version in `published.json`; running it again does nothing.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cartridges.atomic import write_text_atomically
+from cartridges.home import cartridges_home
+from cartridges.models import load_model
+from cartridges.pipeline.build_config import BuildConfig
+from cartridges.registry import Registry
+from cartridges.stages.distill import DISTILL_DIR, run_training, save_distilled
+from cartridges.stages.ingest import INGEST_FILE, ingest, read_corpus
+from cartridges.stages.synthesize import check_fits_window, synthesize
+
+PUBLISHED_FILE = "published.json"
+
+
+@dataclass
+class BuildResult:
+    run_dir: Path
+    ref: str
+    built: bool  # False: this corpus and config were already published
+    seconds: dict[str, float] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def build_run_dir(name: str, corpus_fingerprint: str, config: BuildConfig) -> Path:
+    return cartridges_home() / "runs" / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}"
+
+
+def build(corpus_dir: Path, name: str, config: BuildConfig, registry: Registry, on_stage=lambda stage: None) -> BuildResult:
+    loaded = load_model(config.model)
+    corpus = read_corpus(corpus_dir)
+    run_dir = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
+    published = run_dir / PUBLISHED_FILE
+    if published.is_file():
+        return BuildResult(run_dir, json.loads(published.read_text())["ref"], built=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def stage(label: str, work):
+        on_stage(label)
+        started = time.perf_counter()
+        result = work()
+        seconds[label] = time.perf_counter() - started
+        return result
+
+    check_fits_window(config.synthesis, loaded.model.config.max_position_embeddings)
+    if not (run_dir / INGEST_FILE).is_file():
+        stage("ingest", lambda: ingest(corpus_dir, run_dir, loaded.tokenizer, loaded.tokenizer_fingerprint,
+                                       config.synthesis.chunk_min_tokens, config.synthesis.chunk_max_tokens))
+    synthesis = stage("synthesize", lambda: synthesize(run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run))
+    stage("distill", lambda: run_training(run_dir, loaded, config.distill, config.training))
+
+    def publish():
+        artifact = run_dir / DISTILL_DIR / "artifact"
+        if not artifact.exists():  # written atomically: a folder that exists is complete
+            save_distilled(loaded, run_dir, name, config.distill, artifact)
+        return registry.publish(artifact, name)
+
+    manifest = stage("publish", publish)
+    ref = f"{manifest.name}@{manifest.version}"
+    write_text_atomically(published, json.dumps({"ref": ref, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2))
+    summary = {"documents": len(corpus.documents), "samples": synthesis["samples"], "kinds": synthesis["kinds"],
+               "steps": config.distill.steps, "metrics": manifest.metrics}
+    return BuildResult(run_dir, ref, built=True, seconds=seconds, summary=summary)

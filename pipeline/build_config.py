@@ -1,0 +1,78 @@
+"""Build configurations: YAML files in `configs/`, validated by pydantic, overridable per key.
+
+A config names everything that decides the cartridge (model, synthesis, distillation) and how the
+work runs (engines, executors). Its fingerprint covers only the former, so running the same build
+on more machines or another executor does not count as a change.
+"""
+
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cartridges.errors import CartridgeError
+from cartridges.hashing import sha256_bytes
+from cartridges.stages.distill import DistillConfig, TrainSettings
+from cartridges.stages.synthesize import RunSettings, SynthesisConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class BuildConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), an HF model folder or hub id")
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    synthesis_run: RunSettings = Field(default_factory=RunSettings)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    training: TrainSettings = Field(default_factory=TrainSettings)
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings that change the result (not of how the work is run)."""
+        decisive = self.model_dump(include={"model", "synthesis", "distill"})
+        return sha256_bytes(json.dumps(decisive, sort_keys=True).encode())
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise CartridgeError(f"--set {dotted}: {key} is not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A YAML path, or the name of a config shipped in configs/ (`default`, `tiny`, `gpu`)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    shipped = CONFIGS_DIR / f"{spec}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise CartridgeError(f"config {spec!r} is neither a YAML file nor a shipped config ({known})")
+
+
+def load_build_config(spec: str = "default", overrides: list[str] = ()) -> BuildConfig:
+    """Read a config and apply `key.sub=value` overrides (values parsed as YAML); errors name the key."""
+    path = resolve_config_path(spec)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CartridgeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise CartridgeError(f"{path}: expected a mapping of settings at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CartridgeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.steps=100")
+        _set(data, key.strip(), yaml.safe_load(value))
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise CartridgeError(f"{path}: {where}: {first['msg']}") from None
