@@ -14,6 +14,9 @@ Writes results.json, results.md and PNG plots under --out.
 import argparse
 import json
 import math
+import resource
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from datetime import date
@@ -66,7 +69,27 @@ def paired_headroom(none: dict, icl: dict) -> tuple[float, float]:
     return mean, se
 
 
-def measure(loaded, corpus, method: str, budget: int | None, args, cartridge: torch.Tensor | None = None, label: str | None = None) -> dict:
+def probe(spec: dict) -> None:
+    """In a fresh process: build one method's context and decode at batch 16; print the peak RSS in MB."""
+    torch.set_grad_enabled(False)
+    corpus = load_qa_files([Path(p) for p in spec["qa"]] if spec["qa"] else None, [spec["corpus"]])[0]
+    registry = Registry(spec["registry"] or default_registry_url())
+    cartridge = concat_prefixes([open_cartridge(ref, registry) for ref in spec["refs"]]) if spec["refs"] else None
+    loaded = load_model(spec["model"])
+    context = context_source(loaded, spec["method"], corpus.text, spec["budget"], cartridge=cartridge).context(corpus.questions[0])
+    decode_tokens_per_second(loaded, context, corpus.questions[0].question, 16)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss_mb(args, corpus_id: str, method: str, budget: int | None, refs: list[str]) -> float:
+    spec = {"qa": [str(p) for p in args.qa or []], "corpus": corpus_id, "method": method, "budget": budget, "refs": refs,
+            "model": args.model, "registry": args.registry}
+    result = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def measure(loaded, corpus, method: str, budget: int | None, args, refs: tuple[str, ...] = (), cartridges: dict | None = None, label: str | None = None) -> dict:
+    cartridge = concat_prefixes([cartridges[ref] for ref in refs]) if refs else None
     started = time.perf_counter()
     source = context_source(loaded, method, corpus.text, budget, cartridge=cartridge)
     first = source.context(corpus.questions[0])
@@ -76,6 +99,7 @@ def measure(loaded, corpus, method: str, budget: int | None, args, cartridge: to
            "kv_bytes": 0 if first.prefix is None else first.prefix.numel() * first.prefix.element_size()}
     if not args.skip_decode:
         row |= {f"decode_tps_batch{b}": decode_tokens_per_second(loaded, first, corpus.questions[0].question, b) for b in (1, 16)}
+        row["peak_rss_mb"] = peak_rss_mb(args, corpus.id, method, budget, list(refs))
     print(f"{corpus.id} {row['method']} B={budget}: NLL {score.nll:.3f}, rank {score.rank_accuracy}, KV {score.kv_tokens} tokens, "
           f"built in {build_seconds:.1f} s", flush=True)
     return row
@@ -101,14 +125,15 @@ def markdown(rows: list[dict], corpora: dict, args) -> str:
              "| corpus | none | icl | headroom ± paired SE | recovery computed |", "|---|---|---|---|---|"]
     for corpus, c in corpora.items():
         lines.append(f"| {corpus} | {c['none']:.3f} | {c['icl']:.3f} | {c['headroom']:+.3f} ± {c['headroom_se']:.3f} | {'yes' if c['eligible'] else 'no'} |")
-    lines += ["", "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | recovery | build s | decode tok/s b1 | b16 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | recovery | build s | decode tok/s b1 | b16 | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         recovery = "" if r["recovery"] is None else f"{r['recovery']:.2f}"
         accuracy = "n/a" if r["rank_accuracy"] is None else f"{r['rank_accuracy']:.2f}"
         lines.append(
             f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['kv_tokens']} | {r['kv_bytes'] / 1e6:.1f} | {r['nll']:.3f} ± {r['nll_se']:.3f} | "
-            f"{accuracy} | {recovery} | {r['build_seconds']:.1f} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} |"
+            f"{accuracy} | {recovery} | {r['build_seconds']:.1f} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
+            f"{r.get('peak_rss_mb', float('nan')):.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -164,20 +189,22 @@ def main() -> None:
     parser.add_argument("--budget", type=int, action="append", default=None, help="KV budget in tokens (repeatable; default 128 256 512 1024)")
     parser.add_argument("--cartridge", action="append", default=[], help="CORPUS_ID=REF: a cartridge for that corpus (repeatable)")
     parser.add_argument("--distractors", type=int, default=4)
-    parser.add_argument("--skip-decode", action="store_true", help="no decode throughput measurement")
+    parser.add_argument("--skip-decode", action="store_true", help="no decode throughput and memory measurement")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one method's peak RSS, in a fresh process
     parser.add_argument("--model", default="default")
     parser.add_argument("--registry", default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "methods")
     args = parser.parse_args()
+    if args.probe:
+        probe(json.loads(args.probe))
+        return
     args.budget = args.budget or [128, 256, 512, 1024]
 
     torch.set_grad_enabled(False)
     corpora = load_qa_files(args.qa, args.corpus_id)
     registry = Registry(args.registry or default_registry_url())
-    cartridges = {}
-    for item in args.cartridge:
-        corpus_id, _, ref = item.partition("=")
-        cartridges[corpus_id] = open_cartridge(ref, registry)
+    refs = dict(item.partition("=")[::2] for item in args.cartridge)  # corpus id -> cartridge reference
+    cartridges = {ref: open_cartridge(ref, registry) for ref in refs.values()}
     loaded = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -185,13 +212,12 @@ def main() -> None:
     for corpus in corpora:
         rows += [measure(loaded, corpus, "none", None, args), measure(loaded, corpus, "icl", None, args)]
         rows += [measure(loaded, corpus, method, budget, args) for budget in args.budget for method in BUDGET_METHODS]
-        if corpus.id in cartridges:
-            rows.append(measure(loaded, corpus, "cartridge", None, args, cartridges[corpus.id].prompt_embeddings, "cartridge"))
-    with_cartridges = [c for c in corpora if c.id in cartridges]
+        if corpus.id in refs:
+            rows.append(measure(loaded, corpus, "cartridge", None, args, (refs[corpus.id],), cartridges))
+    with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):
-            composed = concat_prefixes([cartridges[c.id] for c in order])
-            rows.append(measure(loaded, a, "cartridge", None, args, composed, label))
+            rows.append(measure(loaded, a, "cartridge", None, args, tuple(refs[c.id] for c in order), cartridges, label))
     summary = summarize(rows)
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - started, "corpora": summary, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
