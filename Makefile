@@ -13,7 +13,7 @@ NAME ?= legal
 TOKENS ?= 256
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat clean
+.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat nightly clean
 
 setup: $(STAMP)
 
@@ -75,6 +75,10 @@ cartridge: setup
 
 chat: setup
 	$(BIN)/cartridges chat $(CARTRIDGE)
+
+# Rebuild CORPUS as NAME every night at 02:00 UTC (the scheduler runs on the Ray cluster at RAY_ADDRESS).
+nightly: setup
+	$(BIN)/cartridges schedule add $(CORPUS) --name $(NAME) --cron "0 2 * * *"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

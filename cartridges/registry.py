@@ -5,6 +5,7 @@ Layout (readable without this code)::
     <root>/<name>/<version>/{manifest.json, adapter_config.json, adapter_model.safetensors}
     <root>/<name>/aliases.json          {"stable": 3, ...}
     <root>/.staging/<uuid>/             uploads in progress (never listed)
+    <root>/.state/<file>.json           service state (the scheduler's schedules and history)
 
 A version becomes visible in one step: the complete staging folder is renamed to `<name>/<N>`.
 On a local filesystem that rename is atomic and fails when `<N>` exists, so a crash never leaves
@@ -31,6 +32,7 @@ from cartridges.names import LATEST, Ref, parse_ref, validate_name
 
 ALIASES_FILE = "aliases.json"
 STAGING = ".staging"
+STATE = ".state"  # service state kept with the registry (schedules, build history)
 TRASH = ".trash"
 MAX_PUBLISH_ATTEMPTS = 1000
 _REMOTE_COMMIT_LOCK = threading.Lock()
@@ -203,6 +205,15 @@ class Registry:
         else:
             self.fs.rm(target, recursive=True)
         return name, version
+
+    def read_state(self, file: str) -> dict:
+        """A JSON state file under `.state/` ({} when absent)."""
+        path = self._path(STATE, file)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+
+    def write_state(self, file: str, data: dict) -> None:
+        self.fs.makedirs(self._path(STATE), exist_ok=True)
+        self._write_json(self._path(STATE, file), data)
 
     def _write_json(self, path: str, data: dict) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True).encode()
