@@ -27,10 +27,11 @@ class BuildConfig(BaseModel):
     synthesis_run: RunSettings = Field(default_factory=RunSettings)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     training: TrainSettings = Field(default_factory=TrainSettings)
+    warm_start: bool = Field(True, description="start training from the latest published version of the same name when it fits")
 
     def fingerprint(self) -> str:
         """sha256 of the settings that change the result (not of how the work is run)."""
-        decisive = self.model_dump(include={"model", "synthesis", "distill"})
+        decisive = self.model_dump(include={"model", "synthesis", "distill", "warm_start"})
         return sha256_bytes(json.dumps(decisive, sort_keys=True).encode())
 
 

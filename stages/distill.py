@@ -264,7 +264,7 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig, prefix: torch.Tensor):
+def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig, prefix: torch.Tensor, parent: str | None = None):
     """The manifest of a distilled cartridge: config, data fingerprint, init, final metrics."""
     ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
     return Manifest(
@@ -282,13 +282,15 @@ def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig
             )
         ],
         method="distilled",
-        method_config=config.model_dump() | {"data_fingerprint": data_fingerprint(run_dir / SYNTHESIS_DIR / SHARDS_DIR), "run": str(run_dir)},
+        method_config=config.model_dump()
+        | {"data_fingerprint": data_fingerprint(run_dir / SYNTHESIS_DIR / SHARDS_DIR), "run": str(run_dir), "warm_start_from": parent},
+        parent=parent,
         metrics=final_metrics(run_dir),
     )
 
 
-def save_distilled(loaded, run_dir: Path, name: str, config: DistillConfig, destination: Path):
-    """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest)."""
+def save_distilled(loaded, run_dir: Path, name: str, config: DistillConfig, destination: Path, parent: str | None = None):
+    """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest); `parent`: the version it warm-started from."""
     prefix = load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"]
-    manifest = publishable_manifest(loaded, run_dir, name, config, prefix)
+    manifest = publishable_manifest(loaded, run_dir, name, config, prefix, parent)
     return save_artifact(destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest)

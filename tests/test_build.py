@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.build_config import CONFIGS_DIR, load_build_config
@@ -64,3 +65,75 @@ def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(mon
     code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0 and "nothing to do: legal@1" in out
     assert not (cartridges_home / "registry" / "legal" / "2").exists()
+
+
+def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(monkeypatch, capsys, tiny_model_dir, long_corpus, cartridges_home):
+    from safetensors.torch import load_file
+
+    from cartridges.artifact import load_artifact
+    from cartridges.pipeline.build import build_run_dir
+    from cartridges.pipeline.build_config import load_build_config
+    from cartridges.registry import Registry
+
+    args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and "published legal@2" in out, err
+    registry = Registry(cartridges_home / "registry")
+    second = registry.show("legal@2")
+    assert second.parent == "legal@1" and second.method_config["warm_start_from"] == "legal@1"
+    first_prefix = load_artifact(registry.local_path("legal@1")).prompt_embeddings
+    runs = sorted((cartridges_home / "runs").glob("legal-*"), key=lambda p: (p / "published.json").stat().st_mtime)
+    assert load_file(str(runs[-1] / "distill" / "init_prefix.safetensors"))["prefix"].equal(first_prefix)
+    assert build_run_dir("legal", "x", load_build_config("tiny")) != build_run_dir("legal", "x", load_build_config("tiny", ["warm_start=false"]))
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(monkeypatch, target: str, calls: int):
+    """Make `target` (module.attr) raise after it has run `calls` times, like a process killed there."""
+    module_name, attr = target.rsplit(".", 1)
+    import importlib
+
+    owner = importlib.import_module(module_name)
+    original, done = getattr(owner, attr), []
+
+    def wrapper(*args, **kwargs):
+        if len(done) >= calls:
+            raise Killed(target)
+        done.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, wrapper)
+    return lambda: monkeypatch.setattr(owner, attr, original)
+
+
+def test_a_build_killed_in_synthesis_and_in_training_resumes_to_the_same_cartridge(monkeypatch, tiny_model_dir, long_corpus, tmp_path):
+    from cartridges.artifact import load_artifact
+    from cartridges.pipeline.build import build
+    from cartridges.pipeline.build_config import load_build_config
+    from cartridges.registry import Registry
+
+    config = load_build_config("tiny", [f"model={tiny_model_dir}", "distill.steps=3"])
+    monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "reference"))
+    reference = Registry(tmp_path / "reference" / "registry")
+    build(long_corpus, "legal", config, reference)
+
+    monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "resumed"))
+    resumed = Registry(tmp_path / "resumed" / "registry")
+    restore = kill_after(monkeypatch, "cartridges.stages.synthesize.write_shard", 1)  # dies after its first shard
+    with pytest.raises(Killed):
+        build(long_corpus, "legal", config, resumed)
+    restore()
+    restore = kill_after(monkeypatch, "cartridges.stages.distill.save_checkpoint", 1)  # dies after its first checkpoint
+    with pytest.raises(Killed):
+        build(long_corpus, "legal", config, resumed)
+    restore()
+    result = build(long_corpus, "legal", config, resumed)
+    assert result.built and result.ref == "legal@1"
+    expected = load_artifact(reference.local_path("legal@1")).prompt_embeddings
+    got = load_artifact(resumed.local_path("legal@1")).prompt_embeddings
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
