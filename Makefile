@@ -13,7 +13,7 @@ NAME ?= legal
 TOKENS ?= 256
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat nightly clean
+.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge build chat nightly clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,10 @@ bench-distill: setup-vllm
 
 cartridge: setup
 	$(BIN)/cartridges init $(if $(CORPUS),--corpus $(CORPUS)) --tokens $(TOKENS) --name $(NAME)
+
+CONFIG ?= default
+build: setup
+	$(BIN)/cartridges build $(CORPUS) --name $(NAME) --config $(CONFIG)
 
 chat: setup
 	$(BIN)/cartridges chat $(CARTRIDGE)
