@@ -7,3 +7,9 @@ bug and keeps its traceback.
 
 class CartridgeError(Exception):
     """A problem the user can fix: the message names what is wrong and what to do."""
+
+
+def first_validation_error(exc, default_location: str) -> tuple[str, str]:
+    """(dotted location, message) of the first problem in a pydantic ValidationError."""
+    first = exc.errors()[0]
+    return ".".join(str(part) for part in first["loc"]) or default_location, first["msg"]

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cartridges.errors import CartridgeError
+from cartridges.errors import CartridgeError, first_validation_error
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -93,9 +93,8 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "manifest"
-            raise CartridgeError(f"{source}: invalid manifest field {field!r}: {first['msg']}") from None
+            field, message = first_validation_error(exc, "manifest")
+            raise CartridgeError(f"{source}: invalid manifest field {field!r}: {message}") from None
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cartridges.errors import CartridgeError
+from cartridges.errors import CartridgeError, first_validation_error
 from cartridges.hashing import sha256_bytes
 from cartridges.stages.distill import DistillConfig, TrainSettings
 from cartridges.stages.synthesize import RunSettings, SynthesisConfig
@@ -74,6 +74,5 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise CartridgeError(f"{path}: {where}: {first['msg']}") from None
+        where, message = first_validation_error(exc, "config")
+        raise CartridgeError(f"{path}: {where}: {message}") from None

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cartridges.errors import CartridgeError
+from cartridges.errors import CartridgeError, first_validation_error
 from cartridges.home import default_registry_url
 from cartridges.registry import Registry
 
@@ -242,9 +242,9 @@ def _validated(model_cls, **values):
     try:
         return model_cls(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        raise CartridgeError(f"{option}: {first['msg']}") from None
+        where, message = first_validation_error(exc, "")
+        option = "--" + where.split(".")[0].replace("_", "-") if where else "options"
+        raise CartridgeError(f"{option}: {message}") from None
 
 
 @app.command("synthesize")

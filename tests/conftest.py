@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated $CARTRIDGES_HOME, a tiny random Llama model, small corpora."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,21 @@ def long_corpus(tmp_path):
     text = " ".join(f"Section {i}. A tenant in unit {i} must pay {i * 10} dollars before day {i % 28 + 1}." for i in range(60))
     (folder / "statute.txt").write_text(text)
     return folder
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run the `cartridges` command line in-process: (exit code, stdout, stderr)."""
+    from cartridges.pipeline.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["cartridges", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

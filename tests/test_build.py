@@ -1,25 +1,12 @@
 """`cartridges build` end to end on the tiny config; configs validated with errors that name the key."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.build_config import CONFIGS_DIR, load_build_config
-from cartridges.pipeline.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cartridges", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_shipped_configs_validate():
@@ -55,19 +42,19 @@ def test_unknown_config_names_the_shipped_ones():
         load_build_config("nonexistent")
 
 
-def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(monkeypatch, capsys, tiny_model_dir, long_corpus, cartridges_home):
+def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(cli, tiny_model_dir, long_corpus, cartridges_home):
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
-    code, out, err = run_cli(monkeypatch, capsys, *args)
+    code, out, err = cli(*args)
     assert code == 0, err
     assert "published legal@1" in out and "4 samples" in out
     manifest = json.loads((cartridges_home / "registry" / "legal" / "1" / "manifest.json").read_text())
     assert manifest["method"] == "distilled" and manifest["num_tokens"] == 8 and manifest["method_config"]["steps"] == 2
-    code, out, err = run_cli(monkeypatch, capsys, *args)
+    code, out, err = cli(*args)
     assert code == 0 and "nothing to do: legal@1" in out
     assert not (cartridges_home / "registry" / "legal" / "2").exists()
 
 
-def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(monkeypatch, capsys, tiny_model_dir, long_corpus, cartridges_home):
+def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(cli, tiny_model_dir, long_corpus, cartridges_home):
     from safetensors.torch import load_file
 
     from cartridges.artifact import load_artifact
@@ -76,9 +63,9 @@ def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(monkey
     from cartridges.registry import Registry
 
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
-    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    assert cli(*args)[0] == 0
     (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
-    code, out, err = run_cli(monkeypatch, capsys, *args)
+    code, out, err = cli(*args)
     assert code == 0 and "published legal@2" in out, err
     registry = Registry(cartridges_home / "registry")
     second = registry.show("legal@2")

@@ -1,30 +1,13 @@
 """The command line end to end on the tiny model; user mistakes exit 2 with one line and write nothing."""
 
 import json
-import sys
 
 import pytest
 
 from cartridges.artifact import load_artifact
 from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
 from cartridges.models import load_model
-from cartridges.pipeline.cli import main
 from cartridges.runtime import CartridgeRuntime
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["cartridges", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture

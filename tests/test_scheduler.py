@@ -120,19 +120,17 @@ def test_the_scheduler_actor_sees_the_schedules_again_after_it_is_killed(registr
         ray.shutdown()
 
 
-def test_schedule_cli_add_list_history_remove(monkeypatch, capsys, long_corpus, tiny_model_dir, cartridges_home):
-    from test_build import run_cli
-
+def test_schedule_cli_add_list_history_remove(cli, monkeypatch, long_corpus, tiny_model_dir, cartridges_home):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    code, out, err = run_cli(monkeypatch, capsys, "schedule", "add", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")
+    code, out, err = cli("schedule", "add", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")
     assert code == 0, err
     assert "scheduled legal: 0 2 * * *" in out and "ray start --head" in out
-    assert "legal" in run_cli(monkeypatch, capsys, "schedule", "list")[1]
-    code, out, err = run_cli(monkeypatch, capsys, "schedule", "run-now", "legal")
+    assert "legal" in cli("schedule", "list")[1]
+    code, out, err = cli("schedule", "run-now", "legal")
     assert code == 0 and "legal: published (legal@1)" in out, err
-    assert "published" in run_cli(monkeypatch, capsys, "schedule", "history", "legal")[1]
-    code, _, err = run_cli(monkeypatch, capsys, "schedule", "add", str(long_corpus), "--name", "x", "--cron", "nightly")
+    assert "published" in cli("schedule", "history", "legal")[1]
+    code, _, err = cli("schedule", "add", str(long_corpus), "--name", "x", "--cron", "nightly")
     assert code == 2 and "not a cron expression" in err
-    assert run_cli(monkeypatch, capsys, "schedule", "remove", "legal")[0] == 0
-    code, _, err = run_cli(monkeypatch, capsys, "schedule", "remove", "legal")
+    assert cli("schedule", "remove", "legal")[0] == 0
+    code, _, err = cli("schedule", "remove", "legal")
     assert code == 2 and "no schedule named 'legal'" in err
