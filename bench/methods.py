@@ -14,7 +14,6 @@ Writes results.json, results.md and PNG plots under --out.
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -78,7 +77,15 @@ def probe(spec: dict) -> None:
     loaded = load_model(spec["model"])
     context = context_source(loaded, spec["method"], corpus.text, spec["budget"], cartridge=cartridge).context(corpus.questions[0])
     decode_tokens_per_second(loaded, context, corpus.questions[0].question, 16)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": peak_rss_of_this_process_mb()}))
+
+
+def peak_rss_of_this_process_mb() -> float:
+    """VmHWM: unlike getrusage's ru_maxrss, it is not inherited from the parent across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def peak_rss_mb(args, corpus_id: str, method: str, budget: int | None, refs: list[str]) -> float:
