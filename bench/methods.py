@@ -13,7 +13,6 @@ Writes results.json, results.md and PNG plots under --out.
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from cartridges.qa import load_qa_files
 from cartridges.registry import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
 from cartridges.stages.contexts import Context, FixedContext, context_source
-from cartridges.stages.evaluate import score_corpus
+from cartridges.stages.evaluate import mean_and_se, score_corpus
 
 BUDGET_METHODS = ("truncated", "rag", "knorm", "streaming")
 DECODE_TOKENS = 32
@@ -62,10 +61,7 @@ def decode_tokens_per_second(loaded, context: Context, question: str, batch: int
 
 def paired_headroom(none: dict, icl: dict) -> tuple[float, float]:
     """Mean and standard error of the per-question NLL gain of icl over none (same questions)."""
-    diffs = [a - b for a, b in zip(none["per_question_nll"], icl["per_question_nll"])]
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else float("nan")
-    return mean, se
+    return mean_and_se([a - b for a, b in zip(none["per_question_nll"], icl["per_question_nll"])])
 
 
 def probe(spec: dict) -> None:

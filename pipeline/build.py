@@ -23,7 +23,7 @@ from cartridges.models import load_model
 from cartridges.pipeline.build_config import BuildConfig
 from cartridges.registry import Registry
 from cartridges.stages.distill import DISTILL_DIR, INIT_FILE, run_training, save_distilled
-from cartridges.stages.ingest import INGEST_FILE, ingest, read_corpus
+from cartridges.stages.ingest import ingest_corpus, read_corpus
 from cartridges.stages.synthesize import check_fits_window, synthesize
 
 PUBLISHED_FILE = "published.json"
@@ -69,8 +69,8 @@ def warm_start(run_dir: Path, registry: Registry, name: str, loaded, config: Bui
 
 
 def build(corpus_dir: Path, name: str, config: BuildConfig, registry: Registry, on_stage=lambda stage: None) -> BuildResult:
+    corpus = read_corpus(corpus_dir)  # a bad folder fails before the model loads
     loaded = load_model(config.model)
-    corpus = read_corpus(corpus_dir)
     run_dir = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
     published = run_dir / PUBLISHED_FILE
     if published.is_file():
@@ -86,9 +86,8 @@ def build(corpus_dir: Path, name: str, config: BuildConfig, registry: Registry, 
         return result
 
     check_fits_window(config.synthesis, loaded.model.config.max_position_embeddings)
-    if not (run_dir / INGEST_FILE).is_file():
-        stage("ingest", lambda: ingest(corpus_dir, run_dir, loaded.tokenizer, loaded.tokenizer_fingerprint,
-                                       config.synthesis.chunk_min_tokens, config.synthesis.chunk_max_tokens))
+    stage("ingest", lambda: ingest_corpus(corpus, run_dir, loaded.tokenizer, loaded.tokenizer_fingerprint,
+                                          config.synthesis.chunk_min_tokens, config.synthesis.chunk_max_tokens))
     parent = warm_start(run_dir, registry, name, loaded, config)
     synthesis = stage("synthesize", lambda: synthesize(run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run))
     stage("distill", lambda: run_training(run_dir, loaded, config.distill, config.training))

@@ -362,8 +362,6 @@ def build_command(
     from cartridges.pipeline.build_config import load_build_config
 
     validate_name(name)
-    if not corpus.is_dir():
-        raise CartridgeError(f"corpus folder {corpus} does not exist: pass a folder of documents")
     settings = load_build_config(config, overrides or [])
     result = build(corpus, name, settings, open_registry(registry), on_stage=lambda stage: console.print(f"[bold]{stage}[/bold]"))
     if not result.built:

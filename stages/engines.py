@@ -12,6 +12,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from cartridges.models import default_device
+
 EngineName = Literal["auto", "vllm", "hf"]
 SMALL_MACHINE_CORES = 4
 
@@ -96,8 +98,8 @@ class HFEngine:
 
         if threads:
             torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.device = default_device()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
@@ -152,9 +154,9 @@ class HFEngine:
                 results.append(_scores_from_logprobs(logprobs[row, keep - len(answer) - 1 : keep - 1], answer, top_k))
         return results
 
-
     def close(self) -> None:
         self.model = None
+
 
 class VLLMEngine:
     """vLLM's offline `LLM`: one engine per stage run (start-up compiles for minutes on CPU)."""

@@ -163,7 +163,11 @@ INGEST_FILE = "ingest.json"
 
 def ingest(corpus_dir: Path, run_dir: Path, tokenizer: PreTrainedTokenizerBase, tokenizer_fingerprint: str, min_tokens: int, max_tokens: int) -> dict:
     """Read, chunk and write the corpus into `run_dir`; reuses earlier outputs of the same corpus and chunking."""
-    corpus = read_corpus(corpus_dir)
+    return ingest_corpus(read_corpus(corpus_dir), run_dir, tokenizer, tokenizer_fingerprint, min_tokens, max_tokens)
+
+
+def ingest_corpus(corpus: Corpus, run_dir: Path, tokenizer: PreTrainedTokenizerBase, tokenizer_fingerprint: str, min_tokens: int, max_tokens: int) -> dict:
+    """`ingest` of a corpus already read (its fingerprint decides whether earlier outputs are reused)."""
     record = {
         "corpus_fingerprint": corpus.fingerprint(tokenizer_fingerprint),
         "chunk_min_tokens": min_tokens,
@@ -175,7 +179,7 @@ def ingest(corpus_dir: Path, run_dir: Path, tokenizer: PreTrainedTokenizerBase, 
     chunks = chunk_corpus(corpus, tokenizer, min_tokens, max_tokens)
     write_ingest_outputs(run_dir, corpus, chunks)
     record |= {
-        "source": str(corpus_dir),
+        "source": str(corpus.root),
         "num_documents": len(corpus.documents),
         "num_chunks": len(chunks),
         "num_tokens": sum(c.num_tokens for c in chunks),
