@@ -18,16 +18,17 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from cartridges.errors import run_script
 from cartridges.models import load_model
-from cartridges.qa import DEFAULT_QA_DIR, QACorpus, load_qa_file
-from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, DistillConfig, TrainSettings, final_metrics, run_training
+from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, DistillConfig, TrainSettings, final_metrics, run_training
 from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import INGEST_FILE, ingest
 from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.synthesize import DEFAULT_KINDS, SYNTHESIS_DIR, RunSettings, SynthesisConfig, synthesize
+from cartridges.stages.synthesize import EVERY_KIND, SYNTHESIS_DIR, RunSettings, SynthesisConfig, synthesize
 
-MIXES = {"all": dict(DEFAULT_KINDS), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
+MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
 DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]
 RUN_FILES = ("documents.parquet", "chunks.parquet", INGEST_FILE)
 
@@ -131,7 +132,7 @@ def report(sweeps: list[CorpusSweep], rows: list[dict], args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-id", action="append", default=None, help="QA corpus id (repeatable)")
-    parser.add_argument("--qa", type=Path, nargs="*", default=sorted(DEFAULT_QA_DIR.glob("*.json")))
+    parser.add_argument("--qa", type=Path, action="append", default=None, help="QA file (repeatable; default: shared/data/qa)")
     parser.add_argument("--trial", action="append", default=None, help="mix/lr/steps/P, e.g. corpus/2e-2/200/256 (repeatable)")
     parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
     parser.add_argument("--engine", default="hf")
@@ -150,10 +151,7 @@ def main() -> None:
 
     started = time.perf_counter()
     wanted = list(dict.fromkeys(args.corpus_id or ["squad2-Sky_(United_Kingdom)", "squad2-Normans"]))
-    corpora = {c.id: c for path in args.qa for c in load_qa_file(path) if c.id in wanted}
-    missing = sorted(set(wanted) - corpora.keys())
-    if missing:
-        raise SystemExit(f"no QA corpus {missing} in {[str(p) for p in args.qa]}")
+    corpora = {c.id: c for c in load_qa_files(args.qa, wanted)}
     trials = [Trial.parse(spec) for spec in args.trial or DEFAULT_TRIALS]
     loaded = load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -176,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
+from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import DEFAULT_QA_DIR, load_qa_file
 from cartridges.stages.contexts import context_source
@@ -89,4 +90,4 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from cartridges.artifact import kv_shape
+from cartridges.errors import run_script
 from cartridges.home import default_registry_url
 from cartridges.layout import chat_token_ids
 from cartridges.loading import open_cartridge
@@ -232,4 +233,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

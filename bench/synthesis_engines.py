@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cartridges.errors import run_script
 from cartridges.qa import DEFAULT_QA_DIR, find_corpus
+from cartridges.stages.synthesize import EVERY_KIND
 
 # Every seed kind, model-written and corpus-answered, so generation speed is measured on real chat turns.
-ALL_KINDS_MIX = "question=2,use_case=1,summarization=1,structuring=1,creative=0.5,generic=0.5,quote=2,continuation=2,fill_span=1"
+ALL_KINDS_MIX = ",".join(f"{kind}={weight:g}" for kind, weight in EVERY_KIND.items())
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
@@ -149,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

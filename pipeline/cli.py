@@ -400,12 +400,13 @@ def schedule_add(
     if not corpus.is_dir():
         raise CartridgeError(f"corpus folder {corpus} does not exist: pass a folder of documents")
     load_build_config(config, overrides or [])  # a bad config fails now, not at 2 a.m.
-    schedule = _scheduler(registry).add(name, str(corpus.resolve()), cron, config, overrides or [])
+    scheduler = _scheduler(registry)
+    schedule = scheduler.add(name, str(corpus.resolve()), cron, config, overrides or [])
     console.print(f"scheduled {schedule.name}: {schedule.cron} (next {schedule.next_run})")
     if os.environ.get("RAY_ADDRESS"):
         from cartridges.pipeline.scheduler import ensure_actor
 
-        ensure_actor(open_registry(registry).url)
+        ensure_actor(scheduler.registry.url)
         console.print("the scheduler actor is running on the Ray cluster")
     else:
         console.print("start the scheduler on a Ray cluster to run it: ray start --head; RAY_ADDRESS=auto cartridges schedule start")

@@ -10,6 +10,7 @@ state is re-read and written on every change, so a restarted scheduler (actor, c
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from croniter import croniter
 from pydantic import BaseModel
@@ -133,9 +134,7 @@ def build_schedule(registry_url: str) -> Builder:
     """The real builder: `cartridges build` of the schedule's corpus and config."""
 
     def builder(schedule: Schedule) -> tuple[str, str]:
-        from pathlib import Path
-
-        from cartridges.pipeline.build import build
+        from cartridges.pipeline.build import build  # heavy (torch, transformers): only when a build runs
         from cartridges.pipeline.build_config import load_build_config
 
         result = build(Path(schedule.corpus), schedule.name, load_build_config(schedule.config, schedule.overrides), Registry(registry_url))

@@ -47,6 +47,18 @@ PROMPT_OVERHEAD_TOKENS = 256  # title, chat template and system instruction arou
 # corpus-answered kinds alone beat those trained on every kind; a stronger teacher may profit from
 # adding model-written kinds (--kinds question=2,use_case=1,quote=1,...).
 DEFAULT_KINDS = {"quote": 1.0, "continuation": 1.0, "fill_span": 1.0}
+# Every kind, model-written and corpus-answered (the default before that sweep; the benchmarks' `all` mix).
+EVERY_KIND = {
+    "question": 2.0,
+    "use_case": 1.0,
+    "summarization": 1.0,
+    "structuring": 1.0,
+    "creative": 0.5,
+    "generic": 0.5,
+    "quote": 2.0,
+    "continuation": 2.0,
+    "fill_span": 1.0,
+}
 
 SAMPLE_SCHEMA = pa.schema(
     [
