@@ -10,10 +10,9 @@ PIP_TORCH := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 
 CORPUS ?=
 NAME ?= legal
-TOKENS ?= 256
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge build chat nightly clean
+.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat nightly clean
 
 setup: $(STAMP)
 
@@ -70,12 +69,14 @@ bench-headroom: setup-vllm
 bench-distill: setup-vllm
 	$(BIN)/python bench/distill_sweep.py --engine vllm --samples 384 --trial corpus/2e-3/200/256
 
-cartridge: setup
-	$(BIN)/cartridges init $(if $(CORPUS),--corpus $(CORPUS)) --tokens $(TOKENS) --name $(NAME)
-
+# Ingest, synthesize, distill and publish CORPUS (default: license texts of the installed packages)
+# as NAME with configs/$(CONFIG).yaml; rerun to resume, or after editing the corpus to rebuild.
+# QA=FILE QA_CORPUS=ID: also score held-out questions about the corpus.
 CONFIG ?= default
-build: setup
-	$(BIN)/cartridges build $(CORPUS) --name $(NAME) --config $(CONFIG)
+QA ?=
+QA_CORPUS ?=
+cartridge: setup-vllm
+	$(BIN)/cartridges build $(CORPUS) --name $(NAME) --config $(CONFIG) $(if $(QA),--qa $(QA)) $(if $(QA_CORPUS),--qa-corpus $(QA_CORPUS))
 
 chat: setup
 	$(BIN)/cartridges chat $(CARTRIDGE)

@@ -1,11 +1,15 @@
-"""`cartridges build`: ingest -> synthesize -> distill -> publish, resumable and idempotent.
+"""`cartridges build`: ingest -> synthesize -> distill -> evaluate -> publish, resumable and idempotent.
 
 The run folder is named after the cartridge, the corpus fingerprint and the config fingerprint, so
 the same command finds its own unfinished run and continues it: ingest is skipped when done,
 synthesis makes only missing shards, training resumes from its last checkpoint. A run that has
 published records the version in `published.json`; running it again does nothing. A changed
 corpus or config makes a new run, whose prefix starts from the latest published version of the
-same name (same model and size; `warm_start: false` to start from the corpus tokens instead).
+same name (same model and size; `warm_start: false` to start from the corpus tokens instead), and
+takes the samples of unchanged chunks from the run that built that version (`reuse_samples: false`
+to make every sample anew). Given held-out questions about the corpus (a QA set), the evaluate
+stage scores the trained prefix, the prefix training started from and no context on them, and the
+numbers go into the manifest's metrics.
 """
 
 import json
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cartridges.artifact import load_artifact
 from cartridges.atomic import write_atomically, write_text_atomically
@@ -22,11 +26,15 @@ from cartridges.home import cartridges_home
 from cartridges.models import load_model
 from cartridges.pipeline.build_config import BuildConfig
 from cartridges.registry import Registry
-from cartridges.stages.distill import DISTILL_DIR, INIT_FILE, run_training, save_distilled
+from cartridges.qa import QACorpus
+from cartridges.stages.contexts import Context, FixedContext
+from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, run_training, save_distilled
+from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import ingest_corpus, read_corpus
 from cartridges.stages.synthesize import check_fits_window, synthesize
 
 PUBLISHED_FILE = "published.json"
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass
@@ -53,6 +61,16 @@ def latest_compatible(registry: Registry, name: str, loaded, num_tokens: int) ->
     return f"{manifest.name}@{manifest.version}", cartridge.prompt_embeddings
 
 
+def previous_run(name: str, current: Path) -> Path | None:
+    """The folder of the last build of `name` that published on this machine, if it is still there."""
+    runs = [
+        record.parent
+        for record in (cartridges_home() / "runs").glob(f"*/{PUBLISHED_FILE}")
+        if record.parent != current and json.loads(record.read_text())["ref"].rpartition("@")[0] == name
+    ]
+    return max(runs, key=lambda run: (run / PUBLISHED_FILE).stat().st_mtime, default=None)
+
+
 def warm_start(run_dir: Path, registry: Registry, name: str, loaded, config: BuildConfig) -> str | None:
     """Seed the run's initial prefix from the previous version (once per run); returns its reference."""
     record = run_dir / "warm_start.json"
@@ -68,7 +86,30 @@ def warm_start(run_dir: Path, registry: Registry, name: str, loaded, config: Bui
     return parent
 
 
-def build(corpus_dir: Path, name: str, config: BuildConfig, registry: Registry, on_stage=lambda stage: None) -> BuildResult:
+def evaluate_run(run_dir: Path, loaded, qa: QACorpus) -> dict[str, float]:
+    """Gold-answer NLL (and rank accuracy) with no context, the starting prefix and the trained one."""
+    record = run_dir / EVALUATION_FILE
+    if record.is_file():
+        return json.loads(record.read_text())
+    prefixes = {
+        "none": None,
+        "start": load_file(str(run_dir / DISTILL_DIR / INIT_FILE))["prefix"],
+        "cartridge": load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"],
+    }
+    metrics: dict[str, float] = {}
+    for method, prefix in prefixes.items():
+        context = Context(None if prefix is None else prefix.to(loaded.model.device))
+        score = score_corpus(loaded, qa, FixedContext(context), method)
+        metrics[f"qa_{method}_nll"] = score.nll
+        if score.rank_accuracy is not None:
+            metrics[f"qa_{method}_rank_accuracy"] = score.rank_accuracy
+    write_text_atomically(record, json.dumps(metrics, indent=2))
+    return metrics
+
+
+def build(
+    corpus_dir: Path, name: str, config: BuildConfig, registry: Registry, on_stage=lambda stage: None, qa: QACorpus | None = None
+) -> BuildResult:
     corpus = read_corpus(corpus_dir)  # a bad folder fails before the model loads
     loaded = load_model(config.model)
     run_dir = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
@@ -86,21 +127,25 @@ def build(corpus_dir: Path, name: str, config: BuildConfig, registry: Registry, 
         return result
 
     check_fits_window(config.synthesis, loaded.model.config.max_position_embeddings)
-    stage("ingest", lambda: ingest_corpus(corpus, run_dir, loaded.tokenizer, loaded.tokenizer_fingerprint,
+    ingested = stage("ingest", lambda: ingest_corpus(corpus, run_dir, loaded.tokenizer, loaded.tokenizer_fingerprint,
                                           config.synthesis.chunk_min_tokens, config.synthesis.chunk_max_tokens))
     parent = warm_start(run_dir, registry, name, loaded, config)
-    synthesis = stage("synthesize", lambda: synthesize(run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run))
+    reuse_from = previous_run(name, run_dir) if config.reuse_samples else None
+    synthesis = stage(
+        "synthesize", lambda: synthesize(run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run, reuse_from)
+    )
     stage("distill", lambda: run_training(run_dir, loaded, config.distill, config.training))
+    evaluation = stage("evaluate", lambda: evaluate_run(run_dir, loaded, qa)) if qa is not None else {}
 
     def publish():
         artifact = run_dir / DISTILL_DIR / "artifact"
         if not artifact.exists():  # written atomically: a folder that exists is complete
-            save_distilled(loaded, run_dir, name, config.distill, artifact, parent)
+            save_distilled(loaded, run_dir, name, config.distill, artifact, parent, evaluation)
         return registry.publish(artifact, name)
 
     manifest = stage("publish", publish)
     ref = f"{manifest.name}@{manifest.version}"
     write_text_atomically(published, json.dumps({"ref": ref, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2))
-    summary = {"documents": len(corpus.documents), "samples": synthesis["samples"], "kinds": synthesis["kinds"],
-               "steps": config.distill.steps, "metrics": manifest.metrics, "parent": parent}
+    summary = {"corpus": ingested, "samples": synthesis["samples"], "kinds": synthesis["kinds"],
+               "synthesis": synthesis, "steps": config.distill.steps, "metrics": manifest.metrics, "parent": parent}
     return BuildResult(run_dir, ref, built=True, seconds=seconds, summary=summary)

@@ -28,10 +28,11 @@ class BuildConfig(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     training: TrainSettings = Field(default_factory=TrainSettings)
     warm_start: bool = Field(True, description="start training from the latest published version of the same name when it fits")
+    reuse_samples: bool = Field(True, description="take the samples of unchanged chunks from the last build of the same name")
 
     def fingerprint(self) -> str:
         """sha256 of the settings that change the result (not of how the work is run)."""
-        decisive = self.model_dump(include={"model", "synthesis", "distill", "warm_start"})
+        decisive = self.model_dump(include={"model", "synthesis", "distill", "warm_start", "reuse_samples"})
         return sha256_bytes(json.dumps(decisive, sort_keys=True).encode())
 
 

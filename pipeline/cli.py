@@ -264,6 +264,7 @@ def synthesize_command(
     engines: Annotated[int, typer.Option("--engines", help="engine actors (one per GPU on GPU nodes)")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="ray (Ray Data; RAY_ADDRESS for a cluster) or local")] = "ray",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads per HF engine")] = None,
+    reuse_from: Annotated[Path | None, typer.Option("--reuse-from", help="earlier run folder: take its samples of unchanged chunks")] = None,
 ) -> None:
     """Write self-study conversations with teacher top-k log-probabilities as Parquet shards.
 
@@ -291,9 +292,9 @@ def synthesize_command(
     if record["skipped"]:
         errors.print(f"[yellow]skipped {len(record['skipped'])} unsupported file(s): {', '.join(record['skipped'][:8])}[/yellow]")
     console.print(f"corpus: {record['num_documents']} documents, {record['num_chunks']} chunks, {record['num_tokens']} tokens")
-    summary = synthesize(out, loaded.path, loaded.fingerprint, config, settings)
+    summary = synthesize(out, loaded.path, loaded.fingerprint, config, settings, reuse_from)
     console.print(
-        f"{summary['samples']}/{summary['planned']} samples in {out} ({', '.join(summary['engines'])}): "
+        f"{summary['samples']}/{summary['planned']} samples in {out} ({', '.join(summary['engines'])}; {_reuse_note(summary)}): "
         f"{summary['samples_per_second']:.2f} samples/s, {summary['generated_tokens_per_second']:.1f} generated tok/s\n"
         f"kinds: {summary['kinds']}\nrejected and retried: {summary['rejected']}"
     )
@@ -323,7 +324,6 @@ def distill_command(
     from cartridges.models import load_model
     from cartridges.names import validate_name
     from cartridges.pipeline.runs import new_run_dir
-    from cartridges.qa import find_corpus
     from cartridges.stages.distill import DistillConfig, TrainSettings, run_training, save_distilled
 
     validate_name(name)
@@ -331,48 +331,81 @@ def distill_command(
     settings = _validated(TrainSettings, workers=workers, executor=executor, threads=threads)
     if not (run / "synthesis" / "shards").is_dir():
         raise CartridgeError(f"{run} has no synthesis shards: run `cartridges synthesize CORPUS --out {run}` first")
-    qa_pairs = []
-    if qa is not None:
-        if qa_corpus is None:
-            raise CartridgeError("--qa needs --qa-corpus ID (the corpus the questions are about)")
-        qa_pairs = [(q.question, q.answer) for q in find_corpus(qa, qa_corpus).questions]
+    questions = _qa_corpus(qa, qa_corpus)
+    qa_pairs = [(q.question, q.answer) for q in questions.questions] if questions else []
     loaded = load_model(model)
     run_training(run, loaded, config, settings, qa_pairs)
     artifact = new_run_dir(name) / "cartridge"
     save_distilled(loaded, run, name, config, artifact)
     published = open_registry(registry).publish(artifact, name)
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(published.metrics.items()) if k in ("kd", "eval_topk_kl", "qa_gold_nll"))
+    metrics = _headline_metrics(published.metrics)
     console.print(f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}")
 
 
 @app.command("build")
 def build_command(
-    corpus: Annotated[Path, typer.Argument(help="corpus folder (.txt .md .rst .html .pdf .json .jsonl)")],
-    name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")],
+    corpus: Annotated[
+        Path | None, typer.Argument(help="corpus folder (.txt .md .rst .html .pdf .json .jsonl); default: license texts of the installed packages")
+    ] = None,
+    name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")] = "legal",
     config: Annotated[str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")] = "default",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="override one setting, e.g. --set distill.steps=100 (repeatable)")] = None,
+    qa: Annotated[Path | None, typer.Option("--qa", help="QA file (shared/data/qa format) with held-out questions about the corpus")] = None,
+    qa_corpus: Annotated[str | None, typer.Option("--qa-corpus", help="corpus id inside --qa")] = None,
     registry: RegistryOption = None,
 ) -> None:
-    """Build a trained cartridge end to end (ingest, synthesize, distill, publish); rerun to resume.
+    """Build a trained cartridge end to end (ingest, synthesize, distill, evaluate, publish); rerun to resume.
 
     Example: cartridges build legal/ --name legal --set distill.steps=100
     """
+    from cartridges.default_corpus import gather_license_corpus
     from cartridges.names import validate_name
     from cartridges.pipeline.build import build
     from cartridges.pipeline.build_config import load_build_config
 
     validate_name(name)
     settings = load_build_config(config, overrides or [])
-    result = build(corpus, name, settings, open_registry(registry), on_stage=lambda stage: console.print(f"[bold]{stage}[/bold]"))
+    questions = _qa_corpus(qa, qa_corpus)
+    result = build(
+        corpus or gather_license_corpus(), name, settings, open_registry(registry), lambda stage: console.print(f"[bold]{stage}[/bold]"), questions
+    )
     if not result.built:
         console.print(f"nothing to do: {result.ref} is already built from this corpus and config ({result.run_dir})")
         return
     timing = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.summary["metrics"].items()) if k in ("kd", "eval_topk_kl", "qa_gold_nll"))
+    metrics = _headline_metrics(result.summary["metrics"])
+    corpus_stats = result.summary["corpus"]
     console.print(
-        f"published [bold]{result.ref}[/bold] from {result.summary['documents']} documents: {result.summary['samples']} samples "
-        f"{result.summary['kinds']}, {result.summary['steps']} steps; {metrics}\nwall time: {timing}; run folder {result.run_dir}"
+        f"published [bold]{result.ref}[/bold] from {corpus_stats['num_documents']} documents ({corpus_stats['num_chunks']} chunks, "
+        f"{corpus_stats['num_tokens']} tokens): {result.summary['samples']} samples "
+        f"{result.summary['kinds']} ({_reuse_note(result.summary['synthesis'])}), {result.summary['steps']} steps"
+        f"{', warm-started from ' + result.summary['parent'] if result.summary['parent'] else ''}; {metrics}\n"
+        f"wall time: {timing}; run folder {result.run_dir}"
     )
+
+
+def _headline_metrics(metrics: dict[str, float]) -> str:
+    """Training loss, held-out KL to the teacher and any QA numbers, on one line."""
+    shown = {k: v for k, v in metrics.items() if k in ("kd", "eval_topk_kl") or k.startswith("qa_")}
+    return ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
+
+
+def _qa_corpus(qa: Path | None, corpus_id: str | None):
+    from cartridges.qa import find_corpus
+
+    if qa is None:
+        if corpus_id is not None:
+            raise CartridgeError("--qa-corpus needs --qa FILE (the QA set it is in)")
+        return None
+    if corpus_id is None:
+        raise CartridgeError("--qa needs --qa-corpus ID (the corpus the questions are about)")
+    return find_corpus(qa, corpus_id)
+
+
+def _reuse_note(synthesis: dict) -> str:
+    if synthesis.get("reuse_refused"):
+        return f"nothing reused: the earlier run used {synthesis['reuse_refused']}"
+    return f"{synthesis['reused']} reused from {synthesis['reused_from']}" if synthesis.get("reused") else "none reused"
 
 
 def _scheduler(registry: str | None):

@@ -31,7 +31,7 @@ from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, INGEST_FILE, read_chunks
 from cartridges.stages.initialize import kv_prefix_of_tokens
-from cartridges.stages.synthesize import SHARDS_DIR, SYNTHESIS_DIR
+from cartridges.stages.synthesize import SHARDS_DIR, SUMMARY_FILE, SYNTHESIS_DIR
 from cartridges.stages.training_data import collate, data_fingerprint, distillation_loss, load_examples
 
 DISTILL_DIR = "distill"
@@ -264,9 +264,12 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig, prefix: torch.Tensor, parent: str | None = None):
-    """The manifest of a distilled cartridge: config, data fingerprint, init, final metrics."""
+def publishable_manifest(
+    loaded, run_dir: Path, name: str, config: DistillConfig, prefix: torch.Tensor, parent: str | None = None, evaluation: dict[str, float] | None = None
+):
+    """The manifest of a distilled cartridge: config, data fingerprint, init, final training metrics and any evaluation."""
     ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
+    synthesis = json.loads((run_dir / SYNTHESIS_DIR / SUMMARY_FILE).read_text())
     return Manifest(
         name=name,
         **describe_model(loaded),
@@ -283,14 +286,22 @@ def publishable_manifest(loaded, run_dir: Path, name: str, config: DistillConfig
         ],
         method="distilled",
         method_config=config.model_dump()
-        | {"data_fingerprint": data_fingerprint(run_dir / SYNTHESIS_DIR / SHARDS_DIR), "run": str(run_dir), "warm_start_from": parent},
+        | {
+            "data_fingerprint": data_fingerprint(run_dir / SYNTHESIS_DIR / SHARDS_DIR),
+            "run": str(run_dir),
+            "warm_start_from": parent,
+            "reused_samples": synthesis.get("reused", 0),
+            "reused_from": synthesis.get("reused_from"),
+        },
         parent=parent,
-        metrics=final_metrics(run_dir),
+        metrics=final_metrics(run_dir) | (evaluation or {}),
     )
 
 
-def save_distilled(loaded, run_dir: Path, name: str, config: DistillConfig, destination: Path, parent: str | None = None):
+def save_distilled(
+    loaded, run_dir: Path, name: str, config: DistillConfig, destination: Path, parent: str | None = None, evaluation: dict[str, float] | None = None
+):
     """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest); `parent`: the version it warm-started from."""
     prefix = load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"]
-    manifest = publishable_manifest(loaded, run_dir, name, config, prefix, parent)
+    manifest = publishable_manifest(loaded, run_dir, name, config, prefix, parent, evaluation)
     return save_artifact(destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest)

@@ -4,6 +4,8 @@ For each planned sample (a seeded random chunk and seed kind) the model writes a
 about the chunk (turn A), then answers it with the chunk in context (turn B), or the answer is
 real corpus text (corpus-answered kinds). The chunk-in-context teacher scores every answer token:
 top-k ids and log-probabilities plus the answer token's own log-probability.
+Given an earlier run, planned samples of chunks that did not change take that run's samples
+instead of being made (see `sample_reuse`).
 
 Work is cut into shards of `shard_size` planned samples. Each shard is written atomically as
 `synthesis/shard-NNNNN.parquet`, so a rerun skips completed shards (resume). Shards run as Ray
@@ -31,12 +33,15 @@ from cartridges.progress import ThroughputProgress
 from cartridges.stages.engines import Engine, EngineName, SamplingConfig, TokenScores, make_engine
 from cartridges.stages.ingest import INGEST_FILE, Chunk, read_chunks
 from cartridges.stages.quality import answer_problem, message_problem
+from cartridges.stages.sample_plan import PlannedSample, chunk_keys, plan_samples
+from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, write_reused
 from cartridges.stages.seed_prompts import ALL_KINDS, CORPUS_ANSWERED, corpus_answer, message_instruction, writer_excerpt
 
 SYNTHESIS_DIR = "synthesis"
 SHARDS_DIR = "shards"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+REUSED_FILE = "reused.parquet"
 STATS_METADATA_KEY = b"cartridges.shard_stats"
 ATTEMPT_SEED_STRIDE = 1_000_003
 WORDS_PER_TOKEN = 0.75
@@ -124,22 +129,8 @@ class RunSettings(BaseModel):
     executor: Literal["ray", "local"] = "ray"
 
 
-@dataclass(frozen=True)
-class PlannedSample:
-    sample_id: int
-    chunk_id: int
-    kind: str
-    seed: int
-
-
-def plan_samples(config: SynthesisConfig, num_chunks: int) -> list[PlannedSample]:
-    rng = random.Random(config.seed)
-    kinds = sorted(k for k, w in config.kinds.items() if w > 0)
-    weights = [config.kinds[k] for k in kinds]
-    return [
-        PlannedSample(i, rng.randrange(num_chunks), rng.choices(kinds, weights)[0], rng.getrandbits(31))
-        for i in range(config.samples)
-    ]
+def plan_run(config: SynthesisConfig, run_dir: Path) -> list[PlannedSample]:
+    return plan_samples(config.samples, config.seed, config.kinds, chunk_keys(run_dir))
 
 
 def shard_path(run_dir: Path, shard: int) -> Path:
@@ -180,7 +171,7 @@ class SampleBuilder:
         self.answer_sampling = SamplingConfig(config.max_answer_tokens, config.temperature, config.top_p, self.stop_ids)
 
     def build(self, planned: list[PlannedSample]) -> tuple[list[dict], dict]:
-        """Rows for `planned` (rejected samples retried with new seeds) and the shard's statistics."""
+        """Rows for `planned` (rejected samples retried with new seeds) and what making them took."""
         rows: list[dict] = []
         rejected: Counter = Counter()
         generated = 0
@@ -193,16 +184,7 @@ class SampleBuilder:
             generated += tokens
             rejected.update(reason for _, reason in failed)
             pending = [p for p, _ in failed]
-        rows.sort(key=lambda row: row["sample_id"])
-        stats = {
-            "samples": len(rows),
-            "planned": len(planned),
-            "generated_tokens": generated,
-            "kinds": dict(Counter(row["seed_kind"] for row in rows)),
-            "rejected": dict(rejected),
-            "unfilled": len(pending),
-        }
-        return rows, stats
+        return rows, {"generated_tokens": generated, "rejected": dict(rejected), "unfilled": len(pending)}
 
     def _attempt(self, pending: list[PlannedSample], attempt: int) -> tuple[list[dict], list[tuple[PlannedSample, str]], int]:
         failed: list[tuple[PlannedSample, str]] = []
@@ -341,14 +323,25 @@ class SynthesisWorker:
             seed=config.seed,
         )
         self.builder = SampleBuilder(engine, tokenizer, config, chunks, titles, model_fingerprint)
-        self.plan = plan_samples(config, len(chunks))
+        self.plan = plan_run(config, self.run_dir)
         self.shard_size = config.shard_size
+        self.reused, _ = read_reused(self.run_dir / SYNTHESIS_DIR / REUSED_FILE)
 
     def run_shard(self, shard: int) -> dict:
         started = time.perf_counter()
         planned = self.plan[shard * self.shard_size : (shard + 1) * self.shard_size]
-        rows, stats = self.builder.build(planned)
-        stats |= {"shard": shard, "seconds": time.perf_counter() - started, "engine": self.builder.engine.name}
+        reused = [self.reused[p.sample_id] for p in planned if p.sample_id in self.reused]
+        made, stats = self.builder.build([p for p in planned if p.sample_id not in self.reused])
+        rows = sorted(made + reused, key=lambda row: row["sample_id"])
+        stats |= {
+            "shard": shard,
+            "samples": len(rows),
+            "planned": len(planned),
+            "reused": len(reused),
+            "kinds": dict(Counter(row["seed_kind"] for row in rows)),
+            "seconds": time.perf_counter() - started,
+            "engine": self.builder.engine.name,
+        }
         write_shard(shard_path(self.run_dir, shard), rows, stats)
         return stats
 
@@ -412,13 +405,38 @@ def _run_shards(pending: list[int], worker_args: dict, settings: RunSettings, on
         on_done(json.loads(row["stats"]))
 
 
-def synthesize(run_dir: Path, model_path: Path, model_fingerprint: str, config: SynthesisConfig, settings: RunSettings) -> dict:
+def prepare_reuse(run_dir: Path, previous: Path, config: SynthesisConfig, model_fingerprint: str) -> str | None:
+    """Pick the previous run's samples that stand in for planned ones (once per run); returns why none could be."""
+    destination = run_dir / SYNTHESIS_DIR / REUSED_FILE
+    if destination.is_file():
+        return None
+    previous_config = previous / SYNTHESIS_DIR / CONFIG_FILE
+    if not previous_config.is_file():
+        raise CartridgeError(f"{previous} holds no synthesis ({previous_config} is missing): pass the --out folder of an earlier run")
+    record = json.loads(previous_config.read_text())
+    refused = incompatibility(record, config.model_dump(), model_fingerprint)
+    rows: list[dict] = []
+    if refused is None:
+        shards = sorted((previous / SYNTHESIS_DIR / SHARDS_DIR).glob("shard-*.parquet"))
+        previous_rows = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
+        planned = plan_run(config, run_dir)
+        rows = assign_reused(planned, chunk_keys(run_dir), read_chunks(run_dir), previous_rows, chunk_keys(previous))
+    write_reused(destination, rows, SAMPLE_SCHEMA, previous)
+    return refused
+
+
+def synthesize(
+    run_dir: Path, model_path: Path, model_fingerprint: str, config: SynthesisConfig, settings: RunSettings, reuse_from: Path | None = None
+) -> dict:
     """Make every missing shard of the run's plan; returns the summary (also written to summary.json).
 
     Expects the ingest outputs (`chunks.parquet`, `documents.parquet`, `ingest.json`) in `run_dir`.
+    `reuse_from`: an earlier run folder whose samples of unchanged chunks are taken instead of made.
     """
     ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
-    _check_run_config(run_dir, {"config": config.model_dump(), "corpus_fingerprint": ingest_record["corpus_fingerprint"], "model_fingerprint": model_fingerprint})
+    record = {"config": config.model_dump(), "corpus_fingerprint": ingest_record["corpus_fingerprint"], "model_fingerprint": model_fingerprint}
+    _check_run_config(run_dir, record | {"reuse_from": str(reuse_from) if reuse_from else None})
+    reuse_refused = prepare_reuse(run_dir, reuse_from, config, model_fingerprint) if reuse_from else None
     shards = range(num_shards(config))
     pending = [s for s in shards if not shard_path(run_dir, s).is_file()]
     started = time.perf_counter()
@@ -436,6 +454,8 @@ def synthesize(run_dir: Path, model_path: Path, model_fingerprint: str, config: 
     summary = summarize(run_dir, config)
     summary["wall_seconds_this_run"] = time.perf_counter() - started
     summary["shards_made_this_run"] = len(pending)
+    if reuse_refused:
+        summary["reuse_refused"] = reuse_refused
     write_text_atomically(run_dir / SYNTHESIS_DIR / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
     return summary
 
@@ -451,15 +471,19 @@ def summarize(run_dir: Path, config: SynthesisConfig) -> dict:
     seconds = sum(s["seconds"] for s in stats)
     tokens = sum(s["generated_tokens"] for s in stats)
     samples = sum(s["samples"] for s in stats)
+    reused = sum(s.get("reused", 0) for s in stats)
+    made = samples - reused
     return {
         "samples": samples,
+        "reused": reused,
+        "reused_from": read_reused(run_dir / SYNTHESIS_DIR / REUSED_FILE)[1],
         "planned": config.samples,
         "unfilled": sum(s["unfilled"] for s in stats),
         "kinds": dict(sorted(kinds.items())),
         "rejected": dict(sorted(rejected.items())),
         "generated_tokens": tokens,
         "engine_seconds": seconds,
-        "samples_per_second": samples / seconds if seconds else 0.0,
+        "samples_per_second": made / seconds if seconds else 0.0,
         "generated_tokens_per_second": tokens / seconds if seconds else 0.0,
         "engines": sorted({s["engine"] for s in stats}),
     }

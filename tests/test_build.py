@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -66,12 +67,18 @@ def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(cli, t
     assert cli(*args)[0] == 0
     (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
     code, out, err = cli(*args)
-    assert code == 0 and "published legal@2" in out, err
+    assert code == 0 and "published legal@2" in out and "warm-started from legal@1" in out, err
     registry = Registry(cartridges_home / "registry")
     second = registry.show("legal@2")
     assert second.parent == "legal@1" and second.method_config["warm_start_from"] == "legal@1"
     first_prefix = load_artifact(registry.local_path("legal@1")).prompt_embeddings
     runs = sorted((cartridges_home / "runs").glob("legal-*"), key=lambda p: (p / "published.json").stat().st_mtime)
+    # Every sample of the unchanged statute is taken from the first run; those of the new file are made.
+    documents = pq.read_table(runs[-1] / "documents.parquet").column("path").to_pylist()
+    rows = pq.read_table(runs[-1] / "synthesis" / "shards").to_pylist()
+    unchanged = [row for row in rows if documents[row["doc_id"]] == "statute.txt"]
+    assert second.method_config["reused_samples"] == len(unchanged) > 0 and second.method_config["reused_from"] == str(runs[0])
+    assert f"{len(unchanged)} reused from" in out
     assert load_file(str(runs[-1] / "distill" / "init_prefix.safetensors"))["prefix"].equal(first_prefix)
     assert build_run_dir("legal", "x", load_build_config("tiny")) != build_run_dir("legal", "x", load_build_config("tiny", ["warm_start=false"]))
 
@@ -124,3 +131,29 @@ def test_a_build_killed_in_synthesis_and_in_training_resumes_to_the_same_cartrid
     expected = load_artifact(reference.local_path("legal@1")).prompt_embeddings
     got = load_artifact(resumed.local_path("legal@1")).prompt_embeddings
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+
+
+def test_build_with_held_out_questions_records_their_scores_in_the_manifest(cli, tiny_model_dir, long_corpus, cartridges_home, tmp_path):
+    from cartridges.stages.ingest import read_corpus
+
+    qa = tmp_path / "qa.json"
+    pairs = [("When is rent due?", "before day 3"), ("How much in unit 5?", "50 dollars"), ("And unit 7?", "70 dollars")]
+    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "value"} for i, (q, a) in enumerate(pairs)]
+    qa.write_text(json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]}))
+    args = ["build", str(long_corpus), "--config", "tiny", "--set", f"model={tiny_model_dir}", "--qa", str(qa), "--qa-corpus", "statute"]
+    code, out, err = cli(*args)
+    assert code == 0 and "evaluate" in out and "qa_cartridge_nll" in out, err
+    metrics = json.loads(cli("show", "legal@1")[1])["metrics"]
+    # The same numbers, computed independently by `cartridges eval` on the published cartridge and with no context.
+    for method, eval_args in (("cartridge", ["--cartridge", "legal@1"]), ("none", ["--method", "none", "--model", str(tiny_model_dir)])):
+        out_file = tmp_path / f"{method}.json"
+        assert cli("eval", *eval_args, "--qa", str(qa), "--out", str(out_file))[0] == 0
+        score = json.loads(out_file.read_text())["scores"][0]
+        assert metrics[f"qa_{method}_nll"] == pytest.approx(score["nll"], abs=1e-5)
+        assert metrics[f"qa_{method}_rank_accuracy"] == score["rank_accuracy"]
+    assert "qa_start_nll" in metrics
+
+
+def test_build_qa_options_come_together(cli, long_corpus):
+    code, _, err = cli("build", str(long_corpus), "--config", "tiny", "--qa-corpus", "statute")
+    assert code == 2 and "--qa-corpus needs --qa FILE" in err and "Traceback" not in err

@@ -6,6 +6,7 @@ import time
 
 import datasets
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from cartridges.errors import CartridgeError
 from cartridges.stages.engines import HFEngine, SamplingConfig
 from cartridges.stages.ingest import ingest
 from cartridges.stages.quality import is_repetitive, message_problem
+from cartridges.stages.sample_plan import chunk_keys, plan_samples, rendezvous_chunks
 from cartridges.stages.seed_prompts import corpus_answer, sentences
 from cartridges.stages.synthesize import (
     SAMPLE_SCHEMA,
@@ -175,3 +177,57 @@ def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path):
         pq.read_table(tmp_path / "ray" / SYNTHESIS_DIR / "shards", columns=columns).sort_by("sample_id").to_pylist()
         == pq.read_table(tmp_path / "local" / SYNTHESIS_DIR / "shards", columns=columns).sort_by("sample_id").to_pylist()
     )
+
+
+
+def _rows_by_sample(run) -> dict[int, dict]:
+    return {row["sample_id"]: row for row in pq.read_table(run / SYNTHESIS_DIR / "shards").to_pylist()}
+
+
+def test_rendezvous_plan_is_uniform_and_moves_only_samples_of_changed_chunks():
+    keys = [f"{i:064x}" for i in range(1, 11)]
+    counts = np.bincount(rendezvous_chunks(keys, seed=3, samples=20000), minlength=10)
+    assert np.all(np.abs(counts - 2000) < 5 * np.sqrt(20000 * 0.1 * 0.9)), counts
+    before = plan_samples(500, 3, {"quote": 1.0, "continuation": 2.0}, keys)
+    added = plan_samples(500, 3, {"quote": 1.0, "continuation": 2.0}, keys + ["ff" * 32])
+    moved = [b for a, b in zip(before, added) if a != b]
+    assert moved and all(m.chunk_id == 10 for m in moved) and len(moved) < 100
+    removed = plan_samples(500, 3, {"quote": 1.0, "continuation": 2.0}, keys[1:])
+    assert all(b.chunk_id + 1 == a.chunk_id for a, b in zip(before, removed) if a.chunk_id != 0)
+    assert [(p.kind, p.seed) for p in before] == [(p.kind, p.seed) for p in added] == [(p.kind, p.seed) for p in removed]
+
+
+def test_rebuild_of_an_edited_corpus_reuses_unchanged_chunks_and_equals_a_fresh_run(tiny, long_corpus, tmp_path):
+    (long_corpus / "rules.txt").write_text(" ".join(f"Rule {i}. Repairs in room {i} are due within {i + 2} days." for i in range(30)))
+    config = {"samples": 24, "shard_size": 8, "kinds": CORPUS_KINDS}
+    run_synthesis(tiny, long_corpus, tmp_path / "first", **config)
+    (long_corpus / "rules.txt").write_text(" ".join(f"Rule {i}. Repairs in room {i} are due within {i + 3} days." for i in range(30)))
+    fresh = run_synthesis(tiny, long_corpus, tmp_path / "fresh", **config)
+    ingest(long_corpus, tmp_path / "second", tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    settings = RunSettings(engine="hf", executor="local", batch_size=4)
+    summary = synthesize(tmp_path / "second", tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings, tmp_path / "first")
+
+    first, second, expected = (_rows_by_sample(tmp_path / run) for run in ("first", "second", "fresh"))
+    first_keys, fresh_keys = chunk_keys(tmp_path / "first"), chunk_keys(tmp_path / "fresh")
+    assert set(first_keys) & set(fresh_keys) and set(fresh_keys) - set(first_keys), "one document changed, one did not"
+    # Reusable: the sample drew the same chunk content before and after the edit (read off the two runs' rows).
+    same_chunk = [i for i in expected if i in first and first_keys[first[i]["chunk_id"]] == fresh_keys[expected[i]["chunk_id"]]]
+    assert summary["reused"] == len(same_chunk) > 0 and summary["reused_from"] == str(tmp_path / "first")
+    assert summary["samples"] == fresh["samples"] == 24 and fresh["reused"] == 0
+    assert second.keys() == expected.keys()
+    for i, row in second.items():
+        for column in ("chunk_id", "doc_id", "seed_kind", "seed", "messages", "answer_ids", "topk_ids"):
+            assert row[column] == expected[i][column], (i, column)
+        torch.testing.assert_close(torch.tensor(row["topk_logprobs"]), torch.tensor(expected[i]["topk_logprobs"]), atol=1e-4, rtol=0)
+
+
+def test_samples_of_other_settings_are_not_reused(tiny, long_corpus, tmp_path):
+    run_synthesis(tiny, long_corpus, tmp_path / "first", samples=4, shard_size=4, kinds=CORPUS_KINDS)
+    ingest(long_corpus, tmp_path / "second", tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    config = SynthesisConfig(**SMALL, samples=4, shard_size=4, kinds=CORPUS_KINDS, top_k=5)
+    settings = RunSettings(engine="hf", executor="local", batch_size=4)
+    summary = synthesize(tmp_path / "second", tiny.path, tiny.fingerprint, config, settings, tmp_path / "first")
+    assert summary["reused"] == 0 and summary["reuse_refused"] == "other settings (top_k)"
+    ingest(long_corpus, tmp_path / "third", tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    with pytest.raises(CartridgeError, match="holds no synthesis.*--out folder"):
+        synthesize(tmp_path / "third", tiny.path, tiny.fingerprint, config, settings, tmp_path / "nowhere")

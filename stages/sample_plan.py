@@ -1,0 +1,67 @@
+"""The sample plan: which chunk, seed kind and sampling seed each synthesized sample gets.
+
+Kinds and seeds come from one seeded stream, independent of the corpus. Chunks are picked by
+rendezvous hashing: sample i takes the chunk whose content key scores lowest under a hash of
+(seed, i, key). That is uniform over chunks like a random draw, and stable under edits: adding,
+removing or changing a document moves only the samples whose winning chunk appeared or vanished.
+So a rebuild of an edited corpus plans the same samples for the untouched chunks, and those can be
+taken from the previous run instead of being made again (`sample_reuse`).
+"""
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cartridges.hashing import sha256_bytes
+from cartridges.stages.ingest import Chunk, read_chunks
+
+SCORES_PER_BLOCK = 1 << 22  # bounds the memory of the samples x chunks score matrix (32 MiB)
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    sample_id: int
+    chunk_id: int
+    kind: str
+    seed: int
+
+
+def chunk_key(title: str, chunk: Chunk) -> str:
+    """What a sample of this chunk sees: its document title and its text."""
+    return sha256_bytes(f"{title}\x00{chunk.text}".encode())
+
+
+def chunk_keys(run_dir: Path) -> list[str]:
+    """The key of every chunk of an ingested run folder, by chunk id."""
+    titles = pq.read_table(run_dir / "documents.parquet", columns=["title"]).column("title").to_pylist()
+    return [chunk_key(titles[chunk.doc_id], chunk) for chunk in read_chunks(run_dir)]
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective mix of 64-bit integers (numpy wraps uint64 arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def rendezvous_chunks(keys: list[str], seed: int, samples: int) -> np.ndarray:
+    """For each sample, the index of the chunk with the lowest hash score."""
+    chunk_codes = np.array([int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") for key in keys], dtype=np.uint64)
+    sample_codes = _mix(np.arange(samples, dtype=np.uint64) ^ _mix(np.array([seed % 2**64], dtype=np.uint64)))
+    block = max(1, SCORES_PER_BLOCK // len(keys))
+    return np.concatenate(
+        [_mix(sample_codes[start : start + block, None] ^ chunk_codes[None, :]).argmin(axis=1) for start in range(0, samples, block)]
+    )
+
+
+def plan_samples(samples: int, seed: int, kinds: dict[str, float], keys: list[str]) -> list[PlannedSample]:
+    rng = random.Random(seed)
+    names = sorted(k for k, w in kinds.items() if w > 0)
+    weights = [kinds[k] for k in names]
+    chunks = rendezvous_chunks(keys, seed, samples)
+    return [PlannedSample(i, int(chunks[i]), rng.choices(names, weights)[0], rng.getrandbits(31)) for i in range(samples)]
