@@ -151,6 +151,13 @@ def write_ingest_outputs(out_dir: Path, corpus: Corpus, chunks: list[Chunk]) -> 
     write_parquet_atomically(out_dir / CHUNKS_FILE, pa.Table.from_pylist([asdict(c) | {"num_tokens": c.num_tokens} for c in chunks]))
 
 
+def read_titles(out_dir: Path) -> list[str]:
+    """Document titles by document id."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out_dir / DOCUMENTS_FILE, columns=["title"]).column("title").to_pylist()
+
+
 def read_chunks(out_dir: Path) -> list[Chunk]:
     import pyarrow.parquet as pq
 

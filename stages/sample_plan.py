@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-
 from cartridges.hashing import sha256_bytes
-from cartridges.stages.ingest import Chunk, read_chunks
+from cartridges.stages.ingest import Chunk, read_chunks, read_titles
 
 SCORES_PER_BLOCK = 1 << 22  # bounds the memory of the samples x chunks score matrix (32 MiB)
 
@@ -35,10 +33,14 @@ def chunk_key(title: str, chunk: Chunk) -> str:
     return sha256_bytes(f"{title}\x00{chunk.text}".encode())
 
 
+def keys_of(chunks: list[Chunk], titles: list[str]) -> list[str]:
+    """The key of every chunk, by chunk id."""
+    return [chunk_key(titles[chunk.doc_id], chunk) for chunk in chunks]
+
+
 def chunk_keys(run_dir: Path) -> list[str]:
     """The key of every chunk of an ingested run folder, by chunk id."""
-    titles = pq.read_table(run_dir / "documents.parquet", columns=["title"]).column("title").to_pylist()
-    return [chunk_key(titles[chunk.doc_id], chunk) for chunk in read_chunks(run_dir)]
+    return keys_of(read_chunks(run_dir), read_titles(run_dir))
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -51,9 +51,11 @@ def write_reused(path: Path, rows: list[dict], schema: pa.Schema, source: Path) 
     write_parquet_atomically(path, table)
 
 
-def read_reused(path: Path) -> tuple[dict[int, dict], str | None]:
-    """The reused rows by sample id and the run they came from (nothing when the file is absent)."""
-    if not path.is_file():
-        return {}, None
-    table = pq.read_table(path)
-    return {row["sample_id"]: row for row in table.to_pylist()}, table.schema.metadata[SOURCE_KEY].decode()
+def read_reused(path: Path) -> dict[int, dict]:
+    """The reused rows by sample id (none when the file is absent)."""
+    return {row["sample_id"]: row for row in pq.read_table(path).to_pylist()} if path.is_file() else {}
+
+
+def reused_source(path: Path) -> str | None:
+    """The run the reused rows came from, read from the file's schema alone."""
+    return pq.read_schema(path).metadata[SOURCE_KEY].decode() if path.is_file() else None

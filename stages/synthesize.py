@@ -31,10 +31,10 @@ from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.progress import ThroughputProgress
 from cartridges.stages.engines import Engine, EngineName, SamplingConfig, TokenScores, make_engine
-from cartridges.stages.ingest import INGEST_FILE, Chunk, read_chunks
+from cartridges.stages.ingest import INGEST_FILE, Chunk, read_chunks, read_titles
 from cartridges.stages.quality import answer_problem, message_problem
-from cartridges.stages.sample_plan import PlannedSample, chunk_keys, plan_samples
-from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, write_reused
+from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
+from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
 from cartridges.stages.seed_prompts import ALL_KINDS, CORPUS_ANSWERED, corpus_answer, message_instruction, writer_excerpt
 
 SYNTHESIS_DIR = "synthesis"
@@ -129,8 +129,8 @@ class RunSettings(BaseModel):
     executor: Literal["ray", "local"] = "ray"
 
 
-def plan_run(config: SynthesisConfig, run_dir: Path) -> list[PlannedSample]:
-    return plan_samples(config.samples, config.seed, config.kinds, chunk_keys(run_dir))
+def plan_run(config: SynthesisConfig, keys: list[str]) -> list[PlannedSample]:
+    return plan_samples(config.samples, config.seed, config.kinds, keys)
 
 
 def shard_path(run_dir: Path, shard: int) -> Path:
@@ -311,7 +311,7 @@ class SynthesisWorker:
         settings = RunSettings.model_validate_json(settings_json)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         chunks = read_chunks(self.run_dir)
-        titles = pq.read_table(self.run_dir / "documents.parquet", columns=["title"]).column("title").to_pylist()
+        titles = read_titles(self.run_dir)
         engine = make_engine(
             settings.engine,
             model_path,
@@ -323,9 +323,9 @@ class SynthesisWorker:
             seed=config.seed,
         )
         self.builder = SampleBuilder(engine, tokenizer, config, chunks, titles, model_fingerprint)
-        self.plan = plan_run(config, self.run_dir)
+        self.plan = plan_run(config, keys_of(chunks, titles))
         self.shard_size = config.shard_size
-        self.reused, _ = read_reused(self.run_dir / SYNTHESIS_DIR / REUSED_FILE)
+        self.reused = read_reused(self.run_dir / SYNTHESIS_DIR / REUSED_FILE)
 
     def run_shard(self, shard: int) -> dict:
         started = time.perf_counter()
@@ -419,8 +419,9 @@ def prepare_reuse(run_dir: Path, previous: Path, config: SynthesisConfig, model_
     if refused is None:
         shards = sorted((previous / SYNTHESIS_DIR / SHARDS_DIR).glob("shard-*.parquet"))
         previous_rows = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
-        planned = plan_run(config, run_dir)
-        rows = assign_reused(planned, chunk_keys(run_dir), read_chunks(run_dir), previous_rows, chunk_keys(previous))
+        chunks = read_chunks(run_dir)
+        keys = keys_of(chunks, read_titles(run_dir))
+        rows = assign_reused(plan_run(config, keys), keys, chunks, previous_rows, chunk_keys(previous))
     write_reused(destination, rows, SAMPLE_SCHEMA, previous)
     return refused
 
@@ -476,7 +477,7 @@ def summarize(run_dir: Path, config: SynthesisConfig) -> dict:
     return {
         "samples": samples,
         "reused": reused,
-        "reused_from": read_reused(run_dir / SYNTHESIS_DIR / REUSED_FILE)[1],
+        "reused_from": reused_source(run_dir / SYNTHESIS_DIR / REUSED_FILE),
         "planned": config.samples,
         "unfilled": sum(s["unfilled"] for s in stats),
         "kinds": dict(sorted(kinds.items())),
