@@ -53,12 +53,12 @@ test-slow: setup-vllm
 # Every method at every KV budget on every QA corpus; cartridges to compare: CARTRIDGES="CORPUS_ID=REF ..."
 CARTRIDGES ?=
 bench: setup-bench
-	$(BIN)/python bench/methods.py $(foreach c,$(CARTRIDGES),--cartridge $(c))
+	$(BIN)/python bench/methods.py $(foreach c,$(CARTRIDGES),--cartridge '$(c)')
 
 # Two corpora with headroom (one HousingQA jurisdiction, one SQuAD article), one budget.
 bench-quick: setup-bench
 	$(BIN)/python bench/methods.py --corpus-id housingqa-delaware --corpus-id "squad2-Sky_(United_Kingdom)" --budget 256 \
-		--out bench/results/$$(date +%F)/methods-quick $(foreach c,$(CARTRIDGES),--cartridge $(c))
+		--out bench/results/$$(date +%F)/methods-quick $(foreach c,$(CARTRIDGES),--cartridge '$(c)')
 
 bench-synthesis: setup-vllm
 	$(BIN)/python bench/synthesis_engines.py --samples 256
@@ -76,14 +76,14 @@ CONFIG ?= default
 QA ?=
 QA_CORPUS ?=
 cartridge: setup-vllm
-	$(BIN)/cartridges build $(CORPUS) --name $(NAME) --config $(CONFIG) $(if $(QA),--qa $(QA)) $(if $(QA_CORPUS),--qa-corpus $(QA_CORPUS))
+	$(BIN)/cartridges build $(if $(CORPUS),'$(CORPUS)') --name '$(NAME)' --config '$(CONFIG)' $(if $(QA),--qa '$(QA)') $(if $(QA_CORPUS),--qa-corpus '$(QA_CORPUS)')
 
 chat: setup
-	$(BIN)/cartridges chat $(CARTRIDGE)
+	$(BIN)/cartridges chat '$(CARTRIDGE)'
 
 # Rebuild CORPUS as NAME every night at 02:00 UTC (the scheduler runs on the Ray cluster at RAY_ADDRESS).
 nightly: setup
-	$(BIN)/cartridges schedule add $(CORPUS) --name $(NAME) --cron "0 2 * * *"
+	$(BIN)/cartridges schedule add '$(CORPUS)' --name '$(NAME)' --cron "0 2 * * *"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,8 @@
 """Headroom: how much does putting the whole corpus in context help, per QA corpus?
 
 For every corpus of the QA files: mean gold-answer NLL per token with no context (`none`) and with
-the whole corpus in context (`icl`), its standard error, and rank accuracy of the gold answer
-among other gold answers of the same type. A cartridge can only show recovery where icl beats none.
+the whole corpus in context (`icl`), the paired standard error of their difference (the same
+questions both ways), and rank accuracy of the gold answer among other gold answers of the same type. A cartridge can only show recovery where icl beats none.
 
     python bench/headroom.py                       # every corpus in shared/data/qa
     python bench/headroom.py --corpora housingqa-texas,squad2-normans --distractors 8
@@ -19,7 +19,7 @@ from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import DEFAULT_QA_DIR, load_qa_file
 from cartridges.stages.contexts import context_source
-from cartridges.stages.evaluate import score_corpus
+from cartridges.stages.evaluate import paired_gain, score_corpus
 
 
 def main() -> None:
@@ -42,9 +42,9 @@ def main() -> None:
             started = time.perf_counter()
             none = score_corpus(loaded, corpus, context_source(loaded, "none", corpus.text, None), "none", args.distractors)
             icl = score_corpus(loaded, corpus, context_source(loaded, "icl", corpus.text, None), "icl", args.distractors)
+            headroom, headroom_se = paired_gain(none.per_question_nll, icl.per_question_nll)
             row = {"file": path.name, "corpus": corpus.id, "none": asdict(none), "icl": asdict(icl),
-                   "headroom": none.nll - icl.nll, "headroom_se": (none.nll_se**2 + icl.nll_se**2) ** 0.5,
-                   "seconds": time.perf_counter() - started}
+                   "headroom": headroom, "headroom_se": headroom_se, "seconds": time.perf_counter() - started}
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("corpus", "headroom", "headroom_se", "seconds")}), flush=True)
             (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
@@ -57,7 +57,7 @@ def write_report(rows: list[dict], distractors: int, out: Path) -> None:
     lines = [
         f"Headroom per corpus: SmolLM2-135M-Instruct fp32, rank accuracy among the gold + up to {distractors} same-type answers",
         "",
-        "| corpus | questions | icl KV tokens | NLL none | NLL icl | headroom (none - icl) ± SE | rank acc none | rank acc icl |",
+        "| corpus | questions | icl KV tokens | NLL none | NLL icl | headroom (none - icl) ± paired SE | rank acc none | rank acc icl |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -67,7 +67,7 @@ def write_report(rows: list[dict], distractors: int, out: Path) -> None:
             f"{r['headroom']:+.2f} ± {r['headroom_se']:.2f} | {acc(r['none'])} | {acc(r['icl'])} |"
         )
     clear = [r for r in rows if r["headroom"] > 2 * r["headroom_se"]]
-    lines += ["", f"{len(clear)} of {len(rows)} corpora have headroom above 2 standard errors."]
+    lines += ["", f"{len(clear)} of {len(rows)} corpora have headroom above 2 paired standard errors."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "headroom.png")
 

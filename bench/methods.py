@@ -32,7 +32,7 @@ from cartridges.qa import load_qa_files
 from cartridges.registry import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
 from cartridges.stages.contexts import Context, FixedContext, context_source
-from cartridges.stages.evaluate import mean_and_se, score_corpus
+from cartridges.stages.evaluate import paired_gain, score_corpus
 
 BUDGET_METHODS = ("truncated", "rag", "knorm", "streaming")
 DECODE_TOKENS = 32
@@ -58,11 +58,6 @@ def decode_tokens_per_second(loaded, context: Context, question: str, batch: int
         out = loaded.model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     return batch * DECODE_TOKENS / (time.perf_counter() - started)
-
-
-def paired_headroom(none: dict, icl: dict) -> tuple[float, float]:
-    """Mean and standard error of the per-question NLL gain of icl over none (same questions)."""
-    return mean_and_se([a - b for a, b in zip(none["per_question_nll"], icl["per_question_nll"])])
 
 
 def probe(spec: dict) -> None:
@@ -115,7 +110,7 @@ def summarize(rows: list[dict]) -> dict:
     for corpus in dict.fromkeys(r["corpus"] for r in rows):
         none = next(r for r in rows if r["corpus"] == corpus and r["method"] == "none")
         icl = next(r for r in rows if r["corpus"] == corpus and r["method"] == "icl")
-        headroom, se = paired_headroom(none, icl)
+        headroom, se = paired_gain(none["per_question_nll"], icl["per_question_nll"])
         corpora[corpus] = {"none": none["nll"], "icl": icl["nll"], "headroom": headroom, "headroom_se": se, "eligible": headroom > 2 * se}
     for row in rows:
         c = corpora[row["corpus"]]

@@ -225,6 +225,9 @@ class VLLMEngine:
 
 
 def vllm_available() -> bool:
+    # vLLM logs a few hundred INFO lines per start, which bury the stage's progress; set
+    # VLLM_LOGGING_LEVEL=INFO to see them. Set before the first import: vLLM reads it then.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm  # noqa: F401
     except Exception:  # vLLM can fail at import for many environment reasons; all mean "not here"

@@ -53,6 +53,16 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / len(values))
 
 
+def paired_gain(baseline: Sequence[float], method: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-question NLL gain of `method` over `baseline` on the same questions.
+
+    Pairing removes the spread between questions that both share, so this SE is far smaller than
+    the two means' SEs combined as if independent."""
+    if len(baseline) != len(method):
+        raise ValueError(f"paired scores need the same questions: {len(baseline)} vs {len(method)} per-question NLLs")
+    return mean_and_se([a - b for a, b in zip(baseline, method)])
+
+
 def _forward(loaded: LoadedModel, context: Context) -> Forward:
     shape = kv_shape(loaded.model.config)
     device = loaded.model.device

@@ -11,7 +11,7 @@ from cartridges.layout import chat_token_ids
 from cartridges.qa import QACorpus, Question, find_corpus, load_qa_file, load_qa_files
 from cartridges.stages.answer_scoring import answer_token_ids, mean_answer_nll
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.evaluate import mean_and_se, rank_candidates, score_corpus
+from cartridges.stages.evaluate import mean_and_se, paired_gain, rank_candidates, score_corpus
 
 
 def test_mean_answer_nll_equals_hand_computation(tiny):
@@ -61,6 +61,16 @@ def test_score_corpus_rank_accuracy_against_hand_made_preferences(tiny, monkeypa
 def test_mean_and_se():
     mean, se = mean_and_se([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and se == pytest.approx(math.sqrt(1.6666666 / 4), rel=1e-5)
+
+
+def test_paired_gain_removes_the_spread_both_methods_share():
+    baseline = [5.0, 1.0, 9.0, 3.0]
+    method = [4.0, 0.5, 8.0, 2.5]  # gains 1, 0.5, 1, 0.5: mean 0.75, sample variance 1/12
+    gain, se = paired_gain(baseline, method)
+    assert gain == pytest.approx(0.75) and se == pytest.approx(math.sqrt(1 / 12 / 4))
+    assert se < mean_and_se(baseline)[1]
+    with pytest.raises(ValueError, match="same questions: 4 vs 3"):
+        paired_gain(baseline, method[:3])
 
 
 def test_score_corpus_budget_accounting(tiny):
