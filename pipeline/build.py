@@ -9,32 +9,38 @@ same name (same model and size; `warm_start: false` to start from the corpus tok
 takes the samples of unchanged chunks from the run that built that version (`reuse_samples: false`
 to make every sample anew). Given held-out questions about the corpus (a QA set), the evaluate
 stage scores the trained prefix, the prefix training started from and no context on them, and the
-numbers go into the manifest's metrics.
+numbers go into the manifest's metrics. A run folder is built by one process at a time (a lock file
+in it); a second build of the same corpus and config stops with a message instead of racing.
 """
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from cartridges.artifact import load_artifact
 from cartridges.atomic import write_atomically, write_text_atomically
+from cartridges.errors import CartridgeError
 from cartridges.home import cartridges_home
-from cartridges.models import load_model
+from cartridges.models import LoadedModel, load_model
 from cartridges.pipeline.build_config import BuildConfig
 from cartridges.registry import Registry
 from cartridges.qa import QACorpus
 from cartridges.stages.contexts import Context, FixedContext
 from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, run_training, save_distilled
 from cartridges.stages.evaluate import score_corpus
-from cartridges.stages.ingest import ingest_corpus, read_corpus
+from cartridges.stages.ingest import Corpus, ingest_corpus, read_corpus
 from cartridges.stages.synthesize import check_fits_window, synthesize
 
 PUBLISHED_FILE = "published.json"
 EVALUATION_FILE = "evaluation.json"
+LOCK_FILE = "build.lock"
 
 
 @dataclass
@@ -86,11 +92,30 @@ def warm_start(run_dir: Path, registry: Registry, name: str, loaded, config: Bui
     return parent
 
 
+@contextmanager
+def building_alone(run_dir: Path, name: str) -> Iterator[None]:
+    """Hold the run folder's lock, so that a second build of the same corpus and config (a nightly
+    schedule and a manual run, say) fails at once instead of racing the first. The OS releases the
+    lock when its process dies, so a killed build leaves nothing to clean up."""
+    lock = FileLock(run_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CartridgeError(
+            f"another build of {name!r} with this corpus and config is running (it holds {run_dir / LOCK_FILE}); "
+            "wait for it to finish, then run the command again to resume it or see its result"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def evaluate_run(run_dir: Path, loaded, qa: QACorpus) -> dict[str, float]:
     """Gold-answer NLL (and rank accuracy) with no context, the starting prefix and the trained one."""
     record = run_dir / EVALUATION_FILE
-    if record.is_file():
-        return json.loads(record.read_text())
+    if record.is_file() and json.loads(record.read_text())["qa"] == qa.id:
+        return json.loads(record.read_text())["metrics"]
     prefixes = {
         "none": None,
         "start": load_file(str(run_dir / DISTILL_DIR / INIT_FILE))["prefix"],
@@ -103,7 +128,7 @@ def evaluate_run(run_dir: Path, loaded, qa: QACorpus) -> dict[str, float]:
         metrics[f"qa_{method}_nll"] = score.nll
         if score.rank_accuracy is not None:
             metrics[f"qa_{method}_rank_accuracy"] = score.rank_accuracy
-    write_text_atomically(record, json.dumps(metrics, indent=2))
+    write_text_atomically(record, json.dumps({"qa": qa.id, "metrics": metrics}, indent=2))
     return metrics
 
 
@@ -113,10 +138,17 @@ def build(
     corpus = read_corpus(corpus_dir)  # a bad folder fails before the model loads
     loaded = load_model(config.model)
     run_dir = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with building_alone(run_dir, name):
+        return _build_in(run_dir, corpus, loaded, name, config, registry, on_stage, qa)
+
+
+def _build_in(
+    run_dir: Path, corpus: Corpus, loaded: LoadedModel, name: str, config: BuildConfig, registry: Registry, on_stage, qa: QACorpus | None
+) -> BuildResult:
     published = run_dir / PUBLISHED_FILE
     if published.is_file():
         return BuildResult(run_dir, json.loads(published.read_text())["ref"], built=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
     def stage(label: str, work):

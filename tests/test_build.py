@@ -157,3 +157,18 @@ def test_build_with_held_out_questions_records_their_scores_in_the_manifest(cli,
 def test_build_qa_options_come_together(cli, long_corpus):
     code, _, err = cli("build", str(long_corpus), "--config", "tiny", "--qa-corpus", "statute")
     assert code == 2 and "--qa-corpus needs --qa FILE" in err and "Traceback" not in err
+
+
+def test_a_second_build_of_the_same_run_while_one_holds_it_fails_with_the_fix(cli, tiny_model_dir, long_corpus, cartridges_home):
+    from filelock import FileLock
+
+    from cartridges.pipeline.build import LOCK_FILE
+
+    args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
+    assert cli(*args)[0] == 0
+    (run_dir,) = (cartridges_home / "runs").glob("legal-*")
+    with FileLock(run_dir / LOCK_FILE):  # what a build still running elsewhere holds
+        code, out, err = cli(*args)
+    assert code == 2 and "another build of 'legal' with this corpus and config is running" in err and "Traceback" not in err
+    code, out, err = cli(*args)  # the lock is free again
+    assert code == 0 and "nothing to do: legal@1" in out
