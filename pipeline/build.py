@@ -166,7 +166,8 @@ def _build_in(
     synthesis = stage(
         "synthesize", lambda: synthesize(run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run, reuse_from)
     )
-    stage("distill", lambda: run_training(run_dir, loaded, config.distill, config.training))
+    qa_pairs = [(q.question, q.answer) for q in qa.questions] if qa is not None else []  # gold NLL at every eval_every
+    stage("distill", lambda: run_training(run_dir, loaded, config.distill, config.training, qa_pairs))
     evaluation = stage("evaluate", lambda: evaluate_run(run_dir, loaded, qa)) if qa is not None else {}
 
     def publish():

@@ -152,6 +152,8 @@ def test_build_with_held_out_questions_records_their_scores_in_the_manifest(cli,
         assert metrics[f"qa_{method}_nll"] == pytest.approx(score["nll"], abs=1e-5)
         assert metrics[f"qa_{method}_rank_accuracy"] == score["rank_accuracy"]
     assert "qa_start_nll" in metrics
+    # Training logged the same gold NLL at its last step, from inside the training loop.
+    assert metrics["qa_gold_nll"] == pytest.approx(metrics["qa_cartridge_nll"], abs=1e-4)
 
 
 def test_build_qa_options_come_together(cli, long_corpus):
