@@ -1,5 +1,6 @@
 """The Makefile passes user values to the CLI as single arguments, whatever characters they hold."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -8,7 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def last_command(*make_args: str) -> list[str]:
     """The arguments /bin/sh passes to the program of the final recipe line of `make -n ...`."""
-    recipes = subprocess.run(["make", "-n", *make_args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    outer_make = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")  # set when the tests run under `make test`
+    env = {key: value for key, value in os.environ.items() if key not in outer_make}
+    command = ["make", "--no-print-directory", "-n", *make_args]
+    recipes = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     _program, _, arguments = recipes.replace("\\\n", " ").strip().splitlines()[-1].partition(" ")
     shell = subprocess.run(["sh", "-c", f"printf '%s\\0' {arguments}"], capture_output=True, text=True)
     assert shell.returncode == 0, f"the shell cannot parse the recipe: {shell.stderr}"
