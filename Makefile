@@ -83,7 +83,7 @@ chat: setup
 
 # Rebuild CORPUS as NAME every night at 02:00 UTC (the scheduler runs on the Ray cluster at RAY_ADDRESS).
 nightly: setup
-	$(BIN)/cartridges schedule add '$(CORPUS)' --name '$(NAME)' --cron "0 2 * * *"
+	$(BIN)/cartridges schedule add $(if $(CORPUS),'$(CORPUS)') --name '$(NAME)' --cron "0 2 * * *"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,7 +2,8 @@
 
 For every corpus of the QA files: mean gold-answer NLL per token with no context (`none`) and with
 the whole corpus in context (`icl`), the paired standard error of their difference (the same
-questions both ways), and rank accuracy of the gold answer among other gold answers of the same type. A cartridge can only show recovery where icl beats none.
+questions both ways), and rank accuracy of the gold answer among other gold answers of the same
+type. A cartridge can only show recovery where icl beats none.
 
     python bench/headroom.py                       # every corpus in shared/data/qa
     python bench/headroom.py --corpora housingqa-texas,squad2-normans --distractors 8

@@ -114,8 +114,9 @@ def building_alone(run_dir: Path, name: str) -> Iterator[None]:
 def evaluate_run(run_dir: Path, loaded, qa: QACorpus) -> dict[str, float]:
     """Gold-answer NLL (and rank accuracy) with no context, the starting prefix and the trained one."""
     record = run_dir / EVALUATION_FILE
-    if record.is_file() and json.loads(record.read_text()).get("qa") == qa.id:
-        return json.loads(record.read_text())["metrics"]
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    if recorded.get("qa") == qa.id:
+        return recorded["metrics"]
     prefixes = {
         "none": None,
         "start": load_file(str(run_dir / DISTILL_DIR / INIT_FILE))["prefix"],

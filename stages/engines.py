@@ -225,7 +225,7 @@ class VLLMEngine:
 
 
 def vllm_available() -> bool:
-    # vLLM logs a few hundred INFO lines per start, which bury the stage's progress; set
+    # vLLM logs dozens of INFO lines per start, which bury the stage's progress; set
     # VLLM_LOGGING_LEVEL=INFO to see them. Set before the first import: vLLM reads it then.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:

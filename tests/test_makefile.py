@@ -22,7 +22,7 @@ def last_command(*make_args: str) -> list[str]:
 def test_cartridge_target_quotes_corpus_ids_with_shell_characters():
     args = last_command("cartridge", "CORPUS=my corpus/", "NAME=sky", "QA=qa files/squad.json", "QA_CORPUS=squad2-Sky_(United_Kingdom)")
     assert args == ["build", "my corpus/", "--name", "sky", "--config", "default",
-                        "--qa", "qa files/squad.json", "--qa-corpus", "squad2-Sky_(United_Kingdom)"]
+                    "--qa", "qa files/squad.json", "--qa-corpus", "squad2-Sky_(United_Kingdom)"]
 
 
 def test_cartridge_target_without_corpus_builds_the_default_corpus():
@@ -32,3 +32,9 @@ def test_cartridge_target_without_corpus_builds_the_default_corpus():
 def test_bench_quick_passes_each_cartridge_as_one_argument():
     args = last_command("bench-quick", "CARTRIDGES=squad2-Sky_(United_Kingdom)=sky@1 squad2-Normans=normans@1")
     assert args[-4:] == ["--cartridge", "squad2-Sky_(United_Kingdom)=sky@1", "--cartridge", "squad2-Normans=normans@1"]
+
+
+def test_nightly_without_corpus_passes_no_empty_path():
+    # An empty argument would be Path("") == ".", scheduling the current folder; without one the CLI says it is missing.
+    assert last_command("nightly") == ["schedule", "add", "--name", "legal", "--cron", "0 2 * * *"]
+    assert last_command("nightly", "CORPUS=legal texts/")[:3] == ["schedule", "add", "legal texts/"]
