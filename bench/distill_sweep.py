@@ -23,10 +23,10 @@ from cartridges.models import load_model
 from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, DistillConfig, TrainSettings, final_metrics, run_training
-from cartridges.stages.evaluate import score_corpus
+from cartridges.stages.evaluate import paired_gain, score_corpus
 from cartridges.stages.ingest import INGEST_FILE, ingest
 from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.synthesize import EVERY_KIND, SYNTHESIS_DIR, RunSettings, SynthesisConfig, synthesize
+from cartridges.stages.synthesize import EVERY_KIND, SUMMARY_FILE, SYNTHESIS_DIR, RunSettings, SynthesisConfig, synthesize
 
 MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
 DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]
@@ -75,6 +75,10 @@ class CorpusSweep:
 
     def mix_run(self, mix: str) -> Path:
         """The run folder holding `mix`'s synthesis (made on first use)."""
+        given = self.args.synthesis_run.get((self.corpus.id, mix))
+        if given is not None:
+            self.synthesis.setdefault(mix, json.loads((given / SYNTHESIS_DIR / SUMMARY_FILE).read_text()))
+            return given
         run = self.root / f"mix-{mix}"
         if mix not in self.synthesis:
             config = SynthesisConfig(samples=self.args.samples, kinds=MIXES[mix], shard_size=self.args.shard_size, seed=self.args.seed)
@@ -104,24 +108,28 @@ class CorpusSweep:
                 "train_metrics": final_metrics(folder), "init": init, "distilled": distilled}
 
 
-def report(sweeps: list[CorpusSweep], rows: list[dict], args) -> str:
-    lines = [f"Distillation sweep, {args.samples} samples per mix ({args.engine}), batch {args.batch_size}", ""]
-    for sweep in sweeps:
-        none, icl = sweep.scores.get("none"), sweep.scores.get("icl")
+def report(result: dict) -> str:
+    """results.md from results.json's content (so a finished sweep can be re-rendered)."""
+    lines = [f"Distillation sweep, batch {result['args']['batch_size']}", ""]
+    for corpus_id, scores in result["baselines"].items():
+        none, icl = scores.get("none"), scores.get("icl")
         if none is None or icl is None:
             continue
+        made = ", ".join(f"{mix}: {s['samples']} samples ({'/'.join(s['engines'])})" for mix, s in result["synthesis"][corpus_id].items())
         lines += [
-            f"`{sweep.corpus.id}`: none {none['nll']:.3f} (rank {none['rank_accuracy']:.2f}), icl {icl['nll']:.3f} "
-            f"(rank {icl['rank_accuracy']:.2f}), headroom {none['nll'] - icl['nll']:.3f}",
+            f"`{corpus_id}`: none {none['nll']:.3f} (rank {none['rank_accuracy']:.2f}), icl {icl['nll']:.3f} "
+            f"(rank {icl['rank_accuracy']:.2f}), headroom {none['nll'] - icl['nll']:.3f}; synthesis {made}",
             "",
-            "| trial | init NLL | distilled NLL ± SE | rank acc (init / distilled) | recovery | held-out KL | train s |",
-            "|---|---|---|---|---|---|---|",
+            "| trial | init NLL | distilled NLL ± SE | gain over init (paired) | gap to icl (paired) | rank acc (init / distilled) | recovery | held-out KL | train s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in (r for r in rows if r["corpus"] == sweep.corpus.id):
+        for row in (r for r in result["rows"] if r["corpus"] == corpus_id):
             init, dist = row["init"], row["distilled"]
             recovery = (none["nll"] - dist["nll"]) / (none["nll"] - icl["nll"])
+            gain, gain_se = paired_gain(init["per_question_nll"], dist["per_question_nll"])
+            gap, gap_se = paired_gain(icl["per_question_nll"], dist["per_question_nll"])
             lines.append(
-                f"| {row['name']} | {init['nll']:.3f} | {dist['nll']:.3f} ± {dist['nll_se']:.3f} | "
+                f"| {row['name']} | {init['nll']:.3f} | {dist['nll']:.3f} ± {dist['nll_se']:.3f} | {gain:.3f} ± {gain_se:.3f} | {-gap:.3f} ± {gap_se:.3f} | "
                 f"{init['rank_accuracy']:.2f} / {dist['rank_accuracy']:.2f} | {recovery:.2f} | "
                 f"{row['train_metrics'].get('eval_topk_kl', float('nan')):.3f} | {row['train_seconds']:.0f} |"
             )
@@ -129,11 +137,49 @@ def report(sweeps: list[CorpusSweep], rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Recovery of the none-to-icl gap against P, init and distilled, one line per corpus and mix/lr/steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for row in result["rows"]:
+        base = result["baselines"][row["corpus"]]
+        headroom = base["none"]["nll"] - base["icl"]["nll"]
+        recovery = [(base["none"]["nll"] - row[kind]["nll"]) / headroom for kind in ("init", "distilled")]
+        series.setdefault((row["corpus"], f"{row['mix']} lr{row['lr']:g} {row['steps']} steps"), []).append((row["num_tokens"], *recovery))
+    for (corpus, setting), points in sorted(series.items()):
+        points.sort()
+        line = ax.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=f"distilled, {corpus}, {setting}")[0]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="x", linestyle=":", color=line.get_color(), label=f"init, {corpus}")
+    ax.axhline(1.0, color="#888", linestyle="--", label="icl")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cartridge tokens P")
+    ax.set_ylabel("recovery of the none-to-icl NLL gap")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _given_run(spec: str) -> tuple[tuple[str, str], Path]:
+    corpus_id, _, rest = spec.partition("=")
+    mix, _, folder = rest.partition("=")
+    if mix not in MIXES or not (Path(folder) / SYNTHESIS_DIR / SUMMARY_FILE).is_file():
+        raise SystemExit(f"--synthesis-run {spec!r}: expected CORPUS_ID=MIX=DIR with MIX in {', '.join(MIXES)} and a finished synthesis in DIR")
+    return (corpus_id, mix), Path(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-id", action="append", default=None, help="QA corpus id (repeatable)")
     parser.add_argument("--qa", type=Path, action="append", default=None, help="QA file (repeatable; default: shared/data/qa)")
     parser.add_argument("--trial", action="append", default=None, help="mix/lr/steps/P, e.g. corpus/2e-2/200/256 (repeatable)")
+    parser.add_argument("--synthesis-run", action="append", default=[], metavar="CORPUS_ID=MIX=DIR",
+                        help="train on DIR's synthesis (a build's run folder) instead of synthesizing that corpus's mix (repeatable)")
     parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
     parser.add_argument("--engine", default="hf")
     parser.add_argument("--engine-batch", type=int, default=16, help="HF engine batch size")
@@ -146,6 +192,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "distill-sweep")
     parser.add_argument("--results", type=Path, default=None, help="folder for results.json/.md (default: --out)")
     args = parser.parse_args()
+    args.synthesis_run = dict(_given_run(spec) for spec in args.synthesis_run)
     results = args.results or args.out
     results.mkdir(parents=True, exist_ok=True)
 
@@ -169,8 +216,9 @@ def main() -> None:
                       "baselines": {s.corpus.id: s.scores for s in sweeps}, "synthesis": {s.corpus.id: s.synthesis for s in sweeps},
                       "elapsed_seconds": time.perf_counter() - started}
             (results / "results.json").write_text(json.dumps(result, indent=2))
-            (results / "results.md").write_text(report(sweeps, rows, args))
-            print(report(sweeps, rows, args), flush=True)
+            (results / "results.md").write_text(report(result))
+            plot(result, results / "recovery_vs_tokens.png")
+            print(report(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -313,7 +313,7 @@ def distill_command(
     qa_corpus: Annotated[str | None, typer.Option("--qa-corpus", help="corpus id inside --qa")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Ray Train workers")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="ray (Ray Train) or local")] = "ray",
-    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per worker")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per worker (default: its CPUs, cores / workers)")] = None,
     model: ModelOption = None,
     registry: RegistryOption = None,
 ) -> None:

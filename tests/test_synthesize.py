@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cartridges.errors import CartridgeError
-from cartridges.stages.engines import HFEngine, SamplingConfig
+from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches
 from cartridges.stages.ingest import ingest
 from cartridges.stages.quality import is_repetitive, message_problem
 from cartridges.stages.sample_plan import chunk_keys, plan_samples, rendezvous_chunks
@@ -37,9 +37,10 @@ def run_synthesis(tiny, corpus, run, executor="local", **config):
 
 
 def test_hf_scores_equal_an_unpadded_forward_pass(tiny):
-    engine = HFEngine(str(tiny.path), batch_size=3, pad_token_id=tiny.tokenizer.pad_token_id)
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    answers = [[20, 21, 22], [23], [24, 25, 26, 27, 28]]
+    """Batches of 2 in sorted order: a shared 5-token beginning, none, and a lone prompt's first 3 tokens run as a KV prefix."""
+    engine = HFEngine(str(tiny.path), batch_size=2, pad_token_id=tiny.tokenizer.pad_token_id)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [5, 6, 7, 8, 30], [13, 14, 15, 16], [5, 6, 7, 8, 9, 40, 41]]
+    answers = [[20, 21, 22], [23], [24, 25, 26, 27, 28], [29, 30], [31, 32, 33, 34]]
     scores = engine.score(prompts, answers, top_k=5)
     for prompt, answer, got in zip(prompts, answers, scores):
         with torch.no_grad():
@@ -49,6 +50,14 @@ def test_hf_scores_equal_an_unpadded_forward_pass(tiny):
         assert got.topk_ids == top.indices.tolist()
         torch.testing.assert_close(torch.tensor(got.topk_logprobs), top.values, atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(got.token_logprobs), expected[range(len(answer)), answer], atol=1e-4, rtol=0)
+
+
+def test_scoring_batches_keep_samples_of_one_chunk_together():
+    chunk_a, chunk_b = list(range(100, 140)), list(range(200, 240))
+    prompts = [chunk_b + [1], chunk_a + [2], [7, 8], chunk_a + [3, 4], chunk_b + [5], [9], chunk_a + [6]]
+    batches = _sharing_batches(prompts, size=2)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(prompts)))
+    assert [sorted(b) for b in batches] == [[1, 3], [6], [0, 4], [2, 5]]
 
 
 def test_hf_batched_greedy_generation_equals_one_by_one(tiny):
