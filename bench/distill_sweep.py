@@ -77,7 +77,8 @@ class CorpusSweep:
         """The run folder holding `mix`'s synthesis (made on first use)."""
         given = self.args.synthesis_run.get((self.corpus.id, mix))
         if given is not None:
-            self.synthesis.setdefault(mix, json.loads((given / SYNTHESIS_DIR / SUMMARY_FILE).read_text()))
+            if mix not in self.synthesis:
+                self.synthesis[mix] = json.loads((given / SYNTHESIS_DIR / SUMMARY_FILE).read_text())
             return given
         run = self.root / f"mix-{mix}"
         if mix not in self.synthesis:
@@ -127,9 +128,9 @@ def report(result: dict) -> str:
             init, dist = row["init"], row["distilled"]
             recovery = (none["nll"] - dist["nll"]) / (none["nll"] - icl["nll"])
             gain, gain_se = paired_gain(init["per_question_nll"], dist["per_question_nll"])
-            gap, gap_se = paired_gain(icl["per_question_nll"], dist["per_question_nll"])
+            gap, gap_se = paired_gain(dist["per_question_nll"], icl["per_question_nll"])  # distilled minus icl
             lines.append(
-                f"| {row['name']} | {init['nll']:.3f} | {dist['nll']:.3f} ± {dist['nll_se']:.3f} | {gain:.3f} ± {gain_se:.3f} | {-gap:.3f} ± {gap_se:.3f} | "
+                f"| {row['name']} | {init['nll']:.3f} | {dist['nll']:.3f} ± {dist['nll_se']:.3f} | {gain:.3f} ± {gain_se:.3f} | {gap:.3f} ± {gap_se:.3f} | "
                 f"{init['rank_accuracy']:.2f} / {dist['rank_accuracy']:.2f} | {recovery:.2f} | "
                 f"{row['train_metrics'].get('eval_topk_kl', float('nan')):.3f} | {row['train_seconds']:.0f} |"
             )

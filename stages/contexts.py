@@ -56,7 +56,7 @@ class FixedContext:
 
 def corpus_kv(loaded: LoadedModel, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """KV of corpus text (or its first `max_tokens` tokens) as it stands in the context block."""
-    return kv_prefix_of_tokens(loaded, context_token_ids(loaded.tokenizer, text, max_tokens))
+    return kv_prefix_of_tokens(loaded.model, context_token_ids(loaded.tokenizer, text, max_tokens))
 
 
 def _knorm_scores(kv: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ class RetrievedContext:
                 if len(context_token_ids(self.loaded.tokenizer, "\n".join(chosen))) >= self.budget:
                     break  # the last passage is cut at the budget
             ids = context_token_ids(self.loaded.tokenizer, "\n".join(chosen), self.budget)
-            self._cache[question.id] = Context(kv_prefix_of_tokens(self.loaded, ids))
+            self._cache[question.id] = Context(kv_prefix_of_tokens(self.loaded.model, ids))
         return self._cache[question.id]
 
 

@@ -11,11 +11,11 @@ from itertools import islice
 from typing import Literal, Protocol
 
 import torch
-from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
 
 from cartridges.artifact import kv_shape
 from cartridges.models import default_device
 from cartridges.runtime import prefix_cache
+from cartridges.stages.initialize import kv_prefix_of_tokens
 
 EngineName = Literal["auto", "vllm", "hf"]
 SMALL_MACHINE_CORES = 4
@@ -194,9 +194,7 @@ class HFEngine:
     def _shared_prefix(self, token_ids: list[int]) -> torch.Tensor:
         """The KV of `token_ids` (PEFT's flattened prefix layout), recomputed only when they change."""
         if self._prefix_ids != token_ids:
-            out = self.model(input_ids=torch.tensor([token_ids], device=self.device), use_cache=True)
-            self._prefix = prompt_embeddings_from_past_key_values(out.past_key_values, num_virtual_tokens=len(token_ids))
-            self._prefix_ids = token_ids
+            self._prefix, self._prefix_ids = kv_prefix_of_tokens(self.model, token_ids), token_ids
         return self._prefix
 
     def close(self) -> None:

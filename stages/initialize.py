@@ -20,10 +20,10 @@ NUM_FROZEN_TOKENS = 1
 
 
 @torch.no_grad()
-def kv_prefix_of_tokens(loaded: LoadedModel, token_ids: list[int]) -> torch.Tensor:
+def kv_prefix_of_tokens(model, token_ids: list[int]) -> torch.Tensor:
     """No-grad prefill of the base model; its cache in PEFT's flattened prefix layout."""
-    input_ids = torch.tensor([token_ids], device=loaded.model.device)
-    out = loaded.model(input_ids=input_ids, use_cache=True)
+    input_ids = torch.tensor([token_ids], device=model.device)
+    out = model(input_ids=input_ids, use_cache=True)
     return prompt_embeddings_from_past_key_values(out.past_key_values, num_virtual_tokens=len(token_ids))
 
 
@@ -44,7 +44,7 @@ def init_cartridge(loaded: LoadedModel, corpus: Corpus, num_tokens: int, name: s
     token_ids = all_ids[:num_tokens]
     if len(token_ids) < NUM_FROZEN_TOKENS + 1:
         raise CartridgeError(f"corpus {corpus.root} has only {len(token_ids)} token(s): add text")
-    embeddings = kv_prefix_of_tokens(loaded, token_ids)
+    embeddings = kv_prefix_of_tokens(loaded.model, token_ids)
     manifest = Manifest(
         name=name,
         **describe_model(loaded),

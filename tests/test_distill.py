@@ -178,7 +178,7 @@ def test_two_ray_workers_match_one_local_worker(tiny, synthesized_run, tmp_path)
 
 
 def test_a_ray_worker_trains_with_all_its_cpus(tiny, synthesized_run):
-    """Ray starts workers with OMP_NUM_THREADS = their CPUs, one by default: training ran 1.4x slower on 2 cores."""
+    """Ray starts workers with OMP_NUM_THREADS = their CPUs, one by default: training ran 1.8x slower on 2 cores."""
     import ray
 
     settings = TrainSettings(executor="ray", workers=1)
