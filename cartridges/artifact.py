@@ -5,7 +5,6 @@ The tensors live in `adapter_model.safetensors` under PEFT's key `prompt_embeddi
 cartridge with no code of ours. Nothing is pickled.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,16 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from cartridges.atomic import write_folder_atomically
 from cartridges.errors import CartridgeError
-from cartridges.manifest import (
-    ADAPTER_WEIGHTS_FILE,
-    MANIFEST_FILE,
-    Manifest,
-    payload_checksums,
-    verify_payload,
-)
-from cartridges.models import LoadedModel
+from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, check_artifact
+from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, payload_checksums
+from cartridges.models import LoadedModel, model_spec_of
 
-PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 
 
 @dataclass(frozen=True)
@@ -67,8 +60,24 @@ def describe_model(loaded: LoadedModel) -> dict:
     }
 
 
-def _write_atomically(destination: Path, manifest: Manifest, write_payload: Callable[[Path], None]) -> Manifest:
-    """Write the payload and the manifest into a temp folder next to `destination`, then rename."""
+def non_finite_count(tensor: torch.Tensor) -> int:
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def save_artifact(destination: Path, prompt_embeddings: torch.Tensor, peft_config: CartridgeConfig, manifest: Manifest) -> Manifest:
+    """Write a complete artifact folder (temp folder, then one rename); returns the manifest with its file checksums.
+
+    The manifest's identity (every field but name, version and files) is written into the
+    safetensors header, so the payload checksum covers it: an edited manifest no longer matches.
+    A prefix with NaN or infinite values is refused: it would answer nothing and spread by warm start.
+    """
+    tensor = prompt_embeddings.detach().to("cpu").contiguous()
+    bad = non_finite_count(tensor)
+    if bad:
+        raise CartridgeError(
+            f"refusing to save cartridge {manifest.name}: {bad} of {tensor.numel()} prefix values are NaN or infinite "
+            "(training diverged); lower distill.lr or start from another prefix"
+        )
     exists = CartridgeError(f"{destination} already exists: choose another output folder or remove it")
     if destination.exists():
         raise exists
@@ -76,7 +85,8 @@ def _write_atomically(destination: Path, manifest: Manifest, write_payload: Call
 
     def write(folder: Path) -> None:
         nonlocal final
-        write_payload(folder)
+        peft_config.save_pretrained(str(folder))
+        save_file({PROMPT_EMBEDDINGS_KEY: tensor}, str(folder / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest))
         final = manifest.model_copy(update={"files": payload_checksums(folder)})
         (folder / MANIFEST_FILE).write_text(final.to_json())
 
@@ -85,40 +95,11 @@ def _write_atomically(destination: Path, manifest: Manifest, write_payload: Call
     return final
 
 
-def save_artifact(destination: Path, prompt_embeddings: torch.Tensor, peft_config: CartridgeConfig, manifest: Manifest) -> Manifest:
-    """Write a complete artifact folder; returns the manifest with its file checksums."""
-
-    def write(folder: Path) -> None:
-        peft_config.save_pretrained(str(folder))
-        tensor = prompt_embeddings.detach().to("cpu").contiguous()
-        save_file({PROMPT_EMBEDDINGS_KEY: tensor}, str(folder / ADAPTER_WEIGHTS_FILE))
-
-    return _write_atomically(destination, manifest, write)
-
-
-def compose_artifacts(destination: Path, sources: list[Cartridge], manifest: Manifest) -> Manifest:
-    """Concatenate artifacts along the sequence with PEFT's composer (one frozen sink: the first's)."""
-    from peft import compose_cartridge_adapters
-
-    def write(folder: Path) -> None:
-        compose_cartridge_adapters([c.path for c in sources], output_path=folder)
-
-    return _write_atomically(destination, manifest, write)
-
-
-def load_artifact(folder: Path) -> Cartridge:
-    """Read and verify an artifact: manifest format, checksums, then tensors (safetensors only)."""
-    manifest = Manifest.read(folder)
-    verify_payload(folder, manifest)
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
-    if PROMPT_EMBEDDINGS_KEY not in tensors:
-        raise CartridgeError(f"{folder}: {ADAPTER_WEIGHTS_FILE} has no {PROMPT_EMBEDDINGS_KEY!r} tensor")
-    embeddings = tensors[PROMPT_EMBEDDINGS_KEY]
-    width = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim
-    if tuple(embeddings.shape) != (manifest.num_tokens, width):
-        raise CartridgeError(
-            f"{folder}: tensor shape {tuple(embeddings.shape)} does not match the manifest ({manifest.num_tokens}, {width})"
-        )
+def load_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Cartridge:
+    """Check an artifact (`integrity.check_artifact`: checksums, shapes, bound manifest, finiteness;
+    `expected`: its registry name and version), then read its tensor (safetensors only)."""
+    manifest = check_artifact(folder, expected)
+    embeddings = load_file(str(folder / ADAPTER_WEIGHTS_FILE))[PROMPT_EMBEDDINGS_KEY]
     return Cartridge(manifest=manifest, prompt_embeddings=embeddings, path=folder)
 
 
@@ -129,7 +110,7 @@ def check_compatible(cartridge: Cartridge, loaded: LoadedModel) -> None:
     if m.model_fingerprint != loaded.fingerprint:
         raise CartridgeError(
             f"{label} was built for model {m.model_id} (fingerprint {m.model_fingerprint[:12]}), but the loaded model is "
-            f"{loaded.model_id} (fingerprint {loaded.fingerprint[:12]}): load it with --model {m.model_id}"
+            f"{loaded.model_id} (fingerprint {loaded.fingerprint[:12]}): load it with --model {model_spec_of(m.model_id)}"
         )
     if m.tokenizer_fingerprint != loaded.tokenizer_fingerprint:
         raise CartridgeError(

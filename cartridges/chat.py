@@ -1,12 +1,14 @@
-"""The terminal chat session: streaming answers, `/reset` and `/exit`."""
+"""The terminal chat session: streaming answers, `/reset` and `/exit`, Ctrl-C to stop an answer."""
 
 from collections.abc import Callable
+from contextlib import closing
 
 from rich.console import Console
 
+from cartridges.errors import CartridgeError
 from cartridges.runtime import CartridgeRuntime
 
-HELP = "Type a message; /reset clears the conversation, /exit quits."
+HELP = "Type a message; /reset clears the conversation, /exit quits. Ctrl-C stops an answer; at the prompt it quits."
 
 
 def describe(runtime: CartridgeRuntime) -> str:
@@ -21,13 +23,18 @@ def chat_session(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
 ) -> None:
-    """Run turns until `/exit` or end of input; history is kept across turns until `/reset`."""
+    """Run turns until `/exit`, end of input or Ctrl-C at the prompt; history is kept across turns until `/reset`.
+
+    Ctrl-C while an answer streams stops it and keeps what was said so far; an error in a turn
+    (a chat past the model's window, a failed generation) is one line, and the session goes on.
+    """
     console.print(f"[bold]{describe(runtime)}[/bold]\n{HELP}")
     history: list[dict[str, str]] = []
     while True:
         try:
             line = read_line().strip()
         except (EOFError, KeyboardInterrupt):
+            console.print()
             break
         if line == "/exit":
             break
@@ -38,9 +45,17 @@ def chat_session(
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        pieces = []
-        for piece in runtime.stream(history, max_new_tokens=max_new_tokens, temperature=temperature):
-            console.print(piece, end="", markup=False, highlight=False)
-            pieces.append(piece)
-        console.print()
+        pieces: list[str] = []
+        try:
+            with closing(runtime.stream(history, max_new_tokens=max_new_tokens, temperature=temperature)) as answer:
+                for piece in answer:
+                    console.print(piece, end="", markup=False, highlight=False)
+                    pieces.append(piece)
+            console.print()
+        except KeyboardInterrupt:
+            console.print("\n[dim](stopped)[/dim]")
+        except CartridgeError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": "".join(pieces).strip()})

@@ -1,11 +1,14 @@
 """Publishable composition: several cartridges concatenated into one artifact."""
 
+from dataclasses import replace
 from pathlib import Path
 
-from cartridges.artifact import Cartridge, compose_artifacts
+from peft import PeftConfig
+
+from cartridges.artifact import Cartridge, save_artifact
 from cartridges.errors import CartridgeError
 from cartridges.manifest import Manifest, tool_version, utc_now
-from cartridges.runtime import check_same_model
+from cartridges.runtime import concat_prefixes
 
 
 def _label(cartridge: Cartridge) -> str:
@@ -14,16 +17,17 @@ def _label(cartridge: Cartridge) -> str:
 
 
 def compose(sources: list[Cartridge], name: str, destination: Path) -> Manifest:
-    """Write a `composed` artifact of `sources` in order; refuses cartridges of different models."""
+    """Write a `composed` artifact of `sources` in order (as PEFT's `compose_cartridge_adapters`: the
+    prefixes concatenated, the first one's frozen sink kept); refuses cartridges of different models."""
     if len(sources) < 2:
         raise CartridgeError("compose needs at least two cartridges")
-    check_same_model(sources)
+    prefix = concat_prefixes(sources)
     first = sources[0].manifest
     manifest = first.model_copy(
         update={
             "name": name,
             "version": None,
-            "num_tokens": sum(s.manifest.num_tokens for s in sources),
+            "num_tokens": prefix.shape[0],
             "corpus": [info for s in sources for info in s.manifest.corpus],
             "method": "composed",
             "method_config": {"sources": [_label(s) for s in sources], "order": "concatenated along the sequence"},
@@ -34,4 +38,5 @@ def compose(sources: list[Cartridge], name: str, destination: Path) -> Manifest:
             "tool_version": tool_version(),
         }
     )
-    return compose_artifacts(destination, sources, manifest)
+    peft_config = replace(PeftConfig.from_pretrained(str(sources[0].path)), num_virtual_tokens=prefix.shape[0])
+    return save_artifact(destination, prefix, peft_config, manifest)

@@ -7,13 +7,17 @@ and the assistant header. Training and evaluation use this module so they cannot
 
 from transformers import PreTrainedTokenizerBase
 
+from cartridges.tokenizing import leading_token_ids
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer using what you know about the documents above."
 
 
 def context_token_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids of corpus text as it stands in the context block (with the tokenizer's BOS, if any)."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return ids if max_tokens is None else ids[:max_tokens]
+    """Token ids of corpus text as it stands in the context block (with the tokenizer's BOS, if any);
+    with `max_tokens`, only the beginning of the text that they need is tokenized."""
+    if max_tokens is None:
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return leading_token_ids(tokenizer, text, max_tokens)
 
 
 def chat_token_ids(

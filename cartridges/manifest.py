@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cartridges.errors import CartridgeError, first_validation_error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's identity is bound into the payload (see `bound_fields`)
 MANIFEST_FILE = "manifest.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -46,7 +46,7 @@ class CorpusInfo(BaseModel):
 class Manifest(BaseModel):
     """Everything needed to trust and reproduce a cartridge, besides its tensors."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     format_version: int = FORMAT_VERSION
     name: str
@@ -76,14 +76,19 @@ class Manifest(BaseModel):
         return self.num_tokens * self.num_layers * 2 * self.num_kv_heads * self.head_dim * element
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"
+        """Strict JSON (no NaN/Infinity literals: jq and JavaScript reject them)."""
+        return strict_json(self.model_dump(), indent=2) + "\n"
+
+    def bound_fields(self) -> dict[str, Any]:
+        """What the payload binds (format 2): every field but those set at publish or computed over the payload."""
+        return self.model_dump(exclude={"name", "version", "files"})
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> "Manifest":
+    def from_json(cls, text: str | bytes, source: str) -> "Manifest":
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CartridgeError(f"{source}: manifest is not valid JSON ({exc.msg}); the artifact is damaged") from None
+            raw = parse_strict_json(text)
+        except ValueError as exc:
+            raise CartridgeError(f"{source}: manifest is not valid JSON ({exc}); the artifact is damaged") from None
         version = raw.get("format_version") if isinstance(raw, dict) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise CartridgeError(
@@ -101,7 +106,33 @@ class Manifest(BaseModel):
         path = folder / MANIFEST_FILE
         if not path.is_file():
             raise CartridgeError(f"{folder} is not a cartridge: {MANIFEST_FILE} is missing")
-        return cls.from_json(path.read_text(), str(path))
+        return cls.from_json(path.read_bytes(), str(path))
+
+
+def strict_json(data: Any, indent: int | None = None) -> str:
+    """JSON that every parser accepts: a NaN or infinity raises instead of becoming a bare literal."""
+    return json.dumps(data, indent=indent, sort_keys=True, allow_nan=False)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_strict_json(text: str | bytes) -> Any:
+    """`json.loads` without Python's NaN/Infinity extension; a ValueError names the problem."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+
+
+def manifest_digest(data: bytes) -> str:
+    """sha256 of a manifest file's bytes: the content key of an artifact (it holds every payload checksum)."""
+    from cartridges.hashing import sha256_bytes
+
+    return sha256_bytes(data)
 
 
 def payload_checksums(folder: Path) -> dict[str, str]:

@@ -99,28 +99,46 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+EMBEDDED_MODEL_ID = f"embedded:{EMBEDDED_MODEL_NAME}"  # how manifests name the embedded model
+
+
+def is_default_model(spec: str | None) -> bool:
+    """`default`, nothing, or the id manifests record for the embedded model."""
+    return spec in (None, "", DEFAULT_MODEL, EMBEDDED_MODEL_ID)
+
+
+def model_spec_of(model_id: str) -> str:
+    """The `--model` value that loads the model a manifest names."""
+    return DEFAULT_MODEL if is_default_model(model_id) else model_id
+
+
 def resolve_model_path(spec: str | None) -> Path:
     """Turn a model spec into a local HF folder."""
-    if spec in (None, "", DEFAULT_MODEL):
+    if is_default_model(spec):
         return prepare_embedded_model()
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise CartridgeError(f"{path} is not a Hugging Face model folder (no config.json): pass a folder saved with save_pretrained")
         return path
-    if spec.count("/") != 1 or spec.startswith((".", "/")):
-        raise CartridgeError(f"model {spec!r} is neither a local folder nor a hub id like 'org/name'")
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise CartridgeError(f"model {spec!r}: no such folder, and not a hub id like 'org/name': check the path")
+    if path.parent.is_dir():  # `models/smol` where ./models exists: a mistyped folder, not a hub id
+        raise CartridgeError(f"model {spec!r}: no such folder in {path.parent}/ : check the path (a hub id would be 'org/name')")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as exc:  # network, auth or missing repo: all user-fixable
-        raise CartridgeError(f"could not fetch model {spec!r} from the hub ({type(exc).__name__}): pass a local model folder instead") from None
+        raise CartridgeError(
+            f"model {spec!r} is not a local folder, and fetching it from the hub as a hub id failed ({type(exc).__name__}): "
+            "pass a local model folder"
+        ) from None
 
 
 def model_id_for(spec: str | None, path: Path) -> str:
-    if spec in (None, "", DEFAULT_MODEL):
-        return f"embedded:{EMBEDDED_MODEL_NAME}"
+    if is_default_model(spec):
+        return EMBEDDED_MODEL_ID
     return spec if not Path(spec).expanduser().exists() else str(path.resolve())
 
 
@@ -161,8 +179,11 @@ def default_device() -> torch.device:
 def load_model(spec: str | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad on weights)."""
     path = resolve_model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device or default_device())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device or default_device())
+    except Exception as exc:  # damaged weights (SafetensorError), config or tokenizer files: the user replaces them
+        raise CartridgeError(f"cannot load the model in {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(

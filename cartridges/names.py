@@ -1,6 +1,7 @@
 """Validation of cartridge names and references (`name`, `name@3`, `name@latest`, `name@stable`)."""
 
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 from cartridges.errors import CartridgeError
@@ -39,3 +40,20 @@ def parse_ref(text: str) -> Ref:
     if not (selector.isdigit() or ALIAS_PATTERN.fullmatch(selector)):
         raise CartridgeError(f"invalid reference {text!r}: expected NAME, NAME@VERSION, NAME@latest or NAME@ALIAS")
     return Ref(name, selector)
+
+
+PATH_PREFIX = "path:"
+
+
+def folder_of(ref: str) -> Path | None:
+    """The folder a reference names, or None for a registry reference.
+
+    A folder is always explicit: `path:legal`, or anything with a '/' (`./legal`, `/data/legal`,
+    `~/legal`). Registry names cannot hold a '/', so `legal` always means the registry's, even when
+    a folder called `legal` is in the current directory.
+    """
+    if ref.startswith(PATH_PREFIX):
+        return Path(ref.removeprefix(PATH_PREFIX)).expanduser()
+    if "/" in ref or ref.startswith("~") or ref in (".", ".."):
+        return Path(ref).expanduser()
+    return None

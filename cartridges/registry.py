@@ -3,21 +3,30 @@
 Layout (readable without this code)::
 
     <root>/<name>/<version>/{manifest.json, adapter_config.json, adapter_model.safetensors}
-    <root>/<name>/aliases.json          {"stable": 3, ...}
-    <root>/.staging/<uuid>/             uploads in progress (never listed)
-    <root>/.state/<file>.json           service state (the scheduler's schedules and history)
+    <root>/<name>/<version>/retired.json   a removed version: its number is never given out again
+    <root>/<name>/aliases/<alias>.json     {"version": 3}, one file per alias
+    <root>/.staging/<uuid>/                uploads in progress (never listed; `cartridges gc` clears old ones)
+    <root>/.state/<file>.json              service state (the scheduler's schedules and history)
 
 A version becomes visible in one step: the complete staging folder is renamed to `<name>/<N>`.
 On a local filesystem that rename is atomic and fails when `<N>` exists, so a crash never leaves
-a half version and concurrent publishers get distinct versions. Object stores have no atomic
-folder rename; there the move is guarded by a lock within one process only.
+a half version and concurrent publishers get distinct versions. Removing a version leaves its
+folder behind holding only `retired.json`, so the number stays taken. Object stores have no atomic
+folder rename; there the manifest is copied last (a version without one is not listed) and the
+move is guarded by a lock within one process only.
+
+Remote artifacts are cached under `$CARTRIDGES_HOME/cache/artifacts/<manifest digest>/`: the
+manifest is read again on every resolve (one small read), so a version replaced or edited on the
+remote is never served from a stale copy.
 """
 
-import json
-import os
-import shutil
+from __future__ import annotations
+
+import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +36,15 @@ from fsspec.implementations.local import LocalFileSystem
 from cartridges.atomic import rename_unless_exists, write_atomically, write_folder_atomically
 from cartridges.errors import CartridgeError
 from cartridges.home import cartridges_home
-from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, verify_payload
+from cartridges.integrity import check_artifact
+from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, manifest_digest, parse_strict_json, strict_json, utc_now, verify_payload
 from cartridges.names import LATEST, Ref, parse_ref, validate_name
 
-ALIASES_FILE = "aliases.json"
+ALIASES_DIR = "aliases"
+LEGACY_ALIASES_FILE = "aliases.json"  # format of registries written before one file per alias
+RETIRED_FILE = "retired.json"
 STAGING = ".staging"
 STATE = ".state"  # service state kept with the registry (schedules, build history)
-TRASH = ".trash"
 MAX_PUBLISH_ATTEMPTS = 1000
 _REMOTE_COMMIT_LOCK = threading.Lock()
 
@@ -46,178 +57,350 @@ class Entry:
     aliases: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """Something in the registry folder that is not a usable version, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    entries: list[Entry]
+    skipped: list[Skipped]
+
+
+def _open_filesystem(url: str):
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:  # fsspec names the package: "Install s3fs to access S3"
+        raise CartridgeError(f"registry {url}: {exc} (pip install it, or use a local folder)") from None
+    except ValueError as exc:
+        scheme = url.partition("://")[0]
+        raise CartridgeError(
+            f"registry {url}: unknown storage scheme {scheme + '://'!r} ({exc}); use a folder or an fsspec URL such as s3://bucket/registry"
+        ) from None
+
+
 class Registry:
     def __init__(self, root: str | Path):
         self.url = str(root)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = _open_filesystem(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_transient(self) -> bool:
+        """A registry that lives only inside this process (fsspec's memory://)."""
+        return "memory" in self.fs.protocol
 
     def _path(self, *parts: object) -> str:
         return "/".join([self.root.rstrip("/"), *(str(p) for p in parts)])
 
-    # ---- reading -------------------------------------------------------------------------
-    def names(self) -> list[str]:
-        if not self.fs.exists(self.root):
-            return []
-        entries = self.fs.ls(self.root, detail=True)
-        return sorted(
-            Path(e["name"]).name for e in entries if e["type"] == "directory" and not Path(e["name"]).name.startswith(".")
-        )
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A registry that cannot be written (read-only, no space) is one line naming the registry."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise CartridgeError(f"cannot {what} in the registry {self.url}: {reason}; check that it is writable or pass --registry") from None
 
-    def versions(self, name: str) -> list[int]:
-        folder = self._path(validate_name(name))
+    # ---- reading -------------------------------------------------------------------------
+    def _children(self, folder: str) -> list[tuple[str, str]]:
+        """(base name, type) of the entries of a folder; none when it does not exist."""
         if not self.fs.exists(folder):
             return []
-        found = (Path(e["name"]).name for e in self.fs.ls(folder, detail=True) if e["type"] == "directory")
-        return sorted(int(n) for n in found if n.isdigit())
+        return [(Path(e["name"]).name, e["type"]) for e in self.fs.ls(folder, detail=True)]
+
+    def _numbered(self, name: str) -> dict[int, str]:
+        """Every version folder of `name` (live, retired or damaged) by number."""
+        folders = self._children(self._path(validate_name(name)))
+        return {int(n): self._path(name, n) for n, kind in folders if kind == "directory" and n.isdigit()}
+
+    def _with_file(self, name: str, file: str) -> set[int]:
+        found = self.fs.glob(self._path(name, "*", file))
+        return {int(parts[-2]) for parts in (p.split("/") for p in found) if parts[-2].isdigit()}
+
+    def versions(self, name: str) -> list[int]:
+        """Live versions: complete (manifest present) and not removed."""
+        validate_name(name)
+        return sorted(self._with_file(name, MANIFEST_FILE) - self._with_file(name, RETIRED_FILE))
+
+    def retired(self, name: str) -> list[int]:
+        validate_name(name)
+        return sorted(self._with_file(name, RETIRED_FILE))
+
+    def names(self) -> list[str]:
+        """Cartridge names that have at least one live version."""
+        return [name for name in self._name_folders() if self.versions(name)]
+
+    def _name_folders(self) -> list[str]:
+        from cartridges.names import NAME_PATTERN
+
+        return sorted(n for n, kind in self._children(self.root) if kind == "directory" and NAME_PATTERN.fullmatch(n) and ".." not in n)
+
+    def _read_json(self, path: str) -> dict:
+        try:
+            data = parse_strict_json(self.fs.cat_file(path))
+        except ValueError as exc:
+            raise CartridgeError(f"{path} is damaged ({exc}): fix or delete it") from None
+        if not isinstance(data, dict):
+            raise CartridgeError(f"{path} is damaged (expected a JSON object): fix or delete it")
+        return data
 
     def aliases(self, name: str) -> dict[str, int]:
-        path = self._path(validate_name(name), ALIASES_FILE)
-        if not self.fs.exists(path):
-            return {}
-        return json.loads(self.fs.cat_file(path))
+        """alias -> version; one file per alias (an older registry's aliases.json is read beneath them)."""
+        legacy_path = self._path(validate_name(name), LEGACY_ALIASES_FILE)
+        found = dict(self._read_json(legacy_path)) if self.fs.exists(legacy_path) else {}
+        for path in self.fs.glob(self._path(name, ALIASES_DIR, "*.json")):
+            alias = Path(path).name.removesuffix(".json")
+            if not alias.startswith("."):
+                found[alias] = self._read_json(path).get("version")
+        bad = sorted(alias for alias, version in found.items() if not isinstance(version, int) or isinstance(version, bool))
+        if bad:
+            raise CartridgeError(f"{name}: alias {bad[0]!r} does not hold a version number: set it again with `cartridges alias {name}@N {bad[0]}`")
+        return found
 
     def resolve(self, ref: str | Ref) -> tuple[str, int]:
-        """`name`, `name@3`, `name@latest` or `name@<alias>` -> (name, version)."""
+        """`name`, `name@3`, `name@latest` or `name@<alias>` -> (name, live version)."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
         versions = self.versions(parsed.name)
         if not versions:
+            retired = self.retired(parsed.name)
+            if retired:
+                raise CartridgeError(
+                    f"{parsed.name} has no versions left: {_listed(retired)} removed (numbers are never reused); publish a new one"
+                )
             known = ", ".join(self.names()) or "none"
             raise CartridgeError(f"no cartridge named {parsed.name!r} in {self.url} (available: {known})")
         if parsed.selector == LATEST:
             return parsed.name, versions[-1]
         if parsed.selector.isdigit():
-            version = int(parsed.selector)
-            if version not in versions:
-                raise CartridgeError(f"{parsed.name} has no version {version} (versions: {', '.join(map(str, versions))})")
-            return parsed.name, version
+            return parsed.name, self._live(parsed.name, int(parsed.selector), versions)
         aliases = self.aliases(parsed.name)
         if parsed.selector not in aliases:
             known = ", ".join(sorted(aliases)) or "none"
             raise CartridgeError(f"{parsed.name} has no alias {parsed.selector!r} (aliases: {known}; or use @latest / @N)")
-        return parsed.name, aliases[parsed.selector]
+        target = aliases[parsed.selector]
+        if target not in versions:
+            raise CartridgeError(
+                f"alias {parsed.name}@{parsed.selector} points at {parsed.name}@{target}, which no longer exists: "
+                f"`cartridges alias {parsed.name}@N {parsed.selector}` to move it, or `--remove` it"
+            )
+        return parsed.name, target
+
+    def _live(self, name: str, version: int, versions: list[int]) -> int:
+        if version in versions:
+            return version
+        if version in self.retired(name):
+            raise CartridgeError(f"{name}@{version} was removed (versions: {', '.join(map(str, versions))})")
+        raise CartridgeError(f"{name} has no version {version} (versions: {', '.join(map(str, versions))})")
+
+    def _manifest_bytes(self, name: str, version: int) -> bytes:
+        return self.fs.cat_file(self._path(name, version, MANIFEST_FILE))
 
     def show(self, ref: str | Ref) -> Manifest:
         name, version = self.resolve(ref)
-        path = self._path(name, version, MANIFEST_FILE)
-        return Manifest.from_json(self.fs.cat_file(path).decode(), f"{self.url}/{name}/{version}")
+        return Manifest.from_json(self._manifest_bytes(name, version), f"{self.url}/{name}/{version}")
 
-    def list(self) -> list[Entry]:
-        entries = []
-        for name in self.names():
-            by_version: dict[int, list[str]] = {}
-            for alias, version in self.aliases(name).items():
-                by_version.setdefault(version, []).append(alias)
-            for version in self.versions(name):
-                entries.append(Entry(name, version, self.show(Ref(name, str(version))), tuple(sorted(by_version.get(version, [])))))
-        return entries
+    def list(self) -> Listing:
+        """Every live version with its aliases; what cannot be listed is reported, not raised."""
+        entries, skipped = [], []
+        names = set(self._name_folders())
+        for child, kind in self._children(self.root):
+            if kind == "directory" and not child.startswith(".") and child not in names:
+                skipped.append(Skipped(child, "not a cartridge name (lowercase letters, digits, '.', '_', '-')"))
+        for name in sorted(names):
+            try:
+                by_version: dict[int, list[str]] = {}
+                for alias, version in self.aliases(name).items():
+                    by_version.setdefault(version, []).append(alias)
+            except CartridgeError as exc:
+                skipped.append(Skipped(f"{name}/{ALIASES_DIR}", str(exc)))
+                by_version = {}
+            live, retired = set(self.versions(name)), set(self.retired(name))
+            for version in sorted(self._numbered(name)):
+                if version in retired:
+                    continue
+                if version not in live:
+                    skipped.append(Skipped(f"{name}/{version}", f"no {MANIFEST_FILE} (incomplete or damaged)"))
+                    continue
+                try:
+                    manifest = self.show(Ref(name, str(version)))
+                except CartridgeError as exc:
+                    skipped.append(Skipped(f"{name}/{version}", str(exc)))
+                    continue
+                entries.append(Entry(name, version, manifest, tuple(sorted(by_version.get(version, [])))))
+        return Listing(entries, skipped)
 
     def local_path(self, ref: str | Ref) -> Path:
-        """A local folder holding the artifact (remote registries are copied into the cache once)."""
+        """A local folder holding the artifact; a remote one is cached by its manifest's digest."""
+        return self.locate(ref)[1]
+
+    def locate(self, ref: str | Ref) -> tuple[tuple[str, int], Path]:
+        """((name, version), local folder) of a reference."""
         name, version = self.resolve(ref)
-        source = self._path(name, version)
         if self.is_local:
-            return Path(source)
-        cached = cartridges_home() / "cache" / self.fs.protocol[0] / self.root.strip("/") / name / str(version)
+            return (name, version), Path(self._path(name, version))
+        manifest_bytes = self._manifest_bytes(name, version)
+        cached = cartridges_home() / "cache" / "artifacts" / manifest_digest(manifest_bytes)
         if not (cached / MANIFEST_FILE).is_file():
+            # a concurrent download that won holds the same content
+            write_folder_atomically(cached, lambda folder: self._download(name, version, manifest_bytes, folder))
+        return (name, version), cached
 
-            def download(folder: Path) -> None:
-                for file in (*PAYLOAD_FILES, MANIFEST_FILE):
-                    self.fs.get_file(f"{source}/{file}", str(folder / file))
-
-            write_folder_atomically(cached, download)  # a concurrent download that won is as good
-        return cached
+    def _download(self, name: str, version: int, manifest_bytes: bytes, folder: Path) -> None:
+        """The payload of `name@version` and the given manifest bytes, checked against each other."""
+        for file in PAYLOAD_FILES:
+            self.fs.get_file(self._path(name, version, file), str(folder / file))
+        (folder / MANIFEST_FILE).write_bytes(manifest_bytes)
+        verify_payload(folder, Manifest.from_json(manifest_bytes, f"{self.url}/{name}/{version}"))
 
     def verify(self, ref: str | Ref) -> Manifest:
-        """Check every payload file against the manifest's sha256; raise on any mismatch."""
-        folder = self.local_path(ref)
-        manifest = Manifest.read(folder)
-        verify_payload(folder, manifest)
-        return manifest
+        """Every check loading makes (checksums, shapes, bound identity, finiteness, name and version
+        against the location), on the stored bytes: a remote version is downloaded afresh."""
+        name, version = self.resolve(ref)
+        if self.is_local:
+            return check_artifact(Path(self._path(name, version)), expected=(name, version))
+        with tempfile.TemporaryDirectory(prefix="cartridges-verify-") as scratch:
+            folder = Path(scratch)
+            self._download(name, version, self._manifest_bytes(name, version), folder)
+            return check_artifact(folder, expected=(name, version))
 
     # ---- writing -------------------------------------------------------------------------
     def publish(self, folder: Path, name: str) -> Manifest:
-        """Publish a local artifact folder as the next version of `name`; returns the stored manifest."""
+        """Publish a local artifact folder as the next version of `name`; returns the stored manifest.
+
+        The artifact is checked as a load would check it (checksums, shapes, finiteness) before
+        anything is written, so a refused artifact leaves the registry as it was.
+        """
         validate_name(name)
-        manifest = Manifest.read(folder)
-        verify_payload(folder, manifest)
-        staging = self._path(STAGING, uuid.uuid4().hex)
-        self.fs.makedirs(staging, exist_ok=True)
-        self.fs.makedirs(self._path(name), exist_ok=True)
-        try:
-            for file in PAYLOAD_FILES:
-                self.fs.put_file(str(folder / file), f"{staging}/{file}")
-            for _ in range(MAX_PUBLISH_ATTEMPTS):
-                versions = self.versions(name)
-                version = (versions[-1] if versions else 0) + 1
-                stored = manifest.model_copy(update={"name": name, "version": version})
-                self.fs.pipe_file(f"{staging}/{MANIFEST_FILE}", stored.to_json().encode())
-                if self._commit(staging, self._path(name, version)):
-                    return stored
-        finally:
-            if self.fs.exists(staging):
-                self.fs.rm(staging, recursive=True)
+        manifest = check_artifact(folder)
+        with self._writing(f"publish {name}"):
+            staging = self._path(STAGING, uuid.uuid4().hex)
+            self.fs.makedirs(staging, exist_ok=True)
+            try:
+                for file in PAYLOAD_FILES:
+                    self.fs.put_file(str(folder / file), f"{staging}/{file}")
+                for _ in range(MAX_PUBLISH_ATTEMPTS):
+                    version = max(self._numbered(name), default=0) + 1  # retired numbers count: never reused
+                    stored = manifest.model_copy(update={"name": name, "version": version})
+                    self.fs.pipe_file(f"{staging}/{MANIFEST_FILE}", stored.to_json().encode())
+                    if self._commit(staging, self._path(name, version)):
+                        return stored
+            finally:
+                if self.fs.exists(staging):
+                    self.fs.rm(staging, recursive=True)
         raise CartridgeError(f"could not publish {name}: too many concurrent publishers, try again")
+
+    def find_published(self, name: str, folder: Path) -> Manifest | None:
+        """The stored manifest of a live version of `name` with the same payload as `folder`, if any."""
+        files = Manifest.read(folder).files
+        for version in reversed(self.versions(name)):
+            stored = self.show(Ref(name, str(version)))
+            if stored.files == files:
+                return stored
+        return None
 
     def _commit(self, staging: str, target: str) -> bool:
         """Make `staging` visible as `target` in one step; False if `target` already exists."""
         if self.is_local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
             return rename_unless_exists(staging, target)
         with _REMOTE_COMMIT_LOCK:
             if self.fs.exists(target):
                 return False
-            self.fs.mv(staging, target, recursive=True)
+            for file in (*PAYLOAD_FILES, MANIFEST_FILE):  # manifest last: a version without one is not listed
+                self.fs.mv(f"{staging}/{file}", f"{target}/{file}")
             return True
 
     def set_alias(self, ref: str | Ref, alias: str) -> tuple[str, int]:
-        """Point `alias` (e.g. `stable`) at the version `ref` resolves to."""
+        """Point `alias` (e.g. `stable`) at the version `ref` resolves to (one file per alias, replaced atomically)."""
         validate_name(alias, "alias")
         if alias == LATEST or alias.isdigit():
             raise CartridgeError(f"alias {alias!r} is reserved: 'latest' and numbers always mean versions")
         name, version = self.resolve(ref)
-        aliases = self.aliases(name) | {alias: version}
-        self._write_json(self._path(name, ALIASES_FILE), aliases)
+        with self._writing(f"set alias {name}@{alias}"):
+            self._migrate_legacy_aliases(name)
+            self._write_json(self._path(name, ALIASES_DIR, f"{alias}.json"), {"version": version})
         return name, version
 
     def remove_alias(self, name: str, alias: str) -> None:
-        aliases = self.aliases(name)
-        if alias not in aliases:
+        if alias not in self.aliases(name):
             raise CartridgeError(f"{name} has no alias {alias!r}")
-        del aliases[alias]
-        self._write_json(self._path(name, ALIASES_FILE), aliases)
+        with self._writing(f"remove alias {name}@{alias}"):
+            self._migrate_legacy_aliases(name)
+            self.fs.rm(self._path(name, ALIASES_DIR, f"{alias}.json"))
+
+    def _migrate_legacy_aliases(self, name: str) -> None:
+        """Move an older registry's aliases.json into one file per alias before changing any alias."""
+        legacy = self._path(name, LEGACY_ALIASES_FILE)
+        if not self.fs.exists(legacy):
+            return
+        current = {Path(p).name.removesuffix(".json") for p in self.fs.glob(self._path(name, ALIASES_DIR, "*.json"))}
+        for alias, version in self._read_json(legacy).items():
+            if alias not in current:
+                self._write_json(self._path(name, ALIASES_DIR, f"{alias}.json"), {"version": version})
+        self.fs.rm(legacy)
 
     def remove(self, ref: str | Ref, force: bool = False) -> tuple[str, int]:
-        """Delete one version; refused while an alias points at it unless `force` (which drops the alias)."""
+        """Retire one version: its files go, its number stays taken. Refused while an alias points
+        at it unless `force` (which drops the alias)."""
         name, version = self.resolve(ref)
         pointing = sorted(a for a, v in self.aliases(name).items() if v == version)
         if pointing and not force:
-            raise CartridgeError(
-                f"{name}@{version} is aliased as {', '.join(pointing)}: move the alias first or pass --force"
-            )
-        if pointing:
-            self._write_json(self._path(name, ALIASES_FILE), {a: v for a, v in self.aliases(name).items() if v != version})
-        target = self._path(name, version)
-        if self.is_local:  # disappear in one step, then clean up
-            trash = self._path(TRASH, uuid.uuid4().hex)
-            self.fs.makedirs(self._path(TRASH), exist_ok=True)
-            os.rename(target, trash)
-            shutil.rmtree(trash)
-        else:
-            self.fs.rm(target, recursive=True)
+            raise CartridgeError(f"{name}@{version} is aliased as {', '.join(pointing)}: move the alias first or pass --force")
+        with self._writing(f"remove {name}@{version}"):
+            for alias in pointing:
+                self.remove_alias(name, alias)
+            # The marker retires the version in one step; the files go after it.
+            self._write_json(self._path(name, version, RETIRED_FILE), {"version": version, "removed_at": utc_now()})
+            for file in (MANIFEST_FILE, *PAYLOAD_FILES):
+                path = self._path(name, version, file)
+                if self.fs.exists(path):
+                    self.fs.rm(path)
         return name, version
+
+    def stale_uploads(self, older_than_seconds: float) -> list[str]:
+        """Upload folders under `.staging/` untouched for `older_than_seconds`: left by killed publishers."""
+        uploads = [self._path(STAGING, name) for name, _ in self._children(self._path(STAGING))]
+        return [path for path in uploads if self._age(path) >= older_than_seconds]
+
+    def _age(self, path: str) -> float:
+        """Seconds since anything under `path` last changed (0 when the store cannot say: treated as new)."""
+        from datetime import UTC, datetime
+
+        stamps = []
+        for item in [path, *self.fs.find(path)]:
+            try:
+                stamp = self.fs.modified(item)
+            except (NotImplementedError, OSError, KeyError):  # object stores keep no times for "folders"
+                continue
+            stamps.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC))
+        return (datetime.now(UTC) - max(stamps)).total_seconds() if stamps else 0.0
+
+    def remove_upload(self, path: str) -> None:
+        with self._writing("remove an old upload"):
+            self.fs.rm(path, recursive=True)
 
     def read_state(self, file: str) -> dict:
         """A JSON state file under `.state/` ({} when absent)."""
         path = self._path(STATE, file)
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+        return self._read_json(path) if self.fs.exists(path) else {}
 
     def write_state(self, file: str, data: dict) -> None:
-        self.fs.makedirs(self._path(STATE), exist_ok=True)
-        self._write_json(self._path(STATE, file), data)
+        with self._writing(f"write {file}"):
+            self.fs.makedirs(self._path(STATE), exist_ok=True)
+            self._write_json(self._path(STATE, file), data)
 
     def _write_json(self, path: str, data: dict) -> None:
-        payload = json.dumps(data, indent=2, sort_keys=True).encode()
+        payload = strict_json(data, indent=2).encode()
         if self.is_local:
             write_atomically(Path(path), lambda tmp: tmp.write_bytes(payload))
         else:
             self.fs.pipe_file(path, payload)
+
+
+def _listed(versions: list[int]) -> str:
+    return ", ".join(f"@{v}" for v in versions) + (" was" if len(versions) == 1 else " were")

@@ -5,11 +5,11 @@ the prefix length and an attention mask that covers prefix and input, exactly as
 tokens had been in context. Several cartridges compose by concatenation along the sequence.
 """
 
+import threading
 from collections.abc import Iterator, Sequence
-from threading import Thread
 
 import torch
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from cartridges.artifact import Cartridge, check_compatible
 from cartridges.errors import CartridgeError
@@ -81,6 +81,11 @@ class CartridgeRuntime:
         self.cartridges = list(cartridges)
         self.system_prompt = system_prompt
         self.prefix = concat_prefixes(self.cartridges).to(loaded.model.device, loaded.model.dtype)
+        if self.num_tokens >= self.window:
+            raise CartridgeError(
+                f"the cartridges hold {self.num_tokens} tokens, but {loaded.model_id} reads at most {self.window} positions: "
+                "use fewer or shorter cartridges"
+            )
         first = self.cartridges[0].manifest
         self._shape = (first.num_layers, first.num_kv_heads, first.head_dim)
 
@@ -100,17 +105,28 @@ class CartridgeRuntime:
         """Next-token logits for right-padded `input_ids` [batch, T] placed after the prefix."""
         return prefix_logits(self.loaded.model, self.prefix, self._shape, input_ids, attention_mask)
 
+    @property
+    def window(self) -> int:
+        """Positions the model can attend over: cartridge, chat and answer together."""
+        return self.loaded.model.config.max_position_embeddings
+
     def _generate_kwargs(self, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> dict:
         ids = torch.tensor([chat_token_ids(self.loaded.tokenizer, messages, self.system_prompt)], device=self.loaded.model.device)
+        room = self.window - self.num_tokens - ids.shape[1]
+        if room < 1:
+            raise CartridgeError(
+                f"the chat is {ids.shape[1]} tokens; with the cartridge's {self.num_tokens} that is {self.num_tokens + ids.shape[1]}, "
+                f"past the model's window of {self.window}: shorten the question (in chat, /reset starts over)"
+            )
         # generate() feeds only the tokens past the cache length; placeholders stand for the prefix.
-        placeholder = torch.full((1, self.num_tokens), self.loaded.tokenizer.pad_token_id or 0, dtype=ids.dtype, device=ids.device)
+        placeholder = torch.full((1, self.num_tokens), pad_token_id(self.loaded.tokenizer), dtype=ids.dtype, device=ids.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
         return {
             "input_ids": torch.cat([placeholder, ids], dim=1),
             "attention_mask": torch.ones(1, self.num_tokens + ids.shape[1], dtype=torch.long, device=ids.device),
             "past_key_values": self.cache(1),
-            "max_new_tokens": max_new_tokens,
-            "pad_token_id": self.loaded.tokenizer.pad_token_id or self.loaded.tokenizer.eos_token_id,
+            "max_new_tokens": min(max_new_tokens, room),  # an answer ends at the window's last position
+            "pad_token_id": pad_token_id(self.loaded.tokenizer),
             **sampling,
         }
 
@@ -122,10 +138,47 @@ class CartridgeRuntime:
         return self.loaded.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
     def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
-        """Yield the answer's text as it is generated."""
+        """Yield the answer's text as it is generated.
+
+        Generation runs in a worker thread. Closing the iterator early (Ctrl-C, a consumer that
+        stops) stops generation at the next token and waits for the worker, so no thread is left
+        running into interpreter shutdown; an error in the worker is raised here, not lost.
+        """
         streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = self._generate_kwargs(messages, max_new_tokens, temperature) | {"streamer": streamer}
-        worker = Thread(target=torch.no_grad()(self.loaded.model.generate), kwargs=kwargs, daemon=True)
+        stop = threading.Event()
+        kwargs = self._generate_kwargs(messages, max_new_tokens, temperature) | {
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)]),
+        }
+        failures: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.no_grad():
+                    self.loaded.model.generate(**kwargs)
+            except BaseException as exc:  # reported by the consumer below
+                failures.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        yield from streamer
-        worker.join()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            worker.join()
+        if failures:
+            raise CartridgeError(f"generation failed: {type(failures[0]).__name__}: {failures[0]}")
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token, else its end-of-sequence token (a real pad id 0 is kept)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -14,6 +14,7 @@ in it); a second build of the same corpus and config stops with a message instea
 """
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,23 +25,21 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
-from cartridges.artifact import load_artifact
 from cartridges.atomic import write_atomically, write_text_atomically
 from cartridges.errors import CartridgeError
-from cartridges.home import cartridges_home
+from cartridges.loading import open_cartridge
 from cartridges.models import LoadedModel, load_model
 from cartridges.pipeline.build_config import BuildConfig
+from cartridges.pipeline.runs import ARTIFACT_DIR, LOCK_FILE, PUBLISHED_FILE, runs_root
 from cartridges.registry import Registry
 from cartridges.qa import QACorpus
 from cartridges.stages.contexts import Context, FixedContext
-from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, run_training, save_distilled
+from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, check_training_fits_window, run_training, save_distilled
 from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import Corpus, ingest_corpus, read_corpus
 from cartridges.stages.synthesize import check_fits_window, synthesize
 
-PUBLISHED_FILE = "published.json"
 EVALUATION_FILE = "evaluation.json"
-LOCK_FILE = "build.lock"
 
 
 @dataclass
@@ -53,14 +52,19 @@ class BuildResult:
 
 
 def build_run_dir(name: str, corpus_fingerprint: str, config: BuildConfig) -> Path:
-    return cartridges_home() / "runs" / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}"
+    return runs_root() / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}"
 
 
 def latest_compatible(registry: Registry, name: str, loaded, num_tokens: int) -> tuple[str, torch.Tensor] | None:
     """The latest published version of `name` and its prefix, if it was built for this model at this size."""
     if not registry.versions(name):
         return None
-    cartridge = load_artifact(registry.local_path(f"{name}@latest"))
+    try:
+        cartridge = open_cartridge(f"{name}@latest", registry)
+    except CartridgeError as exc:  # a damaged or non-finite parent would spread to every later version
+        raise CartridgeError(
+            f"cannot warm-start from {name}@latest: {exc}. Remove that version (`cartridges rm`) or build with --set warm_start=false"
+        ) from None
     manifest = cartridge.manifest
     if manifest.model_fingerprint != loaded.fingerprint or manifest.num_tokens != num_tokens:
         return None
@@ -71,7 +75,7 @@ def previous_run(name: str, current: Path) -> Path | None:
     """The folder of the last build of `name` that published on this machine, if it is still there."""
     runs = [
         record.parent
-        for record in (cartridges_home() / "runs").glob(f"*/{PUBLISHED_FILE}")
+        for record in runs_root().glob(f"*/{PUBLISHED_FILE}")
         if record.parent != current and json.loads(record.read_text())["ref"].rpartition("@")[0] == name
     ]
     return max(runs, key=lambda run: (run / PUBLISHED_FILE).stat().st_mtime, default=None)
@@ -138,10 +142,22 @@ def build(
 ) -> BuildResult:
     corpus = read_corpus(corpus_dir)  # a bad folder fails before the model loads
     loaded = load_model(config.model)
+    window = loaded.model.config.max_position_embeddings
+    check_fits_window(config.synthesis, window)
+    check_training_fits_window(config.distill, window)
     run_dir = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with building_alone(run_dir, name):
-        return _build_in(run_dir, corpus, loaded, name, config, registry, on_stage, qa)
+    try:
+        with building_alone(run_dir, name):
+            return _build_in(run_dir, corpus, loaded, name, config, registry, on_stage, qa)
+    finally:
+        _remove_if_empty(run_dir)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A build that failed before its first stage wrote anything leaves no folder behind."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _build_in(
@@ -159,7 +175,6 @@ def _build_in(
         seconds[label] = time.perf_counter() - started
         return result
 
-    check_fits_window(config.synthesis, loaded.model.config.max_position_embeddings)
     ingested = stage("ingest", lambda: ingest_corpus(corpus, run_dir, loaded.tokenizer, loaded.tokenizer_fingerprint,
                                           config.synthesis.chunk_min_tokens, config.synthesis.chunk_max_tokens))
     parent = warm_start(run_dir, registry, name, loaded, config)
@@ -172,14 +187,16 @@ def _build_in(
     evaluation = stage("evaluate", lambda: evaluate_run(run_dir, loaded, qa)) if qa is not None else {}
 
     def publish():
-        artifact = run_dir / DISTILL_DIR / "artifact"
+        artifact = run_dir / ARTIFACT_DIR
         if not artifact.exists():  # written atomically: a folder that exists is complete
             save_distilled(loaded, run_dir, name, config.distill, artifact, parent, evaluation)
-        return registry.publish(artifact, name)
+        # A build killed after publishing but before recording it finds its version instead of publishing a twin.
+        return registry.find_published(name, artifact) or registry.publish(artifact, name)
 
     manifest = stage("publish", publish)
     ref = f"{manifest.name}@{manifest.version}"
     write_text_atomically(published, json.dumps({"ref": ref, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2))
+    shutil.rmtree(run_dir / ARTIFACT_DIR)  # the registry holds it now
     summary = {"corpus": ingested, "samples": synthesis["samples"], "kinds": synthesis["kinds"],
                "synthesis": synthesis, "steps": config.distill.steps, "metrics": manifest.metrics, "parent": parent}
     return BuildResult(run_dir, ref, built=True, seconds=seconds, summary=summary)

@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from cartridges.errors import CartridgeError, first_validation_error
 from cartridges.hashing import sha256_bytes
+from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distill import DistillConfig, TrainSettings
 from cartridges.stages.synthesize import RunSettings, SynthesisConfig
 
@@ -20,7 +21,7 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class BuildConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_SETTINGS
 
     model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), an HF model folder or hub id")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
@@ -62,18 +63,28 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
     """Read a config and apply `key.sub=value` overrides (values parsed as YAML); errors name the key."""
     path = resolve_config_path(spec)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise CartridgeError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise CartridgeError(f"{path}: not valid YAML ({exc})") from None
+        raise CartridgeError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(data, dict):
         raise CartridgeError(f"{path}: expected a mapping of settings at the top level")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CartridgeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.steps=100")
-        _set(data, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise CartridgeError(f"--set {item!r}: the value is not valid YAML ({_one_line(exc)}); quote text values, e.g. key='[a'") from None
+        _set(data, key.strip(), parsed)
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:
         where, message = first_validation_error(exc, "config")
-        raise CartridgeError(f"{path}: {where}: {message}") from None
+        raise CartridgeError(f"{path}: {where}: {message} (got {exc.errors()[0].get('input')!r})") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

@@ -35,8 +35,23 @@ ModelOption = Annotated[
 ]
 
 
-def open_registry(url: str | None) -> Registry:
-    return Registry(url or os.environ.get("CARTRIDGES_REGISTRY") or default_registry_url())
+def open_registry(url: str | None, writing: bool = False) -> Registry:
+    """The registry of --registry, $CARTRIDGES_REGISTRY or $CARTRIDGES_HOME; `writing`: refuse one that keeps nothing."""
+    registry = Registry(url or os.environ.get("CARTRIDGES_REGISTRY") or default_registry_url())
+    if writing and registry.is_transient:
+        raise CartridgeError(
+            f"--registry {registry.url} lives only inside this process: what this command writes would be gone when it exits; "
+            "use a folder or an object store URL (s3://bucket/registry)"
+        )
+    return registry
+
+
+def _report_skipped(skipped: list) -> None:
+    """Files and folders of the corpus that were not read, with the reason for each."""
+    if skipped:
+        shown = "; ".join(str(item) if not isinstance(item, dict) else f"{item['path']} ({item['reason']})" for item in skipped[:8])
+        more = f"; and {len(skipped) - 8} more (see ingest.json in the run folder)" if len(skipped) > 8 else ""
+        errors.print(f"[yellow]skipped {len(skipped)} file(s) or folder(s): {shown}{more}[/yellow]", highlight=False)
 
 
 def _ref(manifest) -> str:
@@ -70,21 +85,20 @@ def init(
     from cartridges.default_corpus import gather_license_corpus
     from cartridges.models import load_model
     from cartridges.names import validate_name
-    from cartridges.pipeline.runs import new_run_dir
+    from cartridges.pipeline.runs import scratch_folder
     from cartridges.stages.ingest import read_corpus
     from cartridges.stages.initialize import init_cartridge
 
     validate_name(name)
-    reg = open_registry(registry)
+    reg = open_registry(registry, writing=True)
     documents = read_corpus(corpus or gather_license_corpus())
-    if documents.skipped:
-        errors.print(f"[yellow]skipped {len(documents.skipped)} unsupported file(s): {', '.join(documents.skipped[:5])}[/yellow]")
+    _report_skipped(documents.skipped)
     loaded = load_model(model)
-    artifact = new_run_dir(name) / "cartridge"
-    built = init_cartridge(loaded, documents, tokens, name, artifact)
-    if built.num_tokens < tokens:
-        errors.print(f"[yellow]corpus has only {built.num_tokens} tokens; the cartridge uses all of them[/yellow]")
-    published = reg.publish(artifact, name)
+    with scratch_folder(name) as scratch:
+        built = init_cartridge(loaded, documents, tokens, name, scratch / "cartridge")
+        if built.num_tokens < tokens:
+            errors.print(f"[yellow]corpus has only {built.num_tokens} tokens; the cartridge uses all of them[/yellow]")
+        published = reg.publish(scratch / "cartridge", name)
     console.print(
         f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, {published.kv_bytes / 2**20:.1f} MB KV) "
         f"from {len(documents.documents)} documents, {published.corpus[0].num_tokens} corpus tokens"
@@ -98,30 +112,42 @@ def list_cartridges(registry: RegistryOption = None) -> None:
     Example: cartridges ls
     """
     reg = open_registry(registry)
+    listing = reg.list()
     table = Table("ref", "aliases", "method", "tokens", "KV MB", "model", "created")
-    for entry in reg.list():
+    for entry in listing.entries:
         m = entry.manifest
         table.add_row(_ref(m), ",".join(entry.aliases), m.method, str(m.num_tokens), f"{m.kv_bytes / 2**20:.1f}", m.model_id, m.created_at)
     console.print(table if table.rows else f"no cartridges in {reg.url}")
+    for skipped in listing.skipped:
+        errors.print(f"[yellow]skipped {skipped.path}: {skipped.reason}[/yellow]", highlight=False)
 
 
 @app.command("show")
-def show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@latest or NAME@ALIAS")], registry: RegistryOption = None) -> None:
+def show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@latest, NAME@ALIAS, or a folder (./dir, path:dir)")], registry: RegistryOption = None) -> None:
     """Print a cartridge's manifest.
 
     Example: cartridges show legal@latest
     """
-    console.print_json(open_registry(registry).show(ref).to_json())
+    from cartridges.manifest import Manifest
+    from cartridges.names import folder_of
+
+    folder = folder_of(ref)
+    console.print_json((Manifest.read(folder) if folder else open_registry(registry).show(ref)).to_json())
 
 
 @app.command("verify")
-def verify(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS")], registry: RegistryOption = None) -> None:
-    """Check every file of a cartridge against its manifest's sha256.
+def verify(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALIAS, or a folder (./dir, path:dir)")], registry: RegistryOption = None) -> None:
+    """Check a cartridge as loading does: checksums, shapes, manifest, name and version, finite values (exit 2 on a problem).
 
     Example: cartridges verify legal@3
     """
-    manifest = open_registry(registry).verify(ref)
-    console.print(f"{_ref(manifest)}: OK ({len(manifest.files)} files verified)")
+    from cartridges.integrity import check_artifact
+    from cartridges.names import folder_of
+
+    folder = folder_of(ref)
+    manifest = check_artifact(folder) if folder else open_registry(registry).verify(ref)
+    bound = "manifest bound to the payload" if manifest.format_version >= 2 else "format 1: manifest not bound to the payload"
+    console.print(f"{_ref(manifest) if manifest.version else folder}: OK ({len(manifest.files)} files, shapes, {bound}, finite values)")
 
 
 @app.command("alias")
@@ -135,7 +161,7 @@ def alias(
 
     Example: cartridges alias legal@3 stable
     """
-    reg = open_registry(registry)
+    reg = open_registry(registry, writing=True)
     if remove:
         reg.remove_alias(ref.partition("@")[0], alias_name)
         console.print(f"removed alias {alias_name}")
@@ -154,7 +180,7 @@ def remove(
 
     Example: cartridges rm legal@2
     """
-    name, version = open_registry(registry).remove(ref, force=force)
+    name, version = open_registry(registry, writing=True).remove(ref, force=force)
     console.print(f"removed {name}@{version}")
 
 
@@ -171,14 +197,14 @@ def compose_command(
     from cartridges.compose import compose
     from cartridges.loading import open_cartridge
     from cartridges.names import validate_name
-    from cartridges.pipeline.runs import new_run_dir
+    from cartridges.pipeline.runs import scratch_folder
 
     validate_name(name)
-    reg = open_registry(registry)
+    reg = open_registry(registry, writing=True)
     sources = [open_cartridge(ref, reg) for ref in refs]
-    artifact = new_run_dir(name) / "cartridge"
-    compose(sources, name, artifact)
-    published = reg.publish(artifact, name)
+    with scratch_folder(name) as scratch:
+        compose(sources, name, scratch / "cartridge")
+        published = reg.publish(scratch / "cartridge", name)
     console.print(f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens) = {' + '.join(refs)}")
 
 
@@ -289,8 +315,7 @@ def synthesize_command(
     loaded = load_model(model)
     check_fits_window(config, loaded.model.config.max_position_embeddings)
     record = ingest(corpus, out, loaded.tokenizer, loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens)
-    if record["skipped"]:
-        errors.print(f"[yellow]skipped {len(record['skipped'])} unsupported file(s): {', '.join(record['skipped'][:8])}[/yellow]")
+    _report_skipped(record["skipped"])
     console.print(f"corpus: {record['num_documents']} documents, {record['num_chunks']} chunks, {record['num_tokens']} tokens")
     summary = synthesize(out, loaded.path, loaded.fingerprint, config, settings, reuse_from)
     console.print(
@@ -323,10 +348,11 @@ def distill_command(
     """
     from cartridges.models import load_model
     from cartridges.names import validate_name
-    from cartridges.pipeline.runs import new_run_dir
-    from cartridges.stages.distill import DistillConfig, TrainSettings, run_training, save_distilled
+    from cartridges.pipeline.runs import scratch_folder
+    from cartridges.stages.distill import DistillConfig, TrainSettings, check_training_fits_window, run_training, save_distilled
 
     validate_name(name)
+    reg = open_registry(registry, writing=True)
     config = _validated(DistillConfig, num_tokens=tokens, steps=steps, lr=lr, batch_size=batch_size, init=init)
     settings = _validated(TrainSettings, workers=workers, executor=executor, threads=threads)
     if not (run / "synthesis" / "shards").is_dir():
@@ -334,10 +360,11 @@ def distill_command(
     questions = _qa_corpus(qa, qa_corpus)
     qa_pairs = [(q.question, q.answer) for q in questions.questions] if questions else []
     loaded = load_model(model)
+    check_training_fits_window(config, loaded.model.config.max_position_embeddings)
     run_training(run, loaded, config, settings, qa_pairs)
-    artifact = new_run_dir(name) / "cartridge"
-    save_distilled(loaded, run, name, config, artifact)
-    published = open_registry(registry).publish(artifact, name)
+    with scratch_folder(name) as scratch:
+        save_distilled(loaded, run, name, config, scratch / "cartridge")
+        published = reg.publish(scratch / "cartridge", name)
     metrics = _headline_metrics(published.metrics)
     console.print(f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}")
 
@@ -364,14 +391,14 @@ def build_command(
     from cartridges.pipeline.build_config import load_build_config
 
     validate_name(name)
+    reg = open_registry(registry, writing=True)
     settings = load_build_config(config, overrides or [])
     questions = _qa_corpus(qa, qa_corpus)
-    result = build(
-        corpus or gather_license_corpus(), name, settings, open_registry(registry), lambda stage: console.print(f"[bold]{stage}[/bold]"), questions
-    )
+    result = build(corpus or gather_license_corpus(), name, settings, reg, lambda stage: console.print(f"[bold]{stage}[/bold]"), questions)
     if not result.built:
         console.print(f"nothing to do: {result.ref} is already built from this corpus and config ({result.run_dir})")
         return
+    _report_skipped(result.summary["corpus"].get("skipped", []))
     timing = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())
     metrics = _headline_metrics(result.summary["metrics"])
     corpus_stats = result.summary["corpus"]
@@ -408,10 +435,10 @@ def _reuse_note(synthesis: dict) -> str:
     return f"{synthesis['reused']} reused from {synthesis['reused_from']}" if synthesis.get("reused") else "none reused"
 
 
-def _scheduler(registry: str | None):
+def _scheduler(registry: str | None, writing: bool = False):
     from cartridges.pipeline.scheduler import Scheduler, build_schedule
 
-    reg = open_registry(registry)
+    reg = open_registry(registry, writing)
     return Scheduler(reg, build_schedule(reg.url))
 
 
@@ -433,7 +460,7 @@ def schedule_add(
     if not corpus.is_dir():
         raise CartridgeError(f"corpus folder {corpus} does not exist: pass a folder of documents")
     load_build_config(config, overrides or [])  # a bad config fails now, not at 2 a.m.
-    scheduler = _scheduler(registry)
+    scheduler = _scheduler(registry, writing=True)
     schedule = scheduler.add(name, str(corpus.resolve()), cron, config, overrides or [])
     console.print(f"scheduled {schedule.name}: {schedule.cron} (next {schedule.next_run})")
     if os.environ.get("RAY_ADDRESS"):
@@ -480,7 +507,7 @@ def schedule_remove(name: Annotated[str, typer.Argument(help="schedule name")], 
 
     Example: cartridges schedule remove legal
     """
-    _scheduler(registry).remove(name)
+    _scheduler(registry, writing=True).remove(name)
     console.print(f"removed schedule {name}")
 
 
@@ -490,7 +517,7 @@ def schedule_run_now(name: Annotated[str, typer.Argument(help="schedule name")],
 
     Example: cartridges schedule run-now legal
     """
-    outcome = _scheduler(registry).run(name)
+    outcome = _scheduler(registry, writing=True).run(name)
     if outcome is None:
         raise CartridgeError(f"a build of {name} is already running")
     console.print(f"{name}: {outcome.status} ({outcome.detail})")
@@ -562,8 +589,28 @@ def eval_command(
         write_text_atomically(out, json.dumps(record, indent=2))
 
 
+@app.command("gc")
+def garbage_collect(
+    older_than: Annotated[str, typer.Option("--older-than", help="only what has not changed for this long: 90s, 30m, 1h, 2d")] = "1h",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
+    registry: RegistryOption = None,
+) -> None:
+    """Remove what killed or finished work left behind: unfinished uploads, scratch folders, copies kept by published builds.
+
+    Never touches a build that is running or can resume, nor the samples the next build reuses.
+    Example: cartridges gc --older-than 1h --dry-run
+    """
+    from cartridges.pipeline.gc import collect_garbage, parse_age
+
+    removed = collect_garbage(open_registry(registry, writing=not dry_run), parse_age(older_than), dry_run)
+    for item in removed:
+        console.print(f"{'would remove' if dry_run else 'removed'} {item.path} ({item.reason}, {item.bytes / 2**20:.1f} MB)", highlight=False)
+    total = sum(item.bytes for item in removed) / 2**20
+    console.print(f"{len(removed)} item(s), {total:.1f} MB {'would be freed' if dry_run else 'freed'}" if removed else "nothing to remove")
+
+
 def main() -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    """Entry point: user mistakes become one line on stderr and exit code 2; Ctrl-C one line and 130."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # sub-second weight loading; the bars only add noise
@@ -572,6 +619,9 @@ def main() -> None:
     except CartridgeError as exc:
         errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted", highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

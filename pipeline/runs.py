@@ -1,14 +1,41 @@
-"""Run folders: one per build, under `$CARTRIDGES_HOME/runs/`."""
+"""Folders for work in progress under `$CARTRIDGES_HOME`: build run folders (`runs/`, kept to resume
+and to reuse samples) and scratch folders (`tmp/`, gone when the command ends)."""
 
-import uuid
-from datetime import UTC, datetime
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cartridges.home import cartridges_home
 
+RUNS_DIR = "runs"
+SCRATCH_DIR = "tmp"
 
-def new_run_dir(name: str) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = cartridges_home() / "runs" / f"{name}-{stamp}-{uuid.uuid4().hex[:6]}"
-    path.mkdir(parents=True)
-    return path
+
+def runs_root() -> Path:
+    return cartridges_home() / RUNS_DIR
+
+
+def scratch_root() -> Path:
+    return cartridges_home() / SCRATCH_DIR
+
+
+@contextmanager
+def scratch_folder(label: str) -> Iterator[Path]:
+    """An empty folder for an artifact on its way to the registry, removed when the block ends, whether
+    it succeeded or failed; one left by a killed process is removed by `cartridges gc`."""
+    root = scratch_root()
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+# Files of a build run folder that other commands look at (the layout is in docs/format.md).
+PUBLISHED_FILE = "published.json"  # the build is done: {"ref", "config_fingerprint", "seconds"}
+LOCK_FILE = "build.lock"  # held by the process building the folder
+ARTIFACT_DIR = "distill/artifact"  # the artifact before publishing; removed once published
+# What a published build no longer needs: its artifact is in the registry and it will not resume.
+DISPOSABLE_AFTER_PUBLISH = (ARTIFACT_DIR, "distill/checkpoints", "distill/ray")

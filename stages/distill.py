@@ -17,7 +17,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 import torch
 from peft import get_peft_model
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -29,6 +29,8 @@ from cartridges.layout import context_token_ids
 from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.models import default_device
 from cartridges.progress import ThroughputProgress
+from cartridges.runtime import pad_token_id
+from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, INGEST_FILE, read_chunks
@@ -41,15 +43,20 @@ INIT_FILE = "init_prefix.safetensors"
 FINAL_FILE = "final_prefix.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+FAILURE_FILE = "failure.json"  # why a training run stopped, written by the worker that saw it
+
+
+class TrainingDiverged(CartridgeError):
+    """A loss, gradient or prefix value became NaN or infinite: nothing of this run may be published."""
 
 
 class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_SETTINGS
 
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
     init: Literal["first_tokens", "random_chunks", "random"] = Field("first_tokens", description="prefix initialisation")
     steps: int = Field(200, ge=1)
-    lr: float = Field(2e-3, gt=0, description="2e-3 beat 2e-2 on gold-answer NLL in the sweep (BENCHMARKS.md)")
+    lr: float = Field(2e-3, gt=0, le=1, description="2e-3 beat 2e-2 on gold-answer NLL in the sweep (BENCHMARKS.md)")
     warmup_steps: int = Field(10, ge=0)
     batch_size: int = Field(4, ge=1, description="global batch (split across workers)")
     grad_accum: int = Field(1, ge=1)
@@ -135,7 +142,7 @@ def train_loop(loop_config: dict) -> None:
         torch.set_num_threads(loop_config["threads"])
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     model = _student(loop_config["model_path"], config.num_tokens, load_file(str(out / INIT_FILE))["prefix"], device)
     examples = load_examples(Path(loop_config["samples_dir"]), tokenizer, config.max_length)
     train, held_out = split_examples(examples, config.eval_samples, config.seed)
@@ -163,13 +170,17 @@ def train_loop(loop_config: dict) -> None:
             batch = collate(batch_for_step(train, step, micro, config, rank, world), pad_id).to(device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss, stats = distillation_loss(logits, batch, config.ce_weight)
-            (loss / config.grad_accum).backward()
+            (loss / config.grad_accum).backward()  # before any check: other workers wait in this all-reduce
             step_tokens += int(batch.attention_mask.sum()) * world
+            stop_unless_finite(out, step + 1, "loss", loss.item(), config)
         tokens_seen += step_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
+        stop_unless_finite(out, step + 1, "gradient norm", grad_norm, config)
         optimizer.step()
         scheduler.step()
         done = step + 1
+        non_finite = int((~torch.isfinite(_encoder(model).weight)).sum())
+        stop_unless_finite(out, done, "prefix", 0.0 if non_finite == 0 else math.nan, config, f"{non_finite} values NaN or infinite")
         if rank != 0:
             continue
         elapsed = time.perf_counter() - started
@@ -189,10 +200,39 @@ def train_loop(loop_config: dict) -> None:
         log.close()
 
 
+def stop_unless_finite(out: Path, step: int, what: str, value: float, config: DistillConfig, shown: str | None = None) -> None:
+    """Stop training at the first non-finite loss, gradient or prefix, before it reaches a checkpoint.
+
+    Checkpoints are written after this check, so the last one on disk is good. The reason is also
+    written to `failure.json`, so that the driver of a Ray Train run reports this one line rather
+    than the worker group's traceback.
+    """
+    if math.isfinite(value):
+        return
+    last = latest_checkpoint(out / CHECKPOINTS_DIR)
+    kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint had been written"
+    message = (
+        f"training stopped at step {step}: the {what} is {shown or value} (not finite); {kept} and nothing is published. "
+        f"Lower distill.lr (now {config.lr:g}) or distill.max_grad_norm (now {config.max_grad_norm:g}), then build again"
+    )
+    write_atomically(out / FAILURE_FILE, lambda tmp: tmp.write_text(json.dumps({"step": step, "message": message})))
+    raise TrainingDiverged(message)
+
+
+def check_training_fits_window(config: DistillConfig, window: int) -> None:
+    """The student reads the prefix and then up to `max_length` tokens: both must fit the model's positions."""
+    if config.num_tokens + config.max_length > window:
+        raise CartridgeError(
+            f"distill.num_tokens={config.num_tokens} plus distill.max_length={config.max_length} is "
+            f"{config.num_tokens + config.max_length} positions, more than the model's window of {window}: "
+            f"lower distill.num_tokens to {max(window - config.max_length, 0)} or less"
+        )
+
+
 class TrainSettings(BaseModel):
     """How training runs; does not change the result beyond floating-point reduction order."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_SETTINGS
 
     executor: Literal["ray", "local"] = "ray"
     workers: int = Field(1, ge=1, description="Ray Train workers (gloo on CPU)")
@@ -234,6 +274,7 @@ def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSe
     if config_file.is_file() and json.loads(config_file.read_text()) != config.model_dump():
         raise CartridgeError(f"{out} holds a training with other settings: use the same settings to resume, or a new run folder")
     write_atomically(config_file, lambda tmp: tmp.write_text(json.dumps(config.model_dump(), indent=2)))
+    (out / FAILURE_FILE).unlink(missing_ok=True)
     if not (out / INIT_FILE).is_file():
         prefix = initial_prefix(loaded, run_dir, config)
         write_atomically(out / INIT_FILE, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
@@ -264,7 +305,13 @@ def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSe
             torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
             run_config=RunConfig(storage_path=str((out / "ray").resolve()), name="train"),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception:
+            failure = out / FAILURE_FILE  # a worker's TrainingDiverged arrives wrapped in Ray's errors
+            if failure.is_file():
+                raise TrainingDiverged(json.loads(failure.read_text())["message"]) from None
+            raise
     return out / FINAL_FILE
 
 

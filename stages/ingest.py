@@ -5,6 +5,7 @@ Outputs (in the run folder, each written atomically): `documents.parquet`, `chun
 
 import json
 import math
+import os
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from cartridges.atomic import write_parquet_atomically, write_text_atomically
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes, sha256_of_named_hashes
 from cartridges.stages.readers import READERS
+from cartridges.tokenizing import token_offsets
 
 DOCUMENT_SEPARATOR = "\n\n"
 DOCUMENTS_FILE = "documents.parquet"
@@ -32,10 +34,21 @@ class Document:
 
 
 @dataclass(frozen=True)
+class SkippedFile:
+    """A file or folder of the corpus that was not read, and why (reported in the build summary)."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason})"
+
+
+@dataclass(frozen=True)
 class Corpus:
     root: Path
     documents: list[Document]
-    skipped: list[str]
+    skipped: list[SkippedFile]
 
     @property
     def content_fingerprint(self) -> str:
@@ -81,35 +94,62 @@ def _title(given: str | None, relative: str, text: str) -> str:
     return first[:120] if first else Path(relative).stem
 
 
+def _corpus_files(folder: Path, skipped: list[SkippedFile]) -> list[Path]:
+    """Every non-hidden file under `folder`, sorted; folders that cannot be listed go to `skipped`."""
+
+    def unlisted(error: OSError) -> None:
+        where = Path(error.filename).relative_to(folder).as_posix() if error.filename else "."
+        skipped.append(SkippedFile(where + "/", f"folder not readable: {error.strerror or error}"))
+
+    files = []
+    for root, folders, names in os.walk(folder, onerror=unlisted):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        files += [Path(root) / name for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
+def _read_records(path: Path) -> tuple[list | None, str]:
+    """(records, reason if none): the file's (title, text) records by its format."""
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        return None, f"unsupported file type {path.suffix or '(none)'}"
+    try:
+        records = reader(path)
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    return records, "" if records is not None else f"not readable as {path.suffix.lower()} (binary, damaged or no text)"
+
+
 def read_corpus(folder: Path) -> Corpus:
-    """Read every supported file under `folder` (hidden files skipped); identical documents are kept once."""
+    """Read every supported file under `folder` (hidden files and folders are ignored); identical
+    documents are kept once. Every file or folder that is not read is reported with its reason."""
     supported = ", ".join(sorted(READERS))
     if not folder.exists():
         raise CartridgeError(f"corpus folder {folder} does not exist: pass a folder of documents ({supported})")
     if not folder.is_dir():
         raise CartridgeError(f"corpus {folder} is not a folder: pass a folder of documents ({supported})")
     documents: list[Document] = []
-    skipped: list[str] = []
-    seen: set[str] = set()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    skipped: list[SkippedFile] = []
+    seen: dict[str, str] = {}
+    for path in _corpus_files(folder, skipped):
         relative = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in Path(relative).parts):
-            continue
-        reader = READERS.get(path.suffix.lower())
-        records = reader(path) if reader else None
+        records, reason = _read_records(path)
         if records is None:
-            skipped.append(relative)
+            skipped.append(SkippedFile(relative, reason))
             continue
         for index, (title, raw) in enumerate(records):
+            name = relative if len(records) == 1 else f"{relative}#{index}"
             text = normalize_text(raw)
             digest = sha256_bytes(text.encode())
-            if not text or digest in seen:
-                continue
-            seen.add(digest)
-            name = relative if len(records) == 1 else f"{relative}#{index}"
-            documents.append(Document(path=name, title=_title(title, relative, text), text=text, sha256=digest))
+            if not text:
+                skipped.append(SkippedFile(name, "no text"))
+            elif digest in seen:
+                skipped.append(SkippedFile(name, f"same text as {seen[digest]}"))
+            else:
+                seen[digest] = name
+                documents.append(Document(path=name, title=_title(title, relative, text), text=text, sha256=digest))
     if not documents:
-        what = f"; unsupported or unreadable files skipped: {', '.join(skipped[:5])}" if skipped else ""
+        what = f"; skipped: {', '.join(map(str, skipped[:5]))}" if skipped else ""
         raise CartridgeError(f"corpus folder {folder} has no readable text ({supported}){what}")
     return Corpus(root=folder, documents=documents, skipped=skipped)
 
@@ -130,12 +170,11 @@ def chunk_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, min_tokens:
         raise CartridgeError(f"chunk sizes must satisfy 0 < min ({min_tokens}) <= max / 2 ({max_tokens // 2})")
     chunks: list[Chunk] = []
     for doc_id, doc in enumerate(corpus.documents):
-        encoding = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoding["offset_mapping"]
+        offsets = token_offsets(tokenizer, doc.text)  # in pieces: a 40 MB one-line file stays small
         for start, end in _balanced_bounds(len(offsets), max_tokens):
             if start == end:
                 continue
-            char_start, char_end = offsets[start][0], offsets[end - 1][1]
+            char_start, char_end = int(offsets[start][0]), int(offsets[end - 1][1])
             chunks.append(Chunk(len(chunks), doc_id, start, end, char_start, char_end, doc.text[char_start:char_end]))
     return chunks
 
@@ -190,7 +229,7 @@ def ingest_corpus(corpus: Corpus, run_dir: Path, tokenizer: PreTrainedTokenizerB
         "num_documents": len(corpus.documents),
         "num_chunks": len(chunks),
         "num_tokens": sum(c.num_tokens for c in chunks),
-        "skipped": corpus.skipped,
+        "skipped": [asdict(skip) for skip in corpus.skipped],
     }
     write_text_atomically(done, json.dumps(record, indent=2))
     return record

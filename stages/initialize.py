@@ -15,6 +15,7 @@ from cartridges.layout import context_token_ids
 from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.models import LoadedModel
 from cartridges.stages.ingest import Corpus
+from cartridges.tokenizing import count_tokens
 
 NUM_FROZEN_TOKENS = 1
 
@@ -40,8 +41,15 @@ def init_cartridge(loaded: LoadedModel, corpus: Corpus, num_tokens: int, name: s
     """Build an `init` cartridge of the first `num_tokens` corpus tokens (fewer if the corpus is shorter)."""
     if num_tokens < NUM_FROZEN_TOKENS + 1:
         raise CartridgeError(f"--tokens must be at least {NUM_FROZEN_TOKENS + 1}, got {num_tokens}")
-    all_ids = context_token_ids(loaded.tokenizer, corpus.text)
-    token_ids = all_ids[:num_tokens]
+    window = loaded.model.config.max_position_embeddings
+    if num_tokens >= window:
+        raise CartridgeError(
+            f"--tokens {num_tokens} does not fit {loaded.model_id}, which reads at most {window} positions "
+            f"(cartridge and chat together): use --tokens {window // 2} or fewer"
+        )
+    text = corpus.text
+    token_ids = context_token_ids(loaded.tokenizer, text, num_tokens)  # only the beginning is tokenized
+    corpus_tokens = len(context_token_ids(loaded.tokenizer, "")) + count_tokens(loaded.tokenizer, text)
     if len(token_ids) < NUM_FROZEN_TOKENS + 1:
         raise CartridgeError(f"corpus {corpus.root} has only {len(token_ids)} token(s): add text")
     embeddings = kv_prefix_of_tokens(loaded.model, token_ids)
@@ -51,7 +59,7 @@ def init_cartridge(loaded: LoadedModel, corpus: Corpus, num_tokens: int, name: s
         num_tokens=len(token_ids),
         num_frozen_tokens=NUM_FROZEN_TOKENS,
         dtype=str(embeddings.dtype).removeprefix("torch."),
-        corpus=[corpus_info(loaded, corpus, len(all_ids))],
+        corpus=[corpus_info(loaded, corpus, corpus_tokens)],
         method="init",
         method_config={"requested_tokens": num_tokens, "source": "first corpus tokens"},
     )

@@ -1,6 +1,7 @@
 """Text extraction per file format. Each reader returns (title or None, text) records, or None
 when the file cannot be read as that format."""
 
+import codecs
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,15 +11,41 @@ from charset_normalizer import from_bytes
 Record = tuple[str | None, str]
 
 
+# Byte-order marks, longest first (the UTF-32 LE mark begins with the UTF-16 LE one).
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
 def decode_bytes(data: bytes) -> str | None:
-    """UTF-8 first (BOM tolerated); otherwise the encoding charset-normalizer detects; None if binary."""
+    """Text of a file's bytes, or None when they are not text.
+
+    A byte-order mark decides first (UTF-8/16/32); then UTF-8; then charset-normalizer's detection.
+    Detection cannot tell the Western code pages apart on short texts (it read Latin-1 "préavis"
+    as cp1006 "prﻠavis"), so Windows-1252, the superset of Latin-1, wins whenever it reads the
+    bytes at least as cleanly as the detected code page.
+    """
+    for mark, codec in BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError:
+                return None
     if b"\x00" in data[:8192]:
         return None
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        best = from_bytes(data).best()
-        return str(best) if best is not None else None
+        pass
+    best = from_bytes(data).best()
+    if best is None:
+        return None
+    western = from_bytes(data, cp_isolation=["cp1252"]).best()
+    return str(western if western is not None and western.chaos <= best.chaos else best)
 
 
 def read_plain(path: Path) -> list[Record] | None:

@@ -23,13 +23,15 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from cartridges.atomic import write_parquet_atomically, write_text_atomically
 from cartridges.cluster import init_ray
 from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.progress import ThroughputProgress
+from cartridges.runtime import pad_token_id
+from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.engines import Engine, EngineName, SamplingConfig, TokenScores, make_engine
 from cartridges.stages.ingest import INGEST_FILE, Chunk, read_chunks, read_titles
 from cartridges.stages.quality import answer_problem, message_problem
@@ -89,7 +91,7 @@ SAMPLE_SCHEMA = pa.schema(
 class SynthesisConfig(BaseModel):
     """Settings that decide which samples are made; changing one needs a new run folder."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_SETTINGS
 
     samples: int = Field(256, ge=1, description="number of samples to write")
     seed: int = Field(0, description="seed of the sample plan (chunks, kinds, sampling seeds)")
@@ -119,7 +121,7 @@ class SynthesisConfig(BaseModel):
 class RunSettings(BaseModel):
     """How the work runs; does not change which samples are made (except HF batching, see docs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_SETTINGS
 
     engine: EngineName = "auto"
     engines: int = Field(1, ge=1, description="engine actors (one per GPU on GPU nodes)")
@@ -318,7 +320,7 @@ class SynthesisWorker:
             max_model_len=max_prompt_tokens(config) + config.max_answer_tokens + 8,
             top_k=config.top_k,
             batch_size=settings.batch_size,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=pad_token_id(tokenizer),
             threads=settings.threads,
             seed=config.seed,
         )

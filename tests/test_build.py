@@ -174,3 +174,86 @@ def test_a_second_build_of_the_same_run_while_one_holds_it_fails_with_the_fix(cl
     assert code == 2 and "another build of 'legal' with this corpus and config is running" in err and "Traceback" not in err
     code, out, err = cli(*args)  # the lock is free again
     assert code == 0 and "nothing to do: legal@1" in out
+
+
+# ---- issue 14: a build never publishes a non-finite cartridge --------------------------------
+
+
+def poison_training_at(monkeypatch, bad_step: int) -> None:
+    """The distillation loss turns NaN at training step `bad_step` (a fault no config can cause since lr is bounded)."""
+    from cartridges.stages import distill
+    from cartridges.stages.training_data import distillation_loss
+
+    steps = []
+
+    def poisoned(logits, batch, ce_weight=0.0):
+        loss, stats = distillation_loss(logits, batch, ce_weight)
+        if not torch.is_grad_enabled():  # the held-out evaluation
+            return loss, stats
+        steps.append(1)
+        return (loss * float("nan") if len(steps) == bad_step else loss), stats
+
+    monkeypatch.setattr(distill, "distillation_loss", poisoned)
+
+
+def _registry_files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("bad_step", sorted(__import__("random").Random(14).sample(range(1, 5), 2)))
+def test_a_build_whose_training_goes_non_finite_publishes_nothing_and_the_schedule_keeps_the_last_good_version(
+    monkeypatch, tiny_model_dir, long_corpus, cartridges_home, bad_step
+):
+    from datetime import UTC, datetime, timedelta
+
+    from cartridges.pipeline.scheduler import Scheduler, build_schedule
+    from cartridges.registry import Registry
+
+    registry = Registry(cartridges_home / "registry")
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    scheduler = Scheduler(registry, build_schedule(registry.url), lambda: now[0])
+    overrides = [f"model={tiny_model_dir}", "distill.steps=4", "distill.checkpoint_every=1"]
+    scheduler.add("legal", str(long_corpus), "0 2 * * *", config="tiny", overrides=overrides)
+    now[0] += timedelta(hours=2)
+    assert [o.status for o in scheduler.tick()] == ["published"]
+    before = _registry_files(cartridges_home / "registry" / "legal")
+
+    (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
+    poison_training_at(monkeypatch, bad_step)
+    now[0] += timedelta(days=1)
+    [outcome] = scheduler.tick()
+    assert outcome.status == "failed" and f"training stopped at step {bad_step}: the loss is nan" in outcome.detail
+    assert _registry_files(cartridges_home / "registry" / "legal") == before
+    assert not list((cartridges_home / "registry").glob(".staging/*"))
+    assert registry.resolve("legal@latest") == ("legal", 1)
+    assert registry.verify("legal@latest").version == 1
+    run = max((cartridges_home / "runs").glob("legal-*"), key=lambda p: p.stat().st_mtime)
+    assert sorted(p.name for p in run.glob("distill/checkpoints/step-*")) == [f"step-{s:06d}" for s in range(1, bad_step)]
+
+
+def test_a_build_that_diverges_is_one_line_on_the_command_line(cli, monkeypatch, tiny_model_dir, long_corpus, cartridges_home):
+    poison_training_at(monkeypatch, 1)
+    code, _, err = cli("build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: training stopped at step 1") and "Traceback" not in err
+    assert not (cartridges_home / "registry" / "legal").exists()
+
+
+def test_warm_start_refuses_a_damaged_parent(cli, tiny_model_dir, long_corpus, cartridges_home):
+    from safetensors.torch import save_file
+
+    from cartridges.hashing import sha256_file
+    from cartridges.integrity import bound_metadata
+    from cartridges.manifest import ADAPTER_WEIGHTS_FILE, Manifest
+
+    args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
+    assert cli(*args)[0] == 0
+    # An older tool published a NaN prefix with matching checksums.
+    version = cartridges_home / "registry" / "legal" / "1"
+    manifest = Manifest.read(version)
+    save_file({"prompt_embeddings": torch.full((8, 128), float("nan"))}, str(version / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest))
+    (version / "manifest.json").write_text(manifest.model_copy(update={"files": manifest.files | {ADAPTER_WEIGHTS_FILE: sha256_file(version / ADAPTER_WEIGHTS_FILE)}}).to_json())
+    (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
+    code, _, err = cli(*args)
+    assert code == 2 and "cannot warm-start from legal@latest" in err and "NaN or infinite" in err and "warm_start=false" in err
+    code, out, err = cli(*args, "--set", "warm_start=false")
+    assert code == 0 and "published legal@2" in out, err

@@ -189,3 +189,61 @@ def test_a_ray_worker_trains_with_all_its_cpus(tiny, synthesized_run):
     record = json.loads((synthesized_run / DISTILL_DIR / METRICS_FILE).read_text().splitlines()[-1])
     assert settings.worker_threads() == max(1, os.cpu_count() // 1)
     assert record["threads"] == settings.worker_threads()
+
+
+# ---- issue 14: training stops on non-finite values -------------------------------------------
+
+
+def overflowing_start(run) -> None:
+    """A finite starting prefix so large that attention overflows: the loss is NaN from the first step."""
+    from safetensors.torch import save_file
+
+    (run / DISTILL_DIR).mkdir(parents=True, exist_ok=True)
+    save_file({"prefix": torch.full((P, 128), 3e38)}, str(run / DISTILL_DIR / INIT_FILE))
+
+
+def test_a_diverging_training_stops_at_its_first_step_with_one_line(tiny, synthesized_run):
+    from cartridges.stages.distill import TrainingDiverged
+
+    overflowing_start(synthesized_run)
+    with pytest.raises(TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)") as stopped:
+        run_training(synthesized_run, tiny, config(steps=6, checkpoint_every=1), LOCAL)
+    assert "no checkpoint had been written and nothing is published" in str(stopped.value)
+    assert "Lower distill.lr (now 0.01)" in str(stopped.value) and "\n" not in str(stopped.value)
+    out = synthesized_run / DISTILL_DIR
+    assert not (out / FINAL_FILE).exists() and not list(out.glob(f"{CHECKPOINTS_DIR}/step-*"))
+
+
+def test_a_diverging_ray_training_is_one_line_too(tiny, synthesized_run):
+    """Under Ray Train the worker's error arrives wrapped in Ray's exceptions; the driver reports the worker's line."""
+    import ray
+
+    from cartridges.stages.distill import TrainingDiverged
+
+    overflowing_start(synthesized_run)
+    try:
+        with pytest.raises(TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)"):
+            run_training(synthesized_run, tiny, config(steps=4), TrainSettings(executor="ray", workers=1, threads=1))
+    finally:
+        ray.shutdown()
+    assert not (synthesized_run / DISTILL_DIR / FINAL_FILE).exists()
+
+
+@pytest.mark.parametrize("bad_step", [1, 3])
+def test_a_nan_loss_at_any_step_stops_before_the_checkpoint_of_that_step(tiny, synthesized_run, monkeypatch, bad_step):
+    from cartridges.stages import distill
+    from cartridges.stages.distill import TrainingDiverged
+
+    calls = []
+
+    def poisoned(logits, batch, ce_weight=0.0):
+        loss, stats = distillation_loss(logits, batch, ce_weight)
+        if torch.is_grad_enabled():  # a training step, not the held-out evaluation
+            calls.append(1)
+        return (loss * float("nan"), stats) if len(calls) == bad_step and torch.is_grad_enabled() else (loss, stats)
+
+    monkeypatch.setattr(distill, "distillation_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=f"training stopped at step {bad_step}: the loss is nan"):
+        run_training(synthesized_run, tiny, config(steps=4, checkpoint_every=1), LOCAL)
+    steps = sorted(p.name for p in (synthesized_run / DISTILL_DIR / CHECKPOINTS_DIR).glob("step-*"))
+    assert steps == [f"step-{s:06d}" for s in range(1, bad_step)]

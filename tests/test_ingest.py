@@ -1,3 +1,7 @@
+import codecs
+import os
+from pathlib import Path
+
 import pytest
 
 from cartridges.errors import CartridgeError
@@ -16,7 +20,11 @@ def test_identical_documents_are_kept_once_and_binaries_skipped(corpus_dir):
     (corpus_dir / "copy.txt").write_text((corpus_dir / "a_statute.txt").read_text())
     (corpus_dir / "image.png").write_bytes(b"\x89PNG\x00\x00")
     corpus = read_corpus(corpus_dir)
-    assert len(corpus.documents) == 2 and corpus.skipped == ["image.png"]
+    assert len(corpus.documents) == 2
+    assert [(s.path, s.reason) for s in corpus.skipped] == [
+        ("copy.txt", "same text as a_statute.txt"),
+        ("image.png", "unsupported file type .png"),
+    ]
 
 
 def test_fingerprint_is_stable_and_changes_on_edit(corpus_dir):
@@ -81,13 +89,13 @@ def test_reads_html_pdf_json_jsonl_and_detects_encodings(tmp_path):
     assert (by_path["one.json"].title, by_path["one.json"].text) == ("Rules", "Pets need consent.")
     assert by_path["many.jsonl#1"].text == "Second record."
     assert by_path["latin.txt"].text == german
-    assert corpus.skipped == ["tool.exe"]
+    assert [s.path for s in corpus.skipped] == ["tool.exe"]
 
 
 def test_json_without_text_field_is_skipped(tmp_path):
     (tmp_path / "data.json").write_text('{"body": "no text field"}')
     (tmp_path / "ok.txt").write_text("Some text.")
-    assert read_corpus(tmp_path).skipped == ["data.json"]
+    assert [str(s) for s in read_corpus(tmp_path).skipped] == ["data.json (not readable as .json (binary, damaged or no text))"]
 
 
 def test_chunks_respect_bounds_and_cover_documents(tiny, tmp_path):
@@ -132,3 +140,97 @@ def test_ingest_writes_parquet_and_reuses_it(tiny, corpus_dir, tmp_path):
     before = (run / CHUNKS_FILE).stat().st_mtime_ns
     ingest(corpus_dir, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 8, 32)
     assert (run / CHUNKS_FILE).stat().st_mtime_ns == before
+
+
+# ---- issue 14: decoding and reporting what is skipped ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, encode",
+    [
+        ("Le préavis doit être donné par écrit.", lambda t: t.encode("latin-1")),
+        ("préavis", lambda t: t.encode("latin-1")),
+        ("Kündigung", lambda t: t.encode("cp1252")),
+        ("Zażółć gęślą jaźń, wynajmujący musi.", lambda t: t.encode("cp1250")),
+        ("Арендодатель должен уведомить арендатора за тридцать дней.", lambda t: t.encode("cp1251")),
+        ("Notice — “thirty days” (préavis)", lambda t: t.encode("utf-16")),
+        ("Notice — “thirty days” (préavis)", lambda t: codecs.BOM_UTF16_BE + t.encode("utf-16-be")),
+        ("Notice (préavis)", lambda t: t.encode("utf-32")),
+        ("Notice (préavis)", lambda t: codecs.BOM_UTF8 + t.encode("utf-8")),
+        ("Notice (préavis)", lambda t: t.encode("utf-8")),
+    ],
+)
+def test_encodings_are_decoded_as_written(tmp_path, text, encode):
+    (tmp_path / "doc.txt").write_bytes(encode(text))
+    corpus = read_corpus(tmp_path)
+    assert [d.text for d in corpus.documents] == [text] and corpus.skipped == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file and folder whatever its permissions")
+def test_unreadable_files_and_folders_are_reported_with_the_reason(tmp_path):
+    (tmp_path / "ok.txt").write_text("Readable text.")
+    (tmp_path / "secret.txt").write_text("Hidden by permissions.")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "inside.txt").write_text("Never listed.")
+    (tmp_path / "secret.txt").chmod(0)
+    (tmp_path / "locked").chmod(0)
+    try:
+        corpus = read_corpus(tmp_path)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+        (tmp_path / "secret.txt").chmod(0o644)
+    assert [d.path for d in corpus.documents] == ["ok.txt"]
+    assert [str(s) for s in corpus.skipped] == ["locked/ (folder not readable: Permission denied)", "secret.txt (cannot read: Permission denied)"]
+
+
+def test_unreadable_files_and_folders_are_reported_as_root_sees_them(tmp_path, monkeypatch):
+    """The same report where permissions cannot stop the reader (root, as in CI): the OS errors are injected."""
+    (tmp_path / "ok.txt").write_text("Readable text.")
+    (tmp_path / "secret.txt").write_text("Hidden by permissions.")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "inside.txt").write_text("Never listed.")
+    real_read_bytes, real_scandir = Path.read_bytes, os.scandir
+
+    def read_bytes(path):
+        if path.name == "secret.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "scandir", scandir)
+    corpus = read_corpus(tmp_path)
+    assert [d.path for d in corpus.documents] == ["ok.txt"]
+    assert [str(s) for s in corpus.skipped] == ["locked/ (folder not readable: Permission denied)", "secret.txt (cannot read: Permission denied)"]
+
+
+def test_an_unreadable_only_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "secret.txt").write_text("x")
+    monkeypatch.setattr(Path, "read_bytes", lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+    with pytest.raises(CartridgeError, match=r"no readable text.*secret\.txt \(cannot read: Permission denied\)"):
+        read_corpus(tmp_path)
+
+
+def test_a_one_line_corpus_is_chunked_like_whole_text_tokenization(tiny, tmp_path):
+    """Documents are tokenized in bounded pieces (memory): the chunks equal those of the whole text tokenized at once."""
+    from cartridges.stages.ingest import chunk_corpus
+    from cartridges import tokenizing
+
+    words = "landlord tenant notice rent deposit lease premises court eviction days".split()
+    (tmp_path / "one_line.txt").write_text(" ".join(words[(i * 7) % 10] + ("." if i % 11 == 0 else "") for i in range(30_000)))
+    corpus = read_corpus(tmp_path)
+    whole = chunk_corpus(corpus, tiny.tokenizer, 200, 500)
+    offsets = tiny.tokenizer(corpus.documents[0].text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert whole[-1].token_end == len(offsets)
+    tokenizing_piece = tokenizing.PIECE_CHARS
+    try:
+        tokenizing.PIECE_CHARS = 1000  # many pieces
+        pieces = chunk_corpus(corpus, tiny.tokenizer, 200, 500)
+    finally:
+        tokenizing.PIECE_CHARS = tokenizing_piece
+    assert pieces == whole
+    assert all(c.char_start == offsets[c.token_start][0] and c.char_end == offsets[c.token_end - 1][1] for c in whole)

@@ -33,5 +33,29 @@ def test_folder_without_config_is_rejected(tmp_path):
 
 
 def test_bad_model_spec_is_rejected():
-    with pytest.raises(CartridgeError, match="neither a local folder nor a hub id"):
+    with pytest.raises(CartridgeError, match="no-such-folder': no such folder, and not a hub id"):
         resolve_model_path("no-such-folder")
+
+
+def test_a_mistyped_local_path_is_not_reported_as_a_hub_download(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CartridgeError, match=r"model 'models/smol': no such folder in models/ : check the path"):
+        resolve_model_path("models/smol")
+
+
+def test_the_embedded_model_id_is_a_model_spec(monkeypatch):
+    from cartridges import models
+
+    monkeypatch.setattr(models, "prepare_embedded_model", lambda: "prepared")
+    assert resolve_model_path("embedded:SmolLM2-135M-Instruct") == resolve_model_path("default") == "prepared"
+    assert models.model_spec_of("embedded:SmolLM2-135M-Instruct") == "default"
+
+
+def test_garbage_weights_are_one_line(tiny_model_dir, tmp_path):
+    from cartridges.models import load_model
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    (copy / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    with pytest.raises(CartridgeError, match=r"cannot load the model in .*copy: "):
+        load_model(str(copy))

@@ -1,4 +1,5 @@
 import json
+import multiprocessing
 import random
 import subprocess
 import sys
@@ -7,10 +8,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from registry_helpers import fake_artifact
+import torch
+from registry_helpers import WIDTH, fake_artifact, fake_manifest
+from registry_workers import publish_one, set_aliases
 
+from cartridges.artifact import load_artifact
 from cartridges.errors import CartridgeError
-from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
+from cartridges.hashing import sha256_file
+from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, manifest_digest
 from cartridges.registry import Registry
 
 
@@ -44,7 +49,7 @@ def test_aliases_and_guarded_remove(tmp_path):
     assert reg.remove("legal@1") == ("legal", 1)
     assert reg.versions("legal") == [2, 3]
     reg.remove("legal@stable", force=True)
-    assert reg.versions("legal") == [3] and reg.aliases("legal") == {}
+    assert reg.versions("legal") == [3] and reg.aliases("legal") == {} and reg.retired("legal") == [1, 2]
     with pytest.raises(CartridgeError, match="reserved"):
         reg.set_alias("legal@3", "latest")
 
@@ -54,7 +59,7 @@ def test_list_shows_aliases(tmp_path):
     reg.publish(fake_artifact(tmp_path / "a"), "legal")
     reg.publish(fake_artifact(tmp_path / "b"), "tax")
     reg.set_alias("tax@1", "stable")
-    listing = [(e.name, e.version, e.aliases) for e in reg.list()]
+    listing = [(e.name, e.version, e.aliases) for e in reg.list().entries]
     assert listing == [("legal", 1, ()), ("tax", 1, ("stable",))]
 
 
@@ -105,16 +110,11 @@ def test_memory_registry_round_trip(tmp_path):
     assert reg.verify("legal@2").version == 2
 
 
-def _publish_one(args: tuple[str, str]) -> int:
-    root, source = args
-    return Registry(root).publish(Path(source), "legal").version
-
-
 def test_concurrent_publishers_get_distinct_versions(tmp_path):
     sources = [str(fake_artifact(tmp_path / f"src{i}", payload_bytes=200_000)) for i in range(8)]
     root = str(tmp_path / "reg")
-    with ProcessPoolExecutor(max_workers=4) as pool:
-        versions = list(pool.map(_publish_one, [(root, s) for s in sources]))
+    with ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        versions = list(pool.map(publish_one, [(root, s) for s in sources]))
     assert sorted(versions) == list(range(1, 9))
     reg = Registry(root)
     assert reg.versions("legal") == list(range(1, 9))
@@ -155,3 +155,229 @@ def test_killed_publisher_never_leaves_a_partial_version(tmp_path):
     versions = Registry(root).versions("legal")
     assert versions == list(range(1, len(versions) + 1))
     assert completed <= len(versions) < 21, "some kills must have interrupted a publish"
+
+
+# ---- issue 14: integrity -------------------------------------------------------------------
+
+
+def rewrite_payload(folder: Path, prefix: torch.Tensor) -> None:
+    """Replace an artifact's tensor and re-checksum it, keeping the bound manifest: only deeper checks can catch this."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = folder / ADAPTER_WEIGHTS_FILE
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file({"prompt_embeddings": prefix}, str(weights), metadata=metadata)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["files"][ADAPTER_WEIGHTS_FILE] = sha256_file(weights)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_publish_refuses_a_non_finite_prefix_and_writes_nothing(tmp_path):
+    source = fake_artifact(tmp_path / "a")
+    prefix = torch.randn(4, WIDTH)
+    prefix[2, 5] = float("nan")
+    rewrite_payload(source, prefix)
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(CartridgeError, match="1 of 512 prefix values are NaN or infinite"):
+        reg.publish(source, "legal")
+    assert not (tmp_path / "reg").exists()
+
+
+def test_saving_a_non_finite_prefix_is_refused(tmp_path):
+    prefix = torch.randn(4, WIDTH)
+    prefix[0, 0] = float("inf")
+    with pytest.raises(CartridgeError, match="refusing to save cartridge legal: 1 of 512"):
+        fake_artifact(tmp_path / "a", prefix=prefix)
+    assert not (tmp_path / "a").exists()
+
+
+def test_manifests_are_strict_json(tmp_path):
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        fake_manifest().model_copy(update={"metrics": {"kd": float("nan")}}).to_json()
+    with pytest.raises(Exception, match="finite number"):
+        Manifest.model_validate(fake_manifest().model_dump() | {"metrics": {"kd": float("inf")}})
+    folder = fake_artifact(tmp_path / "a")
+    text = (folder / MANIFEST_FILE).read_text()
+    assert "NaN" not in text and json.loads(text)["format_version"] == 2
+    (folder / MANIFEST_FILE).write_text(text.replace('"metrics": {}', '"metrics": {"kd": NaN}'))
+    with pytest.raises(CartridgeError, match="not valid JSON .*NaN is not JSON"):
+        Manifest.read(folder)
+
+
+def test_a_removed_version_number_is_never_reused(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    for i in range(5):
+        reg.publish(fake_artifact(tmp_path / f"a{i}"), "c1")
+    reg.remove("c1@5")
+    assert reg.publish(fake_artifact(tmp_path / "b"), "c1").version == 6
+    assert reg.versions("c1") == [1, 2, 3, 4, 6] and reg.retired("c1") == [5]
+    with pytest.raises(CartridgeError, match="c1@5 was removed"):
+        reg.resolve("c1@5")
+    for version in (1, 2, 3, 4, 6):
+        reg.remove(f"c1@{version}")
+    with pytest.raises(CartridgeError, match="c1 has no versions left: .*removed"):
+        reg.resolve("c1")
+    assert reg.publish(fake_artifact(tmp_path / "c"), "c1").version == 7
+
+
+def test_a_removed_version_number_is_never_reused_on_an_object_store(tmp_path):
+    reg = Registry(f"memory://retire-{time.time_ns()}")
+    for i in range(2):
+        reg.publish(fake_artifact(tmp_path / f"a{i}"), "c1")
+    reg.remove("c1@2")
+    assert reg.publish(fake_artifact(tmp_path / "b"), "c1").version == 3
+    assert reg.versions("c1") == [1, 3]
+
+
+def test_the_empty_name_error_does_not_contradict_itself(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "c1")
+    reg.publish(fake_artifact(tmp_path / "b"), "legal")
+    reg.remove("legal@1")
+    with pytest.raises(CartridgeError) as error:
+        reg.resolve("legal")
+    assert "legal has no versions left: @1 was removed" in str(error.value) and "available" not in str(error.value)
+    with pytest.raises(CartridgeError, match=r"no cartridge named 'tax' .*\(available: c1\)"):
+        reg.resolve("tax")
+
+
+def test_concurrent_alias_writes_from_several_processes_are_all_kept(tmp_path):
+    root = str(tmp_path / "reg")
+    reg = Registry(root)
+    for i in range(3):
+        reg.publish(fake_artifact(tmp_path / f"a{i}"), "legal")
+    with ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(set_aliases, [(root, worker, 40) for worker in range(4)]))
+    aliases = Registry(root).aliases("legal")
+    assert len(aliases) == 160
+    assert all(aliases[f"w{w}-{i}"] == 1 + (w + i) % 3 for w in range(4) for i in range(40))
+
+
+def test_an_older_registrys_aliases_file_is_read_and_migrated(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    for i in range(2):
+        reg.publish(fake_artifact(tmp_path / f"a{i}"), "legal")
+    (tmp_path / "reg" / "legal" / "aliases.json").write_text(json.dumps({"stable": 1, "old": 2}))
+    assert reg.resolve("legal@stable") == ("legal", 1)
+    reg.set_alias("legal@2", "stable")
+    assert reg.aliases("legal") == {"stable": 2, "old": 2}
+    assert not (tmp_path / "reg" / "legal" / "aliases.json").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "aliases.json").write_text("{broken"), r"aliases.json is damaged"),
+        (lambda d: (d / "aliases" / "stable.json").write_text('{"version": "two"}'), "alias 'stable' does not hold a version number"),
+    ],
+)
+def test_corrupt_aliases_are_one_line_errors(tmp_path, damage, message):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    reg.set_alias("legal@1", "stable")
+    damage(tmp_path / "reg" / "legal")
+    with pytest.raises(CartridgeError, match=message):
+        reg.resolve("legal@stable")
+
+
+def test_a_dangling_alias_says_how_to_fix_it(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    reg.publish(fake_artifact(tmp_path / "b"), "legal")
+    (tmp_path / "reg" / "legal" / "aliases").mkdir()
+    (tmp_path / "reg" / "legal" / "aliases" / "stable.json").write_text('{"version": 9}')
+    with pytest.raises(CartridgeError, match=r"alias legal@stable points at legal@9, which no longer exists"):
+        reg.resolve("legal@stable")
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest | changes))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_tokens": 3}, "does not match the manifest"),
+        ({"model_fingerprint": "f" * 64}, r"manifest field\(s\) model_fingerprint differ"),
+        ({"corpus": []}, r"manifest field\(s\) corpus differ"),
+        ({"name": "other", "version": 77}, "manifest says other@77 but it is stored as legal@1"),
+        ({"version": 2}, "stored as legal@1"),
+    ],
+)
+def test_verify_checks_the_manifest_as_loading_does(tmp_path, changes, message):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    _edit_manifest(tmp_path / "reg" / "legal" / "1", **changes)
+    with pytest.raises(CartridgeError, match=message):
+        reg.verify("legal@1")
+
+
+def test_verify_finds_non_finite_values_behind_valid_checksums(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    prefix = torch.randn(4, WIDTH)
+    prefix[:, :10] = float("-inf")
+    rewrite_payload(tmp_path / "reg" / "legal" / "1", prefix)
+    with pytest.raises(CartridgeError, match="40 of 512 prefix values are NaN or infinite"):
+        reg.verify("legal@1")
+
+
+def test_verify_checks_the_adapter_config_against_the_manifest(tmp_path):
+    from cartridges.manifest import ADAPTER_CONFIG_FILE
+
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    folder = tmp_path / "reg" / "legal" / "1"
+    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config | {"num_virtual_tokens": 5}))
+    _edit_manifest(folder, files=json.loads((folder / MANIFEST_FILE).read_text())["files"] | {ADAPTER_CONFIG_FILE: sha256_file(folder / ADAPTER_CONFIG_FILE)})
+    with pytest.raises(CartridgeError, match="adapter_config.json does not match the manifest .num_virtual_tokens 5 vs 4"):
+        reg.verify("legal@1")
+
+
+def test_one_bad_entry_does_not_break_the_listing(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    reg.publish(fake_artifact(tmp_path / "b"), "newer")
+    reg.publish(fake_artifact(tmp_path / "c"), "tax")
+    (tmp_path / "reg" / "lost+found").mkdir()
+    (tmp_path / "reg" / "legal" / "7").mkdir()
+    _edit_manifest(tmp_path / "reg" / "newer" / "1", format_version=99)
+    listing = reg.list()
+    assert [(e.name, e.version) for e in listing.entries] == [("legal", 1), ("tax", 1)]
+    reasons = {s.path: s.reason for s in listing.skipped}
+    assert set(reasons) == {"lost+found", "legal/7", "newer/1"}
+    assert "not a cartridge name" in reasons["lost+found"] and "no manifest.json" in reasons["legal/7"]
+    assert "format v99 is newer" in reasons["newer/1"]
+
+
+def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):
+    """The cache is keyed by the manifest's digest, and the remote manifest is read on every resolve."""
+    url = f"memory://stale-{time.time_ns()}"
+    reg = Registry(url)
+    reg.publish(fake_artifact(tmp_path / "a"), "rem")
+    first = load_artifact(reg.local_path("rem@1"))
+    # Another writer replaces rem@1 on the remote behind the registry's back (an older tool, a hand edit).
+    replacement = fake_artifact(tmp_path / "b", name="rem")
+    manifest = json.loads((replacement / MANIFEST_FILE).read_text()) | {"version": 1}
+    for file in (ADAPTER_WEIGHTS_FILE, "adapter_config.json"):
+        reg.fs.put_file(str(replacement / file), reg._path("rem", 1, file))
+    reg.fs.pipe_file(reg._path("rem", 1, MANIFEST_FILE), json.dumps(manifest).encode())
+    assert reg.show("rem@1").files == manifest["files"]
+    second = load_artifact(reg.local_path("rem@1"))
+    assert second.manifest.files == manifest["files"] and not torch.equal(first.prompt_embeddings, second.prompt_embeddings)
+    assert reg.verify("rem@1").files == manifest["files"]
+    # Tampering with the remote payload after the download: the cached copy still matches its manifest,
+    # and verify reads the remote bytes again and sees it.
+    data = bytearray(reg.fs.cat_file(reg._path("rem", 1, ADAPTER_WEIGHTS_FILE)))
+    data[-1] ^= 0xFF
+    reg.fs.pipe_file(reg._path("rem", 1, ADAPTER_WEIGHTS_FILE), bytes(data))
+    with pytest.raises(CartridgeError, match="checksum mismatch"):
+        reg.verify("rem@1")
+    assert torch.equal(load_artifact(reg.local_path("rem@1")).prompt_embeddings, second.prompt_embeddings)
+    assert sorted(p.name for p in (cartridges_home / "cache" / "artifacts").iterdir()) == sorted(
+        {manifest_digest(json.dumps(manifest).encode()), reg.local_path("rem@1").name} | {first.path.name}
+    )

@@ -1,0 +1,99 @@
+"""`cartridges gc`: remove what interrupted or finished work left behind, never what a build still needs.
+
+Removed, when older than a safe age (nothing a live process is writing): the registry's upload
+folders of killed publishers, scratch folders of killed commands, run folders that hold nothing,
+the artifact copies of the commands before scratch folders existed; and, in published builds,
+the artifact copy and the checkpoints (the registry has the artifact; a published build does
+not resume). Kept: unfinished builds (they resume), the synthesis and prefixes of published
+builds (the next build reuses their samples), and any run folder whose build lock is held.
+"""
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from cartridges.pipeline.runs import DISPOSABLE_AFTER_PUBLISH, LOCK_FILE, PUBLISHED_FILE, runs_root, scratch_root
+from cartridges.registry import Registry
+
+# Run folders that `init`, `compose` and `distill` made before they used scratch folders: <name>-<UTC stamp>-<6 hex>.
+LEGACY_COPY = re.compile(r"^.+-\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+@dataclass(frozen=True)
+class Removal:
+    path: str
+    reason: str
+    bytes: int
+
+
+def parse_age(text: str) -> float:
+    """`90s`, `30m`, `1h`, `2d` or plain seconds -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        from cartridges.errors import CartridgeError
+
+        raise CartridgeError(f"--older-than {text!r}: expected a number with an optional unit s, m, h or d (e.g. 1h)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _age(path: Path) -> float:
+    """Seconds since anything in `path` last changed."""
+    stamps = [path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*") if not p.is_symlink())]
+    return time.time() - max(stamps)
+
+
+def _remove(path: Path, reason: str, dry_run: bool) -> Removal:
+    removal = Removal(str(path), reason, _size(path))
+    if not dry_run:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return removal
+
+
+def collect_garbage(registry: Registry, older_than_seconds: float, dry_run: bool = False) -> list[Removal]:
+    removed: list[Removal] = []
+    for upload in registry.stale_uploads(older_than_seconds):
+        removed.append(Removal(upload, "upload of a publish that did not finish", 0))
+        if not dry_run:
+            registry.remove_upload(upload)
+    scratch = scratch_root()
+    for folder in sorted(scratch.iterdir()) if scratch.is_dir() else []:
+        if _age(folder) >= older_than_seconds:
+            removed.append(_remove(folder, "scratch folder of a command that did not finish", dry_run))
+    runs = runs_root()
+    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if run.is_dir() and _age(run) >= older_than_seconds:
+            removed += _clean_run(run, dry_run)
+    return removed
+
+
+def _clean_run(run: Path, dry_run: bool) -> list[Removal]:
+    if LEGACY_COPY.match(run.name) and not (run / LOCK_FILE).exists():
+        return [_remove(run, "artifact copy of an earlier init/compose/distill (the registry has it)", dry_run)]
+    lock = FileLock(run / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return []  # a build is running in it
+    try:
+        contents = {p.name for p in run.iterdir()} - {LOCK_FILE}
+        if not contents:
+            return [_remove(run, "empty run folder of a build that stopped before its first stage", dry_run)]
+        if PUBLISHED_FILE not in contents:
+            return []  # unfinished: running the build again resumes it
+        return [
+            _remove(run / part, "published build: the registry has the artifact, it will not resume", dry_run)
+            for part in DISPOSABLE_AFTER_PUBLISH
+            if (run / part).exists()
+        ]
+    finally:
+        lock.release()
