@@ -160,7 +160,7 @@ class CartridgeRuntime:
                 failures.append(exc)
                 streamer.end()
 
-        worker = threading.Thread(target=work, daemon=True)
+        worker = threading.Thread(target=work, name="cartridges-generate-worker", daemon=True)
         worker.start()
         try:
             yield from streamer

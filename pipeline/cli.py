@@ -297,7 +297,7 @@ def synthesize_command(
     Example: cartridges synthesize legal/ --out runs/legal --samples 256 --engine hf
     """
     from cartridges.models import load_model
-    from cartridges.stages.ingest import ingest
+    from cartridges.stages.ingest import ingest_corpus, read_corpus
     from cartridges.stages.synthesize import RunSettings, SynthesisConfig, check_fits_window, synthesize
 
     config = _validated(
@@ -312,9 +312,10 @@ def synthesize_command(
         shard_size=shard_size,
     )
     settings = _validated(RunSettings, engine=engine, engines=engines, executor=executor, threads=threads)
+    documents = read_corpus(corpus)  # a bad folder fails before the model loads
     loaded = load_model(model)
     check_fits_window(config, loaded.model.config.max_position_embeddings)
-    record = ingest(corpus, out, loaded.tokenizer, loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens)
+    record = ingest_corpus(documents, out, loaded.tokenizer, loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens)
     _report_skipped(record["skipped"])
     console.print(f"corpus: {record['num_documents']} documents, {record['num_chunks']} chunks, {record['num_tokens']} tokens")
     summary = synthesize(out, loaded.path, loaded.fingerprint, config, settings, reuse_from)
@@ -561,6 +562,10 @@ def eval_command(
     from cartridges.stages.contexts import context_source
     from cartridges.stages.evaluate import score_corpus
 
+    from cartridges.stages.contexts import METHODS
+
+    if method not in METHODS:
+        raise CartridgeError(f"--method {method!r} is not a method; known: {', '.join(METHODS)}")
     if method == "cartridge" and not cartridge:
         raise CartridgeError("--method cartridge needs --cartridge NAME[@VERSION] (or pick another --method)")
     if cartridge and method != "cartridge":

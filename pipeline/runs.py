@@ -26,12 +26,22 @@ def scratch_folder(label: str) -> Iterator[Path]:
     """An empty folder for an artifact on its way to the registry, removed when the block ends, whether
     it succeeded or failed; one left by a killed process is removed by `cartridges gc`."""
     root = scratch_root()
-    root.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
+    for attempt in range(3):
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            path = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
+            break
+        except FileNotFoundError:  # another command removed the empty root just now
+            if attempt == 2:
+                raise
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        try:
+            root.rmdir()  # only when empty: no other command's scratch folder in it
+        except OSError:
+            pass
 
 # Files of a build run folder that other commands look at (the layout is in docs/format.md).
 PUBLISHED_FILE = "published.json"  # the build is done: {"ref", "config_fingerprint", "seconds"}

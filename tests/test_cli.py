@@ -197,3 +197,53 @@ def test_eval_scores_a_cartridge_like_the_same_tokens_truncated(cli, published, 
 def test_eval_mistakes_exit_2_with_the_fix(cli, args, message):
     code, _, err = cli("eval", *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+# ---- issue 14 -----------------------------------------------------------------------------------
+
+
+def test_ls_lists_what_is_valid_and_reports_the_rest(cli, published, cartridges_home):
+    registry = cartridges_home / "registry"
+    (registry / "lost+found").mkdir()
+    (registry / "legal" / "5").mkdir()
+    code, out, err = cli("ls")
+    assert code == 0 and "legal@1" in out
+    assert "skipped lost+found: not a cartridge name" in err and "skipped legal/5: no manifest.json" in err and "Traceback" not in err
+
+
+def test_verify_says_what_it_checked(cli, published):
+    code, out, _ = cli("verify", "legal@1")
+    assert code == 0 and out.startswith("legal@1: OK (2 files, shapes, manifest bound to the payload, finite values)")
+
+
+def test_a_folder_in_the_current_directory_never_replaces_a_registry_name(cli, published, tiny_model_dir, second_corpus_dir, tmp_path, monkeypatch, cartridges_home):
+    """`legal` is always the registry's; a folder is named explicitly (./legal or path:legal), the same in every command."""
+    from cartridges.stages.ingest import read_corpus
+    from cartridges.stages.initialize import init_cartridge
+
+    init_cartridge(load_model(str(tiny_model_dir)), read_corpus(second_corpus_dir), 8, "other", tmp_path / "work" / "legal")
+    monkeypatch.chdir(tmp_path / "work")
+    assert json.loads(cli("show", "legal")[1])["num_tokens"] == 24
+    assert json.loads(cli("show", "./legal")[1])["num_tokens"] == 8
+    assert json.loads(cli("show", "path:legal")[1])["num_tokens"] == 8
+    code, out, _ = cli("verify", "path:legal")
+    assert code == 0 and out.startswith("legal: OK")
+    registry_answer = cli("ask", "legal", "Notice?", "--max-new-tokens", "3")
+    folder_answer = cli("ask", "./legal", "Notice?", "--max-new-tokens", "3")
+    runtime = CartridgeRuntime(load_model(str(tiny_model_dir)), [load_artifact(cartridges_home / "registry" / "legal" / "1")])
+    assert registry_answer[1] == runtime.generate([{"role": "user", "content": "Notice?"}], max_new_tokens=3) + "\n"
+    assert folder_answer[0] == 0
+    (cartridges_home / "registry" / "legal").rename(cartridges_home / "elsewhere")
+    assert_user_error(cli("ask", "legal", "q"), "no cartridge named 'legal'", "a cartridge folder ./legal is here: pass ./legal to use it")
+
+
+def test_the_model_mismatch_message_suggests_a_model_option_that_works(tiny, tmp_path):
+    from registry_helpers import fake_artifact
+
+    from cartridges.artifact import check_compatible
+    from cartridges.errors import CartridgeError
+
+    cartridge = load_artifact(fake_artifact(tmp_path / "a"))
+    embedded = cartridge.manifest.model_copy(update={"model_id": "embedded:SmolLM2-135M-Instruct"})
+    with pytest.raises(CartridgeError, match="load it with --model default$"):
+        check_compatible(type(cartridge)(embedded, cartridge.prompt_embeddings, cartridge.path), tiny)
