@@ -257,3 +257,11 @@ def test_warm_start_refuses_a_damaged_parent(cli, tiny_model_dir, long_corpus, c
     assert code == 2 and "cannot warm-start from legal@latest" in err and "NaN or infinite" in err and "warm_start=false" in err
     code, out, err = cli(*args, "--set", "warm_start=false")
     assert code == 0 and "published legal@2" in out, err
+
+
+def test_the_build_summary_reports_skipped_files_with_the_reason(cli, tiny_model_dir, long_corpus):
+    (long_corpus / "scan.png").write_bytes(b"\x89PNG\x00\x00")
+    (long_corpus / "copy.txt").write_text((long_corpus / "statute.txt").read_text())
+    code, out, err = cli("build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")
+    assert code == 0 and "published legal@1" in out, err
+    assert "skipped 2 file(s) or folder(s): scan.png (unsupported file type .png); statute.txt (same text as copy.txt)" in err

@@ -93,6 +93,7 @@ def world(tmp_path_factory, tiny_model_dir, other_tiny_model_dir) -> dict:
         init_cartridge(tiny, read_corpus(corpus), tokens, name, root / f"art-{name}")
         registry.publish(root / f"art-{name}", name)
     registry.set_alias("legal@1", "stable")
+    (root / "registry" / "legal" / "aliases").mkdir(exist_ok=True)
     (root / "registry" / "legal" / "aliases" / "dangling.json").write_text(json.dumps({"version": 9}))
     (root / "registry" / "tax" / "aliases.json").write_text("{broken")
     (root / "empty").mkdir()

@@ -12,7 +12,6 @@ import pytest
 from filelock import FileLock
 from registry_helpers import fake_artifact
 
-from cartridges.pipeline.gc import collect_garbage, parse_age
 from cartridges.registry import Registry
 
 
@@ -80,6 +79,8 @@ registry.publish(Path(sys.argv[2]), "legal")
 
 
 def test_gc_removes_a_killed_publishers_upload_and_nothing_else(tmp_path, cartridges_home):
+    from cartridges.pipeline.gc import collect_garbage, parse_age
+
     registry = Registry(cartridges_home / "registry")
     registry.publish(fake_artifact(tmp_path / "a"), "legal")
     source = fake_artifact(tmp_path / "b", payload_bytes=400_000)
@@ -95,6 +96,8 @@ def test_gc_removes_a_killed_publishers_upload_and_nothing_else(tmp_path, cartri
 
 
 def test_gc_cleans_runs_but_never_a_running_or_resumable_build(tmp_path, cartridges_home):
+    from cartridges.pipeline.gc import collect_garbage, parse_age
+
     registry = Registry(cartridges_home / "registry")
     runs = cartridges_home / "runs"
     published = runs / "legal-aaaaaaaaaaaa-bbbbbbbbbbbb"
@@ -152,4 +155,6 @@ def test_gc_on_the_command_line(cli, cartridges_home):
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1.5h", 5400)])
 def test_ages(text, seconds):
+    from cartridges.pipeline.gc import parse_age
+
     assert parse_age(text) == seconds

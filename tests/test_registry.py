@@ -15,7 +15,7 @@ from registry_workers import publish_one, set_aliases
 from cartridges.artifact import load_artifact
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_file
-from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, manifest_digest
+from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest
 from cartridges.registry import Registry
 
 
@@ -356,6 +356,8 @@ def test_one_bad_entry_does_not_break_the_listing(tmp_path):
 
 def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):
     """The cache is keyed by the manifest's digest, and the remote manifest is read on every resolve."""
+    from cartridges.manifest import manifest_digest
+
     url = f"memory://stale-{time.time_ns()}"
     reg = Registry(url)
     reg.publish(fake_artifact(tmp_path / "a"), "rem")
