@@ -31,7 +31,7 @@ from cartridges.models import load_model
 from cartridges.qa import load_qa_files
 from cartridges.registry import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
-from cartridges.stages.contexts import Context, FixedContext, context_source
+from cartridges.stages.contexts import Context, context_source
 from cartridges.stages.evaluate import paired_gain, score_corpus
 
 BUDGET_METHODS = ("truncated", "rag", "knorm", "streaming")

@@ -38,7 +38,7 @@ from cartridges.errors import CartridgeError
 from cartridges.home import cartridges_home
 from cartridges.integrity import check_artifact
 from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, manifest_digest, parse_strict_json, strict_json, utc_now, verify_payload
-from cartridges.names import LATEST, Ref, parse_ref, validate_name
+from cartridges.names import LATEST, NAME_PATTERN, Ref, parse_ref, validate_name
 
 ALIASES_DIR = "aliases"
 LEGACY_ALIASES_FILE = "aliases.json"  # format of registries written before one file per alias
@@ -136,8 +136,6 @@ class Registry:
         return [name for name in self._name_folders() if self.versions(name)]
 
     def _name_folders(self) -> list[str]:
-        from cartridges.names import NAME_PATTERN
-
         return sorted(n for n, kind in self._children(self.root) if kind == "directory" and NAME_PATTERN.fullmatch(n) and ".." not in n)
 
     def _read_json(self, path: str) -> dict:
@@ -200,9 +198,11 @@ class Registry:
     def _manifest_bytes(self, name: str, version: int) -> bytes:
         return self.fs.cat_file(self._path(name, version, MANIFEST_FILE))
 
-    def show(self, ref: str | Ref) -> Manifest:
-        name, version = self.resolve(ref)
+    def _stored_manifest(self, name: str, version: int) -> Manifest:
         return Manifest.from_json(self._manifest_bytes(name, version), f"{self.url}/{name}/{version}")
+
+    def show(self, ref: str | Ref) -> Manifest:
+        return self._stored_manifest(*self.resolve(ref))
 
     def list(self) -> Listing:
         """Every live version with its aliases; what cannot be listed is reported, not raised."""
@@ -227,7 +227,7 @@ class Registry:
                     skipped.append(Skipped(f"{name}/{version}", f"no {MANIFEST_FILE} (incomplete or damaged)"))
                     continue
                 try:
-                    manifest = self.show(Ref(name, str(version)))
+                    manifest = self._stored_manifest(name, version)
                 except CartridgeError as exc:
                     skipped.append(Skipped(f"{name}/{version}", str(exc)))
                     continue
@@ -298,7 +298,7 @@ class Registry:
         """The stored manifest of a live version of `name` with the same payload as `folder`, if any."""
         files = Manifest.read(folder).files
         for version in reversed(self.versions(name)):
-            stored = self.show(Ref(name, str(version)))
+            stored = self._stored_manifest(name, version)
             if stored.files == files:
                 return stored
         return None

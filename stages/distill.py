@@ -172,15 +172,18 @@ def train_loop(loop_config: dict) -> None:
             loss, stats = distillation_loss(logits, batch, config.ce_weight)
             (loss / config.grad_accum).backward()  # before any check: other workers wait in this all-reduce
             step_tokens += int(batch.attention_mask.sum()) * world
-            stop_unless_finite(out, step + 1, "loss", loss.item(), config)
+            if not math.isfinite(loss.item()):
+                stop_training(out, step + 1, f"the loss is {loss.item()}", config)
         tokens_seen += step_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
-        stop_unless_finite(out, step + 1, "gradient norm", grad_norm, config)
+        if not math.isfinite(grad_norm):
+            stop_training(out, step + 1, f"the gradient norm is {grad_norm}", config)
         optimizer.step()
         scheduler.step()
         done = step + 1
         non_finite = int((~torch.isfinite(_encoder(model).weight)).sum())
-        stop_unless_finite(out, done, "prefix", 0.0 if non_finite == 0 else math.nan, config, f"{non_finite} values NaN or infinite")
+        if non_finite:
+            stop_training(out, done, f"{non_finite} prefix values are NaN or infinite after the update", config)
         if rank != 0:
             continue
         elapsed = time.perf_counter() - started
@@ -200,19 +203,17 @@ def train_loop(loop_config: dict) -> None:
         log.close()
 
 
-def stop_unless_finite(out: Path, step: int, what: str, value: float, config: DistillConfig, shown: str | None = None) -> None:
-    """Stop training at the first non-finite loss, gradient or prefix, before it reaches a checkpoint.
+def stop_training(out: Path, step: int, problem: str, config: DistillConfig) -> None:
+    """Stop at the first non-finite loss, gradient or prefix, before it reaches a checkpoint.
 
-    Checkpoints are written after this check, so the last one on disk is good. The reason is also
+    Checkpoints are written after these checks, so the last one on disk is good. The reason is also
     written to `failure.json`, so that the driver of a Ray Train run reports this one line rather
     than the worker group's traceback.
     """
-    if math.isfinite(value):
-        return
     last = latest_checkpoint(out / CHECKPOINTS_DIR)
     kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint had been written"
     message = (
-        f"training stopped at step {step}: the {what} is {shown or value} (not finite); {kept} and nothing is published. "
+        f"training stopped at step {step}: {problem} (not finite); {kept} and nothing is published. "
         f"Lower distill.lr (now {config.lr:g}) or distill.max_grad_norm (now {config.max_grad_norm:g}), then build again"
     )
     write_atomically(out / FAILURE_FILE, lambda tmp: tmp.write_text(json.dumps({"step": step, "message": message})))

@@ -3,7 +3,6 @@
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from peft import PeftModel

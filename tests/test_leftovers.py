@@ -96,7 +96,7 @@ def test_gc_removes_a_killed_publishers_upload_and_nothing_else(tmp_path, cartri
 
 
 def test_gc_cleans_runs_but_never_a_running_or_resumable_build(tmp_path, cartridges_home):
-    from cartridges.pipeline.gc import collect_garbage, parse_age
+    from cartridges.pipeline.gc import collect_garbage
 
     registry = Registry(cartridges_home / "registry")
     runs = cartridges_home / "runs"
