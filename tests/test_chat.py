@@ -2,6 +2,7 @@
 and keeps the session, and window budgets are checked before anything runs."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -139,26 +140,46 @@ main()
 """
 
 
+class Pipe:
+    """Reads a child's stdout with a deadline, so that a test can wait for text without hanging."""
+
+    def __init__(self, process: subprocess.Popen, seconds: float = 60):
+        self.process, self.deadline, self.text = process, time.monotonic() + seconds, b""
+
+    def until(self, done) -> bytes:
+        while not done(self.text):
+            remaining = self.deadline - time.monotonic()
+            ready, _, _ = select.select([self.process.stdout], [], [], max(remaining, 0))
+            if not ready:
+                raise AssertionError(f"timed out; the chat printed: {self.text[-500:]!r}")
+            chunk = os.read(self.process.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError(f"the chat exited early; it printed: {self.text[-500:]!r}")
+            self.text += chunk
+        return self.text
+
+
 def test_a_real_ctrl_c_during_an_answer_returns_to_the_prompt(cli, tiny_model_dir, corpus_dir, cartridges_home):
     """SIGINT to a real chat process while it streams: no SIGABRT, the prompt comes back, /exit exits 0."""
     assert cli("init", "--corpus", str(corpus_dir), "--tokens", "24", "--name", "legal", "--model", str(tiny_model_dir))[0] == 0
     env = os.environ | {"CARTRIDGES_HOME": str(cartridges_home), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     chat = subprocess.Popen([sys.executable, "-c", CHAT_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
-        output = b""
-        while b"/exit quits" not in output:  # the banner: the model is loaded
-            output += os.read(chat.stdout.fileno(), 4096)
-        chat.stdin.write(b"Tell me about notice\n")
-        chat.stdin.flush()
-        before = len(output)
-        while len(output) < before + 40:  # the answer is streaming
-            output += os.read(chat.stdout.fileno(), 4096)
-        chat.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        pipe = Pipe(chat)
+        pipe.until(lambda text: text.count(b"you> ") == 1)  # model loaded, first prompt shown
+        for _ in range(5):  # a sampled answer may end on its own before the signal: ask again
+            chat.stdin.write(b"Tell me about notice\n")
+            chat.stdin.flush()
+            prompts, shown = pipe.text.count(b"you> "), len(pipe.text)
+            pipe.until(lambda text: len(text) >= shown + 20 or text.count(b"you> ") > prompts)
+            if pipe.text.count(b"you> ") == prompts:  # still answering
+                chat.send_signal(signal.SIGINT)
+                pipe.until(lambda text: b"(stopped)" in text and text.count(b"you> ") > prompts)
+                break
         chat.stdin.write(b"/exit\n")
         chat.stdin.flush()
         rest, err = chat.communicate(timeout=60)
     finally:
         chat.kill()
     assert chat.returncode == 0, err.decode()
-    assert b"(stopped)" in output + rest and b"Traceback" not in err
+    assert b"(stopped)" in pipe.text and b"Traceback" not in err
