@@ -12,7 +12,7 @@ CORPUS ?=
 NAME ?= legal
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm setup-bench test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat nightly clean
+.PHONY: setup setup-vllm setup-bench lint format test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat nightly clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ setup-bench: $(BENCH_STAMP)
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[test,bench]'
 	touch $(BENCH_STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: setup
 	$(BIN)/python -m pytest -q

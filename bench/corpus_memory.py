@@ -58,8 +58,15 @@ def write_corpus(folder: Path, words: int, seed: int) -> Path:
 def measure(command: str, corpus: Path) -> dict:
     started = time.perf_counter()
     script = MEASURE.format(bench=str(Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", script, command, str(corpus)], capture_output=True, text=True, check=True)
-    return {"command": command, "corpus": corpus.name, "seconds": time.perf_counter() - started, **json.loads(result.stdout.strip().splitlines()[-1])}
+    result = subprocess.run(
+        [sys.executable, "-c", script, command, str(corpus)], capture_output=True, text=True, check=True
+    )
+    return {
+        "command": command,
+        "corpus": corpus.name,
+        "seconds": time.perf_counter() - started,
+        **json.loads(result.stdout.strip().splitlines()[-1]),
+    }
 
 
 def main() -> None:
@@ -76,12 +83,20 @@ def main() -> None:
         size_mb = (big / "one_line.txt").stat().st_size / 1e6
         rows = [measure(command, corpus) for command in ("init", "ingest") for corpus in (big, small)]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"corpus_mb": size_mb, "words": args.words, "rows": rows}, indent=2))
-    lines = [f"Long corpus: one line, {size_mb:.1f} MB ({args.words} words, seed {args.seed}); small: its first 20 kB.", "",
-             "| command | corpus | peak RSS MB | seconds | detail |", "|---|---|---|---|---|"]
+    (args.out / "results.json").write_text(
+        json.dumps({"corpus_mb": size_mb, "words": args.words, "rows": rows}, indent=2)
+    )
+    lines = [
+        f"Long corpus: one line, {size_mb:.1f} MB ({args.words} words, seed {args.seed}); small: its first 20 kB.",
+        "",
+        "| command | corpus | peak RSS MB | seconds | detail |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         detail = ", ".join(f"{k} {v}" for k, v in row.items() if k in ("chunks", "tokens"))
-        lines.append(f"| {row['command']} | {row['corpus']} | {row['peak_rss_mb']:.0f} | {row['seconds']:.0f} | {detail} |")
+        lines.append(
+            f"| {row['command']} | {row['corpus']} | {row['peak_rss_mb']:.0f} | {row['seconds']:.0f} | {detail} |"
+        )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows, args.out / "memory.png")
@@ -95,7 +110,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     labels = [f"{r['command']}\n{r['corpus']}" for r in rows]
-    axis.bar(labels, [r["peak_rss_mb"] for r in rows], color=["tab:red" if r["corpus"] == "long" else "tab:gray" for r in rows])
+    axis.bar(
+        labels,
+        [r["peak_rss_mb"] for r in rows],
+        color=["tab:red" if r["corpus"] == "long" else "tab:gray" for r in rows],
+    )
     axis.set_ylabel("peak RSS (MB)")
     axis.set_title("Reading a one-line corpus file")
     figure.tight_layout()

@@ -22,11 +22,26 @@ from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, DistillConfig, TrainSettings, final_metrics, run_training
+from cartridges.stages.distill import (
+    DISTILL_DIR,
+    FINAL_FILE,
+    INIT_FILE,
+    DistillConfig,
+    TrainSettings,
+    final_metrics,
+    run_training,
+)
 from cartridges.stages.evaluate import paired_gain, score_corpus
 from cartridges.stages.ingest import INGEST_FILE, ingest
 from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.synthesize import EVERY_KIND, SUMMARY_FILE, SYNTHESIS_DIR, RunSettings, SynthesisConfig, synthesize
+from cartridges.stages.synthesize import (
+    EVERY_KIND,
+    SUMMARY_FILE,
+    SYNTHESIS_DIR,
+    RunSettings,
+    SynthesisConfig,
+    synthesize,
+)
 
 MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
 DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]
@@ -66,7 +81,9 @@ class CorpusSweep:
 
     def score(self, name: str, prefix) -> dict:
         if name not in self.scores:
-            self.scores[name] = asdict(score_corpus(self.loaded, self.corpus, FixedContext(Context(prefix)), name, self.args.distractors))
+            self.scores[name] = asdict(
+                score_corpus(self.loaded, self.corpus, FixedContext(Context(prefix)), name, self.args.distractors)
+            )
         return self.scores[name]
 
     def baselines(self) -> None:
@@ -82,8 +99,17 @@ class CorpusSweep:
             return given
         run = self.root / f"mix-{mix}"
         if mix not in self.synthesis:
-            config = SynthesisConfig(samples=self.args.samples, kinds=MIXES[mix], shard_size=self.args.shard_size, seed=self.args.seed)
-            ingest(self.corpus_dir, run, self.loaded.tokenizer, self.loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens)
+            config = SynthesisConfig(
+                samples=self.args.samples, kinds=MIXES[mix], shard_size=self.args.shard_size, seed=self.args.seed
+            )
+            ingest(
+                self.corpus_dir,
+                run,
+                self.loaded.tokenizer,
+                self.loaded.tokenizer_fingerprint,
+                config.chunk_min_tokens,
+                config.chunk_max_tokens,
+            )
             started = time.perf_counter()
             settings = RunSettings(engine=self.args.engine, executor="local", batch_size=self.args.engine_batch)
             summary = synthesize(run, self.loaded.path, self.loaded.fingerprint, config, settings)
@@ -97,16 +123,30 @@ class CorpusSweep:
         for name in (*RUN_FILES, SYNTHESIS_DIR):
             if not (folder / name).exists():
                 (folder / name).symlink_to((source / name).resolve())
-        config = DistillConfig(num_tokens=trial.num_tokens, steps=trial.steps, lr=trial.lr, batch_size=self.args.batch_size,
-                               eval_every=trial.steps, checkpoint_every=trial.steps, seed=self.args.seed)
+        config = DistillConfig(
+            num_tokens=trial.num_tokens,
+            steps=trial.steps,
+            lr=trial.lr,
+            batch_size=self.args.batch_size,
+            eval_every=trial.steps,
+            checkpoint_every=trial.steps,
+            seed=self.args.seed,
+        )
         started = time.perf_counter()
         run_training(folder, self.loaded, config, TrainSettings(executor="local"))
         seconds = time.perf_counter() - started
         init = self.score(f"init-p{trial.num_tokens}", load_file(str(folder / DISTILL_DIR / INIT_FILE))["prefix"])
         trained = FixedContext(Context(load_file(str(folder / DISTILL_DIR / FINAL_FILE))["prefix"]))
         distilled = asdict(score_corpus(self.loaded, self.corpus, trained, trial.name, self.args.distractors))
-        return {"corpus": self.corpus.id, **asdict(trial), "name": trial.name, "train_seconds": seconds,
-                "train_metrics": final_metrics(folder), "init": init, "distilled": distilled}
+        return {
+            "corpus": self.corpus.id,
+            **asdict(trial),
+            "name": trial.name,
+            "train_seconds": seconds,
+            "train_metrics": final_metrics(folder),
+            "init": init,
+            "distilled": distilled,
+        }
 
 
 def report(result: dict) -> str:
@@ -116,7 +156,10 @@ def report(result: dict) -> str:
         none, icl = scores.get("none"), scores.get("icl")
         if none is None or icl is None:
             continue
-        made = ", ".join(f"{mix}: {s['samples']} samples ({'/'.join(s['engines'])})" for mix, s in result["synthesis"][corpus_id].items())
+        made = ", ".join(
+            f"{mix}: {s['samples']} samples ({'/'.join(s['engines'])})"
+            for mix, s in result["synthesis"][corpus_id].items()
+        )
         lines += [
             f"`{corpus_id}`: none {none['nll']:.3f} (rank {none['rank_accuracy']:.2f}), icl {icl['nll']:.3f} "
             f"(rank {icl['rank_accuracy']:.2f}), headroom {none['nll'] - icl['nll']:.3f}; synthesis {made}",
@@ -151,11 +194,22 @@ def plot(result: dict, path: Path) -> None:
         base = result["baselines"][row["corpus"]]
         headroom = base["none"]["nll"] - base["icl"]["nll"]
         recovery = [(base["none"]["nll"] - row[kind]["nll"]) / headroom for kind in ("init", "distilled")]
-        series.setdefault((row["corpus"], f"{row['mix']} lr{row['lr']:g} {row['steps']} steps"), []).append((row["num_tokens"], *recovery))
+        series.setdefault((row["corpus"], f"{row['mix']} lr{row['lr']:g} {row['steps']} steps"), []).append(
+            (row["num_tokens"], *recovery)
+        )
     for (corpus, setting), points in sorted(series.items()):
         points.sort()
-        line = ax.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=f"distilled, {corpus}, {setting}")[0]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="x", linestyle=":", color=line.get_color(), label=f"init, {corpus}")
+        line = ax.plot(
+            [p[0] for p in points], [p[2] for p in points], marker="o", label=f"distilled, {corpus}, {setting}"
+        )[0]
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="x",
+            linestyle=":",
+            color=line.get_color(),
+            label=f"init, {corpus}",
+        )
     ax.axhline(1.0, color="#888", linestyle="--", label="icl")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("cartridge tokens P")
@@ -170,17 +224,28 @@ def _given_run(spec: str) -> tuple[tuple[str, str], Path]:
     corpus_id, _, rest = spec.partition("=")
     mix, _, folder = rest.partition("=")
     if mix not in MIXES or not (Path(folder) / SYNTHESIS_DIR / SUMMARY_FILE).is_file():
-        raise SystemExit(f"--synthesis-run {spec!r}: expected CORPUS_ID=MIX=DIR with MIX in {', '.join(MIXES)} and a finished synthesis in DIR")
+        raise SystemExit(
+            f"--synthesis-run {spec!r}: expected CORPUS_ID=MIX=DIR with MIX in {', '.join(MIXES)} and a finished synthesis in DIR"
+        )
     return (corpus_id, mix), Path(folder)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-id", action="append", default=None, help="QA corpus id (repeatable)")
-    parser.add_argument("--qa", type=Path, action="append", default=None, help="QA file (repeatable; default: shared/data/qa)")
-    parser.add_argument("--trial", action="append", default=None, help="mix/lr/steps/P, e.g. corpus/2e-2/200/256 (repeatable)")
-    parser.add_argument("--synthesis-run", action="append", default=[], metavar="CORPUS_ID=MIX=DIR",
-                        help="train on DIR's synthesis (a build's run folder) instead of synthesizing that corpus's mix (repeatable)")
+    parser.add_argument(
+        "--qa", type=Path, action="append", default=None, help="QA file (repeatable; default: shared/data/qa)"
+    )
+    parser.add_argument(
+        "--trial", action="append", default=None, help="mix/lr/steps/P, e.g. corpus/2e-2/200/256 (repeatable)"
+    )
+    parser.add_argument(
+        "--synthesis-run",
+        action="append",
+        default=[],
+        metavar="CORPUS_ID=MIX=DIR",
+        help="train on DIR's synthesis (a build's run folder) instead of synthesizing that corpus's mix (repeatable)",
+    )
     parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
     parser.add_argument("--engine", default="hf")
     parser.add_argument("--engine-batch", type=int, default=16, help="HF engine batch size")
@@ -213,9 +278,13 @@ def main() -> None:
                 print(f"deadline reached: skipping {trial.name} on {sweep.corpus.id}", flush=True)
                 continue
             rows.append(sweep.run_trial(trial))
-            result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                      "baselines": {s.corpus.id: s.scores for s in sweeps}, "synthesis": {s.corpus.id: s.synthesis for s in sweeps},
-                      "elapsed_seconds": time.perf_counter() - started}
+            result = {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "rows": rows,
+                "baselines": {s.corpus.id: s.scores for s in sweeps},
+                "synthesis": {s.corpus.id: s.synthesis for s in sweeps},
+                "elapsed_seconds": time.perf_counter() - started,
+            }
             (results / "results.json").write_text(json.dumps(result, indent=2))
             (results / "results.md").write_text(report(result))
             plot(result, results / "recovery_vs_tokens.png")

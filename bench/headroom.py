@@ -41,14 +41,27 @@ def main() -> None:
             if wanted and corpus.id not in wanted:
                 continue
             started = time.perf_counter()
-            none = score_corpus(loaded, corpus, context_source(loaded, "none", corpus.text, None), "none", args.distractors)
-            icl = score_corpus(loaded, corpus, context_source(loaded, "icl", corpus.text, None), "icl", args.distractors)
+            none = score_corpus(
+                loaded, corpus, context_source(loaded, "none", corpus.text, None), "none", args.distractors
+            )
+            icl = score_corpus(
+                loaded, corpus, context_source(loaded, "icl", corpus.text, None), "icl", args.distractors
+            )
             headroom, headroom_se = paired_gain(none.per_question_nll, icl.per_question_nll)
-            row = {"file": path.name, "corpus": corpus.id, "none": asdict(none), "icl": asdict(icl),
-                   "headroom": headroom, "headroom_se": headroom_se, "seconds": time.perf_counter() - started}
+            row = {
+                "file": path.name,
+                "corpus": corpus.id,
+                "none": asdict(none),
+                "icl": asdict(icl),
+                "headroom": headroom,
+                "headroom_se": headroom_se,
+                "seconds": time.perf_counter() - started,
+            }
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("corpus", "headroom", "headroom_se", "seconds")}), flush=True)
-            (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+            (args.out / "results.json").write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+            )
             write_report(rows, args.distractors, args.out)  # after every corpus: an interrupted run still reports
     print((args.out / "results.md").read_text())
 

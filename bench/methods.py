@@ -48,14 +48,21 @@ def decode_tokens_per_second(loaded, context: Context, question: str, batch: int
     cache = prefix_cache(context.prefix, *shape, batch_size=batch) if cached else None
     length = ids.shape[1]
     mask = torch.ones(batch, cached + length, dtype=torch.long)
-    out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(first, first + length).expand(batch, -1),
-                       past_key_values=cache, use_cache=True)
+    out = loaded.model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=torch.arange(first, first + length).expand(batch, -1),
+        past_key_values=cache,
+        use_cache=True,
+    )
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     started = time.perf_counter()
     for step in range(DECODE_TOKENS):
         mask = torch.ones(batch, cached + length + step + 1, dtype=torch.long)
         position = torch.full((batch, 1), first + length + step)
-        out = loaded.model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        out = loaded.model(
+            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        )
         cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     return batch * DECODE_TOKENS / (time.perf_counter() - started)
 
@@ -67,7 +74,9 @@ def probe(spec: dict) -> None:
     registry = Registry(spec["registry"] or default_registry_url())
     cartridge = concat_prefixes([open_cartridge(ref, registry) for ref in spec["refs"]]) if spec["refs"] else None
     loaded = load_model(spec["model"])
-    context = context_source(loaded, spec["method"], corpus.text, spec["budget"], cartridge=cartridge).context(corpus.questions[0])
+    context = context_source(loaded, spec["method"], corpus.text, spec["budget"], cartridge=cartridge).context(
+        corpus.questions[0]
+    )
     decode_tokens_per_second(loaded, context, corpus.questions[0].question, 16)
     print(json.dumps({"peak_rss_mb": peak_rss_of_this_process_mb()}))
 
@@ -81,26 +90,56 @@ def peak_rss_of_this_process_mb() -> float:
 
 
 def peak_rss_mb(args, corpus_id: str, method: str, budget: int | None, refs: list[str]) -> float:
-    spec = {"qa": [str(p) for p in args.qa or []], "corpus": corpus_id, "method": method, "budget": budget, "refs": refs,
-            "model": args.model, "registry": args.registry}
-    result = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], capture_output=True, text=True, check=True)
+    spec = {
+        "qa": [str(p) for p in args.qa or []],
+        "corpus": corpus_id,
+        "method": method,
+        "budget": budget,
+        "refs": refs,
+        "model": args.model,
+        "registry": args.registry,
+    }
+    result = subprocess.run(
+        [sys.executable, __file__, "--probe", json.dumps(spec)], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
-def measure(loaded, corpus, method: str, budget: int | None, args, refs: tuple[str, ...] = (), cartridges: dict | None = None, label: str | None = None) -> dict:
+def measure(
+    loaded,
+    corpus,
+    method: str,
+    budget: int | None,
+    args,
+    refs: tuple[str, ...] = (),
+    cartridges: dict | None = None,
+    label: str | None = None,
+) -> dict:
     cartridge = concat_prefixes([cartridges[ref] for ref in refs]) if refs else None
     started = time.perf_counter()
     source = context_source(loaded, method, corpus.text, budget, cartridge=cartridge)
     first = source.context(corpus.questions[0])
     build_seconds = time.perf_counter() - started
     score = score_corpus(loaded, corpus, source, label or method, args.distractors)
-    row = {"corpus": corpus.id, "method": label or method, "budget": budget, **asdict(score), "build_seconds": build_seconds,
-           "kv_bytes": 0 if first.prefix is None else first.prefix.numel() * first.prefix.element_size()}
+    row = {
+        "corpus": corpus.id,
+        "method": label or method,
+        "budget": budget,
+        **asdict(score),
+        "build_seconds": build_seconds,
+        "kv_bytes": 0 if first.prefix is None else first.prefix.numel() * first.prefix.element_size(),
+    }
     if not args.skip_decode:
-        row |= {f"decode_tps_batch{b}": decode_tokens_per_second(loaded, first, corpus.questions[0].question, b) for b in (1, 16)}
+        row |= {
+            f"decode_tps_batch{b}": decode_tokens_per_second(loaded, first, corpus.questions[0].question, b)
+            for b in (1, 16)
+        }
         row["peak_rss_mb"] = peak_rss_mb(args, corpus.id, method, budget, list(refs))
-    print(f"{corpus.id} {row['method']} B={budget}: NLL {score.nll:.3f}, rank {score.rank_accuracy}, KV {score.kv_tokens} tokens, "
-          f"built in {build_seconds:.1f} s", flush=True)
+    print(
+        f"{corpus.id} {row['method']} B={budget}: NLL {score.nll:.3f}, rank {score.rank_accuracy}, KV {score.kv_tokens} tokens, "
+        f"built in {build_seconds:.1f} s",
+        flush=True,
+    )
     return row
 
 
@@ -111,7 +150,13 @@ def summarize(rows: list[dict]) -> dict:
         none = next(r for r in rows if r["corpus"] == corpus and r["method"] == "none")
         icl = next(r for r in rows if r["corpus"] == corpus and r["method"] == "icl")
         headroom, se = paired_gain(none["per_question_nll"], icl["per_question_nll"])
-        corpora[corpus] = {"none": none["nll"], "icl": icl["nll"], "headroom": headroom, "headroom_se": se, "eligible": headroom > 2 * se}
+        corpora[corpus] = {
+            "none": none["nll"],
+            "icl": icl["nll"],
+            "headroom": headroom,
+            "headroom_se": se,
+            "eligible": headroom > 2 * se,
+        }
     for row in rows:
         c = corpora[row["corpus"]]
         row["recovery"] = (c["none"] - row["nll"]) / (c["none"] - c["icl"]) if c["eligible"] else None
@@ -120,12 +165,21 @@ def summarize(rows: list[dict]) -> dict:
 
 def markdown(rows: list[dict], corpora: dict, args) -> str:
     eligible = [c for c, v in corpora.items() if v["eligible"]]
-    lines = [f"Methods at KV budgets {args.budget}, distractors {args.distractors}; {len(eligible)} of {len(corpora)} corpora have headroom above 2 paired SE.", "",
-             "| corpus | none | icl | headroom ± paired SE | recovery computed |", "|---|---|---|---|---|"]
+    lines = [
+        f"Methods at KV budgets {args.budget}, distractors {args.distractors}; {len(eligible)} of {len(corpora)} corpora have headroom above 2 paired SE.",
+        "",
+        "| corpus | none | icl | headroom ± paired SE | recovery computed |",
+        "|---|---|---|---|---|",
+    ]
     for corpus, c in corpora.items():
-        lines.append(f"| {corpus} | {c['none']:.3f} | {c['icl']:.3f} | {c['headroom']:+.3f} ± {c['headroom_se']:.3f} | {'yes' if c['eligible'] else 'no'} |")
-    lines += ["", "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | recovery | build s | decode tok/s b1 | b16 | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {corpus} | {c['none']:.3f} | {c['icl']:.3f} | {c['headroom']:+.3f} ± {c['headroom_se']:.3f} | {'yes' if c['eligible'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | recovery | build s | decode tok/s b1 | b16 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         recovery = "" if r["recovery"] is None else f"{r['recovery']:.2f}"
         accuracy = "n/a" if r["rank_accuracy"] is None else f"{r['rank_accuracy']:.2f}"
@@ -148,7 +202,9 @@ def plot(rows: list[dict], out: Path) -> None:
         points: dict[int, list[float]] = {}
         for r in rows:
             if r["method"] == method and r["recovery"] is not None:
-                points.setdefault(r["kv_tokens"] if method.startswith("cartridge") else r["budget"], []).append(r["recovery"])
+                points.setdefault(r["kv_tokens"] if method.startswith("cartridge") else r["budget"], []).append(
+                    r["recovery"]
+                )
         if points:
             xs = sorted(points)
             ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=method)
@@ -183,10 +239,20 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--qa", type=Path, action="append", default=None, help="QA file (repeatable; default: shared/data/qa)")
+    parser.add_argument(
+        "--qa", type=Path, action="append", default=None, help="QA file (repeatable; default: shared/data/qa)"
+    )
     parser.add_argument("--corpus-id", action="append", default=None, help="QA corpus (repeatable; default: all)")
-    parser.add_argument("--budget", type=int, action="append", default=None, help="KV budget in tokens (repeatable; default 128 256 512 1024)")
-    parser.add_argument("--cartridge", action="append", default=[], help="CORPUS_ID=REF: a cartridge for that corpus (repeatable)")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        action="append",
+        default=None,
+        help="KV budget in tokens (repeatable; default 128 256 512 1024)",
+    )
+    parser.add_argument(
+        "--cartridge", action="append", default=[], help="CORPUS_ID=REF: a cartridge for that corpus (repeatable)"
+    )
     parser.add_argument("--distractors", type=int, default=4)
     parser.add_argument("--skip-decode", action="store_true", help="no decode throughput and memory measurement")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one method's peak RSS, in a fresh process
@@ -216,9 +282,16 @@ def main() -> None:
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):
-            rows.append(measure(loaded, a, "cartridge", None, args, tuple(refs[c.id] for c in order), cartridges, label))
+            rows.append(
+                measure(loaded, a, "cartridge", None, args, tuple(refs[c.id] for c in order), cartridges, label)
+            )
     summary = summarize(rows)
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - started, "corpora": summary, "rows": rows}
+    record = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seconds": time.perf_counter() - started,
+        "corpora": summary,
+        "rows": rows,
+    }
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
     table = markdown(rows, summary, args)
     (args.out / "results.md").write_text(table)

@@ -42,9 +42,23 @@ def engine_env(engine: str) -> dict[str, str]:
 def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [
-        sys.executable, "-m", "cartridges.pipeline.cli", "synthesize", str(corpus_dir), "--out", str(run_dir),
-        "--samples", str(args.samples), "--engine", engine, "--seed", str(args.seed), "--executor", args.executor,
-        "--kinds", args.kinds,
+        sys.executable,
+        "-m",
+        "cartridges.pipeline.cli",
+        "synthesize",
+        str(corpus_dir),
+        "--out",
+        str(run_dir),
+        "--samples",
+        str(args.samples),
+        "--engine",
+        engine,
+        "--seed",
+        str(args.seed),
+        "--executor",
+        args.executor,
+        "--kinds",
+        args.kinds,
     ]
     started = time.perf_counter()
     result = subprocess.run(command, env=engine_env(engine), capture_output=True, text=True)
@@ -106,7 +120,13 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].bar(names, [r["generated_tokens_per_second"] for r in ok], color=["#888", "#36c"][: len(ok)])
     axes[0].set_title("generated tokens/s (engine time)")
     axes[1].bar(names, [r["startup_seconds"] for r in ok], label="start-up", color="#bbb")
-    axes[1].bar(names, [r["engine_seconds"] for r in ok], bottom=[r["startup_seconds"] for r in ok], label="synthesis", color="#36c")
+    axes[1].bar(
+        names,
+        [r["engine_seconds"] for r in ok],
+        bottom=[r["startup_seconds"] for r in ok],
+        label="synthesis",
+        color="#36c",
+    )
     axes[1].set_title("wall time, s")
     axes[1].legend()
     fig.tight_layout()
@@ -126,7 +146,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default="hf,vllm")
     parser.add_argument("--executor", default="local", choices=["ray", "local"])
-    parser.add_argument("--kinds", default=ALL_KINDS_MIX, help="seed kind weights (default: every kind, as in the 64-sample run)")
+    parser.add_argument(
+        "--kinds", default=ALL_KINDS_MIX, help="seed kind weights (default: every kind, as in the 64-sample run)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "synthesis")
     args = parser.parse_args()
 
@@ -139,7 +161,9 @@ def main() -> None:
         print(f"running {engine}...", flush=True)
         rows.append(run_engine(engine, corpus_dir, args.out / f"run-{engine}", args))
         print(json.dumps(rows[-1], indent=1), flush=True)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+    )
     table = markdown(rows, args)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out / "synthesis_engines.png")

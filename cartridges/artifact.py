@@ -20,7 +20,6 @@ from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, p
 from cartridges.models import LoadedModel, model_spec_of
 
 
-
 @dataclass(frozen=True)
 class Cartridge:
     """A loaded, verified artifact."""
@@ -64,7 +63,9 @@ def non_finite_count(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-def save_artifact(destination: Path, prompt_embeddings: torch.Tensor, peft_config: CartridgeConfig, manifest: Manifest) -> Manifest:
+def save_artifact(
+    destination: Path, prompt_embeddings: torch.Tensor, peft_config: CartridgeConfig, manifest: Manifest
+) -> Manifest:
     """Write a complete artifact folder (temp folder, then one rename); returns the manifest with its file checksums.
 
     The manifest's identity (every field but name, version and files) is written into the
@@ -86,7 +87,9 @@ def save_artifact(destination: Path, prompt_embeddings: torch.Tensor, peft_confi
     def write(folder: Path) -> None:
         nonlocal final
         peft_config.save_pretrained(str(folder))
-        save_file({PROMPT_EMBEDDINGS_KEY: tensor}, str(folder / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest))
+        save_file(
+            {PROMPT_EMBEDDINGS_KEY: tensor}, str(folder / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest)
+        )
         final = manifest.model_copy(update={"files": payload_checksums(folder)})
         (folder / MANIFEST_FILE).write_text(final.to_json())
 
@@ -117,4 +120,3 @@ def check_compatible(cartridge: Cartridge, loaded: LoadedModel) -> None:
             f"{label} was built with tokenizer {m.tokenizer_fingerprint[:12]}, but {loaded.model_id} uses tokenizer "
             f"{loaded.tokenizer_fingerprint[:12]}: use the model and tokenizer it was built with"
         )
-

@@ -12,4 +12,6 @@ def init_ray() -> None:
     # brings the warnings back. Our progress and results do not go through Ray's loggers.
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR")
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR"
+    )

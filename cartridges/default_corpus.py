@@ -45,6 +45,7 @@ def gather_license_corpus(destination: Path | None = None) -> Path:
                 found[key] = (f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{Path(str(file)).name}", text)
     if not found:
         raise CartridgeError("no license texts found in the installed packages: pass --corpus DIR")
+
     def write(folder: Path) -> None:
         for index, (filename, text) in enumerate(found.values()):
             target = folder / f"{filename.removesuffix('.txt')}.txt"

@@ -13,7 +13,14 @@ import numpy as np
 from safetensors import safe_open
 
 from cartridges.errors import CartridgeError
-from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, Manifest, parse_strict_json, strict_json, verify_payload
+from cartridges.manifest import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    Manifest,
+    parse_strict_json,
+    strict_json,
+    verify_payload,
+)
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 BOUND_MANIFEST_KEY = "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
@@ -33,7 +40,9 @@ def check_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Man
     bound, shape, dtype, non_finite, size = _inspect_prefix(folder / ADAPTER_WEIGHTS_FILE)
     width = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim
     if shape != (manifest.num_tokens, width):
-        raise CartridgeError(f"{folder}: tensor shape {shape} does not match the manifest ({manifest.num_tokens}, {width})")
+        raise CartridgeError(
+            f"{folder}: tensor shape {shape} does not match the manifest ({manifest.num_tokens}, {width})"
+        )
     if dtype != manifest.dtype:
         raise CartridgeError(f"{folder}: tensor dtype {dtype} does not match the manifest's {manifest.dtype}")
     _check_bound_manifest(folder, manifest, bound)
@@ -87,7 +96,9 @@ def _check_adapter_config(folder: Path, manifest: Manifest) -> None:
         "num_attention_heads": manifest.num_kv_heads,
         "token_dim": manifest.num_kv_heads * manifest.head_dim,
     }
-    differing = [f"{key} {config.get(key)!r} vs {value!r}" for key, value in expected.items() if config.get(key) != value]
+    differing = [
+        f"{key} {config.get(key)!r} vs {value!r}" for key, value in expected.items() if config.get(key) != value
+    ]
     if differing:
         raise CartridgeError(f"{folder}: {ADAPTER_CONFIG_FILE} does not match the manifest ({'; '.join(differing)})")
 
@@ -96,7 +107,9 @@ def _check_bound_manifest(folder: Path, manifest: Manifest, bound: str | None) -
     """The manifest must equal the identity written into the payload when it was saved (format 2)."""
     if bound is None:
         if manifest.format_version >= 2:
-            raise CartridgeError(f"{folder}: {ADAPTER_WEIGHTS_FILE} carries no bound manifest, but the manifest says format 2")
+            raise CartridgeError(
+                f"{folder}: {ADAPTER_WEIGHTS_FILE} carries no bound manifest, but the manifest says format 2"
+            )
         return  # format 1: written before manifests were bound
     try:
         saved = parse_strict_json(bound)

@@ -37,7 +37,9 @@ def utc_now() -> str:
 class CorpusInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    fingerprint: str = Field(description="sha256 over sorted (relative path, content hash) pairs and the tokenizer fingerprint")
+    fingerprint: str = Field(
+        description="sha256 over sorted (relative path, content hash) pairs and the tokenizer fingerprint"
+    )
     num_documents: int
     num_tokens: int = Field(description="tokens of the whole corpus under the model's tokenizer")
     source: str = Field(description="where the corpus was read from")

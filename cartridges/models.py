@@ -119,12 +119,16 @@ def resolve_model_path(spec: str | None) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise CartridgeError(f"{path} is not a Hugging Face model folder (no config.json): pass a folder saved with save_pretrained")
+            raise CartridgeError(
+                f"{path} is not a Hugging Face model folder (no config.json): pass a folder saved with save_pretrained"
+            )
         return path
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise CartridgeError(f"model {spec!r}: no such folder, and not a hub id like 'org/name': check the path")
     if path.parent.is_dir():  # `models/smol` where ./models exists: a mistyped folder, not a hub id
-        raise CartridgeError(f"model {spec!r}: no such folder in {path.parent}/ : check the path (a hub id would be 'org/name')")
+        raise CartridgeError(
+            f"model {spec!r}: no such folder in {path.parent}/ : check the path (a hub id would be 'org/name')"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -176,14 +180,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(spec: str | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> LoadedModel:
+def load_model(
+    spec: str | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad on weights)."""
     path = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device or default_device())
     except Exception as exc:  # damaged weights (SafetensorError), config or tokenizer files: the user replaces them
-        raise CartridgeError(f"cannot load the model in {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+        raise CartridgeError(
+            f"cannot load the model in {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ) from None
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(

@@ -1,8 +1,8 @@
 """Validation of cartridge names and references (`name`, `name@3`, `name@latest`, `name@stable`)."""
 
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from cartridges.errors import CartridgeError
 

@@ -59,7 +59,9 @@ def load_qa_file(path: Path) -> list[QACorpus]:
             )
         if not questions:
             raise CartridgeError(f"{where}: corpus has no questions")
-        corpora.append(QACorpus(id=_require(raw, "id", where), title=raw.get("title", ""), text=text, questions=tuple(questions)))
+        corpora.append(
+            QACorpus(id=_require(raw, "id", where), title=raw.get("title", ""), text=text, questions=tuple(questions))
+        )
     return corpora
 
 
@@ -82,5 +84,7 @@ def load_qa_files(paths: list[Path] | None, corpus_ids: list[str] | None = None)
         return list(corpora.values())
     missing = [c for c in corpus_ids if c not in corpora]
     if missing:
-        raise CartridgeError(f"no QA corpus {', '.join(map(repr, missing))} in {', '.join(map(str, paths))} (available: {', '.join(corpora)})")
+        raise CartridgeError(
+            f"no QA corpus {', '.join(map(repr, missing))} in {', '.join(map(str, paths))} (available: {', '.join(corpora)})"
+        )
     return [corpora[c] for c in dict.fromkeys(corpus_ids)]

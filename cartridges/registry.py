@@ -37,7 +37,16 @@ from cartridges.atomic import rename_unless_exists, write_atomically, write_fold
 from cartridges.errors import CartridgeError
 from cartridges.home import cartridges_home
 from cartridges.integrity import check_artifact
-from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, manifest_digest, parse_strict_json, strict_json, utc_now, verify_payload
+from cartridges.manifest import (
+    MANIFEST_FILE,
+    PAYLOAD_FILES,
+    Manifest,
+    manifest_digest,
+    parse_strict_json,
+    strict_json,
+    utc_now,
+    verify_payload,
+)
 from cartridges.names import LATEST, NAME_PATTERN, Ref, parse_ref, validate_name
 
 ALIASES_DIR = "aliases"
@@ -104,7 +113,9 @@ class Registry:
             yield
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise CartridgeError(f"cannot {what} in the registry {self.url}: {reason}; check that it is writable or pass --registry") from None
+            raise CartridgeError(
+                f"cannot {what} in the registry {self.url}: {reason}; check that it is writable or pass --registry"
+            ) from None
 
     # ---- reading -------------------------------------------------------------------------
     def _children(self, folder: str) -> list[tuple[str, str]]:
@@ -136,7 +147,11 @@ class Registry:
         return [name for name in self._name_folders() if self.versions(name)]
 
     def _name_folders(self) -> list[str]:
-        return sorted(n for n, kind in self._children(self.root) if kind == "directory" and NAME_PATTERN.fullmatch(n) and ".." not in n)
+        return sorted(
+            n
+            for n, kind in self._children(self.root)
+            if kind == "directory" and NAME_PATTERN.fullmatch(n) and ".." not in n
+        )
 
     def _read_json(self, path: str) -> dict:
         try:
@@ -155,9 +170,13 @@ class Registry:
             alias = Path(path).name.removesuffix(".json")
             if not alias.startswith("."):
                 found[alias] = self._read_json(path).get("version")
-        bad = sorted(alias for alias, version in found.items() if not isinstance(version, int) or isinstance(version, bool))
+        bad = sorted(
+            alias for alias, version in found.items() if not isinstance(version, int) or isinstance(version, bool)
+        )
         if bad:
-            raise CartridgeError(f"{name}: alias {bad[0]!r} does not hold a version number: set it again with `cartridges alias {name}@N {bad[0]}`")
+            raise CartridgeError(
+                f"{name}: alias {bad[0]!r} does not hold a version number: set it again with `cartridges alias {name}@N {bad[0]}`"
+            )
         return found
 
     def resolve(self, ref: str | Ref) -> tuple[str, int]:
@@ -179,7 +198,9 @@ class Registry:
         aliases = self.aliases(parsed.name)
         if parsed.selector not in aliases:
             known = ", ".join(sorted(aliases)) or "none"
-            raise CartridgeError(f"{parsed.name} has no alias {parsed.selector!r} (aliases: {known}; or use @latest / @N)")
+            raise CartridgeError(
+                f"{parsed.name} has no alias {parsed.selector!r} (aliases: {known}; or use @latest / @N)"
+            )
         target = aliases[parsed.selector]
         if target not in versions:
             raise CartridgeError(
@@ -350,7 +371,9 @@ class Registry:
         name, version = self.resolve(ref)
         pointing = sorted(a for a, v in self.aliases(name).items() if v == version)
         if pointing and not force:
-            raise CartridgeError(f"{name}@{version} is aliased as {', '.join(pointing)}: move the alias first or pass --force")
+            raise CartridgeError(
+                f"{name}@{version} is aliased as {', '.join(pointing)}: move the alias first or pass --force"
+            )
         with self._writing(f"remove {name}@{version}"):
             for alias in pointing:
                 self.remove_alias(name, alias)

@@ -23,7 +23,9 @@ def check_same_model(cartridges: Sequence[Cartridge]) -> None:
         raise CartridgeError("no cartridge given: pass at least one reference")
     shapes = {(c.manifest.num_layers, c.manifest.num_kv_heads, c.manifest.head_dim) for c in cartridges}
     if len(shapes) != 1 or len({c.manifest.model_fingerprint for c in cartridges}) != 1:
-        names = ", ".join(f"{c.manifest.name} ({c.manifest.model_id}, {c.manifest.model_fingerprint[:12]})" for c in cartridges)
+        names = ", ".join(
+            f"{c.manifest.name} ({c.manifest.model_id}, {c.manifest.model_fingerprint[:12]})" for c in cartridges
+        )
         raise CartridgeError(f"cannot compose cartridges built for different models: {names}")
 
 
@@ -33,7 +35,9 @@ def concat_prefixes(cartridges: Sequence[Cartridge]) -> torch.Tensor:
     return torch.cat([c.prompt_embeddings for c in cartridges], dim=0)
 
 
-def prefix_cache(prompt_embeddings: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int, batch_size: int = 1) -> DynamicCache:
+def prefix_cache(
+    prompt_embeddings: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int, batch_size: int = 1
+) -> DynamicCache:
     """A fresh cache holding the prefix (forward passes append to the cache object they get)."""
     num_tokens = prompt_embeddings.shape[0]
     per_layer = prompt_embeddings.view(num_tokens, num_layers * 2, num_kv_heads, head_dim).permute(1, 2, 0, 3)
@@ -68,13 +72,17 @@ def prefix_logits(
     positions = torch.arange(first, first + length, device=input_ids.device).expand(batch, -1)
     full_mask = torch.cat([torch.ones(batch, num_tokens, dtype=mask.dtype, device=mask.device), mask], dim=1)
     cache = prefix_cache(prefix, *shape, batch_size=batch)
-    return model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
+    return model(
+        input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
+    ).logits
 
 
 class CartridgeRuntime:
     """A model plus loaded cartridges: logits, generation and streaming chat turns."""
 
-    def __init__(self, loaded: LoadedModel, cartridges: Sequence[Cartridge], system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+    def __init__(
+        self, loaded: LoadedModel, cartridges: Sequence[Cartridge], system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    ):
         for cartridge in cartridges:
             check_compatible(cartridge, loaded)
         self.loaded = loaded
@@ -111,7 +119,9 @@ class CartridgeRuntime:
         return self.loaded.model.config.max_position_embeddings
 
     def _generate_kwargs(self, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> dict:
-        ids = torch.tensor([chat_token_ids(self.loaded.tokenizer, messages, self.system_prompt)], device=self.loaded.model.device)
+        ids = torch.tensor(
+            [chat_token_ids(self.loaded.tokenizer, messages, self.system_prompt)], device=self.loaded.model.device
+        )
         room = self.window - self.num_tokens - ids.shape[1]
         if room < 1:
             raise CartridgeError(
@@ -119,8 +129,12 @@ class CartridgeRuntime:
                 f"past the model's window of {self.window}: shorten the question (in chat, /reset starts over)"
             )
         # generate() feeds only the tokens past the cache length; placeholders stand for the prefix.
-        placeholder = torch.full((1, self.num_tokens), pad_token_id(self.loaded.tokenizer), dtype=ids.dtype, device=ids.device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+        placeholder = torch.full(
+            (1, self.num_tokens), pad_token_id(self.loaded.tokenizer), dtype=ids.dtype, device=ids.device
+        )
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+        )
         return {
             "input_ids": torch.cat([placeholder, ids], dim=1),
             "attention_mask": torch.ones(1, self.num_tokens + ids.shape[1], dtype=torch.long, device=ids.device),
@@ -134,10 +148,12 @@ class CartridgeRuntime:
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0) -> str:
         kwargs = self._generate_kwargs(messages, max_new_tokens, temperature)
         output = self.loaded.model.generate(**kwargs)
-        new_tokens = output[0, kwargs["input_ids"].shape[1]:]
+        new_tokens = output[0, kwargs["input_ids"].shape[1] :]
         return self.loaded.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
-    def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
+    def stream(
+        self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0
+    ) -> Iterator[str]:
         """Yield the answer's text as it is generated.
 
         Generation runs in a worker thread. Closing the iterator early (Ctrl-C, a consumer that

@@ -51,7 +51,9 @@ def token_offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def leading_token_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+def leading_token_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, add_special_tokens: bool = True
+) -> list[int]:
     """The first `max_tokens` token ids of `text`, tokenizing only as much of its beginning as they need."""
     chars = max(64, max_tokens * 8)
     while True:

@@ -31,10 +31,17 @@ from cartridges.loading import open_cartridge
 from cartridges.models import LoadedModel, load_model
 from cartridges.pipeline.build_config import BuildConfig
 from cartridges.pipeline.runs import ARTIFACT_DIR, LOCK_FILE, PUBLISHED_FILE, runs_root
-from cartridges.registry import Registry
 from cartridges.qa import QACorpus
+from cartridges.registry import Registry
 from cartridges.stages.contexts import Context, FixedContext
-from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, check_training_fits_window, run_training, save_distilled
+from cartridges.stages.distill import (
+    DISTILL_DIR,
+    FINAL_FILE,
+    INIT_FILE,
+    check_training_fits_window,
+    run_training,
+    save_distilled,
+)
 from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import Corpus, ingest_corpus, read_corpus
 from cartridges.stages.synthesize import check_fits_window, synthesize
@@ -91,7 +98,9 @@ def warm_start(run_dir: Path, registry: Registry, name: str, loaded, config: Bui
     if previous is not None:
         parent, prefix = previous
         (run_dir / DISTILL_DIR).mkdir(parents=True, exist_ok=True)
-        write_atomically(run_dir / DISTILL_DIR / INIT_FILE, lambda tmp: save_file({"prefix": prefix.contiguous()}, str(tmp)))
+        write_atomically(
+            run_dir / DISTILL_DIR / INIT_FILE, lambda tmp: save_file({"prefix": prefix.contiguous()}, str(tmp))
+        )
     write_text_atomically(record, json.dumps({"parent": parent}))
     return parent
 
@@ -138,7 +147,12 @@ def evaluate_run(run_dir: Path, loaded, qa: QACorpus) -> dict[str, float]:
 
 
 def build(
-    corpus_dir: Path, name: str, config: BuildConfig, registry: Registry, on_stage=lambda stage: None, qa: QACorpus | None = None
+    corpus_dir: Path,
+    name: str,
+    config: BuildConfig,
+    registry: Registry,
+    on_stage=lambda stage: None,
+    qa: QACorpus | None = None,
 ) -> BuildResult:
     corpus = read_corpus(corpus_dir)  # a bad folder fails before the model loads
     loaded = load_model(config.model)
@@ -161,7 +175,14 @@ def _remove_if_empty(run_dir: Path) -> None:
 
 
 def _build_in(
-    run_dir: Path, corpus: Corpus, loaded: LoadedModel, name: str, config: BuildConfig, registry: Registry, on_stage, qa: QACorpus | None
+    run_dir: Path,
+    corpus: Corpus,
+    loaded: LoadedModel,
+    name: str,
+    config: BuildConfig,
+    registry: Registry,
+    on_stage,
+    qa: QACorpus | None,
 ) -> BuildResult:
     published = run_dir / PUBLISHED_FILE
     if published.is_file():
@@ -175,12 +196,24 @@ def _build_in(
         seconds[label] = time.perf_counter() - started
         return result
 
-    ingested = stage("ingest", lambda: ingest_corpus(corpus, run_dir, loaded.tokenizer, loaded.tokenizer_fingerprint,
-                                          config.synthesis.chunk_min_tokens, config.synthesis.chunk_max_tokens))
+    ingested = stage(
+        "ingest",
+        lambda: ingest_corpus(
+            corpus,
+            run_dir,
+            loaded.tokenizer,
+            loaded.tokenizer_fingerprint,
+            config.synthesis.chunk_min_tokens,
+            config.synthesis.chunk_max_tokens,
+        ),
+    )
     parent = warm_start(run_dir, registry, name, loaded, config)
     reuse_from = previous_run(name, run_dir) if config.reuse_samples else None
     synthesis = stage(
-        "synthesize", lambda: synthesize(run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run, reuse_from)
+        "synthesize",
+        lambda: synthesize(
+            run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run, reuse_from
+        ),
     )
     qa_pairs = [(q.question, q.answer) for q in qa.questions] if qa is not None else []  # gold NLL at every eval_every
     stage("distill", lambda: run_training(run_dir, loaded, config.distill, config.training, qa_pairs))
@@ -195,8 +228,17 @@ def _build_in(
 
     manifest = stage("publish", publish)
     ref = f"{manifest.name}@{manifest.version}"
-    write_text_atomically(published, json.dumps({"ref": ref, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2))
+    write_text_atomically(
+        published, json.dumps({"ref": ref, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2)
+    )
     shutil.rmtree(run_dir / ARTIFACT_DIR)  # the registry holds it now
-    summary = {"corpus": ingested, "samples": synthesis["samples"], "kinds": synthesis["kinds"],
-               "synthesis": synthesis, "steps": config.distill.steps, "metrics": manifest.metrics, "parent": parent}
+    summary = {
+        "corpus": ingested,
+        "samples": synthesis["samples"],
+        "kinds": synthesis["kinds"],
+        "synthesis": synthesis,
+        "steps": config.distill.steps,
+        "metrics": manifest.metrics,
+        "parent": parent,
+    }
     return BuildResult(run_dir, ref, built=True, seconds=seconds, summary=summary)

@@ -23,13 +23,19 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 class BuildConfig(BaseModel):
     model_config = STRICT_SETTINGS
 
-    model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), an HF model folder or hub id")
+    model: str = Field(
+        "default", description="'default' (embedded SmolLM2-135M-Instruct), an HF model folder or hub id"
+    )
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     synthesis_run: RunSettings = Field(default_factory=RunSettings)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     training: TrainSettings = Field(default_factory=TrainSettings)
-    warm_start: bool = Field(True, description="start training from the latest published version of the same name when it fits")
-    reuse_samples: bool = Field(True, description="take the samples of unchanged chunks from the last build of the same name")
+    warm_start: bool = Field(
+        True, description="start training from the latest published version of the same name when it fits"
+    )
+    reuse_samples: bool = Field(
+        True, description="take the samples of unchanged chunks from the last build of the same name"
+    )
 
     def fingerprint(self) -> str:
         """sha256 of the settings that change the result (not of how the work is run)."""
@@ -77,7 +83,9 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise CartridgeError(f"--set {item!r}: the value is not valid YAML ({_one_line(exc)}); quote text values, e.g. key='[a'") from None
+            raise CartridgeError(
+                f"--set {item!r}: the value is not valid YAML ({_one_line(exc)}); quote text values, e.g. key='[a'"
+            ) from None
         _set(data, key.strip(), parsed)
     try:
         return BuildConfig.model_validate(data)

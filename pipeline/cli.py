@@ -20,14 +20,18 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Manage the embedded default model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-schedule_app = typer.Typer(help="Nightly rebuilds on Ray; schedules and history live in the registry.", no_args_is_help=True)
+schedule_app = typer.Typer(
+    help="Nightly rebuilds on Ray; schedules and history live in the registry.", no_args_is_help=True
+)
 app.add_typer(schedule_app, name="schedule")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 RegistryOption = Annotated[
     str | None,
-    typer.Option("--registry", help="Registry folder or fsspec URL (default: $CARTRIDGES_REGISTRY or $CARTRIDGES_HOME/registry)."),
+    typer.Option(
+        "--registry", help="Registry folder or fsspec URL (default: $CARTRIDGES_REGISTRY or $CARTRIDGES_HOME/registry)."
+    ),
 ]
 ModelOption = Annotated[
     str | None,
@@ -49,7 +53,9 @@ def open_registry(url: str | None, writing: bool = False) -> Registry:
 def _report_skipped(skipped: list) -> None:
     """Files and folders of the corpus that were not read, with the reason for each."""
     if skipped:
-        shown = "; ".join(str(item) if not isinstance(item, dict) else f"{item['path']} ({item['reason']})" for item in skipped[:8])
+        shown = "; ".join(
+            str(item) if not isinstance(item, dict) else f"{item['path']} ({item['reason']})" for item in skipped[:8]
+        )
         more = f"; and {len(skipped) - 8} more (see ingest.json in the run folder)" if len(skipped) > 8 else ""
         errors.print(f"[yellow]skipped {len(skipped)} file(s) or folder(s): {shown}{more}[/yellow]", highlight=False)
 
@@ -72,7 +78,10 @@ def model_prepare() -> None:
 
 @app.command("init")
 def init(
-    corpus: Annotated[Path | None, typer.Option("--corpus", help="Corpus folder (.txt/.md). Default: license texts of the installed packages.")] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option("--corpus", help="Corpus folder (.txt/.md). Default: license texts of the installed packages."),
+    ] = None,
     tokens: Annotated[int, typer.Option("--tokens", min=2, help="Cartridge length in tokens.")] = 256,
     name: Annotated[str, typer.Option("--name", help="Registry name of the cartridge.")] = "legal",
     model: ModelOption = None,
@@ -116,14 +125,27 @@ def list_cartridges(registry: RegistryOption = None) -> None:
     table = Table("ref", "aliases", "method", "tokens", "KV MB", "model", "created")
     for entry in listing.entries:
         m = entry.manifest
-        table.add_row(_ref(m), ",".join(entry.aliases), m.method, str(m.num_tokens), f"{m.kv_bytes / 2**20:.1f}", m.model_id, m.created_at)
+        table.add_row(
+            _ref(m),
+            ",".join(entry.aliases),
+            m.method,
+            str(m.num_tokens),
+            f"{m.kv_bytes / 2**20:.1f}",
+            m.model_id,
+            m.created_at,
+        )
     console.print(table if table.rows else f"no cartridges in {reg.url}")
     for skipped in listing.skipped:
         errors.print(f"[yellow]skipped {skipped.path}: {skipped.reason}[/yellow]", highlight=False)
 
 
 @app.command("show")
-def show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@latest, NAME@ALIAS, or a folder (./dir, path:dir)")], registry: RegistryOption = None) -> None:
+def show(
+    ref: Annotated[
+        str, typer.Argument(help="NAME, NAME@VERSION, NAME@latest, NAME@ALIAS, or a folder (./dir, path:dir)")
+    ],
+    registry: RegistryOption = None,
+) -> None:
     """Print a cartridge's manifest.
 
     Example: cartridges show legal@latest
@@ -136,7 +158,10 @@ def show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@lates
 
 
 @app.command("verify")
-def verify(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALIAS, or a folder (./dir, path:dir)")], registry: RegistryOption = None) -> None:
+def verify(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALIAS, or a folder (./dir, path:dir)")],
+    registry: RegistryOption = None,
+) -> None:
     """Check a cartridge as loading does: checksums, shapes, manifest, name and version, finite values (exit 2 on a problem).
 
     Example: cartridges verify legal@3
@@ -146,8 +171,14 @@ def verify(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALI
 
     folder = folder_of(ref)
     manifest = check_artifact(folder) if folder else open_registry(registry).verify(ref)
-    bound = "manifest bound to the payload" if manifest.format_version >= 2 else "format 1: manifest not bound to the payload"
-    console.print(f"{_ref(manifest) if manifest.version else folder}: OK ({len(manifest.files)} files, shapes, {bound}, finite values)")
+    bound = (
+        "manifest bound to the payload"
+        if manifest.format_version >= 2
+        else "format 1: manifest not bound to the payload"
+    )
+    console.print(
+        f"{_ref(manifest) if manifest.version else folder}: OK ({len(manifest.files)} files, shapes, {bound}, finite values)"
+    )
 
 
 @app.command("alias")
@@ -231,7 +262,9 @@ def chat(
 def ask(
     ref: Annotated[str, typer.Argument(help="cartridge reference or folder")],
     question: Annotated[str, typer.Argument(help="the question")],
-    also: Annotated[list[str] | None, typer.Option("--also", help="another cartridge to compose after REF (repeatable)")] = None,
+    also: Annotated[
+        list[str] | None, typer.Option("--also", help="another cartridge to compose after REF (repeatable)")
+    ] = None,
     model: ModelOption = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
@@ -244,7 +277,11 @@ def ask(
     from cartridges.loading import load
 
     runtime = load([ref, *(also or [])], open_registry(registry), model)
-    print(runtime.generate([{"role": "user", "content": question}], max_new_tokens=max_new_tokens, temperature=temperature))
+    print(
+        runtime.generate(
+            [{"role": "user", "content": question}], max_new_tokens=max_new_tokens, temperature=temperature
+        )
+    )
 
 
 def _parse_kinds(text: str | None) -> dict[str, float] | None:
@@ -257,7 +294,9 @@ def _parse_kinds(text: str | None) -> dict[str, float] | None:
         try:
             kinds[name.strip()] = float(weight) if sep else 1.0
         except ValueError:
-            raise CartridgeError(f"--kinds: weight {weight!r} of {name!r} is not a number (example: question=2,quote=1)") from None
+            raise CartridgeError(
+                f"--kinds: weight {weight!r} of {name!r} is not a number (example: question=2,quote=1)"
+            ) from None
     return kinds
 
 
@@ -281,16 +320,26 @@ def synthesize_command(
     engine: Annotated[str, typer.Option("--engine", help="auto (vLLM if it starts, else HF), vllm or hf")] = "auto",
     model: ModelOption = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    kinds: Annotated[str | None, typer.Option("--kinds", help="seed kind weights, e.g. question=2,quote=1,continuation=2")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="teacher log-probabilities per token (default 20)")] = None,
+    kinds: Annotated[
+        str | None, typer.Option("--kinds", help="seed kind weights, e.g. question=2,quote=1,continuation=2")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="teacher log-probabilities per token (default 20)")
+    ] = None,
     max_answer_tokens: Annotated[int | None, typer.Option("--max-answer-tokens")] = None,
     chunk_min_tokens: Annotated[int | None, typer.Option("--chunk-min-tokens")] = None,
     chunk_max_tokens: Annotated[int | None, typer.Option("--chunk-max-tokens")] = None,
-    shard_size: Annotated[int | None, typer.Option("--shard-size", help="samples per Parquet shard (unit of resume)")] = None,
+    shard_size: Annotated[
+        int | None, typer.Option("--shard-size", help="samples per Parquet shard (unit of resume)")
+    ] = None,
     engines: Annotated[int, typer.Option("--engines", help="engine actors (one per GPU on GPU nodes)")] = 1,
-    executor: Annotated[str, typer.Option("--executor", help="ray (Ray Data; RAY_ADDRESS for a cluster) or local")] = "ray",
+    executor: Annotated[
+        str, typer.Option("--executor", help="ray (Ray Data; RAY_ADDRESS for a cluster) or local")
+    ] = "ray",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads per HF engine")] = None,
-    reuse_from: Annotated[Path | None, typer.Option("--reuse-from", help="earlier run folder: take its samples of unchanged chunks")] = None,
+    reuse_from: Annotated[
+        Path | None, typer.Option("--reuse-from", help="earlier run folder: take its samples of unchanged chunks")
+    ] = None,
 ) -> None:
     """Write self-study conversations with teacher top-k log-probabilities as Parquet shards.
 
@@ -315,9 +364,13 @@ def synthesize_command(
     documents = read_corpus(corpus)  # a bad folder fails before the model loads
     loaded = load_model(model)
     check_fits_window(config, loaded.model.config.max_position_embeddings)
-    record = ingest_corpus(documents, out, loaded.tokenizer, loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens)
+    record = ingest_corpus(
+        documents, out, loaded.tokenizer, loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens
+    )
     _report_skipped(record["skipped"])
-    console.print(f"corpus: {record['num_documents']} documents, {record['num_chunks']} chunks, {record['num_tokens']} tokens")
+    console.print(
+        f"corpus: {record['num_documents']} documents, {record['num_chunks']} chunks, {record['num_tokens']} tokens"
+    )
     summary = synthesize(out, loaded.path, loaded.fingerprint, config, settings, reuse_from)
     console.print(
         f"{summary['samples']}/{summary['planned']} samples in {out} ({', '.join(summary['engines'])}; {_reuse_note(summary)}): "
@@ -335,11 +388,15 @@ def distill_command(
     lr: Annotated[float | None, typer.Option("--lr")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
     init: Annotated[str | None, typer.Option("--init", help="first_tokens, random_chunks or random")] = None,
-    qa: Annotated[Path | None, typer.Option("--qa", help="QA file (shared/data/qa format) for gold-answer NLL during training")] = None,
+    qa: Annotated[
+        Path | None, typer.Option("--qa", help="QA file (shared/data/qa format) for gold-answer NLL during training")
+    ] = None,
     qa_corpus: Annotated[str | None, typer.Option("--qa-corpus", help="corpus id inside --qa")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Ray Train workers")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="ray (Ray Train) or local")] = "ray",
-    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per worker (default: its CPUs, cores / workers)")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="torch threads per worker (default: its CPUs, cores / workers)")
+    ] = None,
     model: ModelOption = None,
     registry: RegistryOption = None,
 ) -> None:
@@ -350,7 +407,13 @@ def distill_command(
     from cartridges.models import load_model
     from cartridges.names import validate_name
     from cartridges.pipeline.runs import scratch_folder
-    from cartridges.stages.distill import DistillConfig, TrainSettings, check_training_fits_window, run_training, save_distilled
+    from cartridges.stages.distill import (
+        DistillConfig,
+        TrainSettings,
+        check_training_fits_window,
+        run_training,
+        save_distilled,
+    )
 
     validate_name(name)
     reg = open_registry(registry, writing=True)
@@ -367,18 +430,30 @@ def distill_command(
         save_distilled(loaded, run, name, config, scratch / "cartridge")
         published = reg.publish(scratch / "cartridge", name)
     metrics = _headline_metrics(published.metrics)
-    console.print(f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}")
+    console.print(
+        f"published [bold]{_ref(published)}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}"
+    )
 
 
 @app.command("build")
 def build_command(
     corpus: Annotated[
-        Path | None, typer.Argument(help="corpus folder (.txt .md .rst .html .pdf .json .jsonl); default: license texts of the installed packages")
+        Path | None,
+        typer.Argument(
+            help="corpus folder (.txt .md .rst .html .pdf .json .jsonl); default: license texts of the installed packages"
+        ),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")] = "legal",
-    config: Annotated[str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")] = "default",
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="override one setting, e.g. --set distill.steps=100 (repeatable)")] = None,
-    qa: Annotated[Path | None, typer.Option("--qa", help="QA file (shared/data/qa format) with held-out questions about the corpus")] = None,
+    config: Annotated[
+        str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")
+    ] = "default",
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="override one setting, e.g. --set distill.steps=100 (repeatable)")
+    ] = None,
+    qa: Annotated[
+        Path | None,
+        typer.Option("--qa", help="QA file (shared/data/qa format) with held-out questions about the corpus"),
+    ] = None,
     qa_corpus: Annotated[str | None, typer.Option("--qa-corpus", help="corpus id inside --qa")] = None,
     registry: RegistryOption = None,
 ) -> None:
@@ -395,7 +470,14 @@ def build_command(
     reg = open_registry(registry, writing=True)
     settings = load_build_config(config, overrides or [])
     questions = _qa_corpus(qa, qa_corpus)
-    result = build(corpus or gather_license_corpus(), name, settings, reg, lambda stage: console.print(f"[bold]{stage}[/bold]"), questions)
+    result = build(
+        corpus or gather_license_corpus(),
+        name,
+        settings,
+        reg,
+        lambda stage: console.print(f"[bold]{stage}[/bold]"),
+        questions,
+    )
     if not result.built:
         console.print(f"nothing to do: {result.ref} is already built from this corpus and config ({result.run_dir})")
         return
@@ -448,7 +530,9 @@ def schedule_add(
     corpus: Annotated[Path, typer.Argument(help="corpus folder to rebuild from")],
     name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")],
     cron: Annotated[str, typer.Option("--cron", help="cron expression, UTC")] = "0 2 * * *",
-    config: Annotated[str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")] = "default",
+    config: Annotated[
+        str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")
+    ] = "default",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="override one setting (repeatable)")] = None,
     registry: RegistryOption = None,
 ) -> None:
@@ -470,7 +554,9 @@ def schedule_add(
         ensure_actor(scheduler.registry.url)
         console.print("the scheduler actor is running on the Ray cluster")
     else:
-        console.print("start the scheduler on a Ray cluster to run it: ray start --head; RAY_ADDRESS=auto cartridges schedule start")
+        console.print(
+            "start the scheduler on a Ray cluster to run it: ray start --head; RAY_ADDRESS=auto cartridges schedule start"
+        )
 
 
 @schedule_app.command("start")
@@ -503,7 +589,9 @@ def schedule_list(registry: RegistryOption = None) -> None:
 
 
 @schedule_app.command("remove")
-def schedule_remove(name: Annotated[str, typer.Argument(help="schedule name")], registry: RegistryOption = None) -> None:
+def schedule_remove(
+    name: Annotated[str, typer.Argument(help="schedule name")], registry: RegistryOption = None
+) -> None:
     """Stop rebuilding NAME (its cartridges stay).
 
     Example: cartridges schedule remove legal
@@ -513,7 +601,9 @@ def schedule_remove(name: Annotated[str, typer.Argument(help="schedule name")], 
 
 
 @schedule_app.command("run-now")
-def schedule_run_now(name: Annotated[str, typer.Argument(help="schedule name")], registry: RegistryOption = None) -> None:
+def schedule_run_now(
+    name: Annotated[str, typer.Argument(help="schedule name")], registry: RegistryOption = None
+) -> None:
     """Build a schedule now, in this process, and record the outcome.
 
     Example: cartridges schedule run-now legal
@@ -527,7 +617,9 @@ def schedule_run_now(name: Annotated[str, typer.Argument(help="schedule name")],
 
 
 @schedule_app.command("history")
-def schedule_history(name: Annotated[str | None, typer.Argument(help="only this schedule")] = None, registry: RegistryOption = None) -> None:
+def schedule_history(
+    name: Annotated[str | None, typer.Argument(help="only this schedule")] = None, registry: RegistryOption = None
+) -> None:
     """Past scheduled builds, oldest first.
 
     Example: cartridges schedule history legal
@@ -540,12 +632,29 @@ def schedule_history(name: Annotated[str | None, typer.Argument(help="only this 
 
 @app.command("eval")
 def eval_command(
-    method: Annotated[str, typer.Option("--method", help="none, icl, truncated, rag, knorm, streaming or cartridge")] = "cartridge",
-    cartridge: Annotated[list[str] | None, typer.Option("--cartridge", help="NAME[@VERSION] or artifact folder (repeat to compose)")] = None,
-    qa: Annotated[list[Path] | None, typer.Option("--qa", help="QA file in the shared/data/qa format (repeatable; default: ../shared/data/qa/*.json)")] = None,
-    corpus_id: Annotated[list[str] | None, typer.Option("--corpus-id", help="QA corpus to score (repeatable; default: every corpus in --qa)")] = None,
-    budget: Annotated[int | None, typer.Option("--budget", help="KV budget in tokens for truncated, rag, knorm and streaming")] = None,
-    distractors: Annotated[int, typer.Option("--distractors", min=0, help="other same-type gold answers each gold answer is ranked against")] = 4,
+    method: Annotated[
+        str, typer.Option("--method", help="none, icl, truncated, rag, knorm, streaming or cartridge")
+    ] = "cartridge",
+    cartridge: Annotated[
+        list[str] | None, typer.Option("--cartridge", help="NAME[@VERSION] or artifact folder (repeat to compose)")
+    ] = None,
+    qa: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--qa", help="QA file in the shared/data/qa format (repeatable; default: ../shared/data/qa/*.json)"
+        ),
+    ] = None,
+    corpus_id: Annotated[
+        list[str] | None,
+        typer.Option("--corpus-id", help="QA corpus to score (repeatable; default: every corpus in --qa)"),
+    ] = None,
+    budget: Annotated[
+        int | None, typer.Option("--budget", help="KV budget in tokens for truncated, rag, knorm and streaming")
+    ] = None,
+    distractors: Annotated[
+        int,
+        typer.Option("--distractors", min=0, help="other same-type gold answers each gold answer is ranked against"),
+    ] = 4,
     out: Annotated[Path | None, typer.Option("--out", help="also write the scores as JSON here")] = None,
     model: ModelOption = None,
     registry: RegistryOption = None,
@@ -559,10 +668,8 @@ def eval_command(
 
     from cartridges.atomic import write_text_atomically
     from cartridges.qa import load_qa_files
-    from cartridges.stages.contexts import context_source
+    from cartridges.stages.contexts import METHODS, context_source
     from cartridges.stages.evaluate import score_corpus
-
-    from cartridges.stages.contexts import METHODS
 
     if method not in METHODS:
         raise CartridgeError(f"--method {method!r} is not a method; known: {', '.join(METHODS)}")
@@ -587,16 +694,31 @@ def eval_command(
         score = score_corpus(loaded, corpus, source, method, distractors)
         scores.append(score)
         accuracy = "n/a" if score.rank_accuracy is None else f"{score.rank_accuracy:.2f} ({score.ranked_questions})"
-        table.add_row(corpus.id, method, str(score.kv_tokens), f"{score.nll:.3f} ± {score.nll_se:.3f}", accuracy, str(score.questions))
+        table.add_row(
+            corpus.id,
+            method,
+            str(score.kv_tokens),
+            f"{score.nll:.3f} ± {score.nll_se:.3f}",
+            accuracy,
+            str(score.questions),
+        )
     console.print(table)
     if out is not None:
-        record = {"method": method, "budget": budget, "cartridges": cartridge or [], "model": loaded.model_id, "scores": [asdict(s) for s in scores]}
+        record = {
+            "method": method,
+            "budget": budget,
+            "cartridges": cartridge or [],
+            "model": loaded.model_id,
+            "scores": [asdict(s) for s in scores],
+        }
         write_text_atomically(out, json.dumps(record, indent=2))
 
 
 @app.command("gc")
 def garbage_collect(
-    older_than: Annotated[str, typer.Option("--older-than", help="only what has not changed for this long: 90s, 30m, 1h, 2d")] = "1h",
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="only what has not changed for this long: 90s, 30m, 1h, 2d")
+    ] = "1h",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
     registry: RegistryOption = None,
 ) -> None:
@@ -609,9 +731,16 @@ def garbage_collect(
 
     removed = collect_garbage(open_registry(registry, writing=not dry_run), parse_age(older_than), dry_run)
     for item in removed:
-        console.print(f"{'would remove' if dry_run else 'removed'} {item.path} ({item.reason}, {item.bytes / 2**20:.1f} MB)", highlight=False)
+        console.print(
+            f"{'would remove' if dry_run else 'removed'} {item.path} ({item.reason}, {item.bytes / 2**20:.1f} MB)",
+            highlight=False,
+        )
     total = sum(item.bytes for item in removed) / 2**20
-    console.print(f"{len(removed)} item(s), {total:.1f} MB {'would be freed' if dry_run else 'freed'}" if removed else "nothing to remove")
+    console.print(
+        f"{len(removed)} item(s), {total:.1f} MB {'would be freed' if dry_run else 'freed'}"
+        if removed
+        else "nothing to remove"
+    )
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ def scratch_folder(label: str) -> Iterator[Path]:
         except OSError:
             pass
 
+
 # Files of a build run folder that other commands look at (the layout is in docs/format.md).
 PUBLISHED_FILE = "published.json"  # the build is done: {"ref", "config_fingerprint", "seconds"}
 LOCK_FILE = "build.lock"  # held by the process building the folder

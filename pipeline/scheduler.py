@@ -69,8 +69,14 @@ class Scheduler:
 
     def add(self, name: str, corpus: str, cron: str, config: str = "default", overrides: list[str] = ()) -> Schedule:
         validate_name(name)
-        schedule = Schedule(name=name, corpus=corpus, cron=cron, config=config, overrides=list(overrides),
-                            next_run=_iso(next_time(cron, self.clock())))
+        schedule = Schedule(
+            name=name,
+            corpus=corpus,
+            cron=cron,
+            config=config,
+            overrides=list(overrides),
+            next_run=_iso(next_time(cron, self.clock())),
+        )
         with self._lock:
             state = self._state()
             state["schedules"][name] = schedule.model_dump()
@@ -115,7 +121,9 @@ class Scheduler:
         except Exception as exc:  # any build failure is recorded; the schedule retries at its next time
             status, detail = "failed", f"{type(exc).__name__}: {exc}"
         finished = self.clock()
-        outcome = BuildOutcome(name=name, started=_iso(started), finished=_iso(finished), status=status, detail=detail[:2000])
+        outcome = BuildOutcome(
+            name=name, started=_iso(started), finished=_iso(finished), status=status, detail=detail[:2000]
+        )
         with self._lock:
             state = self._state()
             if name in state["schedules"]:
@@ -137,7 +145,12 @@ def build_schedule(registry_url: str) -> Builder:
         from cartridges.pipeline.build import build  # heavy (torch, transformers): only when a build runs
         from cartridges.pipeline.build_config import load_build_config
 
-        result = build(Path(schedule.corpus), schedule.name, load_build_config(schedule.config, schedule.overrides), Registry(registry_url))
+        result = build(
+            Path(schedule.corpus),
+            schedule.name,
+            load_build_config(schedule.config, schedule.overrides),
+            Registry(registry_url),
+        )
         return ("published", result.ref) if result.built else ("unchanged", f"{result.ref} is up to date")
 
     return builder
@@ -170,5 +183,7 @@ def ensure_actor(registry_url: str) -> list[str]:
 
     init_ray()
     remote = ray.remote(num_cpus=0)(SchedulerActor)
-    actor = remote.options(name=ACTOR_NAME, namespace="cartridges", lifetime="detached", get_if_exists=True).remote(registry_url)
+    actor = remote.options(name=ACTOR_NAME, namespace="cartridges", lifetime="detached", get_if_exists=True).remote(
+        registry_url
+    )
     return ray.get(actor.schedule_names.remote())  # also waits until the actor is up

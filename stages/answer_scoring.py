@@ -19,7 +19,9 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
 
 
 @torch.no_grad()
-def mean_answer_nll(forward: Forward, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8, pad_token_id: int = 0) -> list[float]:
+def mean_answer_nll(
+    forward: Forward, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8, pad_token_id: int = 0
+) -> list[float]:
     """For each (question, answer): mean NLL per token of the answer given the chat with the question."""
     sequences = []
     for question, answer in pairs:

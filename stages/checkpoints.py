@@ -46,7 +46,9 @@ def _int_keys(optimizer_state: dict) -> dict:
     return state
 
 
-def save_checkpoint(folder: Path, step: int, prefix: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, extra: dict) -> Path:
+def save_checkpoint(
+    folder: Path, step: int, prefix: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, extra: dict
+) -> Path:
     target = folder / f"step-{step:06d}"
     if target.exists():
         return target
@@ -57,6 +59,7 @@ def save_checkpoint(folder: Path, step: int, prefix: torch.Tensor, optimizer: to
         "scheduler": scheduler.state_dict(),
         "extra": extra,
     }
+
     def write(staging: Path) -> None:
         save_file(tensors, str(staging / TENSORS_FILE))
         (staging / STATE_FILE).write_text(json.dumps(state))
@@ -76,7 +79,9 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scheduler) -> 
         tensors = load_file(str(path / TENSORS_FILE))
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CartridgeError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the one before") from None
+        raise CartridgeError(
+            f"checkpoint {path} is unreadable ({exc}); delete it to resume from the one before"
+        ) from None
     optimizer.load_state_dict(_int_keys(_join(state["optimizer"], tensors)))
     scheduler.load_state_dict(state["scheduler"])
     return state["step"], tensors["prefix"], state["extra"]

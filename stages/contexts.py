@@ -97,7 +97,9 @@ class RetrievedContext:
 
         self.loaded, self.budget = loaded, budget
         ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-        self.passages = [loaded.tokenizer.decode(ids[i : i + passage_tokens]) for i in range(0, len(ids), passage_tokens)]
+        self.passages = [
+            loaded.tokenizer.decode(ids[i : i + passage_tokens]) for i in range(0, len(ids), passage_tokens)
+        ]
         if not self.passages:
             raise CartridgeError("rag needs a non-empty corpus text")
         self.retriever = bm25s.BM25()
@@ -126,7 +128,9 @@ class RetrievedContext:
 METHODS = ("none", "icl", "truncated", "rag", *PRESSES, "cartridge")
 
 
-def context_source(loaded: LoadedModel, method: str, text: str, budget: int | None, cartridge: torch.Tensor | None = None) -> ContextSource:
+def context_source(
+    loaded: LoadedModel, method: str, text: str, budget: int | None, cartridge: torch.Tensor | None = None
+) -> ContextSource:
     """The context source of `method` over corpus `text` at a KV budget of `budget` tokens."""
     if method not in METHODS:
         raise CartridgeError(f"unknown method {method!r}; known: {', '.join(METHODS)}")

@@ -54,7 +54,9 @@ class DistillConfig(BaseModel):
     model_config = STRICT_SETTINGS
 
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
-    init: Literal["first_tokens", "random_chunks", "random"] = Field("first_tokens", description="prefix initialisation")
+    init: Literal["first_tokens", "random_chunks", "random"] = Field(
+        "first_tokens", description="prefix initialisation"
+    )
     steps: int = Field(200, ge=1)
     lr: float = Field(2e-3, gt=0, le=1, description="2e-3 beat 2e-2 on gold-answer NLL in the sweep (BENCHMARKS.md)")
     warmup_steps: int = Field(10, ge=0)
@@ -72,7 +74,9 @@ class DistillConfig(BaseModel):
 def split_examples(examples: list, eval_samples: int, seed: int) -> tuple[list, list]:
     """Hold out `eval_samples` (at most a fifth of the data) for KL to the teacher."""
     if not examples:
-        raise CartridgeError("no synthetic samples to train on: synthesize more (--samples) or check the filters' summary")
+        raise CartridgeError(
+            "no synthetic samples to train on: synthesize more (--samples) or check the filters' summary"
+        )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     held = set(order[: min(eval_samples, len(examples) // 5)])
@@ -109,7 +113,9 @@ def _encoder(model):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, held_out: list, qa_pairs: list[tuple[str, str]], pad_id: int, batch_size: int) -> dict[str, float]:
+def evaluate(
+    model, tokenizer, held_out: list, qa_pairs: list[tuple[str, str]], pad_id: int, batch_size: int
+) -> dict[str, float]:
     model.eval()
     metrics: dict[str, float] = {}
     if held_out:
@@ -187,8 +193,16 @@ def train_loop(loop_config: dict) -> None:
         if rank != 0:
             continue
         elapsed = time.perf_counter() - started
-        record = {"step": done, **stats, "tokens": step_tokens, "threads": torch.get_num_threads(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_second": tokens_seen / elapsed, "eta_seconds": elapsed / (done - start) * (config.steps - done)}
+        record = {
+            "step": done,
+            **stats,
+            "tokens": step_tokens,
+            "threads": torch.get_num_threads(),
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_second": tokens_seen / elapsed,
+            "eta_seconds": elapsed / (done - start) * (config.steps - done),
+        }
         if done % config.eval_every == 0 or done == config.steps:
             record |= evaluate(_unwrap(model), tokenizer, held_out, qa_pairs, pad_id, config.batch_size)
         log.write(json.dumps(record) + "\n")
@@ -238,7 +252,9 @@ class TrainSettings(BaseModel):
     executor: Literal["ray", "local"] = "ray"
     workers: int = Field(1, ge=1, description="Ray Train workers (gloo on CPU)")
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
-    cpus_per_worker: float | None = Field(None, gt=0, description="Ray CPUs per worker (default: this machine's cores / workers)")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="Ray CPUs per worker (default: this machine's cores / workers)"
+    )
 
     def worker_cpus(self) -> float:
         return self.cpus_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
@@ -262,18 +278,24 @@ def initial_prefix(loaded, run_dir: Path, config: DistillConfig) -> torch.Tensor
         rng = random.Random(config.seed)
         ids = context_token_ids(loaded.tokenizer, "", None)  # BOS, if the tokenizer has one
         while len(ids) < config.num_tokens:
-            ids += loaded.tokenizer(rng.choice(chunks).text, add_special_tokens=False)["input_ids"][: config.num_tokens // 4]
+            ids += loaded.tokenizer(rng.choice(chunks).text, add_special_tokens=False)["input_ids"][
+                : config.num_tokens // 4
+            ]
         ids = ids[: config.num_tokens]
     return kv_prefix_of_tokens(loaded.model, ids)
 
 
-def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSettings, qa_pairs: list[tuple[str, str]] = ()) -> Path:
+def run_training(
+    run_dir: Path, loaded, config: DistillConfig, settings: TrainSettings, qa_pairs: list[tuple[str, str]] = ()
+) -> Path:
     """Train (or resume) the prefix of `run_dir`'s synthesis; returns the path of the final prefix."""
     out = run_dir / DISTILL_DIR
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()) != config.model_dump():
-        raise CartridgeError(f"{out} holds a training with other settings: use the same settings to resume, or a new run folder")
+        raise CartridgeError(
+            f"{out} holds a training with other settings: use the same settings to resume, or a new run folder"
+        )
     write_atomically(config_file, lambda tmp: tmp.write_text(json.dumps(config.model_dump(), indent=2)))
     (out / FAILURE_FILE).unlink(missing_ok=True)
     if not (out / INIT_FILE).is_file():
@@ -301,7 +323,9 @@ def run_training(run_dir: Path, loaded, config: DistillConfig, settings: TrainSe
             train_loop,
             train_loop_config=loop_config | {"ray": True},
             scaling_config=ScalingConfig(
-                num_workers=settings.workers, use_gpu=torch.cuda.is_available(), resources_per_worker={"CPU": settings.worker_cpus()}
+                num_workers=settings.workers,
+                use_gpu=torch.cuda.is_available(),
+                resources_per_worker={"CPU": settings.worker_cpus()},
             ),
             torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
             run_config=RunConfig(storage_path=str((out / "ray").resolve()), name="train"),
@@ -325,7 +349,13 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def publishable_manifest(
-    loaded, run_dir: Path, name: str, config: DistillConfig, prefix: torch.Tensor, parent: str | None = None, evaluation: dict[str, float] | None = None
+    loaded,
+    run_dir: Path,
+    name: str,
+    config: DistillConfig,
+    prefix: torch.Tensor,
+    parent: str | None = None,
+    evaluation: dict[str, float] | None = None,
 ):
     """The manifest of a distilled cartridge: config, data fingerprint, init, final training metrics and any evaluation."""
     ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
@@ -359,9 +389,17 @@ def publishable_manifest(
 
 
 def save_distilled(
-    loaded, run_dir: Path, name: str, config: DistillConfig, destination: Path, parent: str | None = None, evaluation: dict[str, float] | None = None
+    loaded,
+    run_dir: Path,
+    name: str,
+    config: DistillConfig,
+    destination: Path,
+    parent: str | None = None,
+    evaluation: dict[str, float] | None = None,
 ):
     """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest); `parent`: the version it warm-started from."""
     prefix = load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"]
     manifest = publishable_manifest(loaded, run_dir, name, config, prefix, parent, evaluation)
-    return save_artifact(destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest)
+    return save_artifact(
+        destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest
+    )

@@ -47,7 +47,9 @@ class Completion:
 class Engine(Protocol):
     name: str
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None
+    ) -> list[Completion]:
         """Sample a completion per prompt; with `top_k`, also the raw top-k log-probabilities at each step."""
         ...
 
@@ -87,7 +89,9 @@ def _sharing_batches(prompts: list[list[int]], size: int) -> list[list[int]]:
         else:
             groups.append([index])
     alone = [group[0] for group in groups if len(group) == 1]
-    return [batch for group in groups if len(group) > 1 for batch in _batches(group, size)] + list(_batches(alone, size))
+    return [batch for group in groups if len(group) > 1 for batch in _batches(group, size)] + list(
+        _batches(alone, size)
+    )
 
 
 def _cut_after_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
@@ -138,17 +142,23 @@ class HFEngine:
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, sequence in enumerate(sequences):
-            ids[row, width - len(sequence):] = torch.tensor(sequence)
-            mask[row, width - len(sequence):] = 1
+            ids[row, width - len(sequence) :] = torch.tensor(sequence)
+            mask[row, width - len(sequence) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None
+    ) -> list[Completion]:
         completions: list[Completion] = []
         for batch in _batches(list(zip(prompts, seeds)), self.batch_size):
             torch.manual_seed(batch[0][1])  # HF samples per batch: the first seed fixes the whole batch
             ids, mask = self._left_pad([prompt for prompt, _ in batch])
-            sample = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p} if sampling.temperature > 0 else {"do_sample": False}
+            sample = (
+                {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+                if sampling.temperature > 0
+                else {"do_sample": False}
+            )
             output = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -160,7 +170,7 @@ class HFEngine:
                 output_logits=top_k is not None,  # raw logits, before temperature and top-p
                 **sample,
             )
-            for row, generated in enumerate(output.sequences[:, ids.shape[1]:].tolist()):
+            for row, generated in enumerate(output.sequences[:, ids.shape[1] :].tolist()):
                 tokens = _cut_after_stop(generated, sampling.stop_token_ids)
                 scores = None
                 if top_k is not None:
@@ -182,13 +192,17 @@ class HFEngine:
             positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
             inputs = {"input_ids": ids, "position_ids": positions, "logits_to_keep": keep}
             if shared:
-                cache = prefix_cache(self._shared_prefix(prompts[batch[0]][:shared]), *kv_shape(self.model.config), batch_size=len(batch))
+                cache = prefix_cache(
+                    self._shared_prefix(prompts[batch[0]][:shared]), *kv_shape(self.model.config), batch_size=len(batch)
+                )
                 mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype, device=mask.device), mask], dim=1)
                 inputs |= {"past_key_values": cache, "use_cache": True}
             logprobs = torch.log_softmax(self.model(attention_mask=mask, **inputs).logits.float(), dim=-1)
             for row, i in enumerate(batch):
                 # kept logits cover the last `keep` positions; answer token j is predicted one position earlier
-                results[i] = _scores_from_logprobs(logprobs[row, keep - len(answers[i]) - 1 : keep - 1], answers[i], top_k)
+                results[i] = _scores_from_logprobs(
+                    logprobs[row, keep - len(answers[i]) - 1 : keep - 1], answers[i], top_k
+                )
         return results
 
     def _shared_prefix(self, token_ids: list[int]) -> torch.Tensor:
@@ -227,7 +241,9 @@ class VLLMEngine:
             seed=seed,
         )
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None
+    ) -> list[Completion]:
         from vllm import SamplingParams
 
         params = [
@@ -256,7 +272,9 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k)
-        outputs = self.llm.generate([{"prompt_token_ids": p + a} for p, a in zip(prompts, answers)], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p + a} for p, a in zip(prompts, answers)], params, use_tqdm=False
+        )
         return [
             _scores_from_vllm(answer, output.prompt_logprobs[len(prompt) : len(prompt) + len(answer)], top_k)
             for prompt, answer, output in zip(prompts, answers, outputs)
@@ -281,7 +299,17 @@ def vllm_available() -> bool:
     return True
 
 
-def make_engine(name: EngineName, model_path: str, *, max_model_len: int, top_k: int, batch_size: int, pad_token_id: int, threads: int | None = None, seed: int = 0) -> Engine:
+def make_engine(
+    name: EngineName,
+    model_path: str,
+    *,
+    max_model_len: int,
+    top_k: int,
+    batch_size: int,
+    pad_token_id: int,
+    threads: int | None = None,
+    seed: int = 0,
+) -> Engine:
     """`auto` starts vLLM when it imports and starts, else HF with a one-line notice."""
     if name in ("auto", "vllm"):
         try:
@@ -293,5 +321,8 @@ def make_engine(name: EngineName, model_path: str, *, max_model_len: int, top_k:
                 from cartridges.errors import CartridgeError
 
                 raise CartridgeError(f"vLLM engine could not start: {exc}; use --engine hf") from None
-            print(f"notice: vLLM unavailable ({type(exc).__name__}: {str(exc)[:160]}); using the HF engine", file=sys.stderr)
+            print(
+                f"notice: vLLM unavailable ({type(exc).__name__}: {str(exc)[:160]}); using the HF engine",
+                file=sys.stderr,
+            )
     return HFEngine(model_path, batch_size=batch_size, threads=threads, pad_token_id=pad_token_id)

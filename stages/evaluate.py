@@ -38,7 +38,15 @@ def rank_candidates(corpus: QACorpus, question: Question, distractors: int, seed
     """The gold answer first, then up to `distractors` other gold answers of the same type in the corpus."""
     if question.answer_type in EXCLUDED_FROM_RANKING:
         return None
-    others = sorted({q.answer for q in corpus.questions if q.answer_type == question.answer_type and q.answer != question.answer and q.answer not in question.alt_answers})
+    others = sorted(
+        {
+            q.answer
+            for q in corpus.questions
+            if q.answer_type == question.answer_type
+            and q.answer != question.answer
+            and q.answer not in question.alt_answers
+        }
+    )
     if not others:
         return None
     random.Random(f"{seed}:{question.id}").shuffle(others)
@@ -68,13 +76,23 @@ def _forward(loaded: LoadedModel, context: Context) -> Forward:
     device = loaded.model.device
 
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return prefix_logits(loaded.model, context.prefix, shape, ids.to(device), mask.to(device), context.start_position)
+        return prefix_logits(
+            loaded.model, context.prefix, shape, ids.to(device), mask.to(device), context.start_position
+        )
 
     return forward
 
 
 @torch.no_grad()
-def score_corpus(loaded: LoadedModel, corpus: QACorpus, source: ContextSource, method: str, distractors: int = 8, batch_size: int = 8, seed: int = 0) -> CorpusScore:
+def score_corpus(
+    loaded: LoadedModel,
+    corpus: QACorpus,
+    source: ContextSource,
+    method: str,
+    distractors: int = 8,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> CorpusScore:
     """Gold-answer NLL and rank accuracy of every question, each after its context block."""
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     contexts = [source.context(q) for q in corpus.questions]
@@ -86,13 +104,18 @@ def score_corpus(loaded: LoadedModel, corpus: QACorpus, source: ContextSource, m
     for indices in groups.values():
         forward = _forward(loaded, contexts[indices[0]])
         questions = [corpus.questions[i] for i in indices]
-        for i, value in zip(indices, mean_answer_nll(forward, loaded.tokenizer, [(q.question, q.answer) for q in questions], batch_size, pad)):
+        for i, value in zip(
+            indices,
+            mean_answer_nll(forward, loaded.tokenizer, [(q.question, q.answer) for q in questions], batch_size, pad),
+        ):
             gold[i] = value
         for question in questions if distractors > 0 else ():
             candidates = rank_candidates(corpus, question, distractors, seed)
             if candidates is None:
                 continue
-            scores = mean_answer_nll(forward, loaded.tokenizer, [(question.question, c) for c in candidates], batch_size, pad)
+            scores = mean_answer_nll(
+                forward, loaded.tokenizer, [(question.question, c) for c in candidates], batch_size, pad
+            )
             ranked += 1
             correct += int(min(range(len(scores)), key=scores.__getitem__) == 0)
     nll, se = mean_and_se(gold)

@@ -187,7 +187,9 @@ def write_ingest_outputs(out_dir: Path, corpus: Corpus, chunks: list[Chunk]) -> 
         [{"doc_id": i, **asdict(doc), "num_tokens": doc_tokens[i]} for i, doc in enumerate(corpus.documents)]
     )
     write_parquet_atomically(out_dir / DOCUMENTS_FILE, documents)
-    write_parquet_atomically(out_dir / CHUNKS_FILE, pa.Table.from_pylist([asdict(c) | {"num_tokens": c.num_tokens} for c in chunks]))
+    write_parquet_atomically(
+        out_dir / CHUNKS_FILE, pa.Table.from_pylist([asdict(c) | {"num_tokens": c.num_tokens} for c in chunks])
+    )
 
 
 def read_titles(out_dir: Path) -> list[str]:
@@ -207,12 +209,26 @@ def read_chunks(out_dir: Path) -> list[Chunk]:
 INGEST_FILE = "ingest.json"
 
 
-def ingest(corpus_dir: Path, run_dir: Path, tokenizer: PreTrainedTokenizerBase, tokenizer_fingerprint: str, min_tokens: int, max_tokens: int) -> dict:
+def ingest(
+    corpus_dir: Path,
+    run_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_fingerprint: str,
+    min_tokens: int,
+    max_tokens: int,
+) -> dict:
     """Read, chunk and write the corpus into `run_dir`; reuses earlier outputs of the same corpus and chunking."""
     return ingest_corpus(read_corpus(corpus_dir), run_dir, tokenizer, tokenizer_fingerprint, min_tokens, max_tokens)
 
 
-def ingest_corpus(corpus: Corpus, run_dir: Path, tokenizer: PreTrainedTokenizerBase, tokenizer_fingerprint: str, min_tokens: int, max_tokens: int) -> dict:
+def ingest_corpus(
+    corpus: Corpus,
+    run_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_fingerprint: str,
+    min_tokens: int,
+    max_tokens: int,
+) -> dict:
     """`ingest` of a corpus already read (its fingerprint decides whether earlier outputs are reused)."""
     record = {
         "corpus_fingerprint": corpus.fingerprint(tokenizer_fingerprint),

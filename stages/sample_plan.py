@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from cartridges.hashing import sha256_bytes
 from cartridges.stages.ingest import Chunk, read_chunks, read_titles
 
@@ -53,11 +54,17 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def rendezvous_chunks(keys: list[str], seed: int, samples: int) -> np.ndarray:
     """For each sample, the index of the chunk with the lowest hash score."""
-    chunk_codes = np.array([int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") for key in keys], dtype=np.uint64)
+    chunk_codes = np.array(
+        [int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") for key in keys],
+        dtype=np.uint64,
+    )
     sample_codes = _mix(np.arange(samples, dtype=np.uint64) ^ _mix(np.array([seed % 2**64], dtype=np.uint64)))
     block = max(1, SCORES_PER_BLOCK // len(keys))
     return np.concatenate(
-        [_mix(sample_codes[start : start + block, None] ^ chunk_codes[None, :]).argmin(axis=1) for start in range(0, samples, block)]
+        [
+            _mix(sample_codes[start : start + block, None] ^ chunk_codes[None, :]).argmin(axis=1)
+            for start in range(0, samples, block)
+        ]
     )
 
 
@@ -66,4 +73,6 @@ def plan_samples(samples: int, seed: int, kinds: dict[str, float], keys: list[st
     names = sorted(k for k, w in kinds.items() if w > 0)
     weights = [kinds[k] for k in names]
     chunks = rendezvous_chunks(keys, seed, samples)
-    return [PlannedSample(i, int(chunks[i]), rng.choices(names, weights)[0], rng.getrandbits(31)) for i in range(samples)]
+    return [
+        PlannedSample(i, int(chunks[i]), rng.choices(names, weights)[0], rng.getrandbits(31)) for i in range(samples)
+    ]

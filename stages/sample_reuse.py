@@ -21,7 +21,15 @@ from cartridges.stages.sample_plan import PlannedSample
 
 SOURCE_KEY = b"cartridges.reused_from"
 # Settings a reused sample must share with the new run; seed and kinds are checked per sample.
-SAMPLE_SHAPING = ("top_k", "max_message_tokens", "max_answer_tokens", "temperature", "top_p", "corpus_description", "max_attempts")
+SAMPLE_SHAPING = (
+    "top_k",
+    "max_message_tokens",
+    "max_answer_tokens",
+    "temperature",
+    "top_p",
+    "corpus_description",
+    "max_attempts",
+)
 
 
 def incompatibility(previous_record: dict, config: dict, model_fingerprint: str) -> str | None:
@@ -33,14 +41,22 @@ def incompatibility(previous_record: dict, config: dict, model_fingerprint: str)
 
 
 def assign_reused(
-    planned: list[PlannedSample], keys: list[str], chunks: list[Chunk], previous_rows: list[dict], previous_keys: list[str]
+    planned: list[PlannedSample],
+    keys: list[str],
+    chunks: list[Chunk],
+    previous_rows: list[dict],
+    previous_keys: list[str],
 ) -> list[dict]:
     """The previous rows that are exactly the planned samples, renumbered for this run's chunks."""
     previous = {row["sample_id"]: row for row in previous_rows}
     reused = []
     for sample in planned:
         row = previous.get(sample.sample_id)
-        if row and (previous_keys[row["chunk_id"]], row["seed_kind"], row["seed"]) == (keys[sample.chunk_id], sample.kind, sample.seed):
+        if row and (previous_keys[row["chunk_id"]], row["seed_kind"], row["seed"]) == (
+            keys[sample.chunk_id],
+            sample.kind,
+            sample.seed,
+        ):
             chunk = chunks[sample.chunk_id]
             reused.append(row | {"chunk_id": chunk.chunk_id, "doc_id": chunk.doc_id})
     return reused

@@ -18,7 +18,7 @@ MESSAGE_INSTRUCTIONS = {
     "use_case": "Write a question that a person affected by the document above might ask about their own situation. Output only the question.",
     "creative": "Write a request for a short creative piece (a poem, a dialogue or an example scenario) based on a specific part of the document above. Output only the request.",
     "generic": "Write a message that a user might send to an assistant about the document above. Output only the message.",
-    "quote": "Write one question that is answered by this passage of the document, without quoting it:\n\n\"{passage}\"\n\nOutput only the question.",
+    "quote": 'Write one question that is answered by this passage of the document, without quoting it:\n\n"{passage}"\n\nOutput only the question.',
 }
 CONTINUATION_MESSAGE = 'Continue the text of the document from: "{lead}"'
 FILL_SPAN_MESSAGE = "Fill in the part marked [...] in this excerpt of the document:\n\n{excerpt}"
@@ -72,7 +72,9 @@ def corpus_answer(kind: str, chunk_text: str, rng: random.Random, max_answer_wor
         before = " ".join(" ".join(parts[:target]).split()[-60:])
         after = " ".join(" ".join(parts[target + 1 :]).split()[:60])
         answer = " ".join(_window(parts, target, max_answer_words)[:1])
-        return CorpusAnswer(message=FILL_SPAN_MESSAGE.format(excerpt=f"{before} [...] {after}"), passage=None, answer=answer)
+        return CorpusAnswer(
+            message=FILL_SPAN_MESSAGE.format(excerpt=f"{before} [...] {after}"), passage=None, answer=answer
+        )
     raise ValueError(f"{kind!r} is not a corpus-answered kind")
 
 

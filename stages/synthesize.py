@@ -37,7 +37,13 @@ from cartridges.stages.ingest import INGEST_FILE, Chunk, read_chunks, read_title
 from cartridges.stages.quality import answer_problem, message_problem
 from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
 from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
-from cartridges.stages.seed_prompts import ALL_KINDS, CORPUS_ANSWERED, corpus_answer, message_instruction, writer_excerpt
+from cartridges.stages.seed_prompts import (
+    ALL_KINDS,
+    CORPUS_ANSWERED,
+    corpus_answer,
+    message_instruction,
+    writer_excerpt,
+)
 
 SYNTHESIS_DIR = "synthesis"
 SHARDS_DIR = "shards"
@@ -103,7 +109,9 @@ class SynthesisConfig(BaseModel):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     chunk_min_tokens: int = Field(512, ge=1)
     chunk_max_tokens: int = Field(2048, ge=2)
-    corpus_description: str | None = Field(None, description="one line about the corpus; default: 'a corpus of N documents'")
+    corpus_description: str | None = Field(
+        None, description="one line about the corpus; default: 'a corpus of N documents'"
+    )
     shard_size: int = Field(32, ge=1)
     max_attempts: int = Field(3, ge=1, description="tries per sample when filters reject it")
 
@@ -127,7 +135,9 @@ class RunSettings(BaseModel):
     engines: int = Field(1, ge=1, description="engine actors (one per GPU on GPU nodes)")
     batch_size: int = Field(16, ge=1, description="HF engine batch size")
     threads: int | None = Field(None, ge=1, description="torch threads per HF engine")
-    cpus_per_engine: float | None = Field(None, gt=0, description="Ray CPUs per engine actor (default: this machine's cores / engines)")
+    cpus_per_engine: float | None = Field(
+        None, gt=0, description="Ray CPUs per engine actor (default: this machine's cores / engines)"
+    )
     executor: Literal["ray", "local"] = "ray"
 
 
@@ -163,13 +173,23 @@ class Draft:
 class SampleBuilder:
     """Turns planned samples into rows with one engine (the expensive state of a worker)."""
 
-    def __init__(self, engine: Engine, tokenizer, config: SynthesisConfig, chunks: list[Chunk], titles: list[str], model_fingerprint: str):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        config: SynthesisConfig,
+        chunks: list[Chunk],
+        titles: list[str],
+        model_fingerprint: str,
+    ):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.chunks, self.titles, self.model_fingerprint = chunks, titles, model_fingerprint
         self.description = config.corpus_description or f"a corpus of {len(titles)} documents"
         stops = {tokenizer.eos_token_id, *_as_list(getattr(tokenizer, "eos_token_ids", None))}
         self.stop_ids = tuple(sorted(t for t in stops if t is not None))
-        self.message_sampling = SamplingConfig(config.max_message_tokens, config.temperature, config.top_p, self.stop_ids)
+        self.message_sampling = SamplingConfig(
+            config.max_message_tokens, config.temperature, config.top_p, self.stop_ids
+        )
         self.answer_sampling = SamplingConfig(config.max_answer_tokens, config.temperature, config.top_p, self.stop_ids)
 
     def build(self, planned: list[PlannedSample]) -> tuple[list[dict], dict]:
@@ -188,7 +208,9 @@ class SampleBuilder:
             pending = [p for p, _ in failed]
         return rows, {"generated_tokens": generated, "rejected": dict(rejected), "unfilled": len(pending)}
 
-    def _attempt(self, pending: list[PlannedSample], attempt: int) -> tuple[list[dict], list[tuple[PlannedSample, str]], int]:
+    def _attempt(
+        self, pending: list[PlannedSample], attempt: int
+    ) -> tuple[list[dict], list[tuple[PlannedSample, str]], int]:
         failed: list[tuple[PlannedSample, str]] = []
         drafts: list[Draft] = []
         max_words = int(self.config.max_answer_tokens * WORDS_PER_TOKEN)
@@ -220,7 +242,10 @@ class SampleBuilder:
                 kept.append(draft)
         to_score = [d for d in kept if d.scores is None]
         if to_score:
-            for draft, scores in zip(to_score, self.engine.score([d.prompt for d in to_score], [d.answer for d in to_score], self.config.top_k)):
+            for draft, scores in zip(
+                to_score,
+                self.engine.score([d.prompt for d in to_score], [d.answer for d in to_score], self.config.top_k),
+            ):
                 draft.scores = scores
         return [self._row(d) for d in kept], failed, generated
 
@@ -235,8 +260,14 @@ class SampleBuilder:
         for d in drafts:
             system = f'The following is an excerpt of "{d.title}", from {self.description}.\n\n{d.excerpt}'
             user = message_instruction(d.planned.kind, d.passage)
-            prompts.append(chat_token_ids(self.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}]))
-        outputs = [c.token_ids for c in self.engine.generate(prompts, self.message_sampling, self._seeds(drafts, attempt, 0))]
+            prompts.append(
+                chat_token_ids(
+                    self.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}]
+                )
+            )
+        outputs = [
+            c.token_ids for c in self.engine.generate(prompts, self.message_sampling, self._seeds(drafts, attempt, 0))
+        ]
         for draft, tokens in zip(drafts, outputs):
             finished = bool(tokens) and tokens[-1] in self.stop_ids
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip().strip('"').strip()
@@ -259,7 +290,9 @@ class SampleBuilder:
         if not model_answered:
             return 0
         seeds = self._seeds(model_answered, attempt, 1)
-        outputs = self.engine.generate([d.prompt for d in model_answered], self.answer_sampling, seeds, top_k=self.config.top_k)
+        outputs = self.engine.generate(
+            [d.prompt for d in model_answered], self.answer_sampling, seeds, top_k=self.config.top_k
+        )
         for draft, completion in zip(model_answered, outputs):
             draft.answer, draft.scores = completion.token_ids, completion.scores
             draft.truncated = not completion.token_ids or completion.token_ids[-1] not in self.stop_ids
@@ -414,7 +447,9 @@ def prepare_reuse(run_dir: Path, previous: Path, config: SynthesisConfig, model_
         return None
     previous_config = previous / SYNTHESIS_DIR / CONFIG_FILE
     if not previous_config.is_file():
-        raise CartridgeError(f"{previous} holds no synthesis ({previous_config} is missing): pass the --out folder of an earlier run")
+        raise CartridgeError(
+            f"{previous} holds no synthesis ({previous_config} is missing): pass the --out folder of an earlier run"
+        )
     record = json.loads(previous_config.read_text())
     refused = incompatibility(record, config.model_dump(), model_fingerprint)
     rows: list[dict] = []
@@ -429,7 +464,12 @@ def prepare_reuse(run_dir: Path, previous: Path, config: SynthesisConfig, model_
 
 
 def synthesize(
-    run_dir: Path, model_path: Path, model_fingerprint: str, config: SynthesisConfig, settings: RunSettings, reuse_from: Path | None = None
+    run_dir: Path,
+    model_path: Path,
+    model_fingerprint: str,
+    config: SynthesisConfig,
+    settings: RunSettings,
+    reuse_from: Path | None = None,
 ) -> dict:
     """Make every missing shard of the run's plan; returns the summary (also written to summary.json).
 
@@ -437,7 +477,11 @@ def synthesize(
     `reuse_from`: an earlier run folder whose samples of unchanged chunks are taken instead of made.
     """
     ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
-    record = {"config": config.model_dump(), "corpus_fingerprint": ingest_record["corpus_fingerprint"], "model_fingerprint": model_fingerprint}
+    record = {
+        "config": config.model_dump(),
+        "corpus_fingerprint": ingest_record["corpus_fingerprint"],
+        "model_fingerprint": model_fingerprint,
+    }
     _check_run_config(run_dir, record | {"reuse_from": str(reuse_from) if reuse_from else None})
     reuse_refused = prepare_reuse(run_dir, reuse_from, config, model_fingerprint) if reuse_from else None
     shards = range(num_shards(config))
@@ -453,7 +497,12 @@ def synthesize(
         }
         todo = sum(min(config.shard_size, config.samples - s * config.shard_size) for s in pending)
         with ThroughputProgress("synthesize", total=todo) as progress:
-            _run_shards(pending, worker_args, settings, lambda stats: progress.advance(stats["planned"], stats["generated_tokens"]))
+            _run_shards(
+                pending,
+                worker_args,
+                settings,
+                lambda stats: progress.advance(stats["planned"], stats["generated_tokens"]),
+            )
     summary = summarize(run_dir, config)
     summary["wall_seconds_this_run"] = time.perf_counter() - started
     summary["shards_made_this_run"] = len(pending)

@@ -61,7 +61,9 @@ def load_examples(samples_dir: Path, tokenizer, max_length: int) -> list[Example
         if keep == 0:
             continue
         examples.append(
-            Example(row["sample_id"], prompt, row["answer_ids"][:keep], row["topk_ids"][:keep], row["topk_logprobs"][:keep])
+            Example(
+                row["sample_id"], prompt, row["answer_ids"][:keep], row["topk_ids"][:keep], row["topk_logprobs"][:keep]
+            )
         )
     return examples
 
@@ -91,7 +93,9 @@ def collate(examples: list[Example], pad_token_id: int) -> Batch:
     return Batch(input_ids, attention_mask, positions, answer_mask, answer_ids, topk_ids, topk_logprobs)
 
 
-def distillation_loss(logits: torch.Tensor, batch: Batch, ce_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def distillation_loss(
+    logits: torch.Tensor, batch: Batch, ce_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Top-k distillation `-sum_k p_teacher(k) log q_student(k)` (teacher renormalised over its top-k),
     averaged over each sample's answer tokens, then over samples; plus `ce_weight` x cross-entropy
     of the answer tokens. Also returns the top-k KL to the teacher for logging."""

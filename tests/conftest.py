@@ -135,7 +135,9 @@ def smollm2(cartridges_home, shared_models_dir):
 def long_corpus(tmp_path):
     folder = tmp_path / "long-corpus"
     folder.mkdir()
-    text = " ".join(f"Section {i}. A tenant in unit {i} must pay {i * 10} dollars before day {i % 28 + 1}." for i in range(60))
+    text = " ".join(
+        f"Section {i}. A tenant in unit {i} must pay {i * 10} dollars before day {i % 28 + 1}." for i in range(60)
+    )
     (folder / "statute.txt").write_text(text)
     return folder
 

@@ -8,7 +8,9 @@ from transformers import LlamaConfig
 from cartridges.artifact import cartridge_peft_config, save_artifact
 from cartridges.manifest import CorpusInfo, Manifest
 
-MODEL_CONFIG = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=32, head_dim=16, vocab_size=16)
+MODEL_CONFIG = LlamaConfig(
+    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=32, head_dim=16, vocab_size=16
+)
 WIDTH = 2 * 2 * 2 * 16  # layers x (K, V) x KV heads x head_dim
 
 
@@ -29,7 +31,9 @@ def fake_manifest(name: str = "legal", num_tokens: int = 4) -> Manifest:
     )
 
 
-def fake_artifact(folder: Path, name: str = "legal", payload_bytes: int = 2048, prefix: torch.Tensor | None = None) -> Path:
+def fake_artifact(
+    folder: Path, name: str = "legal", payload_bytes: int = 2048, prefix: torch.Tensor | None = None
+) -> Path:
     """An artifact of about `payload_bytes` of random float32 prefix (or the given prefix)."""
     if prefix is None:
         prefix = torch.randn(max(2, payload_bytes // (WIDTH * 4)), WIDTH)

@@ -17,12 +17,16 @@ def artifact(tiny, corpus_dir, tmp_path):
 
 
 def test_folder_is_a_peft_adapter_with_checksummed_manifest(artifact):
-    assert sorted(p.name for p in artifact.iterdir()) == sorted([ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE])
+    assert sorted(p.name for p in artifact.iterdir()) == sorted(
+        [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE]
+    )
     config = json.loads((artifact / ADAPTER_CONFIG_FILE).read_text())
     assert (config["peft_type"], config["num_virtual_tokens"], config["num_frozen_tokens"]) == ("CARTRIDGE", 16, 1)
     manifest = json.loads((artifact / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == FORMAT_VERSION
-    assert manifest["files"] == {name: sha256_file(artifact / name) for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)}
+    assert manifest["files"] == {
+        name: sha256_file(artifact / name) for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+    }
 
 
 def test_tampered_tensor_is_refused_on_load(artifact):

@@ -14,7 +14,11 @@ def test_shipped_configs_validate():
     for path in sorted(CONFIGS_DIR.glob("*.yaml")):
         load_build_config(str(path))
     default = load_build_config("default")
-    assert default.distill.lr == pytest.approx(2e-3) and set(default.synthesis.kinds) == {"quote", "continuation", "fill_span"}
+    assert default.distill.lr == pytest.approx(2e-3) and set(default.synthesis.kinds) == {
+        "quote",
+        "continuation",
+        "fill_span",
+    }
 
 
 def test_overrides_apply_and_only_decisive_settings_change_the_fingerprint():
@@ -43,7 +47,9 @@ def test_unknown_config_names_the_shipped_ones():
         load_build_config("nonexistent")
 
 
-def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(cli, tiny_model_dir, long_corpus, cartridges_home):
+def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(
+    cli, tiny_model_dir, long_corpus, cartridges_home
+):
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
     code, out, err = cli(*args)
     assert code == 0, err
@@ -55,7 +61,9 @@ def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(cli
     assert not (cartridges_home / "registry" / "legal" / "2").exists()
 
 
-def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(cli, tiny_model_dir, long_corpus, cartridges_home):
+def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(
+    cli, tiny_model_dir, long_corpus, cartridges_home
+):
     from safetensors.torch import load_file
 
     from cartridges.artifact import load_artifact
@@ -65,7 +73,9 @@ def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(cli, t
 
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
     assert cli(*args)[0] == 0
-    (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
+    (long_corpus / "amendment.txt").write_text(
+        "Section 61. A landlord must return the deposit within thirty days. " * 6
+    )
     code, out, err = cli(*args)
     assert code == 0 and "published legal@2" in out and "warm-started from legal@1" in out, err
     registry = Registry(cartridges_home / "registry")
@@ -77,10 +87,14 @@ def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(cli, t
     documents = pq.read_table(runs[-1] / "documents.parquet").column("path").to_pylist()
     rows = pq.read_table(runs[-1] / "synthesis" / "shards").to_pylist()
     unchanged = [row for row in rows if documents[row["doc_id"]] == "statute.txt"]
-    assert second.method_config["reused_samples"] == len(unchanged) > 0 and second.method_config["reused_from"] == str(runs[0])
+    assert second.method_config["reused_samples"] == len(unchanged) > 0 and second.method_config["reused_from"] == str(
+        runs[0]
+    )
     assert f"{len(unchanged)} reused from" in out
     assert load_file(str(runs[-1] / "distill" / "init_prefix.safetensors"))["prefix"].equal(first_prefix)
-    assert build_run_dir("legal", "x", load_build_config("tiny")) != build_run_dir("legal", "x", load_build_config("tiny", ["warm_start=false"]))
+    assert build_run_dir("legal", "x", load_build_config("tiny")) != build_run_dir(
+        "legal", "x", load_build_config("tiny", ["warm_start=false"])
+    )
 
 
 class Killed(Exception):
@@ -105,7 +119,9 @@ def kill_after(monkeypatch, target: str, calls: int):
     return lambda: monkeypatch.setattr(owner, attr, original)
 
 
-def test_a_build_killed_in_synthesis_and_in_training_resumes_to_the_same_cartridge(monkeypatch, tiny_model_dir, long_corpus, tmp_path):
+def test_a_build_killed_in_synthesis_and_in_training_resumes_to_the_same_cartridge(
+    monkeypatch, tiny_model_dir, long_corpus, tmp_path
+):
     from cartridges.artifact import load_artifact
     from cartridges.pipeline.build import build
     from cartridges.pipeline.build_config import load_build_config
@@ -133,19 +149,41 @@ def test_a_build_killed_in_synthesis_and_in_training_resumes_to_the_same_cartrid
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
 
 
-def test_build_with_held_out_questions_records_their_scores_in_the_manifest(cli, tiny_model_dir, long_corpus, cartridges_home, tmp_path):
+def test_build_with_held_out_questions_records_their_scores_in_the_manifest(
+    cli, tiny_model_dir, long_corpus, cartridges_home, tmp_path
+):
     from cartridges.stages.ingest import read_corpus
 
     qa = tmp_path / "qa.json"
-    pairs = [("When is rent due?", "before day 3"), ("How much in unit 5?", "50 dollars"), ("And unit 7?", "70 dollars")]
+    pairs = [
+        ("When is rent due?", "before day 3"),
+        ("How much in unit 5?", "50 dollars"),
+        ("And unit 7?", "70 dollars"),
+    ]
     questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "value"} for i, (q, a) in enumerate(pairs)]
-    qa.write_text(json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]}))
-    args = ["build", str(long_corpus), "--config", "tiny", "--set", f"model={tiny_model_dir}", "--qa", str(qa), "--qa-corpus", "statute"]
+    qa.write_text(
+        json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]})
+    )
+    args = [
+        "build",
+        str(long_corpus),
+        "--config",
+        "tiny",
+        "--set",
+        f"model={tiny_model_dir}",
+        "--qa",
+        str(qa),
+        "--qa-corpus",
+        "statute",
+    ]
     code, out, err = cli(*args)
     assert code == 0 and "evaluate" in out and "qa_cartridge_nll" in out, err
     metrics = json.loads(cli("show", "legal@1")[1])["metrics"]
     # The same numbers, computed independently by `cartridges eval` on the published cartridge and with no context.
-    for method, eval_args in (("cartridge", ["--cartridge", "legal@1"]), ("none", ["--method", "none", "--model", str(tiny_model_dir)])):
+    for method, eval_args in (
+        ("cartridge", ["--cartridge", "legal@1"]),
+        ("none", ["--method", "none", "--model", str(tiny_model_dir)]),
+    ):
         out_file = tmp_path / f"{method}.json"
         assert cli("eval", *eval_args, "--qa", str(qa), "--out", str(out_file))[0] == 0
         score = json.loads(out_file.read_text())["scores"][0]
@@ -161,7 +199,9 @@ def test_build_qa_options_come_together(cli, long_corpus):
     assert code == 2 and "--qa-corpus needs --qa FILE" in err and "Traceback" not in err
 
 
-def test_a_second_build_of_the_same_run_while_one_holds_it_fails_with_the_fix(cli, tiny_model_dir, long_corpus, cartridges_home):
+def test_a_second_build_of_the_same_run_while_one_holds_it_fails_with_the_fix(
+    cli, tiny_model_dir, long_corpus, cartridges_home
+):
     from filelock import FileLock
 
     from cartridges.pipeline.build import LOCK_FILE
@@ -171,7 +211,11 @@ def test_a_second_build_of_the_same_run_while_one_holds_it_fails_with_the_fix(cl
     (run_dir,) = (cartridges_home / "runs").glob("legal-*")
     with FileLock(run_dir / LOCK_FILE):  # what a build still running elsewhere holds
         code, out, err = cli(*args)
-    assert code == 2 and "another build of 'legal' with this corpus and config is running" in err and "Traceback" not in err
+    assert (
+        code == 2
+        and "another build of 'legal' with this corpus and config is running" in err
+        and "Traceback" not in err
+    )
     code, out, err = cli(*args)  # the lock is free again
     assert code == 0 and "nothing to do: legal@1" in out
 
@@ -218,7 +262,9 @@ def test_a_build_whose_training_goes_non_finite_publishes_nothing_and_the_schedu
     assert [o.status for o in scheduler.tick()] == ["published"]
     before = _registry_files(cartridges_home / "registry" / "legal")
 
-    (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
+    (long_corpus / "amendment.txt").write_text(
+        "Section 61. A landlord must return the deposit within thirty days. " * 6
+    )
     poison_training_at(monkeypatch, bad_step)
     now[0] += timedelta(days=1)
     [outcome] = scheduler.tick()
@@ -228,13 +274,23 @@ def test_a_build_whose_training_goes_non_finite_publishes_nothing_and_the_schedu
     assert registry.resolve("legal@latest") == ("legal", 1)
     assert registry.verify("legal@latest").version == 1
     run = max((cartridges_home / "runs").glob("legal-*"), key=lambda p: p.stat().st_mtime)
-    assert sorted(p.name for p in run.glob("distill/checkpoints/step-*")) == [f"step-{s:06d}" for s in range(1, bad_step)]
+    assert sorted(p.name for p in run.glob("distill/checkpoints/step-*")) == [
+        f"step-{s:06d}" for s in range(1, bad_step)
+    ]
 
 
-def test_a_build_that_diverges_is_one_line_on_the_command_line(cli, monkeypatch, tiny_model_dir, long_corpus, cartridges_home):
+def test_a_build_that_diverges_is_one_line_on_the_command_line(
+    cli, monkeypatch, tiny_model_dir, long_corpus, cartridges_home
+):
     poison_training_at(monkeypatch, 1)
-    code, _, err = cli("build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")
-    assert code == 2 and err.strip().splitlines()[-1].startswith("error: training stopped at step 1") and "Traceback" not in err
+    code, _, err = cli(
+        "build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"
+    )
+    assert (
+        code == 2
+        and err.strip().splitlines()[-1].startswith("error: training stopped at step 1")
+        and "Traceback" not in err
+    )
     assert not (cartridges_home / "registry" / "legal").exists()
 
 
@@ -250,11 +306,26 @@ def test_warm_start_refuses_a_damaged_parent(cli, tiny_model_dir, long_corpus, c
     # An older tool published a NaN prefix with matching checksums.
     version = cartridges_home / "registry" / "legal" / "1"
     manifest = Manifest.read(version)
-    save_file({"prompt_embeddings": torch.full((8, 128), float("nan"))}, str(version / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest))
-    (version / "manifest.json").write_text(manifest.model_copy(update={"files": manifest.files | {ADAPTER_WEIGHTS_FILE: sha256_file(version / ADAPTER_WEIGHTS_FILE)}}).to_json())
-    (long_corpus / "amendment.txt").write_text("Section 61. A landlord must return the deposit within thirty days. " * 6)
+    save_file(
+        {"prompt_embeddings": torch.full((8, 128), float("nan"))},
+        str(version / ADAPTER_WEIGHTS_FILE),
+        metadata=bound_metadata(manifest),
+    )
+    (version / "manifest.json").write_text(
+        manifest.model_copy(
+            update={"files": manifest.files | {ADAPTER_WEIGHTS_FILE: sha256_file(version / ADAPTER_WEIGHTS_FILE)}}
+        ).to_json()
+    )
+    (long_corpus / "amendment.txt").write_text(
+        "Section 61. A landlord must return the deposit within thirty days. " * 6
+    )
     code, _, err = cli(*args)
-    assert code == 2 and "cannot warm-start from legal@latest" in err and "NaN or infinite" in err and "warm_start=false" in err
+    assert (
+        code == 2
+        and "cannot warm-start from legal@latest" in err
+        and "NaN or infinite" in err
+        and "warm_start=false" in err
+    )
     code, out, err = cli(*args, "--set", "warm_start=false")
     assert code == 0 and "published legal@2" in out, err
 
@@ -262,6 +333,11 @@ def test_warm_start_refuses_a_damaged_parent(cli, tiny_model_dir, long_corpus, c
 def test_the_build_summary_reports_skipped_files_with_the_reason(cli, tiny_model_dir, long_corpus):
     (long_corpus / "scan.png").write_bytes(b"\x89PNG\x00\x00")
     (long_corpus / "copy.txt").write_text((long_corpus / "statute.txt").read_text())
-    code, out, err = cli("build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")
+    code, out, err = cli(
+        "build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"
+    )
     assert code == 0 and "published legal@1" in out, err
-    assert "skipped 2 file(s) or folder(s): scan.png (unsupported file type .png); statute.txt (same text as copy.txt)" in err
+    assert (
+        "skipped 2 file(s) or folder(s): scan.png (unsupported file type .png); statute.txt (same text as copy.txt)"
+        in err
+    )

@@ -27,7 +27,11 @@ def runtime(tiny, corpus_dir, tmp_path) -> CartridgeRuntime:
 
 
 def worker_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t is not threading.main_thread() and t.daemon and t.is_alive() and "work" in t.name]
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.daemon and t.is_alive() and "work" in t.name
+    ]
 
 
 def lines(*items: str):
@@ -109,7 +113,10 @@ def test_ctrl_c_at_the_prompt_or_end_of_input_exits_cleanly(runtime):
 
 def test_a_question_past_the_window_is_refused_up_front_with_the_numbers(runtime):
     long_question = [{"role": "user", "content": "notice " * 2000}]
-    with pytest.raises(CartridgeError, match=r"the chat is \d+ tokens; with the cartridge's 24 that is \d+, past the model's window of 1024"):
+    with pytest.raises(
+        CartridgeError,
+        match=r"the chat is \d+ tokens; with the cartridge's 24 that is \d+, past the model's window of 1024",
+    ):
         runtime.generate(long_question, max_new_tokens=4)
 
 
@@ -161,9 +168,18 @@ class Pipe:
 
 def test_a_real_ctrl_c_during_an_answer_returns_to_the_prompt(cli, tiny_model_dir, corpus_dir, cartridges_home):
     """SIGINT to a real chat process while it streams: no SIGABRT, the prompt comes back, /exit exits 0."""
-    assert cli("init", "--corpus", str(corpus_dir), "--tokens", "24", "--name", "legal", "--model", str(tiny_model_dir))[0] == 0
+    assert (
+        cli("init", "--corpus", str(corpus_dir), "--tokens", "24", "--name", "legal", "--model", str(tiny_model_dir))[0]
+        == 0
+    )
     env = os.environ | {"CARTRIDGES_HOME": str(cartridges_home), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    chat = subprocess.Popen([sys.executable, "-c", CHAT_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    chat = subprocess.Popen(
+        [sys.executable, "-c", CHAT_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         pipe = Pipe(chat)
         pipe.until(lambda text: text.count(b"you> ") == 1)  # model loaded, first prompt shown
@@ -171,10 +187,12 @@ def test_a_real_ctrl_c_during_an_answer_returns_to_the_prompt(cli, tiny_model_di
             chat.stdin.write(b"Tell me about notice\n")
             chat.stdin.flush()
             prompts, shown = pipe.text.count(b"you> "), len(pipe.text)
-            pipe.until(lambda text: len(text) >= shown + 20 or text.count(b"you> ") > prompts)
+            pipe.until(
+                lambda text, shown=shown, prompts=prompts: len(text) >= shown + 20 or text.count(b"you> ") > prompts
+            )
             if pipe.text.count(b"you> ") == prompts:  # still answering
                 chat.send_signal(signal.SIGINT)
-                pipe.until(lambda text: b"(stopped)" in text and text.count(b"you> ") > prompts)
+                pipe.until(lambda text, prompts=prompts: b"(stopped)" in text and text.count(b"you> ") > prompts)
                 break
         chat.stdin.write(b"/exit\n")
         chat.stdin.flush()

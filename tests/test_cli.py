@@ -12,7 +12,9 @@ from cartridges.runtime import CartridgeRuntime
 
 @pytest.fixture
 def published(cli, tiny_model_dir, corpus_dir):
-    code, out, err = cli("init", "--corpus", str(corpus_dir), "--tokens", "24", "--name", "legal", "--model", str(tiny_model_dir))
+    code, out, err = cli(
+        "init", "--corpus", str(corpus_dir), "--tokens", "24", "--name", "legal", "--model", str(tiny_model_dir)
+    )
     assert code == 0, err
     assert "published legal@1 (24 tokens" in out
     return "legal@1"
@@ -35,9 +37,16 @@ def test_init_ls_show_verify_alias(cli, published, cartridges_home):
 def test_ask_answers_and_composes(cli, published, tiny_model_dir, second_corpus_dir, cartridges_home):
     code, out, err = cli("ask", "legal@latest", "How many days?", "--max-new-tokens", "4")
     assert code == 0, err
-    runtime = CartridgeRuntime(load_model(str(tiny_model_dir)), [load_artifact(cartridges_home / "registry" / "legal" / "1")])
+    runtime = CartridgeRuntime(
+        load_model(str(tiny_model_dir)), [load_artifact(cartridges_home / "registry" / "legal" / "1")]
+    )
     assert out == runtime.generate([{"role": "user", "content": "How many days?"}], max_new_tokens=4) + "\n"
-    assert cli("init", "--corpus", str(second_corpus_dir), "--tokens", "8", "--name", "tax", "--model", str(tiny_model_dir))[0] == 0
+    assert (
+        cli(
+            "init", "--corpus", str(second_corpus_dir), "--tokens", "8", "--name", "tax", "--model", str(tiny_model_dir)
+        )[0]
+        == 0
+    )
     code, out, err = cli("compose", "legal@1", "tax@1", "--name", "legal-tax")
     assert code == 0, err
     assert "legal-tax@1 (32 tokens)" in out
@@ -80,12 +89,17 @@ def test_bad_corpus_exits_2_and_writes_nothing(cli, tmp_path, cartridges_home, t
 
 def test_unreadable_corpus_lists_skipped_files(cli, tmp_path, tiny_model_dir):
     (tmp_path / "scan.pdf").write_bytes(b"%PDF\x00binary")
-    assert_user_error(cli("init", "--corpus", str(tmp_path), "--model", str(tiny_model_dir)), "no readable text", "scan.pdf")
+    assert_user_error(
+        cli("init", "--corpus", str(tmp_path), "--model", str(tiny_model_dir)), "no readable text", "scan.pdf"
+    )
 
 
 @pytest.mark.parametrize("name", ["a/b", "../up", "has space"])
 def test_bad_name_exits_2(cli, corpus_dir, cartridges_home, tiny_model_dir, name):
-    assert_user_error(cli("init", "--corpus", str(corpus_dir), "--name", name, "--model", str(tiny_model_dir)), "invalid cartridge name")
+    assert_user_error(
+        cli("init", "--corpus", str(corpus_dir), "--name", name, "--model", str(tiny_model_dir)),
+        "invalid cartridge name",
+    )
     assert not cartridges_home.exists() or not (cartridges_home / "registry").exists()
 
 
@@ -95,7 +109,11 @@ def test_unknown_ref_lists_what_exists(cli, published):
 
 
 def test_other_model_is_refused_naming_both(cli, published, tiny_model_dir, other_tiny_model_dir):
-    assert_user_error(cli("ask", "legal@1", "q", "--model", str(other_tiny_model_dir)), str(tiny_model_dir.resolve()), str(other_tiny_model_dir.resolve()))
+    assert_user_error(
+        cli("ask", "legal@1", "q", "--model", str(other_tiny_model_dir)),
+        str(tiny_model_dir.resolve()),
+        str(other_tiny_model_dir.resolve()),
+    )
 
 
 def test_checksum_mismatch_is_refused(cli, published, cartridges_home):
@@ -124,10 +142,33 @@ def test_synthesize_writes_shards_and_resumes(cli, tiny_model_dir, tmp_path):
 
     corpus = tmp_path / "statutes"
     corpus.mkdir()
-    (corpus / "s.txt").write_text(" ".join(f"Section {i}. Rent for unit {i} is due on day {i % 28 + 1}." for i in range(40)))
-    args = ["synthesize", str(corpus), "--out", str(tmp_path / "run"), "--samples", "6", "--engine", "hf", "--model", str(tiny_model_dir),
-            "--executor", "local", "--kinds", "continuation=1,fill_span=1", "--chunk-min-tokens", "16", "--chunk-max-tokens", "64",
-            "--max-answer-tokens", "16", "--shard-size", "4"]
+    (corpus / "s.txt").write_text(
+        " ".join(f"Section {i}. Rent for unit {i} is due on day {i % 28 + 1}." for i in range(40))
+    )
+    args = [
+        "synthesize",
+        str(corpus),
+        "--out",
+        str(tmp_path / "run"),
+        "--samples",
+        "6",
+        "--engine",
+        "hf",
+        "--model",
+        str(tiny_model_dir),
+        "--executor",
+        "local",
+        "--kinds",
+        "continuation=1,fill_span=1",
+        "--chunk-min-tokens",
+        "16",
+        "--chunk-max-tokens",
+        "64",
+        "--max-answer-tokens",
+        "16",
+        "--shard-size",
+        "4",
+    ]
     code, out, err = cli(*args)
     assert code == 0, err
     assert "6/6 samples" in out and "corpus: 1 documents" in out
@@ -138,10 +179,16 @@ def test_synthesize_writes_shards_and_resumes(cli, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "option, value, message",
-    [("--kinds", "poetry=1", "unknown seed kind"), ("--engine", "tpu", "--engine: Input should be"), ("--kinds", "quote=x", "is not a number")],
+    [
+        ("--kinds", "poetry=1", "unknown seed kind"),
+        ("--engine", "tpu", "--engine: Input should be"),
+        ("--kinds", "quote=x", "is not a number"),
+    ],
 )
 def test_synthesize_bad_options(cli, corpus_dir, tiny_model_dir, tmp_path, option, value, message):
-    result = cli("synthesize", str(corpus_dir), "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), option, value)
+    result = cli(
+        "synthesize", str(corpus_dir), "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), option, value
+    )
     assert_user_error(result, message)
     assert not (tmp_path / "run").exists()
 
@@ -149,14 +196,51 @@ def test_synthesize_bad_options(cli, corpus_dir, tiny_model_dir, tmp_path, optio
 def test_distill_publishes_a_distilled_cartridge(cli, tiny_model_dir, tmp_path):
     corpus = tmp_path / "statutes"
     corpus.mkdir()
-    (corpus / "s.txt").write_text(" ".join(f"Section {i}. Rent for unit {i} is due on day {i % 28 + 1}." for i in range(40)))
+    (corpus / "s.txt").write_text(
+        " ".join(f"Section {i}. Rent for unit {i} is due on day {i % 28 + 1}." for i in range(40))
+    )
     run = tmp_path / "run"
-    code, _, err = cli("synthesize", str(corpus), "--out", str(run), "--samples", "6", "--engine", "hf", "--model", str(tiny_model_dir),
-                       "--executor", "local", "--kinds", "continuation=1", "--chunk-min-tokens", "16", "--chunk-max-tokens", "64",
-                       "--max-answer-tokens", "12", "--top-k", "4")
+    code, _, err = cli(
+        "synthesize",
+        str(corpus),
+        "--out",
+        str(run),
+        "--samples",
+        "6",
+        "--engine",
+        "hf",
+        "--model",
+        str(tiny_model_dir),
+        "--executor",
+        "local",
+        "--kinds",
+        "continuation=1",
+        "--chunk-min-tokens",
+        "16",
+        "--chunk-max-tokens",
+        "64",
+        "--max-answer-tokens",
+        "12",
+        "--top-k",
+        "4",
+    )
     assert code == 0, err
-    code, out, err = cli("distill", str(run), "--name", "legal", "--tokens", "8", "--steps", "2", "--batch-size", "2",
-                         "--executor", "local", "--model", str(tiny_model_dir))
+    code, out, err = cli(
+        "distill",
+        str(run),
+        "--name",
+        "legal",
+        "--tokens",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--executor",
+        "local",
+        "--model",
+        str(tiny_model_dir),
+    )
     assert code == 0, err
     assert "published legal@1 (8 tokens, method distilled)" in out
     manifest = json.loads(cli("show", "legal@1")[1])
@@ -164,7 +248,9 @@ def test_distill_publishes_a_distilled_cartridge(cli, tiny_model_dir, tmp_path):
 
 
 def test_distill_without_synthesis_is_a_user_error(cli, tmp_path, tiny_model_dir):
-    assert_user_error(cli("distill", str(tmp_path), "--name", "x", "--model", str(tiny_model_dir)), "has no synthesis shards")
+    assert_user_error(
+        cli("distill", str(tmp_path), "--name", "x", "--model", str(tiny_model_dir)), "has no synthesis shards"
+    )
 
 
 def test_eval_scores_a_cartridge_like_the_same_tokens_truncated(cli, published, tiny_model_dir, corpus_dir, tmp_path):
@@ -172,12 +258,29 @@ def test_eval_scores_a_cartridge_like_the_same_tokens_truncated(cli, published, 
     from cartridges.stages.ingest import read_corpus
 
     qa = tmp_path / "qa.json"
-    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "duration"} for i, (q, a) in enumerate([("Notice?", "three days"), ("Cure?", "ten days")])]
-    qa.write_text(json.dumps({"corpora": [{"id": "legal", "text": read_corpus(corpus_dir).text, "questions": questions}]}))
+    questions = [
+        {"id": str(i), "question": q, "answer": a, "answer_type": "duration"}
+        for i, (q, a) in enumerate([("Notice?", "three days"), ("Cure?", "ten days")])
+    ]
+    qa.write_text(
+        json.dumps({"corpora": [{"id": "legal", "text": read_corpus(corpus_dir).text, "questions": questions}]})
+    )
     code, out, err = cli("eval", "--cartridge", published, "--qa", str(qa), "--out", str(tmp_path / "cartridge.json"))
     assert code == 0, err
     assert "legal" in out and "cartridge" in out
-    code, _, err = cli("eval", "--method", "truncated", "--budget", "24", "--qa", str(qa), "--model", str(tiny_model_dir), "--out", str(tmp_path / "truncated.json"))
+    code, _, err = cli(
+        "eval",
+        "--method",
+        "truncated",
+        "--budget",
+        "24",
+        "--qa",
+        str(qa),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path / "truncated.json"),
+    )
     assert code == 0, err
     cartridge = json.loads((tmp_path / "cartridge.json").read_text())["scores"][0]
     truncated = json.loads((tmp_path / "truncated.json").read_text())["scores"][0]
@@ -208,7 +311,11 @@ def test_ls_lists_what_is_valid_and_reports_the_rest(cli, published, cartridges_
     (registry / "legal" / "5").mkdir()
     code, out, err = cli("ls")
     assert code == 0 and "legal@1" in out
-    assert "skipped lost+found: not a cartridge name" in err and "skipped legal/5: no manifest.json" in err and "Traceback" not in err
+    assert (
+        "skipped lost+found: not a cartridge name" in err
+        and "skipped legal/5: no manifest.json" in err
+        and "Traceback" not in err
+    )
 
 
 def test_verify_says_what_it_checked(cli, published):
@@ -216,12 +323,16 @@ def test_verify_says_what_it_checked(cli, published):
     assert code == 0 and out.startswith("legal@1: OK (2 files, shapes, manifest bound to the payload, finite values)")
 
 
-def test_a_folder_in_the_current_directory_never_replaces_a_registry_name(cli, published, tiny_model_dir, second_corpus_dir, tmp_path, monkeypatch, cartridges_home):
+def test_a_folder_in_the_current_directory_never_replaces_a_registry_name(
+    cli, published, tiny_model_dir, second_corpus_dir, tmp_path, monkeypatch, cartridges_home
+):
     """`legal` is always the registry's; a folder is named explicitly (./legal or path:legal), the same in every command."""
     from cartridges.stages.ingest import read_corpus
     from cartridges.stages.initialize import init_cartridge
 
-    init_cartridge(load_model(str(tiny_model_dir)), read_corpus(second_corpus_dir), 8, "other", tmp_path / "work" / "legal")
+    init_cartridge(
+        load_model(str(tiny_model_dir)), read_corpus(second_corpus_dir), 8, "other", tmp_path / "work" / "legal"
+    )
     monkeypatch.chdir(tmp_path / "work")
     assert json.loads(cli("show", "legal")[1])["num_tokens"] == 24
     assert json.loads(cli("show", "./legal")[1])["num_tokens"] == 8
@@ -230,11 +341,17 @@ def test_a_folder_in_the_current_directory_never_replaces_a_registry_name(cli, p
     assert code == 0 and out.startswith("legal: OK")
     registry_answer = cli("ask", "legal", "Notice?", "--max-new-tokens", "3")
     folder_answer = cli("ask", "./legal", "Notice?", "--max-new-tokens", "3")
-    runtime = CartridgeRuntime(load_model(str(tiny_model_dir)), [load_artifact(cartridges_home / "registry" / "legal" / "1")])
+    runtime = CartridgeRuntime(
+        load_model(str(tiny_model_dir)), [load_artifact(cartridges_home / "registry" / "legal" / "1")]
+    )
     assert registry_answer[1] == runtime.generate([{"role": "user", "content": "Notice?"}], max_new_tokens=3) + "\n"
     assert folder_answer[0] == 0
     (cartridges_home / "registry" / "legal").rename(cartridges_home / "elsewhere")
-    assert_user_error(cli("ask", "legal", "q"), "no cartridge named 'legal'", "a cartridge folder ./legal is here: pass ./legal to use it")
+    assert_user_error(
+        cli("ask", "legal", "q"),
+        "no cartridge named 'legal'",
+        "a cartridge folder ./legal is here: pass ./legal to use it",
+    )
 
 
 def test_the_model_mismatch_message_suggests_a_model_option_that_works(tiny, tmp_path):

@@ -8,19 +8,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import STATUTE, build_tiny_model
 
 from cartridges.artifact import load_artifact
 from cartridges.models import load_model
 from cartridges.registry import Registry
 from cartridges.stages.ingest import read_corpus
 from cartridges.stages.initialize import init_cartridge
-from conftest import STATUTE, build_tiny_model
 
 # (command line with {placeholders}, fragment of the one error line)
 BAD_INPUTS = [
     ("init --corpus {missing} --model {tiny}", "does not exist"),
     ("init --corpus {empty} --model {tiny}", "has no readable text"),
-    ("init --corpus {binary} --model {tiny}", "no readable text (.htm, .html, .json, .jsonl, .markdown, .md, .pdf, .rst, .txt); skipped: scan.pdf"),
+    (
+        "init --corpus {binary} --model {tiny}",
+        "no readable text (.htm, .html, .json, .jsonl, .markdown, .md, .pdf, .rst, .txt); skipped: scan.pdf",
+    ),
     ("init --corpus {corpus} --name ../up --model {tiny}", "invalid cartridge name '../up'"),
     ("init --corpus {corpus} --tokens 10000 --model {tiny}", "--tokens 10000 does not fit"),
     ("init --corpus {corpus} --model {tiny} --registry memory://reg", "lives only inside this process"),
@@ -53,16 +56,28 @@ BAD_INPUTS = [
     ("ask legal@1 {long_question} --model {tiny}", "past the model's window of 1024"),
     ("ask ./legal question", "is not a cartridge folder"),
     ("ask legal@1 question --also ./missing", "is not a cartridge folder"),
-    ("synthesize {corpus} --out {out} --samples 0 --model {tiny}", "--samples: Input should be greater than or equal to 1"),
+    (
+        "synthesize {corpus} --out {out} --samples 0 --model {tiny}",
+        "--samples: Input should be greater than or equal to 1",
+    ),
     ("synthesize {corpus} --out {out} --kinds poetry=1 --model {tiny}", "unknown seed kind"),
     ("synthesize {missing} --out {out} --model {tiny}", "does not exist"),
     ("distill {empty} --name x --model {tiny}", "has no synthesis shards"),
     ("distill {empty} --name x --lr 5 --model {tiny}", "--lr: Input should be less than or equal to 1"),
     ("distill {empty} --name x --registry memory://reg", "lives only inside this process"),
-    ("build {corpus} --config tiny --set distill.steps=true --set model={tiny}", "distill.steps: Input should be a valid integer (got True)"),
+    (
+        "build {corpus} --config tiny --set distill.steps=true --set model={tiny}",
+        "distill.steps: Input should be a valid integer (got True)",
+    ),
     ("build {corpus} --config tiny --set distill.steps=[ --set model={tiny}", "is not valid YAML"),
-    ("build {corpus} --config tiny --set distill.lr=.inf --set model={tiny}", "distill.lr: Input should be a finite number"),
-    ("build {corpus} --config tiny --set distill.num_tokens=1000 --set model={tiny}", "more than the model's window of 1024"),
+    (
+        "build {corpus} --config tiny --set distill.lr=.inf --set model={tiny}",
+        "distill.lr: Input should be a finite number",
+    ),
+    (
+        "build {corpus} --config tiny --set distill.num_tokens=1000 --set model={tiny}",
+        "more than the model's window of 1024",
+    ),
     ("build {corpus} --config {latin1_config}", "not UTF-8 text"),
     ("build {corpus} --config no-such-config", "neither a YAML file nor a shipped config"),
     ("build {corpus} --config tiny --set model={tiny} --registry memory://reg", "lives only inside this process"),
@@ -144,13 +159,17 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     for root in roots:
         for path in [root, *root.rglob("*")] if root.exists() else []:
             if "fingerprints" not in path.parts:
-                stat = path.stat()  # a folder's own time changes when a scratch entry comes and goes: only its presence counts
+                stat = (
+                    path.stat()
+                )  # a folder's own time changes when a scratch entry comes and goes: only its presence counts
                 found[str(path)] = (stat.st_size, stat.st_mtime_ns) if path.is_file() else (0, 0)
     return found
 
 
 @pytest.mark.parametrize("command, message", BAD_INPUTS, ids=[c.split(" --")[0][:40] for c, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, world, cartridges_home, tmp_path, monkeypatch, command, message, request):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    cli, world, cartridges_home, tmp_path, monkeypatch, command, message, request
+):
     shutil.copytree(world["root"] / "registry", cartridges_home / "registry")
     places = {k: str(v) for k, v in world.items()} | {"out": str(tmp_path / "run")}
     if "{readonly}" in command:

@@ -67,7 +67,13 @@ def test_streaming_press_equals_masking_the_dropped_tokens_of_the_full_cache(tin
     mask[0, 1 : tokens - budget + 1] = 0
     positions = torch.arange(tokens, tokens + ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
-        expected = tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefix_cache(full, *shape), use_cache=True).logits
+        expected = tiny.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=prefix_cache(full, *shape),
+            use_cache=True,
+        ).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
@@ -78,7 +84,12 @@ def test_a_press_with_room_for_everything_is_icl(tiny):
 
 
 def test_rag_retrieves_the_passage_that_shares_the_question_words(tiny):
-    source = RetrievedContext(tiny, "Rent is due monthly. " * 8 + "Written notice to vacate takes three days. " + "Pets are allowed. " * 8, budget=24, passage_tokens=8)
+    source = RetrievedContext(
+        tiny,
+        "Rent is due monthly. " * 8 + "Written notice to vacate takes three days. " + "Pets are allowed. " * 8,
+        budget=24,
+        passage_tokens=8,
+    )
     assert "vacate" in source.ranked_passages("notice to vacate")[0]
     context = source.context(QUESTION)
     assert context.kv_tokens <= 24 and source.context(QUESTION) is context  # cached per question
@@ -86,7 +97,11 @@ def test_rag_retrieves_the_passage_that_shares_the_question_words(tiny):
 
 @pytest.mark.parametrize(
     ("method", "budget", "message"),
-    [("magic", 16, "unknown method 'magic'"), ("truncated", None, "needs a KV budget"), ("cartridge", 16, "needs a cartridge")],
+    [
+        ("magic", 16, "unknown method 'magic'"),
+        ("truncated", None, "needs a KV budget"),
+        ("cartridge", 16, "needs a cartridge"),
+    ],
 )
 def test_context_source_errors_name_the_fix(tiny, method, budget, message):
     with pytest.raises(CartridgeError, match=message):

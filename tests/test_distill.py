@@ -35,17 +35,42 @@ LOCAL = TrainSettings(executor="local")
 def synthesized_run(tiny, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "s.txt").write_text(" ".join(f"Section {i}. The deposit for unit {i} is {i * 7} dollars, due by day {i % 28 + 1}." for i in range(50)))
+    (corpus / "s.txt").write_text(
+        " ".join(
+            f"Section {i}. The deposit for unit {i} is {i * 7} dollars, due by day {i % 28 + 1}." for i in range(50)
+        )
+    )
     run = tmp_path / "run"
     ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
-    config = SynthesisConfig(samples=12, shard_size=6, chunk_min_tokens=16, chunk_max_tokens=64, max_message_tokens=12,
-                             max_answer_tokens=12, kinds={"continuation": 1.0, "fill_span": 1.0}, top_k=8)
+    config = SynthesisConfig(
+        samples=12,
+        shard_size=6,
+        chunk_min_tokens=16,
+        chunk_max_tokens=64,
+        max_message_tokens=12,
+        max_answer_tokens=12,
+        kinds={"continuation": 1.0, "fill_span": 1.0},
+        top_k=8,
+    )
     synthesize(run, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local"))
     return run
 
 
 def config(**changes) -> DistillConfig:
-    return DistillConfig(**({"num_tokens": P, "steps": 4, "batch_size": 2, "eval_every": 2, "eval_samples": 2, "checkpoint_every": 2, "lr": 1e-2} | changes))
+    return DistillConfig(
+        **(
+            {
+                "num_tokens": P,
+                "steps": 4,
+                "batch_size": 2,
+                "eval_every": 2,
+                "eval_samples": 2,
+                "checkpoint_every": 2,
+                "lr": 1e-2,
+            }
+            | changes
+        )
+    )
 
 
 def test_loss_equals_an_independent_computation(tiny, synthesized_run):
@@ -106,7 +131,9 @@ def test_overfits_a_fixed_batch_towards_a_reachable_teacher(tiny):
     kls = []
     for _ in range(60):
         optimizer.zero_grad()
-        loss, stats = distillation_loss(student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+        loss, stats = distillation_loss(
+            student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch
+        )
         loss.backward()
         optimizer.step()
         kls.append(stats["topk_kl"])
@@ -205,7 +232,9 @@ def test_a_diverging_training_stops_at_its_first_step_with_one_line(tiny, synthe
     from cartridges.stages.distill import TrainingDiverged
 
     overflowing_start(synthesized_run)
-    with pytest.raises(TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)") as stopped:
+    with pytest.raises(
+        TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)"
+    ) as stopped:
         run_training(synthesized_run, tiny, config(steps=6, checkpoint_every=1), LOCAL)
     assert "no checkpoint had been written and nothing is published" in str(stopped.value)
     assert "Lower distill.lr (now 0.01)" in str(stopped.value) and "\n" not in str(stopped.value)

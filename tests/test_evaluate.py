@@ -32,12 +32,16 @@ def test_mean_answer_nll_equals_hand_computation(tiny):
 
 
 def corpus_of(answers: list[tuple[str, str]]) -> QACorpus:
-    questions = tuple(Question(id=str(i), question=f"q{i}?", answer=a, answer_type=t) for i, (a, t) in enumerate(answers))
+    questions = tuple(
+        Question(id=str(i), question=f"q{i}?", answer=a, answer_type=t) for i, (a, t) in enumerate(answers)
+    )
     return QACorpus(id="c", title="", text="Some statute text.", questions=questions)
 
 
 def test_rank_candidates_use_same_type_answers_and_skip_yes_no():
-    corpus = corpus_of([("3 days", "duration"), ("10 days", "duration"), ("5 days", "duration"), ("Yes", "yes_no"), ("No", "yes_no")])
+    corpus = corpus_of(
+        [("3 days", "duration"), ("10 days", "duration"), ("5 days", "duration"), ("Yes", "yes_no"), ("No", "yes_no")]
+    )
     candidates = rank_candidates(corpus, corpus.questions[0], distractors=8, seed=0)
     assert candidates[0] == "3 days" and sorted(candidates[1:]) == ["10 days", "5 days"]
     assert rank_candidates(corpus, corpus.questions[3], 8, 0) is None
@@ -94,7 +98,19 @@ def test_qa_loader_errors(tmp_path):
     bad.write_text(json.dumps({"corpora": [{"id": "x", "text": "t", "questions": []}]}))
     with pytest.raises(CartridgeError, match="has no questions"):
         load_qa_file(bad)
-    bad.write_text(json.dumps({"corpora": [{"id": "x", "text": "t", "questions": [{"id": "1", "question": "q", "answer": "a", "answer_type": "value"}]}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "corpora": [
+                    {
+                        "id": "x",
+                        "text": "t",
+                        "questions": [{"id": "1", "question": "q", "answer": "a", "answer_type": "value"}],
+                    }
+                ]
+            }
+        )
+    )
     with pytest.raises(CartridgeError, match="no corpus 'y'.*available: x"):
         find_corpus(bad, "y")
 

@@ -95,7 +95,9 @@ def test_reads_html_pdf_json_jsonl_and_detects_encodings(tmp_path):
 def test_json_without_text_field_is_skipped(tmp_path):
     (tmp_path / "data.json").write_text('{"body": "no text field"}')
     (tmp_path / "ok.txt").write_text("Some text.")
-    assert [str(s) for s in read_corpus(tmp_path).skipped] == ["data.json (not readable as .json (binary, damaged or no text))"]
+    assert [str(s) for s in read_corpus(tmp_path).skipped] == [
+        "data.json (not readable as .json (binary, damaged or no text))"
+    ]
 
 
 def test_chunks_respect_bounds_and_cover_documents(tiny, tmp_path):
@@ -113,7 +115,7 @@ def test_chunks_respect_bounds_and_cover_documents(tiny, tmp_path):
         for chunk in own:
             assert chunk.num_tokens <= 100
             assert chunk.num_tokens >= 40 or len(own) == 1
-            assert chunk.text == doc.text[chunk.char_start:chunk.char_end]
+            assert chunk.text == doc.text[chunk.char_start : chunk.char_end]
     assert [c.chunk_id for c in chunks] == list(range(len(chunks)))
     assert len([c for c in chunks if c.doc_id == 0]) > 1
 
@@ -180,7 +182,10 @@ def test_unreadable_files_and_folders_are_reported_with_the_reason(tmp_path):
         (tmp_path / "locked").chmod(0o755)
         (tmp_path / "secret.txt").chmod(0o644)
     assert [d.path for d in corpus.documents] == ["ok.txt"]
-    assert [str(s) for s in corpus.skipped] == ["locked/ (folder not readable: Permission denied)", "secret.txt (cannot read: Permission denied)"]
+    assert [str(s) for s in corpus.skipped] == [
+        "locked/ (folder not readable: Permission denied)",
+        "secret.txt (cannot read: Permission denied)",
+    ]
 
 
 def test_unreadable_files_and_folders_are_reported_as_root_sees_them(tmp_path, monkeypatch):
@@ -205,26 +210,35 @@ def test_unreadable_files_and_folders_are_reported_as_root_sees_them(tmp_path, m
     monkeypatch.setattr(os, "scandir", scandir)
     corpus = read_corpus(tmp_path)
     assert [d.path for d in corpus.documents] == ["ok.txt"]
-    assert [str(s) for s in corpus.skipped] == ["locked/ (folder not readable: Permission denied)", "secret.txt (cannot read: Permission denied)"]
+    assert [str(s) for s in corpus.skipped] == [
+        "locked/ (folder not readable: Permission denied)",
+        "secret.txt (cannot read: Permission denied)",
+    ]
 
 
 def test_an_unreadable_only_file_is_one_line_naming_it(tmp_path, monkeypatch):
     (tmp_path / "secret.txt").write_text("x")
-    monkeypatch.setattr(Path, "read_bytes", lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+    monkeypatch.setattr(
+        Path, "read_bytes", lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path)))
+    )
     with pytest.raises(CartridgeError, match=r"no readable text.*secret\.txt \(cannot read: Permission denied\)"):
         read_corpus(tmp_path)
 
 
 def test_a_one_line_corpus_is_chunked_like_whole_text_tokenization(tiny, tmp_path):
     """Documents are tokenized in bounded pieces (memory): the chunks equal those of the whole text tokenized at once."""
-    from cartridges.stages.ingest import chunk_corpus
     from cartridges import tokenizing
+    from cartridges.stages.ingest import chunk_corpus
 
     words = "landlord tenant notice rent deposit lease premises court eviction days".split()
-    (tmp_path / "one_line.txt").write_text(" ".join(words[(i * 7) % 10] + ("." if i % 11 == 0 else "") for i in range(30_000)))
+    (tmp_path / "one_line.txt").write_text(
+        " ".join(words[(i * 7) % 10] + ("." if i % 11 == 0 else "") for i in range(30_000))
+    )
     corpus = read_corpus(tmp_path)
     whole = chunk_corpus(corpus, tiny.tokenizer, 200, 500)
-    offsets = tiny.tokenizer(corpus.documents[0].text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = tiny.tokenizer(corpus.documents[0].text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
     assert whole[-1].token_end == len(offsets)
     tokenizing_piece = tokenizing.PIECE_CHARS
     try:

@@ -26,9 +26,19 @@ def age(path: Path, seconds: float) -> None:
         os.utime(item, (stamp, stamp))
 
 
-def test_init_and_compose_keep_no_copy_outside_the_registry(cli, tiny_model_dir, corpus_dir, second_corpus_dir, cartridges_home):
-    assert cli("init", "--corpus", str(corpus_dir), "--tokens", "16", "--name", "legal", "--model", str(tiny_model_dir))[0] == 0
-    assert cli("init", "--corpus", str(second_corpus_dir), "--tokens", "8", "--name", "tax", "--model", str(tiny_model_dir))[0] == 0
+def test_init_and_compose_keep_no_copy_outside_the_registry(
+    cli, tiny_model_dir, corpus_dir, second_corpus_dir, cartridges_home
+):
+    assert (
+        cli("init", "--corpus", str(corpus_dir), "--tokens", "16", "--name", "legal", "--model", str(tiny_model_dir))[0]
+        == 0
+    )
+    assert (
+        cli(
+            "init", "--corpus", str(second_corpus_dir), "--tokens", "8", "--name", "tax", "--model", str(tiny_model_dir)
+        )[0]
+        == 0
+    )
     assert cli("compose", "legal@1", "tax@1", "--name", "both")[0] == 0
     outside = [f for f in files_under(cartridges_home) if not f.startswith(("registry/", "fingerprints/"))]
     assert outside == []
@@ -36,12 +46,17 @@ def test_init_and_compose_keep_no_copy_outside_the_registry(cli, tiny_model_dir,
 
 
 def test_a_build_keeps_no_artifact_copy_once_published(cli, tiny_model_dir, long_corpus, cartridges_home):
-    assert cli("build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")[0] == 0
+    assert (
+        cli("build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")[0]
+        == 0
+    )
     [run] = (cartridges_home / "runs").iterdir()
     assert (run / "published.json").is_file() and not (run / "distill" / "artifact").exists()
 
 
-def test_a_build_killed_after_publishing_finds_its_version_instead_of_publishing_a_twin(tiny_model_dir, long_corpus, cartridges_home, monkeypatch):
+def test_a_build_killed_after_publishing_finds_its_version_instead_of_publishing_a_twin(
+    tiny_model_dir, long_corpus, cartridges_home, monkeypatch
+):
     from cartridges.pipeline import build as build_module
     from cartridges.pipeline.build import build
     from cartridges.pipeline.build_config import load_build_config
@@ -84,7 +99,10 @@ def test_gc_removes_a_killed_publishers_upload_and_nothing_else(tmp_path, cartri
     registry = Registry(cartridges_home / "registry")
     registry.publish(fake_artifact(tmp_path / "a"), "legal")
     source = fake_artifact(tmp_path / "b", payload_bytes=400_000)
-    killed = subprocess.run([sys.executable, "-c", PUBLISH_AND_DIE, registry.url, str(source)], env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    killed = subprocess.run(
+        [sys.executable, "-c", PUBLISH_AND_DIE, registry.url, str(source)],
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert killed.returncode == 9
     [upload] = (cartridges_home / "registry" / ".staging").iterdir()
     assert len(files_under(upload)) == 3
@@ -129,7 +147,12 @@ def test_gc_cleans_runs_but_never_a_running_or_resumable_build(tmp_path, cartrid
     try:
         preview = collect_garbage(registry, 3600, dry_run=True)
         assert {Path(r.path) for r in preview} == {
-            published / "distill/artifact", published / "distill/checkpoints", published / "distill/ray", empty, legacy, scratch
+            published / "distill/artifact",
+            published / "distill/checkpoints",
+            published / "distill/ray",
+            empty,
+            legacy,
+            scratch,
         }
         assert published.joinpath("distill/artifact").exists() and legacy.exists()  # a dry run removes nothing
         removed = collect_garbage(registry, 3600)
@@ -138,7 +161,9 @@ def test_gc_cleans_runs_but_never_a_running_or_resumable_build(tmp_path, cartrid
     assert {Path(r.path) for r in removed} == {Path(r.path) for r in preview}
     assert sum(r.bytes for r in removed) == 3000 + 5000 + 10
     assert files_under(published) == ["build.lock", "published.json", "synthesis/shards/data"]
-    assert unfinished.exists() and running.exists() and not empty.exists() and not legacy.exists() and not scratch.exists()
+    assert (
+        unfinished.exists() and running.exists() and not empty.exists() and not legacy.exists() and not scratch.exists()
+    )
 
 
 def test_gc_on_the_command_line(cli, cartridges_home):
@@ -153,7 +178,9 @@ def test_gc_on_the_command_line(cli, cartridges_home):
     assert cli("gc")[1].strip() == "nothing to remove"
 
 
-@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1.5h", 5400)])
+@pytest.mark.parametrize(
+    "text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1.5h", 5400)]
+)
 def test_ages(text, seconds):
     from cartridges.pipeline.gc import parse_age
 

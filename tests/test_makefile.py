@@ -20,9 +20,21 @@ def last_command(*make_args: str) -> list[str]:
 
 
 def test_cartridge_target_quotes_corpus_ids_with_shell_characters():
-    args = last_command("cartridge", "CORPUS=my corpus/", "NAME=sky", "QA=qa files/squad.json", "QA_CORPUS=squad2-Sky_(United_Kingdom)")
-    assert args == ["build", "my corpus/", "--name", "sky", "--config", "default",
-                    "--qa", "qa files/squad.json", "--qa-corpus", "squad2-Sky_(United_Kingdom)"]
+    args = last_command(
+        "cartridge", "CORPUS=my corpus/", "NAME=sky", "QA=qa files/squad.json", "QA_CORPUS=squad2-Sky_(United_Kingdom)"
+    )
+    assert args == [
+        "build",
+        "my corpus/",
+        "--name",
+        "sky",
+        "--config",
+        "default",
+        "--qa",
+        "qa files/squad.json",
+        "--qa-corpus",
+        "squad2-Sky_(United_Kingdom)",
+    ]
 
 
 def test_cartridge_target_without_corpus_builds_the_default_corpus():

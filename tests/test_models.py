@@ -10,7 +10,11 @@ from cartridges.models import model_fingerprint, resolve_model_path, tokenizer_f
 def test_fingerprint_covers_config_weights_and_tokenizer(tiny_model_dir, tmp_path):
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
     expected = sha256_of_named_hashes(
-        [("config.json", sha256_file(copy / "config.json")), ("model.safetensors", sha256_file(copy / "model.safetensors")), ("tokenizer", tokenizer_fingerprint(copy))]
+        [
+            ("config.json", sha256_file(copy / "config.json")),
+            ("model.safetensors", sha256_file(copy / "model.safetensors")),
+            ("tokenizer", tokenizer_fingerprint(copy)),
+        ]
     )
     assert model_fingerprint(copy) == expected == model_fingerprint(tiny_model_dir)
     config = (copy / "config.json").read_text()

@@ -270,7 +270,10 @@ def test_an_older_registrys_aliases_file_is_read_and_migrated(tmp_path):
     "damage, message",
     [
         (lambda d: (d / "aliases.json").write_text("{broken"), r"aliases.json is damaged"),
-        (lambda d: (d / "aliases" / "stable.json").write_text('{"version": "two"}'), "alias 'stable' does not hold a version number"),
+        (
+            lambda d: (d / "aliases" / "stable.json").write_text('{"version": "two"}'),
+            "alias 'stable' does not hold a version number",
+        ),
     ],
 )
 def test_corrupt_aliases_are_one_line_errors(tmp_path, damage, message):
@@ -333,8 +336,14 @@ def test_verify_checks_the_adapter_config_against_the_manifest(tmp_path):
     folder = tmp_path / "reg" / "legal" / "1"
     config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config | {"num_virtual_tokens": 5}))
-    _edit_manifest(folder, files=json.loads((folder / MANIFEST_FILE).read_text())["files"] | {ADAPTER_CONFIG_FILE: sha256_file(folder / ADAPTER_CONFIG_FILE)})
-    with pytest.raises(CartridgeError, match="adapter_config.json does not match the manifest .num_virtual_tokens 5 vs 4"):
+    _edit_manifest(
+        folder,
+        files=json.loads((folder / MANIFEST_FILE).read_text())["files"]
+        | {ADAPTER_CONFIG_FILE: sha256_file(folder / ADAPTER_CONFIG_FILE)},
+    )
+    with pytest.raises(
+        CartridgeError, match="adapter_config.json does not match the manifest .num_virtual_tokens 5 vs 4"
+    ):
         reg.verify("legal@1")
 
 
@@ -370,7 +379,9 @@ def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):
     reg.fs.pipe_file(reg._path("rem", 1, MANIFEST_FILE), json.dumps(manifest).encode())
     assert reg.show("rem@1").files == manifest["files"]
     second = load_artifact(reg.local_path("rem@1"))
-    assert second.manifest.files == manifest["files"] and not torch.equal(first.prompt_embeddings, second.prompt_embeddings)
+    assert second.manifest.files == manifest["files"] and not torch.equal(
+        first.prompt_embeddings, second.prompt_embeddings
+    )
     assert reg.verify("rem@1").files == manifest["files"]
     # Tampering with the remote payload after the download: the cached copy still matches its manifest,
     # and verify reads the remote bytes again and sees it.

@@ -25,7 +25,7 @@ def in_context_logits(loaded, context_ids, chat_ids):
     """Independent reference: the plain model with the context tokens in the prompt."""
     with torch.no_grad():
         full = loaded.model(torch.tensor([context_ids + chat_ids])).logits
-    return full[0, len(context_ids):]
+    return full[0, len(context_ids) :]
 
 
 def test_cartridge_logits_equal_text_in_context(tiny, corpus_dir, tmp_path):
@@ -49,7 +49,7 @@ def test_peft_from_pretrained_matches_runtime(tiny, corpus_dir, tmp_path):
     ids = torch.tensor([chat_ids])
     with torch.no_grad():
         got = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-    torch.testing.assert_close(got[-len(chat_ids):], expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[-len(chat_ids) :], expected, atol=1e-4, rtol=0)
 
 
 def test_manifest_describes_the_prefix(tiny, corpus_dir, tmp_path):
@@ -94,7 +94,7 @@ def test_generate_matches_in_context_greedy_decoding(tiny, corpus_dir, tmp_path)
     chat_ids = chat_token_ids(tiny.tokenizer, QUESTION)
     ids = torch.tensor([context_ids + chat_ids])
     reference = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    expected = tiny.tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    expected = tiny.tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert CartridgeRuntime(tiny, [cartridge]).generate(QUESTION, max_new_tokens=8) == expected
 
 

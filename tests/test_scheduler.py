@@ -53,7 +53,10 @@ def test_a_failed_build_is_recorded_and_retried_at_the_next_time(registry):
     scheduler.tick()
     clock.now = MIDNIGHT + timedelta(days=1, hours=2)
     scheduler.tick()
-    assert [(h.status, h.detail) for h in scheduler.history("legal")] == [("failed", "RuntimeError: disk full"), ("published", "legal@1")]
+    assert [(h.status, h.detail) for h in scheduler.history("legal")] == [
+        ("failed", "RuntimeError: disk full"),
+        ("published", "legal@1"),
+    ]
 
 
 def test_schedules_and_history_survive_a_new_scheduler(registry):
@@ -62,7 +65,9 @@ def test_schedules_and_history_survive_a_new_scheduler(registry):
     first.add("legal", "/corpus", "*/10 * * * *")
     clock.now = MIDNIGHT + timedelta(minutes=10)
     first.tick()
-    second = Scheduler(registry, lambda s: ("unchanged", "legal@1 is up to date"), clock)  # e.g. after the actor was killed
+    second = Scheduler(
+        registry, lambda s: ("unchanged", "legal@1 is up to date"), clock
+    )  # e.g. after the actor was killed
     assert [s.name for s in second.schedules()] == ["legal"] and len(second.history()) == 1
     clock.now = MIDNIGHT + timedelta(minutes=20)
     assert [o.status for o in second.tick()] == ["unchanged"]
@@ -122,7 +127,9 @@ def test_the_scheduler_actor_sees_the_schedules_again_after_it_is_killed(registr
 
 def test_schedule_cli_add_list_history_remove(cli, monkeypatch, long_corpus, tiny_model_dir, cartridges_home):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    code, out, err = cli("schedule", "add", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}")
+    code, out, err = cli(
+        "schedule", "add", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"
+    )
     assert code == 0, err
     assert "scheduled legal: 0 2 * * *" in out and "ray start --head" in out
     assert "legal" in cli("schedule", "list")[1]

@@ -23,10 +23,13 @@ ATOL, RTOL = 1e-4, 1e-5
 def test_embedded_model_answers_a_trivial_question(smollm2):
     assert smollm2.path.name == EMBEDDED_MODEL_NAME
     ids = smollm2.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     out = smollm2.model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in smollm2.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in smollm2.tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 def test_init_cartridge_reproduces_in_context_logits(smollm2, tmp_path):
@@ -42,7 +45,7 @@ def test_init_cartridge_reproduces_in_context_logits(smollm2, tmp_path):
     peft_model = PeftModel.from_pretrained(smollm2.model, str(cartridge.path))
     ids = torch.tensor([chat])
     with torch.no_grad():
-        peft_logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -len(chat):]
+        peft_logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -len(chat) :]
     torch.testing.assert_close(peft_logits, expected, atol=ATOL, rtol=RTOL)
 
 

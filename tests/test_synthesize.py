@@ -5,8 +5,8 @@ import sys
 import time
 
 import datasets
-import pyarrow.parquet as pq
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -31,7 +31,9 @@ SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 1
 
 
 def run_synthesis(tiny, corpus, run, executor="local", **config):
-    ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    ingest(
+        corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"]
+    )
     settings = RunSettings(engine="hf", executor=executor, batch_size=4)
     return synthesize(run, tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings)
 
@@ -49,7 +51,9 @@ def test_hf_scores_equal_an_unpadded_forward_pass(tiny):
         top = expected.topk(5, dim=-1)
         assert got.topk_ids == top.indices.tolist()
         torch.testing.assert_close(torch.tensor(got.topk_logprobs), top.values, atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(got.token_logprobs), expected[range(len(answer)), answer], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(got.token_logprobs), expected[range(len(answer)), answer], atol=1e-4, rtol=0
+        )
 
 
 def test_scoring_batches_keep_samples_of_one_chunk_together():
@@ -78,7 +82,9 @@ def test_hf_generation_scores_equal_the_scoring_pass(tiny):
     rescored = engine.score(prompts, [c.token_ids for c in completions], top_k=5)
     for completion, again in zip(completions, rescored):
         assert completion.scores.topk_ids == again.topk_ids
-        torch.testing.assert_close(torch.tensor(completion.scores.token_logprobs), torch.tensor(again.token_logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(completion.scores.token_logprobs), torch.tensor(again.token_logprobs), atol=1e-4, rtol=0
+        )
 
 
 def test_corpus_answers_are_real_text():
@@ -177,16 +183,19 @@ def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path):
 
     local = run_synthesis(tiny, long_corpus, tmp_path / "local", samples=6, shard_size=3, kinds=CORPUS_KINDS)
     try:
-        on_ray = run_synthesis(tiny, long_corpus, tmp_path / "ray", executor="ray", samples=6, shard_size=3, kinds=CORPUS_KINDS)
+        on_ray = run_synthesis(
+            tiny, long_corpus, tmp_path / "ray", executor="ray", samples=6, shard_size=3, kinds=CORPUS_KINDS
+        )
     finally:
         ray.shutdown()
     assert on_ray["samples"] == local["samples"] == 6
     columns = ["sample_id", "messages", "answer_ids", "topk_ids"]
     assert (
         pq.read_table(tmp_path / "ray" / SYNTHESIS_DIR / "shards", columns=columns).sort_by("sample_id").to_pylist()
-        == pq.read_table(tmp_path / "local" / SYNTHESIS_DIR / "shards", columns=columns).sort_by("sample_id").to_pylist()
+        == pq.read_table(tmp_path / "local" / SYNTHESIS_DIR / "shards", columns=columns)
+        .sort_by("sample_id")
+        .to_pylist()
     )
-
 
 
 def _rows_by_sample(run) -> dict[int, dict]:
@@ -203,40 +212,78 @@ def test_rendezvous_plan_is_uniform_and_moves_only_samples_of_changed_chunks():
     assert moved and all(m.chunk_id == 10 for m in moved) and len(moved) < 100
     removed = plan_samples(500, 3, {"quote": 1.0, "continuation": 2.0}, keys[1:])
     assert all(b.chunk_id + 1 == a.chunk_id for a, b in zip(before, removed) if a.chunk_id != 0)
-    assert [(p.kind, p.seed) for p in before] == [(p.kind, p.seed) for p in added] == [(p.kind, p.seed) for p in removed]
+    assert (
+        [(p.kind, p.seed) for p in before] == [(p.kind, p.seed) for p in added] == [(p.kind, p.seed) for p in removed]
+    )
 
 
 def test_rebuild_of_an_edited_corpus_reuses_unchanged_chunks_and_equals_a_fresh_run(tiny, long_corpus, tmp_path):
-    (long_corpus / "rules.txt").write_text(" ".join(f"Rule {i}. Repairs in room {i} are due within {i + 2} days." for i in range(30)))
+    (long_corpus / "rules.txt").write_text(
+        " ".join(f"Rule {i}. Repairs in room {i} are due within {i + 2} days." for i in range(30))
+    )
     config = {"samples": 24, "shard_size": 8, "kinds": CORPUS_KINDS}
     run_synthesis(tiny, long_corpus, tmp_path / "first", **config)
-    (long_corpus / "rules.txt").write_text(" ".join(f"Rule {i}. Repairs in room {i} are due within {i + 3} days." for i in range(30)))
+    (long_corpus / "rules.txt").write_text(
+        " ".join(f"Rule {i}. Repairs in room {i} are due within {i + 3} days." for i in range(30))
+    )
     fresh = run_synthesis(tiny, long_corpus, tmp_path / "fresh", **config)
-    ingest(long_corpus, tmp_path / "second", tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    ingest(
+        long_corpus,
+        tmp_path / "second",
+        tiny.tokenizer,
+        tiny.tokenizer_fingerprint,
+        SMALL["chunk_min_tokens"],
+        SMALL["chunk_max_tokens"],
+    )
     settings = RunSettings(engine="hf", executor="local", batch_size=4)
-    summary = synthesize(tmp_path / "second", tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings, tmp_path / "first")
+    summary = synthesize(
+        tmp_path / "second",
+        tiny.path,
+        tiny.fingerprint,
+        SynthesisConfig(**(SMALL | config)),
+        settings,
+        tmp_path / "first",
+    )
 
     first, second, expected = (_rows_by_sample(tmp_path / run) for run in ("first", "second", "fresh"))
     first_keys, fresh_keys = chunk_keys(tmp_path / "first"), chunk_keys(tmp_path / "fresh")
     assert set(first_keys) & set(fresh_keys) and set(fresh_keys) - set(first_keys), "one document changed, one did not"
     # Reusable: the sample drew the same chunk content before and after the edit (read off the two runs' rows).
-    same_chunk = [i for i in expected if i in first and first_keys[first[i]["chunk_id"]] == fresh_keys[expected[i]["chunk_id"]]]
+    same_chunk = [
+        i for i in expected if i in first and first_keys[first[i]["chunk_id"]] == fresh_keys[expected[i]["chunk_id"]]
+    ]
     assert summary["reused"] == len(same_chunk) > 0 and summary["reused_from"] == str(tmp_path / "first")
     assert summary["samples"] == fresh["samples"] == 24 and fresh["reused"] == 0
     assert second.keys() == expected.keys()
     for i, row in second.items():
         for column in ("chunk_id", "doc_id", "seed_kind", "seed", "messages", "answer_ids", "topk_ids"):
             assert row[column] == expected[i][column], (i, column)
-        torch.testing.assert_close(torch.tensor(row["topk_logprobs"]), torch.tensor(expected[i]["topk_logprobs"]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(row["topk_logprobs"]), torch.tensor(expected[i]["topk_logprobs"]), atol=1e-4, rtol=0
+        )
 
 
 def test_samples_of_other_settings_are_not_reused(tiny, long_corpus, tmp_path):
     run_synthesis(tiny, long_corpus, tmp_path / "first", samples=4, shard_size=4, kinds=CORPUS_KINDS)
-    ingest(long_corpus, tmp_path / "second", tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    ingest(
+        long_corpus,
+        tmp_path / "second",
+        tiny.tokenizer,
+        tiny.tokenizer_fingerprint,
+        SMALL["chunk_min_tokens"],
+        SMALL["chunk_max_tokens"],
+    )
     config = SynthesisConfig(**SMALL, samples=4, shard_size=4, kinds=CORPUS_KINDS, top_k=5)
     settings = RunSettings(engine="hf", executor="local", batch_size=4)
     summary = synthesize(tmp_path / "second", tiny.path, tiny.fingerprint, config, settings, tmp_path / "first")
     assert summary["reused"] == 0 and summary["reuse_refused"] == "other settings (top_k)"
-    ingest(long_corpus, tmp_path / "third", tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"])
+    ingest(
+        long_corpus,
+        tmp_path / "third",
+        tiny.tokenizer,
+        tiny.tokenizer_fingerprint,
+        SMALL["chunk_min_tokens"],
+        SMALL["chunk_max_tokens"],
+    )
     with pytest.raises(CartridgeError, match="holds no synthesis.*--out folder"):
         synthesize(tmp_path / "third", tiny.path, tiny.fingerprint, config, settings, tmp_path / "nowhere")
