@@ -10,8 +10,18 @@ def init_ray() -> None:
     # State API and warns about it every second of training (1,434 lines in one 24-minute build).
     # Ray's own loggers in the workers of a local cluster log errors only; RAY_LOGGER_LEVEL=warning
     # brings the warnings back. Our progress and results do not go through Ray's loggers.
-    if not os.environ.get("RAY_ADDRESS"):
+    # A local cluster started here exists for this command alone: its actors' own lines (Ray Train's
+    # controller announcing worker groups, an error-level core_worker note about Ray's internal
+    # PreemptionWatcher actor, weight-loading bars) are not forwarded to the terminal, where a newcomer
+    # reads them as failures; they stay in Ray's session logs. Our progress comes from the stages'
+    # own records, and a worker's exception still reaches the driver. A real cluster keeps Ray's default.
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
         os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
     ray.init(
-        address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR"
+        address=os.environ.get("RAY_ADDRESS"),
+        ignore_reinit_error=True,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=not local,
     )

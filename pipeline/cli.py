@@ -745,6 +745,8 @@ def garbage_collect(
 
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2; Ctrl-C one line and 130."""
+    if not sys.stderr.isatty():  # tqdm bars (the one-time GGUF conversion) are carriage-return noise in a log
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # sub-second weight loading; the bars only add noise

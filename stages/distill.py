@@ -10,7 +10,10 @@ import json
 import math
 import os
 import random
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -309,35 +312,71 @@ def run_training(
         "qa_pairs": [list(p) for p in qa_pairs],
         "threads": settings.threads if settings.executor == "local" else settings.worker_threads(),
     }
-    if settings.executor == "local":
-        done = latest_checkpoint(out / CHECKPOINTS_DIR)
-        first = int(done.name.split("-")[1]) if done else 0
-        with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
+    done = latest_checkpoint(out / CHECKPOINTS_DIR)
+    first = int(done.name.split("-")[1]) if done else 0
+    with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
+        if settings.executor == "local":
             train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
-    else:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        init_ray()
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=loop_config | {"ray": True},
-            scaling_config=ScalingConfig(
-                num_workers=settings.workers,
-                use_gpu=torch.cuda.is_available(),
-                resources_per_worker={"CPU": settings.worker_cpus()},
-            ),
-            torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
-            run_config=RunConfig(storage_path=str((out / "ray").resolve()), name="train"),
-        )
-        try:
-            trainer.fit()
-        except Exception:
-            failure = out / FAILURE_FILE  # a worker's TrainingDiverged arrives wrapped in Ray's errors
-            if failure.is_file():
-                raise TrainingDiverged(json.loads(failure.read_text())["message"]) from None
-            raise
+        else:
+            with following_metrics(out / METRICS_FILE, progress):
+                _fit_on_ray(out, loop_config, settings)
     return out / FINAL_FILE
+
+
+def _fit_on_ray(out: Path, loop_config: dict, settings: TrainSettings) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config | {"ray": True},
+        scaling_config=ScalingConfig(
+            num_workers=settings.workers,
+            use_gpu=torch.cuda.is_available(),
+            resources_per_worker={"CPU": settings.worker_cpus()},
+        ),
+        torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
+        run_config=RunConfig(storage_path=str((out / "ray").resolve()), name="train"),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        failure = out / FAILURE_FILE  # a worker's TrainingDiverged arrives wrapped in Ray's errors
+        if failure.is_file():
+            raise TrainingDiverged(json.loads(failure.read_text())["message"]) from None
+        raise
+
+
+@contextmanager
+def following_metrics(path: Path, progress: ThroughputProgress, poll_seconds: float = 1.0) -> Iterator[None]:
+    """Advance `progress` from the step records a Ray Train worker appends to `path`, which is all the
+    driver sees of a training that runs in another process (or on another node)."""
+    offset = path.stat().st_size if path.is_file() else 0
+    stop = threading.Event()
+
+    def follow() -> None:
+        nonlocal offset
+        while True:
+            stopping = stop.wait(poll_seconds)
+            if path.is_file():
+                with path.open("rb") as log:
+                    log.seek(offset)
+                    data = log.read()
+                complete = data[: data.rfind(b"\n") + 1]
+                offset += len(complete)
+                for line in complete.splitlines():
+                    progress.advance(1, json.loads(line).get("tokens", 0))
+            if stopping:
+                return
+
+    follower = threading.Thread(target=follow, name="distill-progress", daemon=True)
+    follower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        follower.join()
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
