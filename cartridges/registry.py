@@ -15,9 +15,7 @@ folder behind holding only `retired.json`, so the number stays taken. Object sto
 folder rename; there the manifest is copied last (a version without one is not listed) and the
 move is guarded by a lock within one process only.
 
-Remote artifacts are cached under `$CARTRIDGES_HOME/cache/artifacts/<manifest digest>/`: the
-manifest is read again on every resolve (one small read), so a version replaced or edited on the
-remote is never served from a stale copy.
+Remote artifacts are cached by their manifest's digest (`artifact_cache`).
 """
 
 from __future__ import annotations
@@ -27,27 +25,28 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cartridges.atomic import rename_unless_exists, write_atomically, write_folder_atomically
+from cartridges.artifact_cache import cached_copy, download
+from cartridges.atomic import rename_unless_exists, write_atomically
 from cartridges.errors import CartridgeError
-from cartridges.home import cartridges_home
 from cartridges.integrity import check_artifact
 from cartridges.manifest import (
     MANIFEST_FILE,
     PAYLOAD_FILES,
     Manifest,
-    manifest_digest,
     parse_strict_json,
     strict_json,
     utc_now,
-    verify_payload,
 )
 from cartridges.names import LATEST, NAME_PATTERN, Ref, parse_ref, validate_name
+
+if TYPE_CHECKING:
+    from cartridges.registry_listing import Listing
 
 ALIASES_DIR = "aliases"
 LEGACY_ALIASES_FILE = "aliases.json"  # format of registries written before one file per alias
@@ -56,28 +55,6 @@ STAGING = ".staging"
 STATE = ".state"  # service state kept with the registry (schedules, build history)
 MAX_PUBLISH_ATTEMPTS = 1000
 _REMOTE_COMMIT_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    version: int
-    manifest: Manifest
-    aliases: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """Something in the registry folder that is not a usable version, and why."""
-
-    path: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Listing:
-    entries: list[Entry]
-    skipped: list[Skipped]
 
 
 def _open_filesystem(url: str):
@@ -93,6 +70,8 @@ def _open_filesystem(url: str):
 
 
 class Registry:
+    """Read, publish, alias and retire versions; `list()` (registry_listing) reports the rest."""
+
     def __init__(self, root: str | Path):
         self.url = str(root)
         self.fs, self.root = _open_filesystem(self.url)
@@ -103,11 +82,12 @@ class Registry:
         """A registry that lives only inside this process (fsspec's memory://)."""
         return "memory" in self.fs.protocol
 
-    def _path(self, *parts: object) -> str:
+    def path(self, *parts: object) -> str:
+        """The store path of `parts` under the registry root."""
         return "/".join([self.root.rstrip("/"), *(str(p) for p in parts)])
 
     @contextmanager
-    def _writing(self, what: str) -> Iterator[None]:
+    def writing(self, what: str) -> Iterator[None]:
         """A registry that cannot be written (read-only, no space) is one line naming the registry."""
         try:
             yield
@@ -118,19 +98,19 @@ class Registry:
             ) from None
 
     # ---- reading -------------------------------------------------------------------------
-    def _children(self, folder: str) -> list[tuple[str, str]]:
+    def children(self, folder: str) -> list[tuple[str, str]]:
         """(base name, type) of the entries of a folder; none when it does not exist."""
         if not self.fs.exists(folder):
             return []
         return [(Path(e["name"]).name, e["type"]) for e in self.fs.ls(folder, detail=True)]
 
-    def _numbered(self, name: str) -> dict[int, str]:
+    def numbered(self, name: str) -> dict[int, str]:
         """Every version folder of `name` (live, retired or damaged) by number."""
-        folders = self._children(self._path(validate_name(name)))
-        return {int(n): self._path(name, n) for n, kind in folders if kind == "directory" and n.isdigit()}
+        folders = self.children(self.path(validate_name(name)))
+        return {int(n): self.path(name, n) for n, kind in folders if kind == "directory" and n.isdigit()}
 
     def _with_file(self, name: str, file: str) -> set[int]:
-        found = self.fs.glob(self._path(name, "*", file))
+        found = self.fs.glob(self.path(name, "*", file))
         return {int(parts[-2]) for parts in (p.split("/") for p in found) if parts[-2].isdigit()}
 
     def versions(self, name: str) -> list[int]:
@@ -144,12 +124,12 @@ class Registry:
 
     def names(self) -> list[str]:
         """Cartridge names that have at least one live version."""
-        return [name for name in self._name_folders() if self.versions(name)]
+        return [name for name in self.name_folders() if self.versions(name)]
 
-    def _name_folders(self) -> list[str]:
+    def name_folders(self) -> list[str]:
         return sorted(
             n
-            for n, kind in self._children(self.root)
+            for n, kind in self.children(self.root)
             if kind == "directory" and NAME_PATTERN.fullmatch(n) and ".." not in n
         )
 
@@ -164,9 +144,9 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, int]:
         """alias -> version; one file per alias (an older registry's aliases.json is read beneath them)."""
-        legacy_path = self._path(validate_name(name), LEGACY_ALIASES_FILE)
+        legacy_path = self.path(validate_name(name), LEGACY_ALIASES_FILE)
         found = dict(self._read_json(legacy_path)) if self.fs.exists(legacy_path) else {}
-        for path in self.fs.glob(self._path(name, ALIASES_DIR, "*.json")):
+        for path in self.fs.glob(self.path(name, ALIASES_DIR, "*.json")):
             alias = Path(path).name.removesuffix(".json")
             if not alias.startswith("."):
                 found[alias] = self._read_json(path).get("version")
@@ -216,78 +196,41 @@ class Registry:
             raise CartridgeError(f"{name}@{version} was removed (versions: {', '.join(map(str, versions))})")
         raise CartridgeError(f"{name} has no version {version} (versions: {', '.join(map(str, versions))})")
 
-    def _manifest_bytes(self, name: str, version: int) -> bytes:
-        return self.fs.cat_file(self._path(name, version, MANIFEST_FILE))
+    def manifest_bytes(self, name: str, version: int) -> bytes:
+        return self.fs.cat_file(self.path(name, version, MANIFEST_FILE))
 
-    def _stored_manifest(self, name: str, version: int) -> Manifest:
-        return Manifest.from_json(self._manifest_bytes(name, version), f"{self.url}/{name}/{version}")
+    def stored_manifest(self, name: str, version: int) -> Manifest:
+        return Manifest.from_json(self.manifest_bytes(name, version), f"{self.url}/{name}/{version}")
 
     def show(self, ref: str | Ref) -> Manifest:
-        return self._stored_manifest(*self.resolve(ref))
+        return self.stored_manifest(*self.resolve(ref))
 
     def list(self) -> Listing:
         """Every live version with its aliases; what cannot be listed is reported, not raised."""
-        entries, skipped = [], []
-        names = set(self._name_folders())
-        for child, kind in self._children(self.root):
-            if kind == "directory" and not child.startswith(".") and child not in names:
-                skipped.append(Skipped(child, "not a cartridge name (lowercase letters, digits, '.', '_', '-')"))
-        for name in sorted(names):
-            try:
-                by_version: dict[int, list[str]] = {}
-                for alias, version in self.aliases(name).items():
-                    by_version.setdefault(version, []).append(alias)
-            except CartridgeError as exc:
-                skipped.append(Skipped(f"{name}/{ALIASES_DIR}", str(exc)))
-                by_version = {}
-            live, retired = set(self.versions(name)), set(self.retired(name))
-            for version in sorted(self._numbered(name)):
-                if version in retired:
-                    continue
-                if version not in live:
-                    skipped.append(Skipped(f"{name}/{version}", f"no {MANIFEST_FILE} (incomplete or damaged)"))
-                    continue
-                try:
-                    manifest = self._stored_manifest(name, version)
-                except CartridgeError as exc:
-                    skipped.append(Skipped(f"{name}/{version}", str(exc)))
-                    continue
-                entries.append(Entry(name, version, manifest, tuple(sorted(by_version.get(version, [])))))
-        return Listing(entries, skipped)
+        from cartridges.registry_listing import list_registry
+
+        return list_registry(self)
 
     def local_path(self, ref: str | Ref) -> Path:
         """A local folder holding the artifact; a remote one is cached by its manifest's digest."""
         return self.locate(ref)[1]
 
     def locate(self, ref: str | Ref) -> tuple[tuple[str, int], Path]:
-        """((name, version), local folder) of a reference."""
+        """((name, version), local folder) of a reference; a remote artifact is cached by its manifest's digest."""
         name, version = self.resolve(ref)
         if self.is_local:
-            return (name, version), Path(self._path(name, version))
-        manifest_bytes = self._manifest_bytes(name, version)
-        cached = cartridges_home() / "cache" / "artifacts" / manifest_digest(manifest_bytes)
-        if not (cached / MANIFEST_FILE).is_file():
-            # a concurrent download that won holds the same content
-            write_folder_atomically(cached, lambda folder: self._download(name, version, manifest_bytes, folder))
-        return (name, version), cached
-
-    def _download(self, name: str, version: int, manifest_bytes: bytes, folder: Path) -> None:
-        """The payload of `name@version` and the given manifest bytes, checked against each other."""
-        for file in PAYLOAD_FILES:
-            self.fs.get_file(self._path(name, version, file), str(folder / file))
-        (folder / MANIFEST_FILE).write_bytes(manifest_bytes)
-        verify_payload(folder, Manifest.from_json(manifest_bytes, f"{self.url}/{name}/{version}"))
+            return (name, version), Path(self.path(name, version))
+        return (name, version), cached_copy(self, name, version)
 
     def verify(self, ref: str | Ref) -> Manifest:
         """Every check loading makes (checksums, shapes, bound identity, finiteness, name and version
         against the location), on the stored bytes: a remote version is downloaded afresh."""
         name, version = self.resolve(ref)
         if self.is_local:
-            return check_artifact(Path(self._path(name, version)), expected=(name, version))
+            return check_artifact(Path(self.path(name, version)), expected=(name, version))
         with tempfile.TemporaryDirectory(prefix="cartridges-verify-") as scratch:
-            folder = Path(scratch)
-            self._download(name, version, self._manifest_bytes(name, version), folder)
-            return check_artifact(folder, expected=(name, version))
+            download(self, name, version, self.manifest_bytes(name, version), Path(scratch))
+            return check_artifact(Path(scratch), expected=(name, version))
 
     # ---- writing -------------------------------------------------------------------------
     def publish(self, folder: Path, name: str) -> Manifest:
@@ -298,17 +241,17 @@ class Registry:
         """
         validate_name(name)
         manifest = check_artifact(folder)
-        with self._writing(f"publish {name}"):
-            staging = self._path(STAGING, uuid.uuid4().hex)
+        with self.writing(f"publish {name}"):
+            staging = self.path(STAGING, uuid.uuid4().hex)
             self.fs.makedirs(staging, exist_ok=True)
             try:
                 for file in PAYLOAD_FILES:
                     self.fs.put_file(str(folder / file), f"{staging}/{file}")
                 for _ in range(MAX_PUBLISH_ATTEMPTS):
-                    version = max(self._numbered(name), default=0) + 1  # retired numbers count: never reused
+                    version = max(self.numbered(name), default=0) + 1  # retired numbers count: never reused
                     stored = manifest.model_copy(update={"name": name, "version": version})
                     self.fs.pipe_file(f"{staging}/{MANIFEST_FILE}", stored.to_json().encode())
-                    if self._commit(staging, self._path(name, version)):
+                    if self._commit(staging, self.path(name, version)):
                         return stored
             finally:
                 if self.fs.exists(staging):
@@ -319,7 +262,7 @@ class Registry:
         """The stored manifest of a live version of `name` with the same payload as `folder`, if any."""
         files = Manifest.read(folder).files
         for version in reversed(self.versions(name)):
-            stored = self._stored_manifest(name, version)
+            stored = self.stored_manifest(name, version)
             if stored.files == files:
                 return stored
         return None
@@ -342,27 +285,27 @@ class Registry:
         if alias == LATEST or alias.isdigit():
             raise CartridgeError(f"alias {alias!r} is reserved: 'latest' and numbers always mean versions")
         name, version = self.resolve(ref)
-        with self._writing(f"set alias {name}@{alias}"):
+        with self.writing(f"set alias {name}@{alias}"):
             self._migrate_legacy_aliases(name)
-            self._write_json(self._path(name, ALIASES_DIR, f"{alias}.json"), {"version": version})
+            self._write_json(self.path(name, ALIASES_DIR, f"{alias}.json"), {"version": version})
         return name, version
 
     def remove_alias(self, name: str, alias: str) -> None:
         if alias not in self.aliases(name):
             raise CartridgeError(f"{name} has no alias {alias!r}")
-        with self._writing(f"remove alias {name}@{alias}"):
+        with self.writing(f"remove alias {name}@{alias}"):
             self._migrate_legacy_aliases(name)
-            self.fs.rm(self._path(name, ALIASES_DIR, f"{alias}.json"))
+            self.fs.rm(self.path(name, ALIASES_DIR, f"{alias}.json"))
 
     def _migrate_legacy_aliases(self, name: str) -> None:
         """Move an older registry's aliases.json into one file per alias before changing any alias."""
-        legacy = self._path(name, LEGACY_ALIASES_FILE)
+        legacy = self.path(name, LEGACY_ALIASES_FILE)
         if not self.fs.exists(legacy):
             return
-        current = {Path(p).name.removesuffix(".json") for p in self.fs.glob(self._path(name, ALIASES_DIR, "*.json"))}
+        current = {Path(p).name.removesuffix(".json") for p in self.fs.glob(self.path(name, ALIASES_DIR, "*.json"))}
         for alias, version in self._read_json(legacy).items():
             if alias not in current:
-                self._write_json(self._path(name, ALIASES_DIR, f"{alias}.json"), {"version": version})
+                self._write_json(self.path(name, ALIASES_DIR, f"{alias}.json"), {"version": version})
         self.fs.rm(legacy)
 
     def remove(self, ref: str | Ref, force: bool = False) -> tuple[str, int]:
@@ -374,48 +317,26 @@ class Registry:
             raise CartridgeError(
                 f"{name}@{version} is aliased as {', '.join(pointing)}: move the alias first or pass --force"
             )
-        with self._writing(f"remove {name}@{version}"):
+        with self.writing(f"remove {name}@{version}"):
             for alias in pointing:
                 self.remove_alias(name, alias)
             # The marker retires the version in one step; the files go after it.
-            self._write_json(self._path(name, version, RETIRED_FILE), {"version": version, "removed_at": utc_now()})
+            self._write_json(self.path(name, version, RETIRED_FILE), {"version": version, "removed_at": utc_now()})
             for file in (MANIFEST_FILE, *PAYLOAD_FILES):
-                path = self._path(name, version, file)
+                path = self.path(name, version, file)
                 if self.fs.exists(path):
                     self.fs.rm(path)
         return name, version
 
-    def stale_uploads(self, older_than_seconds: float) -> list[str]:
-        """Upload folders under `.staging/` untouched for `older_than_seconds`: left by killed publishers."""
-        uploads = [self._path(STAGING, name) for name, _ in self._children(self._path(STAGING))]
-        return [path for path in uploads if self._age(path) >= older_than_seconds]
-
-    def _age(self, path: str) -> float:
-        """Seconds since anything under `path` last changed (0 when the store cannot say: treated as new)."""
-        from datetime import UTC, datetime
-
-        stamps = []
-        for item in [path, *self.fs.find(path)]:
-            try:
-                stamp = self.fs.modified(item)
-            except (NotImplementedError, OSError, KeyError):  # object stores keep no times for "folders"
-                continue
-            stamps.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC))
-        return (datetime.now(UTC) - max(stamps)).total_seconds() if stamps else 0.0
-
-    def remove_upload(self, path: str) -> None:
-        with self._writing("remove an old upload"):
-            self.fs.rm(path, recursive=True)
-
     def read_state(self, file: str) -> dict:
         """A JSON state file under `.state/` ({} when absent)."""
-        path = self._path(STATE, file)
+        path = self.path(STATE, file)
         return self._read_json(path) if self.fs.exists(path) else {}
 
     def write_state(self, file: str, data: dict) -> None:
-        with self._writing(f"write {file}"):
-            self.fs.makedirs(self._path(STATE), exist_ok=True)
-            self._write_json(self._path(STATE, file), data)
+        with self.writing(f"write {file}"):
+            self.fs.makedirs(self.path(STATE), exist_ok=True)
+            self._write_json(self.path(STATE, file), data)
 
     def _write_json(self, path: str, data: dict) -> None:
         payload = strict_json(data, indent=2).encode()

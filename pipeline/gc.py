@@ -12,12 +12,13 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from cartridges.pipeline.runs import DISPOSABLE_AFTER_PUBLISH, LOCK_FILE, PUBLISHED_FILE, runs_root, scratch_root
-from cartridges.registry import Registry
+from cartridges.registry import STAGING, Registry
 
 # Run folders that `init`, `compose` and `distill` made before they used scratch folders: <name>-<UTC stamp>-<6 hex>.
 LEGACY_COPY = re.compile(r"^.+-\d{8}T\d{6}Z-[0-9a-f]{6}$")
@@ -61,10 +62,11 @@ def _remove(path: Path, reason: str, dry_run: bool) -> Removal:
 
 def collect_garbage(registry: Registry, older_than_seconds: float, dry_run: bool = False) -> list[Removal]:
     removed: list[Removal] = []
-    for upload in registry.stale_uploads(older_than_seconds):
+    for upload in stale_uploads(registry, older_than_seconds):
         removed.append(Removal(upload, "upload of a publish that did not finish", 0))
         if not dry_run:
-            registry.remove_upload(upload)
+            with registry.writing("remove an old upload"):
+                registry.fs.rm(upload, recursive=True)
     scratch = scratch_root()
     for folder in sorted(scratch.iterdir()) if scratch.is_dir() else []:
         if _age(folder) >= older_than_seconds:
@@ -74,6 +76,24 @@ def collect_garbage(registry: Registry, older_than_seconds: float, dry_run: bool
         if run.is_dir() and _age(run) >= older_than_seconds:
             removed += _clean_run(run, dry_run)
     return removed
+
+
+def stale_uploads(registry: Registry, older_than_seconds: float) -> list[str]:
+    """Upload folders under the registry's `.staging/` untouched for `older_than_seconds`: left by killed publishers."""
+    uploads = [registry.path(STAGING, name) for name, _ in registry.children(registry.path(STAGING))]
+    return [path for path in uploads if _store_age(registry, path) >= older_than_seconds]
+
+
+def _store_age(registry: Registry, path: str) -> float:
+    """Seconds since anything under a store path last changed (0 when the store cannot say: treated as new)."""
+    stamps = []
+    for item in [path, *registry.fs.find(path)]:
+        try:
+            stamp = registry.fs.modified(item)
+        except (NotImplementedError, OSError, KeyError):  # object stores keep no times for "folders"
+            continue
+        stamps.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC))
+    return (datetime.now(UTC) - max(stamps)).total_seconds() if stamps else 0.0
 
 
 def _clean_run(run: Path, dry_run: bool) -> list[Removal]:

@@ -375,8 +375,8 @@ def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):
     replacement = fake_artifact(tmp_path / "b", name="rem")
     manifest = json.loads((replacement / MANIFEST_FILE).read_text()) | {"version": 1}
     for file in (ADAPTER_WEIGHTS_FILE, "adapter_config.json"):
-        reg.fs.put_file(str(replacement / file), reg._path("rem", 1, file))
-    reg.fs.pipe_file(reg._path("rem", 1, MANIFEST_FILE), json.dumps(manifest).encode())
+        reg.fs.put_file(str(replacement / file), reg.path("rem", 1, file))
+    reg.fs.pipe_file(reg.path("rem", 1, MANIFEST_FILE), json.dumps(manifest).encode())
     assert reg.show("rem@1").files == manifest["files"]
     second = load_artifact(reg.local_path("rem@1"))
     assert second.manifest.files == manifest["files"] and not torch.equal(
@@ -385,9 +385,9 @@ def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):
     assert reg.verify("rem@1").files == manifest["files"]
     # Tampering with the remote payload after the download: the cached copy still matches its manifest,
     # and verify reads the remote bytes again and sees it.
-    data = bytearray(reg.fs.cat_file(reg._path("rem", 1, ADAPTER_WEIGHTS_FILE)))
+    data = bytearray(reg.fs.cat_file(reg.path("rem", 1, ADAPTER_WEIGHTS_FILE)))
     data[-1] ^= 0xFF
-    reg.fs.pipe_file(reg._path("rem", 1, ADAPTER_WEIGHTS_FILE), bytes(data))
+    reg.fs.pipe_file(reg.path("rem", 1, ADAPTER_WEIGHTS_FILE), bytes(data))
     with pytest.raises(CartridgeError, match="checksum mismatch"):
         reg.verify("rem@1")
     assert torch.equal(load_artifact(reg.local_path("rem@1")).prompt_embeddings, second.prompt_embeddings)

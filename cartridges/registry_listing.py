@@ -1,0 +1,62 @@
+"""`cartridges ls`: every live version with its aliases, and what is in the registry folder but not
+usable (a `lost+found`, a numbered folder without manifest, a manifest of a newer format), reported
+with the reason instead of failing the whole listing."""
+
+from dataclasses import dataclass
+
+from cartridges.errors import CartridgeError
+from cartridges.manifest import MANIFEST_FILE, Manifest
+from cartridges.registry import ALIASES_DIR, Registry
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    version: int
+    manifest: Manifest
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Something in the registry folder that is not a usable version, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    entries: list[Entry]
+    skipped: list[Skipped]
+
+
+def list_registry(registry: Registry) -> Listing:
+    """Every live version with its aliases; what cannot be listed is reported, not raised."""
+    entries, skipped = [], []
+    names = set(registry.name_folders())
+    for child, kind in registry.children(registry.root):
+        if kind == "directory" and not child.startswith(".") and child not in names:
+            skipped.append(Skipped(child, "not a cartridge name (lowercase letters, digits, '.', '_', '-')"))
+    for name in sorted(names):
+        try:
+            by_version: dict[int, list[str]] = {}
+            for alias, version in registry.aliases(name).items():
+                by_version.setdefault(version, []).append(alias)
+        except CartridgeError as exc:
+            skipped.append(Skipped(f"{name}/{ALIASES_DIR}", str(exc)))
+            by_version = {}
+        live, retired = set(registry.versions(name)), set(registry.retired(name))
+        for version in sorted(registry.numbered(name)):
+            if version in retired:
+                continue
+            if version not in live:
+                skipped.append(Skipped(f"{name}/{version}", f"no {MANIFEST_FILE} (incomplete or damaged)"))
+                continue
+            try:
+                manifest = registry.stored_manifest(name, version)
+            except CartridgeError as exc:
+                skipped.append(Skipped(f"{name}/{version}", str(exc)))
+                continue
+            entries.append(Entry(name, version, manifest, tuple(sorted(by_version.get(version, [])))))
+    return Listing(entries, skipped)
