@@ -22,26 +22,15 @@ from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.distill import (
-    DISTILL_DIR,
-    FINAL_FILE,
-    INIT_FILE,
-    DistillConfig,
-    TrainSettings,
-    final_metrics,
-    run_training,
-)
+from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, DistillConfig
+from cartridges.stages.distill_artifact import final_metrics
+from cartridges.stages.distill_run import TrainSettings, run_training
 from cartridges.stages.evaluate import paired_gain, score_corpus
 from cartridges.stages.ingest import INGEST_FILE, ingest
 from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.synthesize import (
-    EVERY_KIND,
-    SUMMARY_FILE,
-    SYNTHESIS_DIR,
-    RunSettings,
-    SynthesisConfig,
-    synthesize,
-)
+from cartridges.stages.shards import SUMMARY_FILE, SYNTHESIS_DIR
+from cartridges.stages.synthesis_config import EVERY_KIND, RunSettings, SynthesisConfig
+from cartridges.stages.synthesize import synthesize
 
 MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
 DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from cartridges.errors import run_script
 from cartridges.qa import DEFAULT_QA_DIR, find_corpus
-from cartridges.stages.synthesize import EVERY_KIND
+from cartridges.stages.synthesis_config import EVERY_KIND
 
 # Every seed kind, model-written and corpus-answered, so generation speed is measured on real chat turns.
 ALL_KINDS_MIX = ",".join(f"{kind}={weight:g}" for kind, weight in EVERY_KIND.items())

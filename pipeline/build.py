@@ -34,17 +34,13 @@ from cartridges.pipeline.runs import ARTIFACT_DIR, LOCK_FILE, PUBLISHED_FILE, ru
 from cartridges.qa import QACorpus
 from cartridges.registry import Registry
 from cartridges.stages.contexts import Context, FixedContext
-from cartridges.stages.distill import (
-    DISTILL_DIR,
-    FINAL_FILE,
-    INIT_FILE,
-    check_training_fits_window,
-    run_training,
-    save_distilled,
-)
+from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, check_training_fits_window
+from cartridges.stages.distill_artifact import save_distilled
+from cartridges.stages.distill_run import run_training
 from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import Corpus, ingest_corpus, read_corpus
-from cartridges.stages.synthesize import check_fits_window, synthesize
+from cartridges.stages.synthesis_config import check_fits_window
+from cartridges.stages.synthesize import synthesize
 
 EVALUATION_FILE = "evaluation.json"
 

@@ -14,8 +14,9 @@ from pydantic import BaseModel, Field, ValidationError
 from cartridges.errors import CartridgeError, first_validation_error
 from cartridges.hashing import sha256_bytes
 from cartridges.settings import STRICT_SETTINGS
-from cartridges.stages.distill import DistillConfig, TrainSettings
-from cartridges.stages.synthesize import RunSettings, SynthesisConfig
+from cartridges.stages.distill import DistillConfig
+from cartridges.stages.distill_run import TrainSettings
+from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 

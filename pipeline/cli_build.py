@@ -80,7 +80,8 @@ def synthesize_command(
     """
     from cartridges.models import load_model
     from cartridges.stages.ingest import ingest_corpus, read_corpus
-    from cartridges.stages.synthesize import RunSettings, SynthesisConfig, check_fits_window, synthesize
+    from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig, check_fits_window
+    from cartridges.stages.synthesize import synthesize
 
     config = _validated(
         SynthesisConfig,
@@ -140,13 +141,9 @@ def distill_command(
     from cartridges.models import load_model
     from cartridges.names import validate_name
     from cartridges.pipeline.runs import scratch_folder
-    from cartridges.stages.distill import (
-        DistillConfig,
-        TrainSettings,
-        check_training_fits_window,
-        run_training,
-        save_distilled,
-    )
+    from cartridges.stages.distill import DistillConfig, check_training_fits_window
+    from cartridges.stages.distill_artifact import save_distilled
+    from cartridges.stages.distill_run import TrainSettings, run_training
 
     validate_name(name)
     reg = open_registry(registry, writing=True)

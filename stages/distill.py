@@ -2,18 +2,14 @@
 
 The student is the frozen model with PEFT's CARTRIDGE prefix (first token frozen as attention
 sink); the target is the teacher's top-k distribution over each synthetic answer, recorded with
-the chunk in context. The loop below is the whole method; `run_training` runs it in-process or
+the chunk in context. The loop below is the whole method; `distill_run.run_training` runs it in-process or
 under Ray Train's `TorchTrainer` (N workers, gradients all-reduced by DDP).
 """
 
 import json
 import math
-import os
 import random
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -24,22 +20,18 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from cartridges.artifact import cartridge_peft_config, describe_model, kv_shape, save_artifact
+from cartridges.artifact import cartridge_peft_config, kv_shape
 from cartridges.atomic import write_atomically
-from cartridges.cluster import init_ray
 from cartridges.errors import CartridgeError
 from cartridges.layout import context_token_ids
-from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.models import default_device
-from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from cartridges.stages.ingest import DOCUMENT_SEPARATOR, INGEST_FILE, read_chunks
+from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
 from cartridges.stages.initialize import kv_prefix_of_tokens
-from cartridges.stages.synthesize import SHARDS_DIR, SUMMARY_FILE, SYNTHESIS_DIR
-from cartridges.stages.training_data import collate, data_fingerprint, distillation_loss, load_examples
+from cartridges.stages.training_data import collate, distillation_loss, load_examples
 
 DISTILL_DIR = "distill"
 INIT_FILE = "init_prefix.safetensors"
@@ -247,26 +239,6 @@ def check_training_fits_window(config: DistillConfig, window: int) -> None:
         )
 
 
-class TrainSettings(BaseModel):
-    """How training runs; does not change the result beyond floating-point reduction order."""
-
-    model_config = STRICT_SETTINGS
-
-    executor: Literal["ray", "local"] = "ray"
-    workers: int = Field(1, ge=1, description="Ray Train workers (gloo on CPU)")
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
-    cpus_per_worker: float | None = Field(
-        None, gt=0, description="Ray CPUs per worker (default: this machine's cores / workers)"
-    )
-
-    def worker_cpus(self) -> float:
-        return self.cpus_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
-
-    def worker_threads(self) -> int:
-        """Ray starts a worker with OMP_NUM_THREADS = its CPUs (1 unless asked): on 2 cores one thread trained at 129 tokens/s, two at 233."""
-        return self.threads or max(1, math.floor(self.worker_cpus()))
-
-
 def initial_prefix(loaded, run_dir: Path, config: DistillConfig) -> torch.Tensor:
     """The prefix training starts from: KV of the first corpus tokens, of random chunks, or random."""
     if config.init == "random":
@@ -286,159 +258,3 @@ def initial_prefix(loaded, run_dir: Path, config: DistillConfig) -> torch.Tensor
             ]
         ids = ids[: config.num_tokens]
     return kv_prefix_of_tokens(loaded.model, ids)
-
-
-def run_training(
-    run_dir: Path, loaded, config: DistillConfig, settings: TrainSettings, qa_pairs: list[tuple[str, str]] = ()
-) -> Path:
-    """Train (or resume) the prefix of `run_dir`'s synthesis; returns the path of the final prefix."""
-    out = run_dir / DISTILL_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != config.model_dump():
-        raise CartridgeError(
-            f"{out} holds a training with other settings: use the same settings to resume, or a new run folder"
-        )
-    write_atomically(config_file, lambda tmp: tmp.write_text(json.dumps(config.model_dump(), indent=2)))
-    (out / FAILURE_FILE).unlink(missing_ok=True)
-    if not (out / INIT_FILE).is_file():
-        prefix = initial_prefix(loaded, run_dir, config)
-        write_atomically(out / INIT_FILE, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
-    loop_config = {
-        "config": config.model_dump(),
-        "out_dir": str(out),
-        "model_path": str(loaded.path),
-        "samples_dir": str(run_dir / SYNTHESIS_DIR / SHARDS_DIR),
-        "qa_pairs": [list(p) for p in qa_pairs],
-        "threads": settings.threads if settings.executor == "local" else settings.worker_threads(),
-    }
-    done = latest_checkpoint(out / CHECKPOINTS_DIR)
-    first = int(done.name.split("-")[1]) if done else 0
-    with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
-        if settings.executor == "local":
-            train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
-        else:
-            with following_metrics(out / METRICS_FILE, progress):
-                _fit_on_ray(out, loop_config, settings)
-    return out / FINAL_FILE
-
-
-def _fit_on_ray(out: Path, loop_config: dict, settings: TrainSettings) -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    init_ray()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config | {"ray": True},
-        scaling_config=ScalingConfig(
-            num_workers=settings.workers,
-            use_gpu=torch.cuda.is_available(),
-            resources_per_worker={"CPU": settings.worker_cpus()},
-        ),
-        torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
-        run_config=RunConfig(storage_path=str((out / "ray").resolve()), name="train"),
-    )
-    try:
-        trainer.fit()
-    except Exception:
-        failure = out / FAILURE_FILE  # a worker's TrainingDiverged arrives wrapped in Ray's errors
-        if failure.is_file():
-            raise TrainingDiverged(json.loads(failure.read_text())["message"]) from None
-        raise
-
-
-@contextmanager
-def following_metrics(path: Path, progress: ThroughputProgress, poll_seconds: float = 1.0) -> Iterator[None]:
-    """Advance `progress` from the step records a Ray Train worker appends to `path`, which is all the
-    driver sees of a training that runs in another process (or on another node)."""
-    offset = path.stat().st_size if path.is_file() else 0
-    stop = threading.Event()
-
-    def follow() -> None:
-        nonlocal offset
-        while True:
-            stopping = stop.wait(poll_seconds)
-            if path.is_file():
-                with path.open("rb") as log:
-                    log.seek(offset)
-                    data = log.read()
-                complete = data[: data.rfind(b"\n") + 1]
-                offset += len(complete)
-                for line in complete.splitlines():
-                    progress.advance(1, json.loads(line).get("tokens", 0))
-            if stopping:
-                return
-
-    follower = threading.Thread(target=follow, name="distill-progress", daemon=True)
-    follower.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        follower.join()
-
-
-def final_metrics(run_dir: Path) -> dict[str, float]:
-    """The last value of each metric in the training log."""
-    metrics: dict[str, float] = {}
-    for line in (run_dir / DISTILL_DIR / METRICS_FILE).read_text().splitlines():
-        metrics |= {k: float(v) for k, v in json.loads(line).items() if isinstance(v, (int, float))}
-    return metrics
-
-
-def publishable_manifest(
-    loaded,
-    run_dir: Path,
-    name: str,
-    config: DistillConfig,
-    prefix: torch.Tensor,
-    parent: str | None = None,
-    evaluation: dict[str, float] | None = None,
-):
-    """The manifest of a distilled cartridge: config, data fingerprint, init, final training metrics and any evaluation."""
-    ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
-    synthesis = json.loads((run_dir / SYNTHESIS_DIR / SUMMARY_FILE).read_text())
-    return Manifest(
-        name=name,
-        **describe_model(loaded),
-        num_tokens=config.num_tokens,
-        num_frozen_tokens=1,
-        dtype=str(prefix.dtype).removeprefix("torch."),
-        corpus=[
-            CorpusInfo(
-                fingerprint=ingest_record["corpus_fingerprint"],
-                num_documents=ingest_record["num_documents"],
-                num_tokens=ingest_record["num_tokens"],
-                source=ingest_record["source"],
-            )
-        ],
-        method="distilled",
-        method_config=config.model_dump()
-        | {
-            "data_fingerprint": data_fingerprint(run_dir / SYNTHESIS_DIR / SHARDS_DIR),
-            "run": str(run_dir),
-            "warm_start_from": parent,
-            "reused_samples": synthesis.get("reused", 0),
-            "reused_from": synthesis.get("reused_from"),
-        },
-        parent=parent,
-        metrics=final_metrics(run_dir) | (evaluation or {}),
-    )
-
-
-def save_distilled(
-    loaded,
-    run_dir: Path,
-    name: str,
-    config: DistillConfig,
-    destination: Path,
-    parent: str | None = None,
-    evaluation: dict[str, float] | None = None,
-):
-    """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest); `parent`: the version it warm-started from."""
-    prefix = load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"]
-    manifest = publishable_manifest(loaded, run_dir, name, config, prefix, parent, evaluation)
-    return save_artifact(
-        destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest
-    )

@@ -14,325 +14,39 @@ Data `map_batches` over a pool of engine actors (`RAY_ADDRESS` points at a clust
 
 import json
 import os
-import random
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field, field_validator
 
-from cartridges.atomic import write_parquet_atomically, write_text_atomically
+from cartridges.atomic import write_text_atomically
 from cartridges.cluster import init_ray
 from cartridges.errors import CartridgeError
-from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
-from cartridges.settings import STRICT_SETTINGS
-from cartridges.stages.engines import Engine, EngineName, SamplingConfig, TokenScores, make_engine
-from cartridges.stages.ingest import INGEST_FILE, Chunk, read_chunks, read_titles
-from cartridges.stages.quality import answer_problem, message_problem
+from cartridges.stages.engines import make_engine
+from cartridges.stages.ingest import INGEST_FILE, read_chunks, read_titles
+from cartridges.stages.sample_builder import SampleBuilder
 from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
 from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
-from cartridges.stages.seed_prompts import (
-    ALL_KINDS,
-    CORPUS_ANSWERED,
-    corpus_answer,
-    message_instruction,
-    writer_excerpt,
+from cartridges.stages.shards import (
+    CONFIG_FILE,
+    REUSED_FILE,
+    SAMPLE_SCHEMA,
+    SHARDS_DIR,
+    SUMMARY_FILE,
+    SYNTHESIS_DIR,
+    num_shards,
+    read_shard_stats,
+    shard_path,
+    write_shard,
 )
-
-SYNTHESIS_DIR = "synthesis"
-SHARDS_DIR = "shards"
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-REUSED_FILE = "reused.parquet"
-STATS_METADATA_KEY = b"cartridges.shard_stats"
-ATTEMPT_SEED_STRIDE = 1_000_003
-WORDS_PER_TOKEN = 0.75
-WRITER_EXCERPT_WORDS = 250
-PROMPT_OVERHEAD_TOKENS = 256  # title, chat template and system instruction around chunk and message
-
-# Measured with SmolLM2-135M as teacher (BENCHMARKS.md, distillation sweep): cartridges trained on the
-# corpus-answered kinds alone beat those trained on every kind; a stronger teacher may profit from
-# adding model-written kinds (--kinds question=2,use_case=1,quote=1,...).
-DEFAULT_KINDS = {"quote": 1.0, "continuation": 1.0, "fill_span": 1.0}
-# Every kind, model-written and corpus-answered (the default before that sweep; the benchmarks' `all` mix).
-EVERY_KIND = {
-    "question": 2.0,
-    "use_case": 1.0,
-    "summarization": 1.0,
-    "structuring": 1.0,
-    "creative": 0.5,
-    "generic": 0.5,
-    "quote": 2.0,
-    "continuation": 2.0,
-    "fill_span": 1.0,
-}
-
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("chunk_id", pa.int32()),
-        ("doc_id", pa.int32()),
-        ("seed_kind", pa.string()),
-        ("seed", pa.int64()),
-        ("answer_source", pa.string()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("answer_ids", pa.list_(pa.int32())),
-        ("topk_ids", pa.list_(pa.list_(pa.int32()))),
-        ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
-        ("token_logprobs", pa.list_(pa.float32())),
-        ("truncated", pa.bool_()),
-        ("teacher_prompt_tokens", pa.int32()),
-        ("engine", pa.string()),
-        ("model_fingerprint", pa.string()),
-    ]
-)
-
-
-class SynthesisConfig(BaseModel):
-    """Settings that decide which samples are made; changing one needs a new run folder."""
-
-    model_config = STRICT_SETTINGS
-
-    samples: int = Field(256, ge=1, description="number of samples to write")
-    seed: int = Field(0, description="seed of the sample plan (chunks, kinds, sampling seeds)")
-    kinds: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KINDS), description="seed kind -> weight")
-    top_k: int = Field(20, ge=1, le=100, description="teacher log-probabilities kept per answer token")
-    max_message_tokens: int = Field(96, ge=8)
-    max_answer_tokens: int = Field(192, ge=8)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    chunk_min_tokens: int = Field(512, ge=1)
-    chunk_max_tokens: int = Field(2048, ge=2)
-    corpus_description: str | None = Field(
-        None, description="one line about the corpus; default: 'a corpus of N documents'"
-    )
-    shard_size: int = Field(32, ge=1)
-    max_attempts: int = Field(3, ge=1, description="tries per sample when filters reject it")
-
-    @field_validator("kinds")
-    @classmethod
-    def _known_kinds(cls, kinds: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(kinds) - set(ALL_KINDS))
-        if unknown:
-            raise ValueError(f"unknown seed kind(s) {unknown}; known: {', '.join(ALL_KINDS)}")
-        if any(w < 0 for w in kinds.values()) or sum(kinds.values()) <= 0:
-            raise ValueError("kind weights must be >= 0 with a positive sum")
-        return kinds
-
-
-class RunSettings(BaseModel):
-    """How the work runs; does not change which samples are made (except HF batching, see docs)."""
-
-    model_config = STRICT_SETTINGS
-
-    engine: EngineName = "auto"
-    engines: int = Field(1, ge=1, description="engine actors (one per GPU on GPU nodes)")
-    batch_size: int = Field(16, ge=1, description="HF engine batch size")
-    threads: int | None = Field(None, ge=1, description="torch threads per HF engine")
-    cpus_per_engine: float | None = Field(
-        None, gt=0, description="Ray CPUs per engine actor (default: this machine's cores / engines)"
-    )
-    executor: Literal["ray", "local"] = "ray"
+from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig, max_prompt_tokens
 
 
 def plan_run(config: SynthesisConfig, keys: list[str]) -> list[PlannedSample]:
     return plan_samples(config.samples, config.seed, config.kinds, keys)
-
-
-def shard_path(run_dir: Path, shard: int) -> Path:
-    return run_dir / SYNTHESIS_DIR / SHARDS_DIR / f"shard-{shard:05d}.parquet"
-
-
-def num_shards(config: SynthesisConfig) -> int:
-    return -(-config.samples // config.shard_size)
-
-
-@dataclass
-class Draft:
-    """A sample on its way through the turns."""
-
-    planned: PlannedSample
-    chunk: Chunk
-    title: str
-    passage: str | None = None
-    message: str | None = None
-    corpus_text: str | None = None
-    excerpt: str | None = None
-    prompt: list[int] | None = None
-    answer: list[int] | None = None
-    scores: TokenScores | None = None
-    truncated: bool = False
-
-
-class SampleBuilder:
-    """Turns planned samples into rows with one engine (the expensive state of a worker)."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        tokenizer,
-        config: SynthesisConfig,
-        chunks: list[Chunk],
-        titles: list[str],
-        model_fingerprint: str,
-    ):
-        self.engine, self.tokenizer, self.config = engine, tokenizer, config
-        self.chunks, self.titles, self.model_fingerprint = chunks, titles, model_fingerprint
-        self.description = config.corpus_description or f"a corpus of {len(titles)} documents"
-        stops = {tokenizer.eos_token_id, *_as_list(getattr(tokenizer, "eos_token_ids", None))}
-        self.stop_ids = tuple(sorted(t for t in stops if t is not None))
-        self.message_sampling = SamplingConfig(
-            config.max_message_tokens, config.temperature, config.top_p, self.stop_ids
-        )
-        self.answer_sampling = SamplingConfig(config.max_answer_tokens, config.temperature, config.top_p, self.stop_ids)
-
-    def build(self, planned: list[PlannedSample]) -> tuple[list[dict], dict]:
-        """Rows for `planned` (rejected samples retried with new seeds) and what making them took."""
-        rows: list[dict] = []
-        rejected: Counter = Counter()
-        generated = 0
-        pending = planned
-        for attempt in range(self.config.max_attempts):
-            if not pending:
-                break
-            made, failed, tokens = self._attempt(pending, attempt)
-            rows += made
-            generated += tokens
-            rejected.update(reason for _, reason in failed)
-            pending = [p for p, _ in failed]
-        return rows, {"generated_tokens": generated, "rejected": dict(rejected), "unfilled": len(pending)}
-
-    def _attempt(
-        self, pending: list[PlannedSample], attempt: int
-    ) -> tuple[list[dict], list[tuple[PlannedSample, str]], int]:
-        failed: list[tuple[PlannedSample, str]] = []
-        drafts: list[Draft] = []
-        max_words = int(self.config.max_answer_tokens * WORDS_PER_TOKEN)
-        for planned in pending:
-            chunk = self.chunks[planned.chunk_id]
-            draft = Draft(planned, chunk, self.titles[chunk.doc_id])
-            rng = random.Random(planned.seed + attempt * ATTEMPT_SEED_STRIDE)
-            if planned.kind in CORPUS_ANSWERED:
-                found = corpus_answer(planned.kind, chunk.text, rng, max_words)
-                if found is None:
-                    failed.append((planned, "chunk_too_short"))
-                    continue
-                draft.passage, draft.message, draft.corpus_text = found.passage, found.message, found.answer
-            if draft.message is None:
-                draft.excerpt = writer_excerpt(chunk.text, rng, WRITER_EXCERPT_WORDS, around=draft.passage)
-            drafts.append(draft)
-        generated = self._write_messages([d for d in drafts if d.message is None], attempt, failed)
-        drafts = [d for d in drafts if d.message is not None]
-        for draft in drafts:
-            context = context_token_ids(self.tokenizer, f"{draft.title}\n\n{draft.chunk.text}")
-            draft.prompt = context + chat_token_ids(self.tokenizer, [{"role": "user", "content": draft.message}])
-        generated += self._write_answers(drafts, attempt)
-        kept = []
-        for draft in drafts:
-            problem = answer_problem(self.tokenizer.decode(draft.answer, skip_special_tokens=True), draft.answer)
-            if problem:
-                failed.append((draft.planned, problem))
-            else:
-                kept.append(draft)
-        to_score = [d for d in kept if d.scores is None]
-        if to_score:
-            for draft, scores in zip(
-                to_score,
-                self.engine.score([d.prompt for d in to_score], [d.answer for d in to_score], self.config.top_k),
-            ):
-                draft.scores = scores
-        return [self._row(d) for d in kept], failed, generated
-
-    def _seeds(self, drafts: list[Draft], attempt: int, turn: int) -> list[int]:
-        return [(d.planned.seed + attempt * ATTEMPT_SEED_STRIDE + turn) % 2**31 for d in drafts]
-
-    def _write_messages(self, drafts: list[Draft], attempt: int, failed: list) -> int:
-        """Turn A: the model reads the chunk and writes the user message."""
-        if not drafts:
-            return 0
-        prompts = []
-        for d in drafts:
-            system = f'The following is an excerpt of "{d.title}", from {self.description}.\n\n{d.excerpt}'
-            user = message_instruction(d.planned.kind, d.passage)
-            prompts.append(
-                chat_token_ids(
-                    self.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}]
-                )
-            )
-        outputs = [
-            c.token_ids for c in self.engine.generate(prompts, self.message_sampling, self._seeds(drafts, attempt, 0))
-        ]
-        for draft, tokens in zip(drafts, outputs):
-            finished = bool(tokens) and tokens[-1] in self.stop_ids
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip().strip('"').strip()
-            problem = message_problem(draft.planned.kind, text, tokens, finished)
-            if problem:
-                failed.append((draft.planned, problem))
-            else:
-                draft.message = text
-        return sum(len(t) for t in outputs)
-
-    def _write_answers(self, drafts: list[Draft], attempt: int) -> int:
-        """Turn B: the teacher answers with the chunk in context (its top-k recorded while it generates),
-        or the answer is the corpus text (scored later in one pass)."""
-        for draft in drafts:
-            if draft.corpus_text is not None:
-                tokens = self.tokenizer(draft.corpus_text, add_special_tokens=False)["input_ids"]
-                draft.truncated = len(tokens) >= self.config.max_answer_tokens
-                draft.answer = tokens[: self.config.max_answer_tokens - 1] + [self.stop_ids[0]]
-        model_answered = [d for d in drafts if d.corpus_text is None]
-        if not model_answered:
-            return 0
-        seeds = self._seeds(model_answered, attempt, 1)
-        outputs = self.engine.generate(
-            [d.prompt for d in model_answered], self.answer_sampling, seeds, top_k=self.config.top_k
-        )
-        for draft, completion in zip(model_answered, outputs):
-            draft.answer, draft.scores = completion.token_ids, completion.scores
-            draft.truncated = not completion.token_ids or completion.token_ids[-1] not in self.stop_ids
-        return sum(len(c.token_ids) for c in outputs)
-
-    def _row(self, draft: Draft) -> dict:
-        answer_text = self.tokenizer.decode(draft.answer, skip_special_tokens=True).strip()
-        return {
-            "sample_id": draft.planned.sample_id,
-            "chunk_id": draft.chunk.chunk_id,
-            "doc_id": draft.chunk.doc_id,
-            "seed_kind": draft.planned.kind,
-            "seed": draft.planned.seed,
-            "answer_source": "corpus" if draft.corpus_text is not None else "model",
-            "messages": [{"role": "user", "content": draft.message}, {"role": "assistant", "content": answer_text}],
-            "answer_ids": draft.answer,
-            "topk_ids": draft.scores.topk_ids,
-            "topk_logprobs": draft.scores.topk_logprobs,
-            "token_logprobs": draft.scores.token_logprobs,
-            "truncated": draft.truncated,
-            "teacher_prompt_tokens": len(draft.prompt),
-            "engine": self.engine.name,
-            "model_fingerprint": self.model_fingerprint,
-        }
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple, set)) else [value]
-
-
-def write_shard(path: Path, rows: list[dict], stats: dict) -> None:
-    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-    table = table.replace_schema_metadata({STATS_METADATA_KEY: json.dumps(stats).encode()})
-    write_parquet_atomically(path, table)
-
-
-def read_shard_stats(path: Path) -> dict:
-    return json.loads(pq.read_schema(path).metadata[STATS_METADATA_KEY])
 
 
 class SynthesisWorker:
@@ -383,20 +97,6 @@ class SynthesisWorker:
     def __call__(self, batch: dict) -> dict:
         results = [self.run_shard(int(shard)) for shard in batch["shard"]]
         return {"stats": [json.dumps(r) for r in results]}
-
-
-def max_prompt_tokens(config: SynthesisConfig) -> int:
-    """Upper bound of a teacher prompt: chunk, title, chat template and the user message."""
-    return config.chunk_max_tokens + PROMPT_OVERHEAD_TOKENS + config.max_message_tokens
-
-
-def check_fits_window(config: SynthesisConfig, window: int) -> None:
-    needed = max_prompt_tokens(config) + config.max_answer_tokens
-    if needed > window:
-        raise CartridgeError(
-            f"chunk_max_tokens={config.chunk_max_tokens} plus prompt and answer needs {needed} tokens, more than "
-            f"the model's window of {window}: lower chunk_max_tokens to {window - needed + config.chunk_max_tokens} or less"
-        )
 
 
 def _check_run_config(run_dir: Path, record: dict) -> None:

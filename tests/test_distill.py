@@ -18,13 +18,13 @@ from cartridges.stages.distill import (
     INIT_FILE,
     METRICS_FILE,
     DistillConfig,
-    TrainSettings,
     _student,
-    run_training,
-    save_distilled,
 )
+from cartridges.stages.distill_artifact import save_distilled
+from cartridges.stages.distill_run import TrainSettings, run_training
 from cartridges.stages.ingest import ingest
-from cartridges.stages.synthesize import RunSettings, SynthesisConfig, synthesize
+from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
+from cartridges.stages.synthesize import synthesize
 from cartridges.stages.training_data import collate, distillation_loss, load_examples
 
 P = 12

@@ -16,15 +16,9 @@ from cartridges.stages.ingest import ingest
 from cartridges.stages.quality import is_repetitive, message_problem
 from cartridges.stages.sample_plan import chunk_keys, plan_samples, rendezvous_chunks
 from cartridges.stages.seed_prompts import corpus_answer, sentences
-from cartridges.stages.synthesize import (
-    SAMPLE_SCHEMA,
-    SYNTHESIS_DIR,
-    RunSettings,
-    SynthesisConfig,
-    num_shards,
-    shard_path,
-    synthesize,
-)
+from cartridges.stages.shards import SAMPLE_SCHEMA, SYNTHESIS_DIR, num_shards, shard_path
+from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
+from cartridges.stages.synthesize import synthesize
 
 CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
 SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 16}
@@ -148,7 +142,8 @@ import sys
 from pathlib import Path
 from cartridges.models import load_model
 from cartridges.stages.ingest import ingest
-from cartridges.stages.synthesize import RunSettings, SynthesisConfig, synthesize
+from cartridges.stages.synthesize import synthesize
+from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
 tiny = load_model(sys.argv[1])
 run = Path(sys.argv[3])
 ingest(Path(sys.argv[2]), run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)

@@ -1,0 +1,93 @@
+"""What a synthesis makes (`SynthesisConfig`: a new run folder when it changes) and how it runs
+(`RunSettings`), and whether its prompts fit the model's window."""
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from cartridges.errors import CartridgeError
+from cartridges.settings import STRICT_SETTINGS
+from cartridges.stages.engines import EngineName
+from cartridges.stages.seed_prompts import (
+    ALL_KINDS,
+)
+
+PROMPT_OVERHEAD_TOKENS = 256  # title, chat template and system instruction around chunk and message
+
+# Measured with SmolLM2-135M as teacher (BENCHMARKS.md, distillation sweep): cartridges trained on the
+# corpus-answered kinds alone beat those trained on every kind; a stronger teacher may profit from
+# adding model-written kinds (--kinds question=2,use_case=1,quote=1,...).
+DEFAULT_KINDS = {"quote": 1.0, "continuation": 1.0, "fill_span": 1.0}
+# Every kind, model-written and corpus-answered (the default before that sweep; the benchmarks' `all` mix).
+EVERY_KIND = {
+    "question": 2.0,
+    "use_case": 1.0,
+    "summarization": 1.0,
+    "structuring": 1.0,
+    "creative": 0.5,
+    "generic": 0.5,
+    "quote": 2.0,
+    "continuation": 2.0,
+    "fill_span": 1.0,
+}
+
+
+class SynthesisConfig(BaseModel):
+    """Settings that decide which samples are made; changing one needs a new run folder."""
+
+    model_config = STRICT_SETTINGS
+
+    samples: int = Field(256, ge=1, description="number of samples to write")
+    seed: int = Field(0, description="seed of the sample plan (chunks, kinds, sampling seeds)")
+    kinds: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KINDS), description="seed kind -> weight")
+    top_k: int = Field(20, ge=1, le=100, description="teacher log-probabilities kept per answer token")
+    max_message_tokens: int = Field(96, ge=8)
+    max_answer_tokens: int = Field(192, ge=8)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    chunk_min_tokens: int = Field(512, ge=1)
+    chunk_max_tokens: int = Field(2048, ge=2)
+    corpus_description: str | None = Field(
+        None, description="one line about the corpus; default: 'a corpus of N documents'"
+    )
+    shard_size: int = Field(32, ge=1)
+    max_attempts: int = Field(3, ge=1, description="tries per sample when filters reject it")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(kinds) - set(ALL_KINDS))
+        if unknown:
+            raise ValueError(f"unknown seed kind(s) {unknown}; known: {', '.join(ALL_KINDS)}")
+        if any(w < 0 for w in kinds.values()) or sum(kinds.values()) <= 0:
+            raise ValueError("kind weights must be >= 0 with a positive sum")
+        return kinds
+
+
+class RunSettings(BaseModel):
+    """How the work runs; does not change which samples are made (except HF batching, see docs)."""
+
+    model_config = STRICT_SETTINGS
+
+    engine: EngineName = "auto"
+    engines: int = Field(1, ge=1, description="engine actors (one per GPU on GPU nodes)")
+    batch_size: int = Field(16, ge=1, description="HF engine batch size")
+    threads: int | None = Field(None, ge=1, description="torch threads per HF engine")
+    cpus_per_engine: float | None = Field(
+        None, gt=0, description="Ray CPUs per engine actor (default: this machine's cores / engines)"
+    )
+    executor: Literal["ray", "local"] = "ray"
+
+
+def max_prompt_tokens(config: SynthesisConfig) -> int:
+    """Upper bound of a teacher prompt: chunk, title, chat template and the user message."""
+    return config.chunk_max_tokens + PROMPT_OVERHEAD_TOKENS + config.max_message_tokens
+
+
+def check_fits_window(config: SynthesisConfig, window: int) -> None:
+    needed = max_prompt_tokens(config) + config.max_answer_tokens
+    if needed > window:
+        raise CartridgeError(
+            f"chunk_max_tokens={config.chunk_max_tokens} plus prompt and answer needs {needed} tokens, more than "
+            f"the model's window of {window}: lower chunk_max_tokens to {window - needed + config.chunk_max_tokens} or less"
+        )
