@@ -12,9 +12,7 @@ HELP = "Type a message; /reset clears the conversation, /exit quits. Ctrl-C stop
 
 
 def describe(runtime: CartridgeRuntime) -> str:
-    names = " + ".join(
-        f"{c.manifest.name}@{c.manifest.version}" if c.manifest.version else c.manifest.name for c in runtime.cartridges
-    )
+    names = " + ".join(c.manifest.label for c in runtime.cartridges)
     return f"{names}: {runtime.num_tokens} cartridge tokens, KV memory {runtime.kv_bytes / 2**20:.1f} MB on {runtime.loaded.model_id}"
 
 

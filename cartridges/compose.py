@@ -13,7 +13,7 @@ from cartridges.runtime import concat_prefixes
 
 def _label(cartridge: Cartridge) -> str:
     m = cartridge.manifest
-    return f"{m.name}@{m.version}" if m.version else str(cartridge.path)
+    return m.label if m.version is not None else str(cartridge.path)
 
 
 def compose(sources: list[Cartridge], name: str, destination: Path) -> Manifest:

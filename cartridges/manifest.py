@@ -72,6 +72,11 @@ class Manifest(BaseModel):
     tool_version: str = Field(default_factory=tool_version)
 
     @property
+    def label(self) -> str:
+        """`name@version` once published, else the name."""
+        return f"{self.name}@{self.version}" if self.version is not None else self.name
+
+    @property
     def kv_bytes(self) -> int:
         """Memory of the prefix when loaded: tokens x layers x (K and V) x heads x head_dim x element size."""
         element = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)

@@ -71,7 +71,7 @@ def latest_compatible(registry: Registry, name: str, loaded, num_tokens: int) ->
     manifest = cartridge.manifest
     if manifest.model_fingerprint != loaded.fingerprint or manifest.num_tokens != num_tokens:
         return None
-    return f"{manifest.name}@{manifest.version}", cartridge.prompt_embeddings
+    return manifest.label, cartridge.prompt_embeddings
 
 
 def previous_run(name: str, current: Path) -> Path | None:
@@ -223,7 +223,7 @@ def _build_in(
         return registry.find_published(name, artifact) or registry.publish(artifact, name)
 
     manifest = stage("publish", publish)
-    ref = f"{manifest.name}@{manifest.version}"
+    ref = manifest.label
     write_text_atomically(
         published, json.dumps({"ref": ref, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2)
     )

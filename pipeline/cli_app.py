@@ -60,7 +60,3 @@ def report_skipped(skipped: list) -> None:
         )
         more = f"; and {len(skipped) - 8} more (see ingest.json in the run folder)" if len(skipped) > 8 else ""
         errors.print(f"[yellow]skipped {len(skipped)} file(s) or folder(s): {shown}{more}[/yellow]", highlight=False)
-
-
-def ref_label(manifest) -> str:
-    return f"{manifest.name}@{manifest.version}"

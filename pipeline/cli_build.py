@@ -12,7 +12,6 @@ from cartridges.pipeline.cli_app import (
     app,
     console,
     open_registry,
-    ref_label,
     report_skipped,
 )
 
@@ -161,7 +160,7 @@ def distill_command(
         published = reg.publish(scratch / "cartridge", name)
     metrics = _headline_metrics(published.metrics)
     console.print(
-        f"published [bold]{ref_label(published)}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}"
+        f"published [bold]{published.label}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}"
     )
 
 

@@ -14,7 +14,6 @@ from cartridges.pipeline.cli_app import (
     errors,
     model_app,
     open_registry,
-    ref_label,
     report_skipped,
 )
 
@@ -64,7 +63,7 @@ def init(
             errors.print(f"[yellow]corpus has only {built.num_tokens} tokens; the cartridge uses all of them[/yellow]")
         published = reg.publish(scratch / "cartridge", name)
     console.print(
-        f"published [bold]{ref_label(published)}[/bold] ({published.num_tokens} tokens, {published.kv_bytes / 2**20:.1f} MB KV) "
+        f"published [bold]{published.label}[/bold] ({published.num_tokens} tokens, {published.kv_bytes / 2**20:.1f} MB KV) "
         f"from {len(documents.documents)} documents, {published.corpus[0].num_tokens} corpus tokens"
     )
 
@@ -81,7 +80,7 @@ def list_cartridges(registry: RegistryOption = None) -> None:
     for entry in listing.entries:
         m = entry.manifest
         table.add_row(
-            ref_label(m),
+            m.label,
             ",".join(entry.aliases),
             m.method,
             str(m.num_tokens),
@@ -132,7 +131,7 @@ def verify(
         else "format 1: manifest not bound to the payload"
     )
     console.print(
-        f"{ref_label(manifest) if manifest.version else folder}: OK ({len(manifest.files)} files, shapes, {bound}, finite values)"
+        f"{manifest.label if manifest.version else folder}: OK ({len(manifest.files)} files, shapes, {bound}, finite values)"
     )
 
 
@@ -191,7 +190,7 @@ def compose_command(
     with scratch_folder(name) as scratch:
         compose(sources, name, scratch / "cartridge")
         published = reg.publish(scratch / "cartridge", name)
-    console.print(f"published [bold]{ref_label(published)}[/bold] ({published.num_tokens} tokens) = {' + '.join(refs)}")
+    console.print(f"published [bold]{published.label}[/bold] ({published.num_tokens} tokens) = {' + '.join(refs)}")
 
 
 @app.command("gc")

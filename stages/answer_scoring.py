@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from cartridges.batching import pad_batch
 from cartridges.layout import chat_token_ids
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,12 +31,7 @@ def mean_answer_nll(
     results: list[float] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (prompt, answer) in enumerate(chunk):
-            ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-            mask[row, : len(prompt) + len(answer)] = 1
+        ids, mask = pad_batch([prompt + answer for prompt, answer in chunk], pad_token_id)
         logprobs = torch.log_softmax(forward(ids, mask).float(), dim=-1)
         for row, (prompt, answer) in enumerate(chunk):
             predicted = logprobs[row, len(prompt) - 1 : len(prompt) + len(answer) - 1]

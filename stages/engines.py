@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 import torch
 
 from cartridges.artifact import kv_shape
+from cartridges.batching import pad_batch
 from cartridges.models import default_device
 from cartridges.runtime import prefix_cache
 from cartridges.stages.initialize import kv_prefix_of_tokens
@@ -138,12 +139,7 @@ class HFEngine:
         self._prefix: torch.Tensor | None = None
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, width - len(sequence) :] = torch.tensor(sequence)
-            mask[row, width - len(sequence) :] = 1
+        ids, mask = pad_batch(sequences, self.pad_token_id, side="left")
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()

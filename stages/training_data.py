@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from cartridges.batching import pad_batch
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_file, sha256_of_named_hashes
 from cartridges.layout import chat_token_ids
@@ -69,22 +70,17 @@ def load_examples(samples_dir: Path, tokenizer, max_length: int) -> list[Example
 
 
 def collate(examples: list[Example], pad_token_id: int) -> Batch:
-    width = max(len(e.prompt_ids) + len(e.answer_ids) for e in examples)
+    input_ids, attention_mask = pad_batch([e.prompt_ids + e.answer_ids for e in examples], pad_token_id)
     answer_width = max(len(e.answer_ids) for e in examples)
     k = len(examples[0].topk_ids[0])
     batch = len(examples)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
     positions = torch.zeros((batch, answer_width), dtype=torch.long)
     answer_mask = torch.zeros((batch, answer_width), dtype=torch.bool)
     answer_ids = torch.zeros((batch, answer_width), dtype=torch.long)
     topk_ids = torch.zeros((batch, answer_width, k), dtype=torch.long)
     topk_logprobs = torch.zeros((batch, answer_width, k), dtype=torch.float32)
     for row, example in enumerate(examples):
-        sequence = example.prompt_ids + example.answer_ids
         n_prompt, n_answer = len(example.prompt_ids), len(example.answer_ids)
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, : len(sequence)] = 1
         positions[row, :n_answer] = torch.arange(n_prompt - 1, n_prompt + n_answer - 1)
         answer_mask[row, :n_answer] = True
         answer_ids[row, :n_answer] = torch.tensor(example.answer_ids)
