@@ -13,6 +13,7 @@ Data `map_batches` over a pool of engine actors (`RAY_ADDRESS` points at a clust
 """
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -127,7 +128,8 @@ def _run_shards(pending: list[int], worker_args: dict, settings: RunSettings, on
 
     init_ray()
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = False  # ours show shards and rates; its own logger warns that they are off:
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     context.print_on_execution_start = False
     dataset = ray.data.from_items([{"shard": shard} for shard in pending]).map_batches(
         SynthesisWorker,

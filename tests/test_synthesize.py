@@ -173,9 +173,11 @@ def test_resume_after_kill_keeps_finished_shards_and_completes(tiny, tiny_model_
     assert sorted(table.column("sample_id").to_pylist()) == list(range(64))
 
 
-def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path):
+def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path, capfd):
     import ray
+    from ray.util.debug import reset_log_once
 
+    reset_log_once("ray_data_progress_manager_disabled")  # Ray warns once per process
     local = run_synthesis(tiny, long_corpus, tmp_path / "local", samples=6, shard_size=3, kinds=CORPUS_KINDS)
     try:
         on_ray = run_synthesis(
@@ -183,6 +185,7 @@ def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path):
         )
     finally:
         ray.shutdown()
+    assert "Progress bars disabled" not in capfd.readouterr().err
     assert on_ray["samples"] == local["samples"] == 6
     columns = ["sample_id", "messages", "answer_ids", "topk_ids"]
     assert (
