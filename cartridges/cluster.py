@@ -1,6 +1,16 @@
-"""Connect to Ray: the cluster at `RAY_ADDRESS` when set, else a local one."""
+"""Connect to Ray: the cluster at `RAY_ADDRESS` when set, else a local one; what every actor gets of it."""
 
 import os
+
+
+def on_local_ray() -> bool:
+    """No `RAY_ADDRESS`: a Ray started by this command, for it alone, on this machine."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def cpus_per_actor(actors: int, asked: float | None) -> float:
+    """Ray CPUs of each of `actors` engine or training actors: `asked`, else an equal share of this machine."""
+    return asked or max(1, (os.cpu_count() or 1) // actors)
 
 
 def init_ray() -> None:
@@ -15,7 +25,7 @@ def init_ray() -> None:
     # PreemptionWatcher actor, weight-loading bars) are not forwarded to the terminal, where a newcomer
     # reads them as failures; they stay in Ray's session logs. Our progress comes from the stages'
     # own records, and a worker's exception still reaches the driver. A real cluster keeps Ray's default.
-    local = not os.environ.get("RAY_ADDRESS")
+    local = on_local_ray()
     if local:
         os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
     ray.init(

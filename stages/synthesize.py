@@ -14,7 +14,6 @@ Data `map_batches` over a pool of engine actors (`RAY_ADDRESS` points at a clust
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cartridges.atomic import write_text_atomically
-from cartridges.cluster import init_ray
+from cartridges.cluster import cpus_per_actor, init_ray, on_local_ray
 from cartridges.errors import CartridgeError
 from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
@@ -128,15 +127,23 @@ def _run_shards(pending: list[int], worker_args: dict, settings: RunSettings, on
 
     init_ray()
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours show shards and rates; its own logger warns that they are off:
+    context.enable_progress_bars = False  # ours show shards and rates; Ray Data's own lines (it warns that
+    context.print_on_execution_start = False  # its bars are off, announces each finished dataset) are noise here
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    context.print_on_execution_start = False
+    # Ray Data passes every actor its map function through the object store, and Ray logs an error-level
+    # line for each actor that may restart with such arguments (ray-project/ray#53727). On a local Ray an
+    # engine that dies is a crash of this machine's process (out of memory, a bug) that a restart repeats:
+    # the run stops and the next one resumes from its finished shards. A cluster keeps Ray's restarts,
+    # which replace engines on lost nodes.
+    restarts = {"max_restarts": 0} if on_local_ray() else {}
     dataset = ray.data.from_items([{"shard": shard} for shard in pending]).map_batches(
         SynthesisWorker,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=settings.engines),
-        num_cpus=settings.cpus_per_engine or max(1, (os.cpu_count() or 1) // settings.engines),
+        num_cpus=cpus_per_actor(settings.engines, settings.cpus_per_engine),
         fn_constructor_kwargs=worker_args,
+        **restarts,
     )
     for row in dataset.iter_rows():
         on_done(json.loads(row["stats"]))

@@ -185,7 +185,9 @@ def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path, 
         )
     finally:
         ray.shutdown()
-    assert "Progress bars disabled" not in capfd.readouterr().err
+    noise = capfd.readouterr().err  # Ray's lines a newcomer reads as failures or that repeat our progress
+    for line in ["Progress bars disabled", "constructor arguments in the object store", "execution finished"]:
+        assert line not in noise
     assert on_ray["samples"] == local["samples"] == 6
     columns = ["sample_id", "messages", "answer_ids", "topk_ids"]
     assert (
