@@ -39,10 +39,11 @@ else:
     from transformers import AutoTokenizer
     from cartridges.models import prepare_embedded_model
     from cartridges.stages.ingest import ingest
+    from cartridges.stages.run_dir import RunDir
     tokenizer = AutoTokenizer.from_pretrained(prepare_embedded_model())
     with tempfile.TemporaryDirectory() as run:
-        record = ingest(corpus, Path(run), tokenizer, "fingerprint", 512, 2048)
-    detail = {{"chunks": record["num_chunks"], "tokens": record["num_tokens"]}}
+        record = ingest(corpus, RunDir(Path(run)), tokenizer, "fingerprint", 512, 2048)
+    detail = {{"chunks": record.num_chunks, "tokens": record.num_tokens}}
 print(json.dumps({{"peak_rss_mb": peak_rss_of_this_process_mb(), **detail}}))
 """
 

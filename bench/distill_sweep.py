@@ -22,19 +22,18 @@ from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, DistillConfig
+from cartridges.stages.distill import DistillConfig
 from cartridges.stages.distill_artifact import final_metrics
 from cartridges.stages.distill_run import TrainSettings, run_training
 from cartridges.stages.evaluate import paired_gain, score_corpus
-from cartridges.stages.ingest import INGEST_FILE, ingest
+from cartridges.stages.ingest import ingest
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.shards import SUMMARY_FILE, SYNTHESIS_DIR
 from cartridges.stages.synthesis_config import EVERY_KIND, RunSettings, SynthesisConfig
 from cartridges.stages.synthesize import synthesize
 
 MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
 DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]
-RUN_FILES = ("documents.parquet", "chunks.parquet", INGEST_FILE)
 
 
 @dataclass(frozen=True)
@@ -84,16 +83,16 @@ class CorpusSweep:
         given = self.args.synthesis_run.get((self.corpus.id, mix))
         if given is not None:
             if mix not in self.synthesis:
-                self.synthesis[mix] = json.loads((given / SYNTHESIS_DIR / SUMMARY_FILE).read_text())
+                self.synthesis[mix] = json.loads(RunDir(given).synthesis_summary.read_text())
             return given
         run = self.root / f"mix-{mix}"
         if mix not in self.synthesis:
             config = SynthesisConfig(
                 samples=self.args.samples, kinds=MIXES[mix], shard_size=self.args.shard_size, seed=self.args.seed
             )
-            ingest(
+            ingested = ingest(
                 self.corpus_dir,
-                run,
+                RunDir(run),
                 self.loaded.tokenizer,
                 self.loaded.tokenizer_fingerprint,
                 config.chunk_min_tokens,
@@ -101,17 +100,17 @@ class CorpusSweep:
             )
             started = time.perf_counter()
             settings = RunSettings(engine=self.args.engine, executor="local", batch_size=self.args.engine_batch)
-            summary = synthesize(run, self.loaded.path, self.loaded.fingerprint, config, settings)
-            self.synthesis[mix] = summary | {"wall_seconds": time.perf_counter() - started}
+            summary = synthesize(RunDir(run), ingested, self.loaded.path, self.loaded.fingerprint, config, settings)
+            self.synthesis[mix] = summary.model_dump() | {"wall_seconds": time.perf_counter() - started}
         return run
 
     def run_trial(self, trial: Trial) -> dict:
-        source = self.mix_run(trial.mix)
-        folder = self.root / trial.name
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in (*RUN_FILES, SYNTHESIS_DIR):
-            if not (folder / name).exists():
-                (folder / name).symlink_to((source / name).resolve())
+        source = RunDir(self.mix_run(trial.mix))
+        folder = RunDir(self.root / trial.name)
+        folder.root.mkdir(parents=True, exist_ok=True)
+        for shared in ("documents", "chunks", "ingest_record", "synthesis"):  # the trial trains on the mix's data
+            if not getattr(folder, shared).exists():
+                getattr(folder, shared).symlink_to(getattr(source, shared).resolve())
         config = DistillConfig(
             num_tokens=trial.num_tokens,
             steps=trial.steps,
@@ -124,8 +123,8 @@ class CorpusSweep:
         started = time.perf_counter()
         run_training(folder, self.loaded, config, TrainSettings(executor="local"))
         seconds = time.perf_counter() - started
-        init = self.score(f"init-p{trial.num_tokens}", load_file(str(folder / DISTILL_DIR / INIT_FILE))["prefix"])
-        trained = FixedContext(Context(load_file(str(folder / DISTILL_DIR / FINAL_FILE))["prefix"]))
+        init = self.score(f"init-p{trial.num_tokens}", load_file(str(folder.init_prefix))["prefix"])
+        trained = FixedContext(Context(load_file(str(folder.final_prefix))["prefix"]))
         distilled = asdict(score_corpus(self.loaded, self.corpus, trained, trial.name, self.args.distractors))
         return {
             "corpus": self.corpus.id,
@@ -212,7 +211,7 @@ def plot(result: dict, path: Path) -> None:
 def _given_run(spec: str) -> tuple[tuple[str, str], Path]:
     corpus_id, _, rest = spec.partition("=")
     mix, _, folder = rest.partition("=")
-    if mix not in MIXES or not (Path(folder) / SYNTHESIS_DIR / SUMMARY_FILE).is_file():
+    if mix not in MIXES or not RunDir(Path(folder)).synthesis_summary.is_file():
         raise SystemExit(
             f"--synthesis-run {spec!r}: expected CORPUS_ID=MIX=DIR with MIX in {', '.join(MIXES)} and a finished synthesis in DIR"
         )

@@ -25,7 +25,7 @@ from cartridges.qa import DEFAULT_QA_DIR, find_corpus
 from cartridges.stages.synthesis_config import EVERY_KIND
 
 # Every seed kind, model-written and corpus-answered, so generation speed is measured on real chat turns.
-ALL_KINDS_MIX = ",".join(f"{kind}={weight:g}" for kind, weight in EVERY_KIND.items())
+ALL_KINDS_MIX = json.dumps(EVERY_KIND)
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
@@ -49,16 +49,16 @@ def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
         str(corpus_dir),
         "--out",
         str(run_dir),
-        "--samples",
-        str(args.samples),
-        "--engine",
-        engine,
-        "--seed",
-        str(args.seed),
-        "--executor",
-        args.executor,
-        "--kinds",
-        args.kinds,
+        "--set",
+        f"synthesis.samples={args.samples}",
+        "--set",
+        f"synthesis_run.engine={engine}",
+        "--set",
+        f"synthesis.seed={args.seed}",
+        "--set",
+        f"synthesis_run.executor={args.executor}",
+        "--set",
+        f"synthesis.kinds={args.kinds}",
     ]
     started = time.perf_counter()
     result = subprocess.run(command, env=engine_env(engine), capture_output=True, text=True)
@@ -147,7 +147,9 @@ def main() -> None:
     parser.add_argument("--engines", default="hf,vllm")
     parser.add_argument("--executor", default="local", choices=["ray", "local"])
     parser.add_argument(
-        "--kinds", default=ALL_KINDS_MIX, help="seed kind weights (default: every kind, as in the 64-sample run)"
+        "--kinds",
+        default=ALL_KINDS_MIX,
+        help='seed kind weights as YAML, e.g. "{question: 2, quote: 1}" (default: every kind)',
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "synthesis")
     args = parser.parse_args()

@@ -17,7 +17,7 @@ def init_ray() -> None:
     import ray
 
     # A local Ray runs without its dashboard, so Ray Train's placement-group cleaner cannot reach the
-    # State API and warns about it every second of training (1,434 lines in one 24-minute build).
+    # State API and warns about it every second of training (over a thousand lines in one build).
     # Ray's own loggers in the workers of a local cluster log errors only; RAY_LOGGER_LEVEL=warning
     # brings the warnings back. Our progress and results do not go through Ray's loggers.
     # A local cluster started here exists for this command alone: its actors' own lines (Ray Train's

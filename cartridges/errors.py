@@ -12,10 +12,14 @@ class CartridgeError(Exception):
     """A problem the user can fix: the message names what is wrong and what to do."""
 
 
-def first_validation_error(exc, default_location: str) -> tuple[str, str]:
-    """(dotted location, message) of the first problem in a pydantic ValidationError."""
+def invalid_settings(exc, source: str, what: str = "setting") -> CartridgeError:
+    """One line for a pydantic ValidationError of a config or a record read from `source`: where, the first
+    problem's dotted key, pydantic's message and the value given (shortened)."""
     first = exc.errors()[0]
-    return ".".join(str(part) for part in first["loc"]) or default_location, first["msg"]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    given = repr(first.get("input"))
+    given = given if len(given) <= 80 else given[:77] + "..."
+    return CartridgeError(f"{source}: invalid {what} {where!r}: {first['msg']} (got {given})")
 
 
 def run_script(main: Callable[[], None]) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cartridges.errors import CartridgeError, first_validation_error
+from cartridges.errors import CartridgeError, invalid_settings
 
 FORMAT_VERSION = 2  # 2: the manifest's identity is bound into the payload (see `bound_fields`)
 MANIFEST_FILE = "manifest.json"
@@ -105,8 +105,7 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            field, message = first_validation_error(exc, "manifest")
-            raise CartridgeError(f"{source}: invalid manifest field {field!r}: {message}") from None
+            raise invalid_settings(exc, str(source), "manifest field") from None
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":

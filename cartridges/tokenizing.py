@@ -1,7 +1,8 @@
 """Tokenize long texts in bounded pieces: memory stays proportional to what is kept.
 
-A fast tokenizer run on one 40 MB string keeps an encoding (ids, offsets, token strings, masks)
-for every token at once: 5.6 GB for a one-line 43 MB file (measured). Here a text is cut into
+A fast tokenizer run on one long string keeps an encoding (ids, offsets, token strings, masks)
+for every token at once: gigabytes for a one-line file of tens of megabytes (BENCHMARKS.md, "Memory
+of a long one-line corpus file"). Here a text is cut into
 pieces of about `PIECE_CHARS` characters just before a whitespace character that follows a
 non-whitespace one. Tokenizers split words at whitespace before merging (byte-level BPE and
 SentencePiece alike), so a cut there leaves every token as the whole text would have it.

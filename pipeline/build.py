@@ -23,39 +23,43 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from cartridges.atomic import write_atomically, write_text_atomically
+from cartridges.atomic import write_text_atomically
 from cartridges.errors import CartridgeError
 from cartridges.loading import open_cartridge
 from cartridges.models import LoadedModel, load_model
 from cartridges.pipeline.build_config import BuildConfig
-from cartridges.pipeline.runs import ARTIFACT_DIR, LOCK_FILE, PUBLISHED_FILE, runs_root
+from cartridges.pipeline.runs import runs_root
 from cartridges.qa import QACorpus
 from cartridges.registry import Registry
 from cartridges.stages.contexts import Context, FixedContext
-from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, INIT_FILE, check_training_fits_window
-from cartridges.stages.distill_artifact import save_distilled
+from cartridges.stages.distill import check_training_fits_window
+from cartridges.stages.distill_artifact import TrainedRun, save_distilled
 from cartridges.stages.distill_run import run_training
 from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import Corpus, ingest_corpus, read_corpus
+from cartridges.stages.records import IngestRecord, SynthesisSummary
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.synthesis_config import check_fits_window
 from cartridges.stages.synthesize import synthesize
 
-EVALUATION_FILE = "evaluation.json"
 
-
-@dataclass
+@dataclass(frozen=True)
 class BuildResult:
-    run_dir: Path
+    run: RunDir
     ref: str
     built: bool  # False: this corpus and config were already published
     seconds: dict[str, float] = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+    ingested: IngestRecord | None = None  # the rest: only for a build that ran
+    synthesis: SynthesisSummary | None = None
+    steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    parent: str | None = None  # the version training warm-started from
 
 
-def build_run_dir(name: str, corpus_fingerprint: str, config: BuildConfig) -> Path:
-    return runs_root() / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}"
+def build_run_dir(name: str, corpus_fingerprint: str, config: BuildConfig) -> RunDir:
+    return RunDir(runs_root() / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}")
 
 
 def latest_compatible(registry: Registry, name: str, loaded, num_tokens: int) -> tuple[str, torch.Tensor] | None:
@@ -74,44 +78,45 @@ def latest_compatible(registry: Registry, name: str, loaded, num_tokens: int) ->
     return manifest.label, cartridge.prompt_embeddings
 
 
-def previous_run(name: str, current: Path) -> Path | None:
+def previous_run(name: str, current: RunDir) -> RunDir | None:
     """The folder of the last build of `name` that published on this machine, if it is still there."""
     runs = [
-        record.parent
-        for record in runs_root().glob(f"*/{PUBLISHED_FILE}")
-        if record.parent != current and json.loads(record.read_text())["ref"].rpartition("@")[0] == name
+        run
+        for run in (RunDir(folder) for folder in runs_root().iterdir() if folder.is_dir())
+        if run != current
+        and run.published.is_file()
+        and json.loads(run.published.read_text())["ref"].rpartition("@")[0] == name
     ]
-    return max(runs, key=lambda run: (run / PUBLISHED_FILE).stat().st_mtime, default=None)
+    return max(runs, key=lambda run: run.published.stat().st_mtime, default=None)
 
 
-def warm_start(run_dir: Path, registry: Registry, name: str, loaded, config: BuildConfig) -> str | None:
-    """Seed the run's initial prefix from the previous version (once per run); returns its reference."""
-    record = run_dir / "warm_start.json"
-    if record.is_file():
-        return json.loads(record.read_text())["parent"]
+def warm_start(
+    run: RunDir, registry: Registry, name: str, loaded, config: BuildConfig
+) -> tuple[str | None, torch.Tensor | None]:
+    """The version training starts from and its prefix, chosen once per run (`warm_start.json`); the prefix
+    is None when there is none, or when training has already written its initial prefix (it resumes)."""
+    if run.warm_start.is_file():
+        parent = json.loads(run.warm_start.read_text())["parent"]
+        if parent is None or run.init_prefix.is_file():
+            return parent, None
+        return parent, open_cartridge(parent, registry).prompt_embeddings
     previous = latest_compatible(registry, name, loaded, config.distill.num_tokens) if config.warm_start else None
-    parent = None
-    if previous is not None:
-        parent, prefix = previous
-        (run_dir / DISTILL_DIR).mkdir(parents=True, exist_ok=True)
-        write_atomically(
-            run_dir / DISTILL_DIR / INIT_FILE, lambda tmp: save_file({"prefix": prefix.contiguous()}, str(tmp))
-        )
-    write_text_atomically(record, json.dumps({"parent": parent}))
-    return parent
+    parent, prefix = previous if previous is not None else (None, None)
+    write_text_atomically(run.warm_start, json.dumps({"parent": parent}))
+    return parent, prefix
 
 
 @contextmanager
-def building_alone(run_dir: Path, name: str) -> Iterator[None]:
+def building_alone(run: RunDir, name: str) -> Iterator[None]:
     """Hold the run folder's lock, so that a second build of the same corpus and config (a nightly
     schedule and a manual run, say) fails at once instead of racing the first. The OS releases the
     lock when its process dies, so a killed build leaves nothing to clean up."""
-    lock = FileLock(run_dir / LOCK_FILE)
+    lock = FileLock(run.lock)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise CartridgeError(
-            f"another build of {name!r} with this corpus and config is running (it holds {run_dir / LOCK_FILE}); "
+            f"another build of {name!r} with this corpus and config is running (it holds {run.lock}); "
             "wait for it to finish, then run the command again to resume it or see its result"
         ) from None
     try:
@@ -120,16 +125,16 @@ def building_alone(run_dir: Path, name: str) -> Iterator[None]:
         lock.release()
 
 
-def evaluate_run(run_dir: Path, loaded, qa: QACorpus) -> dict[str, float]:
+def evaluate_run(run: RunDir, loaded, qa: QACorpus) -> dict[str, float]:
     """Gold-answer NLL (and rank accuracy) with no context, the starting prefix and the trained one."""
-    record = run_dir / EVALUATION_FILE
+    record = run.evaluation
     recorded = json.loads(record.read_text()) if record.is_file() else {}
     if recorded.get("qa") == qa.id:
         return recorded["metrics"]
     prefixes = {
         "none": None,
-        "start": load_file(str(run_dir / DISTILL_DIR / INIT_FILE))["prefix"],
-        "cartridge": load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"],
+        "start": load_file(str(run.init_prefix))["prefix"],
+        "cartridge": load_file(str(run.final_prefix))["prefix"],
     }
     metrics: dict[str, float] = {}
     for method, prefix in prefixes.items():
@@ -155,23 +160,23 @@ def build(
     window = loaded.model.config.max_position_embeddings
     check_fits_window(config.synthesis, window)
     check_training_fits_window(config.distill, window)
-    run_dir = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
+    run.root.mkdir(parents=True, exist_ok=True)
     try:
-        with building_alone(run_dir, name):
-            return _build_in(run_dir, corpus, loaded, name, config, registry, on_stage, qa)
+        with building_alone(run, name):
+            return _build_in(run, corpus, loaded, name, config, registry, on_stage, qa)
     finally:
-        _remove_if_empty(run_dir)
+        _remove_if_empty(run)
 
 
-def _remove_if_empty(run_dir: Path) -> None:
+def _remove_if_empty(run: RunDir) -> None:
     """A build that failed before its first stage wrote anything leaves no folder behind."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if run.root.is_dir() and set(run.root.iterdir()) <= {run.lock}:
+        shutil.rmtree(run.root, ignore_errors=True)
 
 
 def _build_in(
-    run_dir: Path,
+    run: RunDir,
     corpus: Corpus,
     loaded: LoadedModel,
     name: str,
@@ -180,9 +185,8 @@ def _build_in(
     on_stage,
     qa: QACorpus | None,
 ) -> BuildResult:
-    published = run_dir / PUBLISHED_FILE
-    if published.is_file():
-        return BuildResult(run_dir, json.loads(published.read_text())["ref"], built=False)
+    if run.published.is_file():
+        return BuildResult(run, json.loads(run.published.read_text())["ref"], built=False)
     seconds: dict[str, float] = {}
 
     def stage(label: str, work):
@@ -196,45 +200,49 @@ def _build_in(
         "ingest",
         lambda: ingest_corpus(
             corpus,
-            run_dir,
+            run,
             loaded.tokenizer,
             loaded.tokenizer_fingerprint,
             config.synthesis.chunk_min_tokens,
             config.synthesis.chunk_max_tokens,
         ),
     )
-    parent = warm_start(run_dir, registry, name, loaded, config)
-    reuse_from = previous_run(name, run_dir) if config.reuse_samples else None
+    parent, parent_prefix = warm_start(run, registry, name, loaded, config)
+    reuse_from = previous_run(name, run) if config.reuse_samples else None
     synthesis = stage(
         "synthesize",
         lambda: synthesize(
-            run_dir, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run, reuse_from
+            run, ingested, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run, reuse_from
         ),
     )
     qa_pairs = [(q.question, q.answer) for q in qa.questions] if qa is not None else []  # gold NLL at every eval_every
-    stage("distill", lambda: run_training(run_dir, loaded, config.distill, config.training, qa_pairs))
-    evaluation = stage("evaluate", lambda: evaluate_run(run_dir, loaded, qa)) if qa is not None else {}
+    stage(
+        "distill",
+        lambda: run_training(run, loaded, config.distill, config.training, qa_pairs, start_from=parent_prefix),
+    )
+    evaluation = stage("evaluate", lambda: evaluate_run(run, loaded, qa)) if qa is not None else {}
+    trained = TrainedRun(run, ingested, synthesis, config.distill, parent, evaluation)
 
     def publish():
-        artifact = run_dir / ARTIFACT_DIR
-        if not artifact.exists():  # written atomically: a folder that exists is complete
-            save_distilled(loaded, run_dir, name, config.distill, artifact, parent, evaluation)
+        if not run.artifact.exists():  # written atomically: a folder that exists is complete
+            save_distilled(loaded, trained, name, run.artifact)
         # A build killed after publishing but before recording it finds its version instead of publishing a twin.
-        return registry.find_published(name, artifact) or registry.publish(artifact, name)
+        return registry.find_published(name, run.artifact) or registry.publish(run.artifact, name)
 
     manifest = stage("publish", publish)
-    ref = manifest.label
     write_text_atomically(
-        published, json.dumps({"ref": ref, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2)
+        run.published,
+        json.dumps({"ref": manifest.label, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2),
     )
-    shutil.rmtree(run_dir / ARTIFACT_DIR)  # the registry holds it now
-    summary = {
-        "corpus": ingested,
-        "samples": synthesis["samples"],
-        "kinds": synthesis["kinds"],
-        "synthesis": synthesis,
-        "steps": config.distill.steps,
-        "metrics": manifest.metrics,
-        "parent": parent,
-    }
-    return BuildResult(run_dir, ref, built=True, seconds=seconds, summary=summary)
+    shutil.rmtree(run.artifact)  # the registry holds it now
+    return BuildResult(
+        run,
+        manifest.label,
+        built=True,
+        seconds=seconds,
+        ingested=ingested,
+        synthesis=synthesis,
+        steps=config.distill.steps,
+        metrics=manifest.metrics,
+        parent=parent,
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from cartridges.errors import CartridgeError, first_validation_error
+from cartridges.errors import CartridgeError, invalid_settings
 from cartridges.hashing import sha256_bytes
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distill import DistillConfig
@@ -77,8 +77,10 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
         raise CartridgeError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(data, dict):
         raise CartridgeError(f"{path}: expected a mapping of settings at the top level")
+    keys = []
     for item in overrides:
         key, sep, value = item.partition("=")
+        keys.append(key.strip())
         if not sep or not key:
             raise CartridgeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.steps=100")
         try:
@@ -91,8 +93,9 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:
-        where, message = first_validation_error(exc, "config")
-        raise CartridgeError(f"{path}: {where}: {message} (got {exc.errors()[0].get('input')!r})") from None
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        given = [key for key in keys if where == key or where.startswith(key + ".") or key.startswith(where + ".")]
+        raise invalid_settings(exc, f"--set {given[-1]}" if given else str(path)) from None
 
 
 def _one_line(exc: Exception) -> str:

@@ -55,8 +55,6 @@ def open_registry(url: str | None, writing: bool = False) -> Registry:
 def report_skipped(skipped: list) -> None:
     """Files and folders of the corpus that were not read, with the reason for each."""
     if skipped:
-        shown = "; ".join(
-            str(item) if not isinstance(item, dict) else f"{item['path']} ({item['reason']})" for item in skipped[:8]
-        )
+        shown = "; ".join(str(item) for item in skipped[:8])
         more = f"; and {len(skipped) - 8} more (see ingest.json in the run folder)" if len(skipped) > 8 else ""
         errors.print(f"[yellow]skipped {len(skipped)} file(s) or folder(s): {shown}{more}[/yellow]", highlight=False)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from cartridges.errors import CartridgeError, first_validation_error
+from cartridges.errors import CartridgeError
 from cartridges.pipeline.cli_app import (
     ModelOption,
     RegistryOption,
@@ -14,149 +14,121 @@ from cartridges.pipeline.cli_app import (
     open_registry,
     report_skipped,
 )
+from cartridges.stages.records import SynthesisSummary
+
+ConfigOption = Annotated[
+    str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu (configs/)")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override one setting of the config, e.g. --set distill.steps=100 (repeatable)"),
+]
 
 
-def _parse_kinds(text: str | None) -> dict[str, float] | None:
-    """`question=2,quote=1` -> {"question": 2.0, "quote": 1.0}."""
-    if not text:
-        return None
-    kinds = {}
-    for item in text.split(","):
-        name, sep, weight = item.partition("=")
-        try:
-            kinds[name.strip()] = float(weight) if sep else 1.0
-        except ValueError:
-            raise CartridgeError(
-                f"--kinds: weight {weight!r} of {name!r} is not a number (example: question=2,quote=1)"
-            ) from None
-    return kinds
+def _settings(config: str, overrides: list[str] | None, model: str | None):
+    """The build config with its overrides; `--model` is `--set model=...` (as in chat, ask and eval)."""
+    from cartridges.pipeline.build_config import load_build_config
 
-
-def _validated(model_cls, **values):
-    """Build a pydantic config from CLI values; a bad value becomes one line naming the option."""
-    from pydantic import ValidationError
-
-    try:
-        return model_cls(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        where, message = first_validation_error(exc, "")
-        option = "--" + where.split(".")[0].replace("_", "-") if where else "options"
-        raise CartridgeError(f"{option}: {message}") from None
+    return load_build_config(config, [*(overrides or []), *([f"model={model}"] if model else [])])
 
 
 @app.command("synthesize")
 def synthesize_command(
     corpus: Annotated[Path, typer.Argument(help="corpus folder (.txt .md .rst .html .pdf .json .jsonl)")],
     out: Annotated[Path, typer.Option("--out", help="run folder; rerun with the same folder to resume")],
-    samples: Annotated[int, typer.Option("--samples", help="number of samples")] = 256,
-    engine: Annotated[str, typer.Option("--engine", help="auto (vLLM if it starts, else HF), vllm or hf")] = "auto",
+    config: ConfigOption = "default",
+    overrides: SetOption = None,
     model: ModelOption = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    kinds: Annotated[
-        str | None, typer.Option("--kinds", help="seed kind weights, e.g. question=2,quote=1,continuation=2")
-    ] = None,
-    top_k: Annotated[
-        int | None, typer.Option("--top-k", help="teacher log-probabilities per token (default 20)")
-    ] = None,
-    max_answer_tokens: Annotated[int | None, typer.Option("--max-answer-tokens")] = None,
-    chunk_min_tokens: Annotated[int | None, typer.Option("--chunk-min-tokens")] = None,
-    chunk_max_tokens: Annotated[int | None, typer.Option("--chunk-max-tokens")] = None,
-    shard_size: Annotated[
-        int | None, typer.Option("--shard-size", help="samples per Parquet shard (unit of resume)")
-    ] = None,
-    engines: Annotated[int, typer.Option("--engines", help="engine actors (one per GPU on GPU nodes)")] = 1,
-    executor: Annotated[
-        str, typer.Option("--executor", help="ray (Ray Data; RAY_ADDRESS for a cluster) or local")
-    ] = "ray",
-    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per HF engine")] = None,
     reuse_from: Annotated[
         Path | None, typer.Option("--reuse-from", help="earlier run folder: take its samples of unchanged chunks")
     ] = None,
 ) -> None:
     """Write self-study conversations with teacher top-k log-probabilities as Parquet shards.
 
-    Example: cartridges synthesize legal/ --out runs/legal --samples 256 --engine hf
+    Uses the config's `synthesis` (what is made) and `synthesis_run` (how: engine, executor) sections.
+    Example: cartridges synthesize legal/ --out runs/legal --set synthesis.samples=256 --set synthesis_run.engine=hf
     """
     from cartridges.models import load_model
     from cartridges.stages.ingest import ingest_corpus, read_corpus
-    from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig, check_fits_window
+    from cartridges.stages.run_dir import RunDir
+    from cartridges.stages.synthesis_config import check_fits_window
     from cartridges.stages.synthesize import synthesize
 
-    config = _validated(
-        SynthesisConfig,
-        samples=samples,
-        seed=seed,
-        kinds=_parse_kinds(kinds),
-        top_k=top_k,
-        max_answer_tokens=max_answer_tokens,
-        chunk_min_tokens=chunk_min_tokens,
-        chunk_max_tokens=chunk_max_tokens,
-        shard_size=shard_size,
-    )
-    settings = _validated(RunSettings, engine=engine, engines=engines, executor=executor, threads=threads)
+    settings = _settings(config, overrides, model)
+    synthesis = settings.synthesis
     documents = read_corpus(corpus)  # a bad folder fails before the model loads
-    loaded = load_model(model)
-    check_fits_window(config, loaded.model.config.max_position_embeddings)
-    record = ingest_corpus(
-        documents, out, loaded.tokenizer, loaded.tokenizer_fingerprint, config.chunk_min_tokens, config.chunk_max_tokens
+    loaded = load_model(settings.model)
+    check_fits_window(synthesis, loaded.model.config.max_position_embeddings)
+    run = RunDir(out)
+    ingested = ingest_corpus(
+        documents,
+        run,
+        loaded.tokenizer,
+        loaded.tokenizer_fingerprint,
+        synthesis.chunk_min_tokens,
+        synthesis.chunk_max_tokens,
     )
-    report_skipped(record["skipped"])
+    report_skipped(ingested.skipped)
     console.print(
-        f"corpus: {record['num_documents']} documents, {record['num_chunks']} chunks, {record['num_tokens']} tokens"
+        f"corpus: {ingested.num_documents} documents, {ingested.num_chunks} chunks, {ingested.num_tokens} tokens"
     )
-    summary = synthesize(out, loaded.path, loaded.fingerprint, config, settings, reuse_from)
+    previous = RunDir(reuse_from) if reuse_from else None
+    summary = synthesize(run, ingested, loaded.path, loaded.fingerprint, synthesis, settings.synthesis_run, previous)
     console.print(
-        f"{summary['samples']}/{summary['planned']} samples in {out} ({', '.join(summary['engines'])}; {_reuse_note(summary)}): "
-        f"{summary['samples_per_second']:.2f} samples/s, {summary['generated_tokens_per_second']:.1f} generated tok/s\n"
-        f"kinds: {summary['kinds']}\nrejected and retried: {summary['rejected']}"
+        f"{summary.samples}/{summary.planned} samples in {out} ({', '.join(summary.engines)}; {_reuse_note(summary)}): "
+        f"{summary.samples_per_second:.2f} samples/s, {summary.generated_tokens_per_second:.1f} generated tok/s\n"
+        f"kinds: {summary.kinds}\nrejected and retried: {summary.rejected}"
     )
 
 
 @app.command("distill")
 def distill_command(
-    run: Annotated[Path, typer.Argument(help="run folder made by `cartridges synthesize`")],
+    run_folder: Annotated[Path, typer.Argument(help="run folder made by `cartridges synthesize`")],
     name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")],
-    tokens: Annotated[int | None, typer.Option("--tokens", help="cartridge length P (default 256)")] = None,
-    steps: Annotated[int | None, typer.Option("--steps")] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    init: Annotated[str | None, typer.Option("--init", help="first_tokens, random_chunks or random")] = None,
+    config: ConfigOption = "default",
+    overrides: SetOption = None,
     qa: Annotated[
         Path | None, typer.Option("--qa", help="QA file (shared/data/qa format) for gold-answer NLL during training")
     ] = None,
     qa_corpus: Annotated[str | None, typer.Option("--qa-corpus", help="corpus id inside --qa")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Ray Train workers")] = 1,
-    executor: Annotated[str, typer.Option("--executor", help="ray (Ray Train) or local")] = "ray",
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="torch threads per worker (default: its CPUs, cores / workers)")
-    ] = None,
     model: ModelOption = None,
     registry: RegistryOption = None,
 ) -> None:
     """Train the cartridge on a run's synthetic conversations and publish it (resumes an interrupted run).
 
-    Example: cartridges distill runs/legal --name legal --tokens 256 --steps 200
+    Uses the config's `distill` (what is trained) and `training` (how: executor, workers) sections.
+    Example: cartridges distill runs/legal --name legal --set distill.num_tokens=256 --set distill.steps=200
     """
     from cartridges.models import load_model
     from cartridges.names import validate_name
     from cartridges.pipeline.runs import scratch_folder
-    from cartridges.stages.distill import DistillConfig, check_training_fits_window
-    from cartridges.stages.distill_artifact import save_distilled
-    from cartridges.stages.distill_run import TrainSettings, run_training
+    from cartridges.stages.distill import check_training_fits_window
+    from cartridges.stages.distill_artifact import TrainedRun, save_distilled
+    from cartridges.stages.distill_run import run_training
+    from cartridges.stages.records import IngestRecord, SynthesisSummary, read_record
+    from cartridges.stages.run_dir import RunDir
 
     validate_name(name)
     reg = open_registry(registry, writing=True)
-    config = _validated(DistillConfig, num_tokens=tokens, steps=steps, lr=lr, batch_size=batch_size, init=init)
-    settings = _validated(TrainSettings, workers=workers, executor=executor, threads=threads)
-    if not (run / "synthesis" / "shards").is_dir():
-        raise CartridgeError(f"{run} has no synthesis shards: run `cartridges synthesize CORPUS --out {run}` first")
+    settings = _settings(config, overrides, model)
+    run = RunDir(run_folder)
+    if not run.synthesis_summary.is_file():
+        raise CartridgeError(
+            f"{run_folder} has no synthesis shards: run `cartridges synthesize CORPUS --out {run_folder}` first"
+        )
+    trained = TrainedRun(
+        run,
+        read_record(run.ingest_record, IngestRecord),
+        read_record(run.synthesis_summary, SynthesisSummary),
+        settings.distill,
+    )
     questions = _qa_corpus(qa, qa_corpus)
     qa_pairs = [(q.question, q.answer) for q in questions.questions] if questions else []
-    loaded = load_model(model)
-    check_training_fits_window(config, loaded.model.config.max_position_embeddings)
-    run_training(run, loaded, config, settings, qa_pairs)
+    loaded = load_model(settings.model)
+    check_training_fits_window(settings.distill, loaded.model.config.max_position_embeddings)
+    run_training(run, loaded, settings.distill, settings.training, qa_pairs)
     with scratch_folder(name) as scratch:
-        save_distilled(loaded, run, name, config, scratch / "cartridge")
+        save_distilled(loaded, trained, name, scratch / "cartridge")
         published = reg.publish(scratch / "cartridge", name)
     metrics = _headline_metrics(published.metrics)
     console.print(
@@ -173,12 +145,8 @@ def build_command(
         ),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")] = "legal",
-    config: Annotated[
-        str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")
-    ] = "default",
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="override one setting, e.g. --set distill.steps=100 (repeatable)")
-    ] = None,
+    config: ConfigOption = "default",
+    overrides: SetOption = None,
     qa: Annotated[
         Path | None,
         typer.Option("--qa", help="QA file (shared/data/qa format) with held-out questions about the corpus"),
@@ -193,11 +161,10 @@ def build_command(
     from cartridges.default_corpus import gather_license_corpus
     from cartridges.names import validate_name
     from cartridges.pipeline.build import build
-    from cartridges.pipeline.build_config import load_build_config
 
     validate_name(name)
     reg = open_registry(registry, writing=True)
-    settings = load_build_config(config, overrides or [])
+    settings = _settings(config, overrides, None)
     questions = _qa_corpus(qa, qa_corpus)
     result = build(
         corpus or gather_license_corpus(),
@@ -208,18 +175,16 @@ def build_command(
         questions,
     )
     if not result.built:
-        console.print(f"nothing to do: {result.ref} is already built from this corpus and config ({result.run_dir})")
+        console.print(f"nothing to do: {result.ref} is already built from this corpus and config ({result.run.root})")
         return
-    report_skipped(result.summary["corpus"].get("skipped", []))
+    ingested, synthesis = result.ingested, result.synthesis
+    report_skipped(ingested.skipped)
     timing = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())
-    metrics = _headline_metrics(result.summary["metrics"])
-    corpus_stats = result.summary["corpus"]
     console.print(
-        f"published [bold]{result.ref}[/bold] from {corpus_stats['num_documents']} documents ({corpus_stats['num_chunks']} chunks, "
-        f"{corpus_stats['num_tokens']} tokens): {result.summary['samples']} samples "
-        f"{result.summary['kinds']} ({_reuse_note(result.summary['synthesis'])}), {result.summary['steps']} steps"
-        f"{', warm-started from ' + result.summary['parent'] if result.summary['parent'] else ''}; {metrics}\n"
-        f"wall time: {timing}; run folder {result.run_dir}"
+        f"published [bold]{result.ref}[/bold] from {ingested.num_documents} documents ({ingested.num_chunks} chunks, "
+        f"{ingested.num_tokens} tokens): {synthesis.samples} samples {synthesis.kinds} ({_reuse_note(synthesis)}), "
+        f"{result.steps} steps{', warm-started from ' + result.parent if result.parent else ''}; "
+        f"{_headline_metrics(result.metrics)}\nwall time: {timing}; run folder {result.run.root}"
     )
 
 
@@ -241,7 +206,7 @@ def _qa_corpus(qa: Path | None, corpus_id: str | None):
     return find_corpus(qa, corpus_id)
 
 
-def _reuse_note(synthesis: dict) -> str:
-    if synthesis.get("reuse_refused"):
-        return f"nothing reused: the earlier run used {synthesis['reuse_refused']}"
-    return f"{synthesis['reused']} reused from {synthesis['reused_from']}" if synthesis.get("reused") else "none reused"
+def _reuse_note(synthesis: SynthesisSummary) -> str:
+    if synthesis.reuse_refused:
+        return f"nothing reused: the earlier run used {synthesis.reuse_refused}"
+    return f"{synthesis.reused} reused from {synthesis.reused_from}" if synthesis.reused else "none reused"

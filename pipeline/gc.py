@@ -17,8 +17,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from cartridges.pipeline.runs import DISPOSABLE_AFTER_PUBLISH, LOCK_FILE, PUBLISHED_FILE, runs_root, scratch_root
+from cartridges.pipeline.runs import runs_root, scratch_root
 from cartridges.registry import STAGING, Registry
+from cartridges.stages.run_dir import RunDir
 
 # Run folders that `init`, `compose` and `distill` made before they used scratch folders: <name>-<UTC stamp>-<6 hex>.
 LEGACY_COPY = re.compile(r"^.+-\d{8}T\d{6}Z-[0-9a-f]{6}$")
@@ -96,24 +97,25 @@ def _store_age(registry: Registry, path: str) -> float:
     return (datetime.now(UTC) - max(stamps)).total_seconds() if stamps else 0.0
 
 
-def _clean_run(run: Path, dry_run: bool) -> list[Removal]:
-    if LEGACY_COPY.match(run.name) and not (run / LOCK_FILE).exists():
-        return [_remove(run, "artifact copy of an earlier init/compose/distill (the registry has it)", dry_run)]
-    lock = FileLock(run / LOCK_FILE)
+def _clean_run(folder: Path, dry_run: bool) -> list[Removal]:
+    run = RunDir(folder)
+    if LEGACY_COPY.match(folder.name) and not run.lock.exists():
+        return [_remove(folder, "artifact copy of an earlier init/compose/distill (the registry has it)", dry_run)]
+    lock = FileLock(run.lock)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         return []  # a build is running in it
     try:
-        contents = {p.name for p in run.iterdir()} - {LOCK_FILE}
+        contents = set(folder.iterdir()) - {run.lock}
         if not contents:
-            return [_remove(run, "empty run folder of a build that stopped before its first stage", dry_run)]
-        if PUBLISHED_FILE not in contents:
+            return [_remove(folder, "empty run folder of a build that stopped before its first stage", dry_run)]
+        if run.published not in contents:
             return []  # unfinished: running the build again resumes it
         return [
-            _remove(run / part, "published build: the registry has the artifact, it will not resume", dry_run)
-            for part in DISPOSABLE_AFTER_PUBLISH
-            if (run / part).exists()
+            _remove(part, "published build: the registry has the artifact, it will not resume", dry_run)
+            for part in run.disposable_after_publish()
+            if part.exists()
         ]
     finally:
         lock.release()

@@ -42,11 +42,3 @@ def scratch_folder(label: str) -> Iterator[Path]:
             root.rmdir()  # only when empty: no other command's scratch folder in it
         except OSError:
             pass
-
-
-# Files of a build run folder that other commands look at (the layout is in docs/format.md).
-PUBLISHED_FILE = "published.json"  # the build is done: {"ref", "config_fingerprint", "seconds"}
-LOCK_FILE = "build.lock"  # held by the process building the folder
-ARTIFACT_DIR = "distill/artifact"  # the artifact before publishing; removed once published
-# What a published build no longer needs: its artifact is in the registry and it will not resume.
-DISPOSABLE_AFTER_PUBLISH = (ARTIFACT_DIR, "distill/checkpoints", "distill/ray")

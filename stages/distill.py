@@ -31,14 +31,8 @@ from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
 from cartridges.stages.initialize import kv_prefix_of_tokens
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.training_data import collate, distillation_loss, load_examples
-
-DISTILL_DIR = "distill"
-INIT_FILE = "init_prefix.safetensors"
-FINAL_FILE = "final_prefix.safetensors"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
-FAILURE_FILE = "failure.json"  # why a training run stopped, written by the worker that saw it
 
 
 class TrainingDiverged(CartridgeError):
@@ -131,7 +125,7 @@ def evaluate(
 def train_loop(loop_config: dict) -> None:
     """One worker's training loop (also the whole loop when run in-process)."""
     config = DistillConfig.model_validate(loop_config["config"])
-    out = Path(loop_config["out_dir"])
+    run = RunDir(Path(loop_config["run_dir"]))
     rank, world, device = 0, 1, default_device()
     if loop_config.get("ray"):
         import ray.train
@@ -144,8 +138,8 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"])
     pad_id = pad_token_id(tokenizer)
-    model = _student(loop_config["model_path"], config.num_tokens, load_file(str(out / INIT_FILE))["prefix"], device)
-    examples = load_examples(Path(loop_config["samples_dir"]), tokenizer, config.max_length)
+    model = _student(loop_config["model_path"], config.num_tokens, load_file(str(run.init_prefix))["prefix"], device)
+    examples = load_examples(run.shards, tokenizer, config.max_length)
     train, held_out = split_examples(examples, config.eval_samples, config.seed)
     qa_pairs = [tuple(p) for p in loop_config.get("qa_pairs", [])]
 
@@ -153,7 +147,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     start = 0
-    checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
+    checkpoint = latest_checkpoint(run.checkpoints)
     if checkpoint is not None:
         start, prefix, _ = load_checkpoint(checkpoint, optimizer, scheduler)
         model.prompt_encoder["default"].load_prompt_embeddings(prefix.to(device))
@@ -161,7 +155,7 @@ def train_loop(loop_config: dict) -> None:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     model.train()
 
-    log = (out / METRICS_FILE).open("a") if rank == 0 else None
+    log = run.metrics.open("a") if rank == 0 else None
     started, tokens_seen = time.perf_counter(), 0
     for step in range(start, config.steps):
         optimizer.zero_grad(set_to_none=True)
@@ -174,17 +168,17 @@ def train_loop(loop_config: dict) -> None:
             (loss / config.grad_accum).backward()  # before any check: other workers wait in this all-reduce
             step_tokens += int(batch.attention_mask.sum()) * world
             if not math.isfinite(loss.item()):
-                stop_training(out, step + 1, f"the loss is {loss.item()}", config)
+                stop_training(run, step + 1, f"the loss is {loss.item()}", config)
         tokens_seen += step_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         if not math.isfinite(grad_norm):
-            stop_training(out, step + 1, f"the gradient norm is {grad_norm}", config)
+            stop_training(run, step + 1, f"the gradient norm is {grad_norm}", config)
         optimizer.step()
         scheduler.step()
         done = step + 1
         non_finite = int((~torch.isfinite(_encoder(model).weight)).sum())
         if non_finite:
-            stop_training(out, done, f"{non_finite} prefix values are NaN or infinite after the update", config)
+            stop_training(run, done, f"{non_finite} prefix values are NaN or infinite after the update", config)
         if rank != 0:
             continue
         elapsed = time.perf_counter() - started
@@ -205,27 +199,27 @@ def train_loop(loop_config: dict) -> None:
         if loop_config.get("on_step"):
             loop_config["on_step"](record)
         if done % config.checkpoint_every == 0 or done == config.steps:
-            save_checkpoint(out / CHECKPOINTS_DIR, done, _encoder(model).weight, optimizer, scheduler, {"world": world})
+            save_checkpoint(run.checkpoints, done, _encoder(model).weight, optimizer, scheduler, {"world": world})
     if rank == 0:
         final = _encoder(model).weight.detach().cpu().contiguous()
-        write_atomically(out / FINAL_FILE, lambda tmp: save_file({"prefix": final}, str(tmp)))
+        write_atomically(run.final_prefix, lambda tmp: save_file({"prefix": final}, str(tmp)))
         log.close()
 
 
-def stop_training(out: Path, step: int, problem: str, config: DistillConfig) -> None:
+def stop_training(run: RunDir, step: int, problem: str, config: DistillConfig) -> None:
     """Stop at the first non-finite loss, gradient or prefix, before it reaches a checkpoint.
 
     Checkpoints are written after these checks, so the last one on disk is good. The reason is also
     written to `failure.json`, so that the driver of a Ray Train run reports this one line rather
     than the worker group's traceback.
     """
-    last = latest_checkpoint(out / CHECKPOINTS_DIR)
+    last = latest_checkpoint(run.checkpoints)
     kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint had been written"
     message = (
         f"training stopped at step {step}: {problem} (not finite); {kept} and nothing is published. "
         f"Lower distill.lr (now {config.lr:g}) or distill.max_grad_norm (now {config.max_grad_norm:g}), then build again"
     )
-    write_atomically(out / FAILURE_FILE, lambda tmp: tmp.write_text(json.dumps({"step": step, "message": message})))
+    write_atomically(run.failure, lambda tmp: tmp.write_text(json.dumps({"step": step, "message": message})))
     raise TrainingDiverged(message)
 
 
@@ -239,17 +233,17 @@ def check_training_fits_window(config: DistillConfig, window: int) -> None:
         )
 
 
-def initial_prefix(loaded, run_dir: Path, config: DistillConfig) -> torch.Tensor:
+def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
     """The prefix training starts from: KV of the first corpus tokens, of random chunks, or random."""
     if config.init == "random":
         num_layers, num_kv_heads, head_dim = kv_shape(loaded.model.config)
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn(config.num_tokens, num_layers * 2 * num_kv_heads * head_dim, generator=generator)
-    texts = pq.read_table(run_dir / "documents.parquet", columns=["text"]).column("text").to_pylist()
+    texts = pq.read_table(run.documents, columns=["text"]).column("text").to_pylist()
     if config.init == "first_tokens":
         ids = context_token_ids(loaded.tokenizer, DOCUMENT_SEPARATOR.join(texts), config.num_tokens)
     else:
-        chunks = read_chunks(run_dir)
+        chunks = read_chunks(run)
         rng = random.Random(config.seed)
         ids = context_token_ids(loaded.tokenizer, "", None)  # BOS, if the tokenizer has one
         while len(ids) < config.num_tokens:

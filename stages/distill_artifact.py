@@ -2,6 +2,7 @@
 fingerprint, warm start, reuse, final training metrics, evaluation) and its files."""
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -9,72 +10,67 @@ from safetensors.torch import load_file
 
 from cartridges.artifact import cartridge_peft_config, describe_model, save_artifact
 from cartridges.manifest import CorpusInfo, Manifest
-from cartridges.stages.distill import DISTILL_DIR, FINAL_FILE, METRICS_FILE, DistillConfig
-from cartridges.stages.ingest import INGEST_FILE
-from cartridges.stages.shards import SHARDS_DIR, SUMMARY_FILE, SYNTHESIS_DIR
+from cartridges.stages.distill import DistillConfig
+from cartridges.stages.records import IngestRecord, SynthesisSummary
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.training_data import data_fingerprint
 
 
-def final_metrics(run_dir: Path) -> dict[str, float]:
+def final_metrics(run: RunDir) -> dict[str, float]:
     """The last value of each metric in the training log."""
     metrics: dict[str, float] = {}
-    for line in (run_dir / DISTILL_DIR / METRICS_FILE).read_text().splitlines():
+    for line in run.metrics.read_text().splitlines():
         metrics |= {k: float(v) for k, v in json.loads(line).items() if isinstance(v, (int, float))}
     return metrics
 
 
-def publishable_manifest(
-    loaded,
-    run_dir: Path,
-    name: str,
-    config: DistillConfig,
-    prefix: torch.Tensor,
-    parent: str | None = None,
-    evaluation: dict[str, float] | None = None,
-):
+@dataclass(frozen=True)
+class TrainedRun:
+    """A run whose training finished: what its manifest says about the corpus, the data and the start."""
+
+    run: RunDir
+    ingested: IngestRecord
+    synthesis: SynthesisSummary
+    config: DistillConfig
+    parent: str | None = None  # the version training warm-started from
+    evaluation: dict[str, float] = field(default_factory=dict)
+
+
+def publishable_manifest(loaded, trained: TrainedRun, name: str, prefix: torch.Tensor) -> Manifest:
     """The manifest of a distilled cartridge: config, data fingerprint, init, final training metrics and any evaluation."""
-    ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
-    synthesis = json.loads((run_dir / SYNTHESIS_DIR / SUMMARY_FILE).read_text())
+    ingested, synthesis = trained.ingested, trained.synthesis
     return Manifest(
         name=name,
         **describe_model(loaded),
-        num_tokens=config.num_tokens,
+        num_tokens=trained.config.num_tokens,
         num_frozen_tokens=1,
         dtype=str(prefix.dtype).removeprefix("torch."),
         corpus=[
             CorpusInfo(
-                fingerprint=ingest_record["corpus_fingerprint"],
-                num_documents=ingest_record["num_documents"],
-                num_tokens=ingest_record["num_tokens"],
-                source=ingest_record["source"],
+                fingerprint=ingested.corpus_fingerprint,
+                num_documents=ingested.num_documents,
+                num_tokens=ingested.num_tokens,
+                source=ingested.source,
             )
         ],
         method="distilled",
-        method_config=config.model_dump()
+        method_config=trained.config.model_dump()
         | {
-            "data_fingerprint": data_fingerprint(run_dir / SYNTHESIS_DIR / SHARDS_DIR),
-            "run": str(run_dir),
-            "warm_start_from": parent,
-            "reused_samples": synthesis.get("reused", 0),
-            "reused_from": synthesis.get("reused_from"),
+            "data_fingerprint": data_fingerprint(trained.run.shards),
+            "run": str(trained.run.root),
+            "warm_start_from": trained.parent,
+            "reused_samples": synthesis.reused,
+            "reused_from": synthesis.reused_from,
         },
-        parent=parent,
-        metrics=final_metrics(run_dir) | (evaluation or {}),
+        parent=trained.parent,
+        metrics=final_metrics(trained.run) | trained.evaluation,
     )
 
 
-def save_distilled(
-    loaded,
-    run_dir: Path,
-    name: str,
-    config: DistillConfig,
-    destination: Path,
-    parent: str | None = None,
-    evaluation: dict[str, float] | None = None,
-):
-    """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest); `parent`: the version it warm-started from."""
-    prefix = load_file(str(run_dir / DISTILL_DIR / FINAL_FILE))["prefix"]
-    manifest = publishable_manifest(loaded, run_dir, name, config, prefix, parent, evaluation)
+def save_distilled(loaded, trained: TrainedRun, name: str, destination: Path):
+    """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest)."""
+    prefix = load_file(str(trained.run.final_prefix))["prefix"]
+    manifest = publishable_manifest(loaded, trained, name, prefix)
     return save_artifact(
-        destination, prefix, cartridge_peft_config(loaded.model.config, config.num_tokens, 1), manifest
+        destination, prefix, cartridge_peft_config(loaded.model.config, trained.config.num_tokens, 1), manifest
     )

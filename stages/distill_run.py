@@ -19,19 +19,8 @@ from cartridges.errors import CartridgeError
 from cartridges.progress import ThroughputProgress
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.checkpoints import latest_checkpoint
-from cartridges.stages.distill import (
-    CHECKPOINTS_DIR,
-    DISTILL_DIR,
-    FAILURE_FILE,
-    FINAL_FILE,
-    INIT_FILE,
-    METRICS_FILE,
-    DistillConfig,
-    TrainingDiverged,
-    initial_prefix,
-    train_loop,
-)
-from cartridges.stages.shards import SHARDS_DIR, SYNTHESIS_DIR
+from cartridges.stages.distill import DistillConfig, TrainingDiverged, initial_prefix, train_loop
+from cartridges.stages.run_dir import RunDir
 
 
 class TrainSettings(BaseModel):
@@ -50,46 +39,54 @@ class TrainSettings(BaseModel):
         return cpus_per_actor(self.workers, self.cpus_per_worker)
 
     def worker_threads(self) -> int:
-        """Ray starts a worker with OMP_NUM_THREADS = its CPUs (1 unless asked): on 2 cores one thread trained at 129 tokens/s, two at 233."""
+        """Ray starts a worker with OMP_NUM_THREADS = its CPUs (1 unless asked), which trains slower than
+        one thread per CPU it holds (BENCHMARKS.md, the second Normans build)."""
         return self.threads or max(1, math.floor(self.worker_cpus()))
 
 
 def run_training(
-    run_dir: Path, loaded, config: DistillConfig, settings: TrainSettings, qa_pairs: list[tuple[str, str]] = ()
+    run: RunDir,
+    loaded,
+    config: DistillConfig,
+    settings: TrainSettings,
+    qa_pairs: list[tuple[str, str]] = (),
+    start_from: torch.Tensor | None = None,
 ) -> Path:
-    """Train (or resume) the prefix of `run_dir`'s synthesis; returns the path of the final prefix."""
-    out = run_dir / DISTILL_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != config.model_dump():
+    """Train (or resume) the prefix of the run's synthesis; returns the path of the final prefix.
+
+    `start_from`: the prefix to start from instead of `config.init`'s (a warm start from an earlier
+    version). It is written as the run's initial prefix when training first starts; a resumed run
+    continues from its own checkpoints and initial prefix.
+    """
+    run.distill.mkdir(parents=True, exist_ok=True)
+    if run.training_config.is_file() and json.loads(run.training_config.read_text()) != config.model_dump():
         raise CartridgeError(
-            f"{out} holds a training with other settings: use the same settings to resume, or a new run folder"
+            f"{run.distill} holds a training with other settings: use the same settings to resume, or a new run folder"
         )
-    write_atomically(config_file, lambda tmp: tmp.write_text(json.dumps(config.model_dump(), indent=2)))
-    (out / FAILURE_FILE).unlink(missing_ok=True)
-    if not (out / INIT_FILE).is_file():
-        prefix = initial_prefix(loaded, run_dir, config)
-        write_atomically(out / INIT_FILE, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
+    write_atomically(run.training_config, lambda tmp: tmp.write_text(json.dumps(config.model_dump(), indent=2)))
+    run.failure.unlink(missing_ok=True)
+    if not run.init_prefix.is_file():
+        prefix = start_from if start_from is not None else initial_prefix(loaded, run, config)
+        write_atomically(run.init_prefix, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
     loop_config = {
         "config": config.model_dump(),
-        "out_dir": str(out),
+        "run_dir": str(run.root),
         "model_path": str(loaded.path),
-        "samples_dir": str(run_dir / SYNTHESIS_DIR / SHARDS_DIR),
         "qa_pairs": [list(p) for p in qa_pairs],
         "threads": settings.threads if settings.executor == "local" else settings.worker_threads(),
     }
-    done = latest_checkpoint(out / CHECKPOINTS_DIR)
+    done = latest_checkpoint(run.checkpoints)
     first = int(done.name.split("-")[1]) if done else 0
     with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
         if settings.executor == "local":
             train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
         else:
-            with following_metrics(out / METRICS_FILE, progress):
-                _fit_on_ray(out, loop_config, settings)
-    return out / FINAL_FILE
+            with following_metrics(run.metrics, progress):
+                _fit_on_ray(run, loop_config, settings)
+    return run.final_prefix
 
 
-def _fit_on_ray(out: Path, loop_config: dict, settings: TrainSettings) -> None:
+def _fit_on_ray(run: RunDir, loop_config: dict, settings: TrainSettings) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -103,14 +100,13 @@ def _fit_on_ray(out: Path, loop_config: dict, settings: TrainSettings) -> None:
             resources_per_worker={"CPU": settings.worker_cpus()},
         ),
         torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
-        run_config=RunConfig(storage_path=str((out / "ray").resolve()), name="train"),
+        run_config=RunConfig(storage_path=str(run.ray_storage.resolve()), name="train"),
     )
     try:
         trainer.fit()
     except Exception:
-        failure = out / FAILURE_FILE  # a worker's TrainingDiverged arrives wrapped in Ray's errors
-        if failure.is_file():
-            raise TrainingDiverged(json.loads(failure.read_text())["message"]) from None
+        if run.failure.is_file():  # a worker's TrainingDiverged arrives wrapped in Ray's errors
+            raise TrainingDiverged(json.loads(run.failure.read_text())["message"]) from None
         raise
 
 

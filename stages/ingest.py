@@ -3,7 +3,6 @@
 Outputs (in the run folder, each written atomically): `documents.parquet`, `chunks.parquet`.
 """
 
-import json
 import math
 import os
 import re
@@ -14,15 +13,15 @@ from pathlib import Path
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from cartridges.atomic import write_parquet_atomically, write_text_atomically
+from cartridges.atomic import write_parquet_atomically
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes, sha256_of_named_hashes
 from cartridges.stages.readers import READERS
+from cartridges.stages.records import IngestRecord, Skipped, read_record
+from cartridges.stages.run_dir import RunDir
 from cartridges.tokenizing import token_offsets
 
 DOCUMENT_SEPARATOR = "\n\n"
-DOCUMENTS_FILE = "documents.parquet"
-CHUNKS_FILE = "chunks.parquet"
 
 
 @dataclass(frozen=True)
@@ -34,21 +33,10 @@ class Document:
 
 
 @dataclass(frozen=True)
-class SkippedFile:
-    """A file or folder of the corpus that was not read, and why (reported in the build summary)."""
-
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path} ({self.reason})"
-
-
-@dataclass(frozen=True)
 class Corpus:
     root: Path
     documents: list[Document]
-    skipped: list[SkippedFile]
+    skipped: list[Skipped]
 
     @property
     def content_fingerprint(self) -> str:
@@ -94,12 +82,12 @@ def _title(given: str | None, relative: str, text: str) -> str:
     return first[:120] if first else Path(relative).stem
 
 
-def _corpus_files(folder: Path, skipped: list[SkippedFile]) -> list[Path]:
+def _corpus_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
     """Every non-hidden file under `folder`, sorted; folders that cannot be listed go to `skipped`."""
 
     def unlisted(error: OSError) -> None:
         where = Path(error.filename).relative_to(folder).as_posix() if error.filename else "."
-        skipped.append(SkippedFile(where + "/", f"folder not readable: {error.strerror or error}"))
+        skipped.append(Skipped(path=where + "/", reason=f"folder not readable: {error.strerror or error}"))
 
     files = []
     for root, folders, names in os.walk(folder, onerror=unlisted):
@@ -129,22 +117,22 @@ def read_corpus(folder: Path) -> Corpus:
     if not folder.is_dir():
         raise CartridgeError(f"corpus {folder} is not a folder: pass a folder of documents ({supported})")
     documents: list[Document] = []
-    skipped: list[SkippedFile] = []
+    skipped: list[Skipped] = []
     seen: dict[str, str] = {}
     for path in _corpus_files(folder, skipped):
         relative = path.relative_to(folder).as_posix()
         records, reason = _read_records(path)
         if records is None:
-            skipped.append(SkippedFile(relative, reason))
+            skipped.append(Skipped(path=relative, reason=reason))
             continue
         for index, (title, raw) in enumerate(records):
             name = relative if len(records) == 1 else f"{relative}#{index}"
             text = normalize_text(raw)
             digest = sha256_bytes(text.encode())
             if not text:
-                skipped.append(SkippedFile(name, "no text"))
+                skipped.append(Skipped(path=name, reason="no text"))
             elif digest in seen:
-                skipped.append(SkippedFile(name, f"same text as {seen[digest]}"))
+                skipped.append(Skipped(path=name, reason=f"same text as {seen[digest]}"))
             else:
                 seen[digest] = name
                 documents.append(Document(path=name, title=_title(title, relative, text), text=text, sha256=digest))
@@ -179,73 +167,74 @@ def chunk_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, min_tokens:
     return chunks
 
 
-def write_ingest_outputs(out_dir: Path, corpus: Corpus, chunks: list[Chunk]) -> None:
+def write_ingest_outputs(run: RunDir, corpus: Corpus, chunks: list[Chunk]) -> None:
     doc_tokens = [0] * len(corpus.documents)
     for chunk in chunks:
         doc_tokens[chunk.doc_id] = max(doc_tokens[chunk.doc_id], chunk.token_end)
     documents = pa.Table.from_pylist(
         [{"doc_id": i, **asdict(doc), "num_tokens": doc_tokens[i]} for i, doc in enumerate(corpus.documents)]
     )
-    write_parquet_atomically(out_dir / DOCUMENTS_FILE, documents)
+    write_parquet_atomically(run.documents, documents)
     write_parquet_atomically(
-        out_dir / CHUNKS_FILE, pa.Table.from_pylist([asdict(c) | {"num_tokens": c.num_tokens} for c in chunks])
+        run.chunks, pa.Table.from_pylist([asdict(c) | {"num_tokens": c.num_tokens} for c in chunks])
     )
 
 
-def read_titles(out_dir: Path) -> list[str]:
+def read_titles(run: RunDir) -> list[str]:
     """Document titles by document id."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(out_dir / DOCUMENTS_FILE, columns=["title"]).column("title").to_pylist()
+    return pq.read_table(run.documents, columns=["title"]).column("title").to_pylist()
 
 
-def read_chunks(out_dir: Path) -> list[Chunk]:
+def read_chunks(run: RunDir) -> list[Chunk]:
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(out_dir / CHUNKS_FILE).to_pylist()
+    rows = pq.read_table(run.chunks).to_pylist()
     return [Chunk(**{k: v for k, v in row.items() if k != "num_tokens"}) for row in rows]
-
-
-INGEST_FILE = "ingest.json"
 
 
 def ingest(
     corpus_dir: Path,
-    run_dir: Path,
+    run: RunDir,
     tokenizer: PreTrainedTokenizerBase,
     tokenizer_fingerprint: str,
     min_tokens: int,
     max_tokens: int,
-) -> dict:
-    """Read, chunk and write the corpus into `run_dir`; reuses earlier outputs of the same corpus and chunking."""
-    return ingest_corpus(read_corpus(corpus_dir), run_dir, tokenizer, tokenizer_fingerprint, min_tokens, max_tokens)
+) -> IngestRecord:
+    """Read, chunk and write the corpus into the run folder; reuses earlier outputs of the same corpus and chunking."""
+    return ingest_corpus(read_corpus(corpus_dir), run, tokenizer, tokenizer_fingerprint, min_tokens, max_tokens)
 
 
 def ingest_corpus(
     corpus: Corpus,
-    run_dir: Path,
+    run: RunDir,
     tokenizer: PreTrainedTokenizerBase,
     tokenizer_fingerprint: str,
     min_tokens: int,
     max_tokens: int,
-) -> dict:
+) -> IngestRecord:
     """`ingest` of a corpus already read (its fingerprint decides whether earlier outputs are reused)."""
-    record = {
-        "corpus_fingerprint": corpus.fingerprint(tokenizer_fingerprint),
-        "chunk_min_tokens": min_tokens,
-        "chunk_max_tokens": max_tokens,
-    }
-    done = run_dir / INGEST_FILE
-    if done.is_file() and {k: v for k, v in json.loads(done.read_text()).items() if k in record} == record:
-        return json.loads(done.read_text())
+    fingerprint = corpus.fingerprint(tokenizer_fingerprint)
+    if run.ingest_record.is_file():
+        done = read_record(run.ingest_record, IngestRecord)
+        if (done.corpus_fingerprint, done.chunk_min_tokens, done.chunk_max_tokens) == (
+            fingerprint,
+            min_tokens,
+            max_tokens,
+        ):
+            return done
     chunks = chunk_corpus(corpus, tokenizer, min_tokens, max_tokens)
-    write_ingest_outputs(run_dir, corpus, chunks)
-    record |= {
-        "source": str(corpus.root),
-        "num_documents": len(corpus.documents),
-        "num_chunks": len(chunks),
-        "num_tokens": sum(c.num_tokens for c in chunks),
-        "skipped": [asdict(skip) for skip in corpus.skipped],
-    }
-    write_text_atomically(done, json.dumps(record, indent=2))
+    write_ingest_outputs(run, corpus, chunks)
+    record = IngestRecord(
+        corpus_fingerprint=fingerprint,
+        chunk_min_tokens=min_tokens,
+        chunk_max_tokens=max_tokens,
+        source=str(corpus.root),
+        num_documents=len(corpus.documents),
+        num_chunks=len(chunks),
+        num_tokens=sum(c.num_tokens for c in chunks),
+        skipped=corpus.skipped,
+    )
+    record.write(run.ingest_record)
     return record

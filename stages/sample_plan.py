@@ -11,12 +11,12 @@ taken from the previous run instead of being made again (`sample_reuse`).
 import hashlib
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from cartridges.hashing import sha256_bytes
 from cartridges.stages.ingest import Chunk, read_chunks, read_titles
+from cartridges.stages.run_dir import RunDir
 
 SCORES_PER_BLOCK = 1 << 22  # bounds the memory of the samples x chunks score matrix (32 MiB)
 
@@ -39,9 +39,9 @@ def keys_of(chunks: list[Chunk], titles: list[str]) -> list[str]:
     return [chunk_key(titles[chunk.doc_id], chunk) for chunk in chunks]
 
 
-def chunk_keys(run_dir: Path) -> list[str]:
+def chunk_keys(run: RunDir) -> list[str]:
     """The key of every chunk of an ingested run folder, by chunk id."""
-    return keys_of(read_chunks(run_dir), read_titles(run_dir))
+    return keys_of(read_chunks(run), read_titles(run))
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -1,20 +1,15 @@
-"""Synthesis shards: the Parquet schema of a sample (docs/format.md), where shards live in the run
-folder, and their writing (atomic, with per-shard counts in the schema metadata) and reading."""
+"""Synthesis shards: the Parquet schema of a sample (docs/format.md), and their writing (atomic, with
+the shard's counts in the schema metadata) and reading."""
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cartridges.atomic import write_parquet_atomically
+from cartridges.stages.records import ShardStats
 from cartridges.stages.synthesis_config import SynthesisConfig
 
-SYNTHESIS_DIR = "synthesis"
-SHARDS_DIR = "shards"
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-REUSED_FILE = "reused.parquet"
 STATS_METADATA_KEY = b"cartridges.shard_stats"
 
 SAMPLE_SCHEMA = pa.schema(
@@ -38,19 +33,15 @@ SAMPLE_SCHEMA = pa.schema(
 )
 
 
-def shard_path(run_dir: Path, shard: int) -> Path:
-    return run_dir / SYNTHESIS_DIR / SHARDS_DIR / f"shard-{shard:05d}.parquet"
-
-
 def num_shards(config: SynthesisConfig) -> int:
     return -(-config.samples // config.shard_size)
 
 
-def write_shard(path: Path, rows: list[dict], stats: dict) -> None:
+def write_shard(path: Path, rows: list[dict], stats: ShardStats) -> None:
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-    table = table.replace_schema_metadata({STATS_METADATA_KEY: json.dumps(stats).encode()})
+    table = table.replace_schema_metadata({STATS_METADATA_KEY: stats.model_dump_json().encode()})
     write_parquet_atomically(path, table)
 
 
-def read_shard_stats(path: Path) -> dict:
-    return json.loads(pq.read_schema(path).metadata[STATS_METADATA_KEY])
+def read_shard_stats(path: Path) -> ShardStats:
+    return ShardStats.model_validate_json(pq.read_schema(path).metadata[STATS_METADATA_KEY])

@@ -8,13 +8,14 @@ Given an earlier run, planned samples of chunks that did not change take that ru
 instead of being made (see `sample_reuse`).
 
 Work is cut into shards of `shard_size` planned samples. Each shard is written atomically as
-`synthesis/shard-NNNNN.parquet`, so a rerun skips completed shards (resume). Shards run as Ray
+`synthesis/shards/shard-NNNNN.parquet`, so a rerun skips completed shards (resume). Shards run as Ray
 Data `map_batches` over a pool of engine actors (`RAY_ADDRESS` points at a cluster).
 """
 
 import json
 import logging
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -26,22 +27,13 @@ from cartridges.errors import CartridgeError
 from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
 from cartridges.stages.engines import make_engine
-from cartridges.stages.ingest import INGEST_FILE, read_chunks, read_titles
+from cartridges.stages.ingest import read_chunks, read_titles
+from cartridges.stages.records import IngestRecord, ShardStats, SynthesisSummary
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.sample_builder import SampleBuilder
 from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
 from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
-from cartridges.stages.shards import (
-    CONFIG_FILE,
-    REUSED_FILE,
-    SAMPLE_SCHEMA,
-    SHARDS_DIR,
-    SUMMARY_FILE,
-    SYNTHESIS_DIR,
-    num_shards,
-    read_shard_stats,
-    shard_path,
-    write_shard,
-)
+from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards, read_shard_stats, write_shard
 from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig, max_prompt_tokens
 
 
@@ -55,12 +47,12 @@ class SynthesisWorker:
     def __init__(self, run_dir: str, model_path: str, model_fingerprint: str, config_json: str, settings_json: str):
         from transformers import AutoTokenizer
 
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(Path(run_dir))
         config = SynthesisConfig.model_validate_json(config_json)
         settings = RunSettings.model_validate_json(settings_json)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        chunks = read_chunks(self.run_dir)
-        titles = read_titles(self.run_dir)
+        chunks = read_chunks(self.run)
+        titles = read_titles(self.run)
         engine = make_engine(
             settings.engine,
             model_path,
@@ -74,40 +66,41 @@ class SynthesisWorker:
         self.builder = SampleBuilder(engine, tokenizer, config, chunks, titles, model_fingerprint)
         self.plan = plan_run(config, keys_of(chunks, titles))
         self.shard_size = config.shard_size
-        self.reused = read_reused(self.run_dir / SYNTHESIS_DIR / REUSED_FILE)
+        self.reused = read_reused(self.run.reused_samples)
 
-    def run_shard(self, shard: int) -> dict:
+    def run_shard(self, shard: int) -> ShardStats:
         started = time.perf_counter()
         planned = self.plan[shard * self.shard_size : (shard + 1) * self.shard_size]
         reused = [self.reused[p.sample_id] for p in planned if p.sample_id in self.reused]
-        made, stats = self.builder.build([p for p in planned if p.sample_id not in self.reused])
+        made, made_stats = self.builder.build([p for p in planned if p.sample_id not in self.reused])
         rows = sorted(made + reused, key=lambda row: row["sample_id"])
-        stats |= {
-            "shard": shard,
-            "samples": len(rows),
-            "planned": len(planned),
-            "reused": len(reused),
-            "kinds": dict(Counter(row["seed_kind"] for row in rows)),
-            "seconds": time.perf_counter() - started,
-            "engine": self.builder.engine.name,
-        }
-        write_shard(shard_path(self.run_dir, shard), rows, stats)
+        stats = ShardStats(
+            **made_stats,
+            shard=shard,
+            samples=len(rows),
+            planned=len(planned),
+            reused=len(reused),
+            kinds=dict(Counter(row["seed_kind"] for row in rows)),
+            seconds=time.perf_counter() - started,
+            engine=self.builder.engine.name,
+        )
+        write_shard(self.run.shard(shard), rows, stats)
         return stats
 
     def __call__(self, batch: dict) -> dict:
         results = [self.run_shard(int(shard)) for shard in batch["shard"]]
-        return {"stats": [json.dumps(r) for r in results]}
+        return {"stats": [r.model_dump_json() for r in results]}
 
 
-def _check_run_config(run_dir: Path, record: dict) -> None:
+def _check_run_config(run: RunDir, record: dict) -> None:
     """A run folder holds one synthesis: resuming with other settings would mix two plans."""
-    path = run_dir / SYNTHESIS_DIR / CONFIG_FILE
+    path = run.synthesis_config
     if path.is_file():
         previous = json.loads(path.read_text())
         changed = sorted(k for k in record.keys() | previous.keys() if record.get(k) != previous.get(k))
         if changed:
             raise CartridgeError(
-                f"{run_dir} was synthesized with other settings ({', '.join(changed)} differ): "
+                f"{run.root} was synthesized with other settings ({', '.join(changed)} differ): "
                 "rerun with the same settings to resume, or pass a new --out folder"
             )
     else:
@@ -136,69 +129,70 @@ def _run_shards(pending: list[int], worker_args: dict, settings: RunSettings, on
     # engine that dies is a crash of this machine's process (out of memory, a bug) that a restart repeats:
     # the run stops and the next one resumes from its finished shards. A cluster keeps Ray's restarts,
     # which replace engines on lost nodes.
+    # Ray 2.60 (pinned) takes max_restarts only among its deprecated free-form remote arguments.
     restarts = {"max_restarts": 0} if on_local_ray() else {}
-    dataset = ray.data.from_items([{"shard": shard} for shard in pending]).map_batches(
-        SynthesisWorker,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=settings.engines),
-        num_cpus=cpus_per_actor(settings.engines, settings.cpus_per_engine),
-        fn_constructor_kwargs=worker_args,
-        **restarts,
-    )
-    for row in dataset.iter_rows():
-        on_done(json.loads(row["stats"]))
-
-
-def prepare_reuse(run_dir: Path, previous: Path, config: SynthesisConfig, model_fingerprint: str) -> str | None:
-    """Pick the previous run's samples that stand in for planned ones (once per run); returns why none could be."""
-    destination = run_dir / SYNTHESIS_DIR / REUSED_FILE
-    if destination.is_file():
-        return None
-    previous_config = previous / SYNTHESIS_DIR / CONFIG_FILE
-    if not previous_config.is_file():
-        raise CartridgeError(
-            f"{previous} holds no synthesis ({previous_config} is missing): pass the --out folder of an earlier run"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        dataset = ray.data.from_items([{"shard": shard} for shard in pending]).map_batches(
+            SynthesisWorker,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=settings.engines),
+            num_cpus=cpus_per_actor(settings.engines, settings.cpus_per_engine),
+            fn_constructor_kwargs=worker_args,
+            **restarts,
         )
-    record = json.loads(previous_config.read_text())
+    for row in dataset.iter_rows():
+        on_done(ShardStats.model_validate_json(row["stats"]))
+
+
+def prepare_reuse(run: RunDir, previous: RunDir, config: SynthesisConfig, model_fingerprint: str) -> str | None:
+    """Pick the previous run's samples that stand in for planned ones (once per run); returns why none could be."""
+    if run.reused_samples.is_file():
+        return None
+    if not previous.synthesis_config.is_file():
+        raise CartridgeError(
+            f"{previous.root} holds no synthesis ({previous.synthesis_config} is missing): "
+            "pass the --out folder of an earlier run"
+        )
+    record = json.loads(previous.synthesis_config.read_text())
     refused = incompatibility(record, config.model_dump(), model_fingerprint)
     rows: list[dict] = []
     if refused is None:
-        shards = sorted((previous / SYNTHESIS_DIR / SHARDS_DIR).glob("shard-*.parquet"))
+        shards = sorted(previous.shards.glob("shard-*.parquet"))
         previous_rows = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
-        chunks = read_chunks(run_dir)
-        keys = keys_of(chunks, read_titles(run_dir))
+        chunks = read_chunks(run)
+        keys = keys_of(chunks, read_titles(run))
         rows = assign_reused(plan_run(config, keys), keys, chunks, previous_rows, chunk_keys(previous))
-    write_reused(destination, rows, SAMPLE_SCHEMA, previous)
+    write_reused(run.reused_samples, rows, SAMPLE_SCHEMA, previous.root)
     return refused
 
 
 def synthesize(
-    run_dir: Path,
+    run: RunDir,
+    ingested: IngestRecord,
     model_path: Path,
     model_fingerprint: str,
     config: SynthesisConfig,
     settings: RunSettings,
-    reuse_from: Path | None = None,
-) -> dict:
+    reuse_from: RunDir | None = None,
+) -> SynthesisSummary:
     """Make every missing shard of the run's plan; returns the summary (also written to summary.json).
 
-    Expects the ingest outputs (`chunks.parquet`, `documents.parquet`, `ingest.json`) in `run_dir`.
+    Expects the ingest outputs (`ingested`, and `chunks.parquet`, `documents.parquet`) in the run folder.
     `reuse_from`: an earlier run folder whose samples of unchanged chunks are taken instead of made.
     """
-    ingest_record = json.loads((run_dir / INGEST_FILE).read_text())
     record = {
         "config": config.model_dump(),
-        "corpus_fingerprint": ingest_record["corpus_fingerprint"],
+        "corpus_fingerprint": ingested.corpus_fingerprint,
         "model_fingerprint": model_fingerprint,
     }
-    _check_run_config(run_dir, record | {"reuse_from": str(reuse_from) if reuse_from else None})
-    reuse_refused = prepare_reuse(run_dir, reuse_from, config, model_fingerprint) if reuse_from else None
-    shards = range(num_shards(config))
-    pending = [s for s in shards if not shard_path(run_dir, s).is_file()]
+    _check_run_config(run, record | {"reuse_from": str(reuse_from.root) if reuse_from else None})
+    reuse_refused = prepare_reuse(run, reuse_from, config, model_fingerprint) if reuse_from else None
+    pending = [s for s in range(num_shards(config)) if not run.shard(s).is_file()]
     started = time.perf_counter()
     if pending:
         worker_args = {
-            "run_dir": str(run_dir),
+            "run_dir": str(run.root),
             "model_path": str(model_path),
             "model_fingerprint": model_fingerprint,
             "config_json": config.model_dump_json(),
@@ -207,44 +201,43 @@ def synthesize(
         todo = sum(min(config.shard_size, config.samples - s * config.shard_size) for s in pending)
         with ThroughputProgress("synthesize", total=todo) as progress:
             _run_shards(
-                pending,
-                worker_args,
-                settings,
-                lambda stats: progress.advance(stats["planned"], stats["generated_tokens"]),
+                pending, worker_args, settings, lambda stats: progress.advance(stats.planned, stats.generated_tokens)
             )
-    summary = summarize(run_dir, config)
-    summary["wall_seconds_this_run"] = time.perf_counter() - started
-    summary["shards_made_this_run"] = len(pending)
-    if reuse_refused:
-        summary["reuse_refused"] = reuse_refused
-    write_text_atomically(run_dir / SYNTHESIS_DIR / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
+    summary = summarize(run, config).model_copy(
+        update={
+            "wall_seconds_this_run": time.perf_counter() - started,
+            "shards_made_this_run": len(pending),
+            "reuse_refused": reuse_refused,
+        }
+    )
+    summary.write(run.synthesis_summary)
     return summary
 
 
-def summarize(run_dir: Path, config: SynthesisConfig) -> dict:
+def summarize(run: RunDir, config: SynthesisConfig) -> SynthesisSummary:
     """Totals over all shards of the run (also those made by earlier, interrupted runs)."""
-    stats = [read_shard_stats(shard_path(run_dir, s)) for s in range(num_shards(config))]
+    stats = [read_shard_stats(run.shard(s)) for s in range(num_shards(config))]
     kinds: Counter = Counter()
     rejected: Counter = Counter()
     for shard in stats:
-        kinds.update(shard["kinds"])
-        rejected.update(shard["rejected"])
-    seconds = sum(s["seconds"] for s in stats)
-    tokens = sum(s["generated_tokens"] for s in stats)
-    samples = sum(s["samples"] for s in stats)
-    reused = sum(s.get("reused", 0) for s in stats)
+        kinds.update(shard.kinds)
+        rejected.update(shard.rejected)
+    seconds = sum(s.seconds for s in stats)
+    tokens = sum(s.generated_tokens for s in stats)
+    samples = sum(s.samples for s in stats)
+    reused = sum(s.reused for s in stats)
     made = samples - reused
-    return {
-        "samples": samples,
-        "reused": reused,
-        "reused_from": reused_source(run_dir / SYNTHESIS_DIR / REUSED_FILE),
-        "planned": config.samples,
-        "unfilled": sum(s["unfilled"] for s in stats),
-        "kinds": dict(sorted(kinds.items())),
-        "rejected": dict(sorted(rejected.items())),
-        "generated_tokens": tokens,
-        "engine_seconds": seconds,
-        "samples_per_second": made / seconds if seconds else 0.0,
-        "generated_tokens_per_second": tokens / seconds if seconds else 0.0,
-        "engines": sorted({s["engine"] for s in stats}),
-    }
+    return SynthesisSummary(
+        samples=samples,
+        reused=reused,
+        reused_from=reused_source(run.reused_samples),
+        planned=config.samples,
+        unfilled=sum(s.unfilled for s in stats),
+        kinds=dict(sorted(kinds.items())),
+        rejected=dict(sorted(rejected.items())),
+        generated_tokens=tokens,
+        engine_seconds=seconds,
+        samples_per_second=made / seconds if seconds else 0.0,
+        generated_tokens_per_second=tokens / seconds if seconds else 0.0,
+        engines=sorted({s.engine for s in stats}),
+    )

@@ -12,7 +12,7 @@ import torch
 
 from cartridges.batching import pad_batch
 from cartridges.errors import CartridgeError
-from cartridges.hashing import sha256_file, sha256_of_named_hashes
+from cartridges.hashing import sha256_bytes, sha256_of_named_hashes
 from cartridges.layout import chat_token_ids
 
 COLUMNS = ["sample_id", "messages", "answer_ids", "topk_ids", "topk_logprobs", "token_logprobs"]
@@ -49,7 +49,19 @@ def shard_files(samples_dir: Path) -> list[Path]:
 
 
 def data_fingerprint(samples_dir: Path) -> str:
-    return sha256_of_named_hashes((p.name, sha256_file(p)) for p in shard_files(samples_dir))
+    """sha256 over the samples themselves: each shard's rows, not its file, whose metadata holds how long
+    making it took (the same samples made twice have one fingerprint)."""
+    return sha256_of_named_hashes((p.name, _rows_hash(p)) for p in shard_files(samples_dir))
+
+
+def _rows_hash(shard: Path) -> str:
+    import pyarrow as pa
+
+    table = pq.read_table(shard).replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sha256_bytes(sink.getvalue().to_pybytes())
 
 
 def load_examples(samples_dir: Path, tokenizer, max_length: int) -> list[Example]:

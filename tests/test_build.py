@@ -31,9 +31,9 @@ def test_overrides_apply_and_only_decisive_settings_change_the_fingerprint():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["distill.stepz=3"], r"distill\.stepz: Extra inputs are not permitted"),
-        (["distill.lr=-1"], r"distill\.lr: Input should be greater than 0"),
-        (["synthesis.kinds={magic: 1}"], r"synthesis\.kinds: Value error, unknown seed kind"),
+        (["distill.stepz=3"], r"distill\.stepz': Extra inputs are not permitted"),
+        (["distill.lr=-1"], r"distill\.lr': Input should be greater than 0"),
+        (["synthesis.kinds={magic: 1}"], r"synthesis\.kinds': Value error, unknown seed kind"),
         (["steps"], "expected KEY=VALUE"),
     ],
 )
@@ -204,12 +204,12 @@ def test_a_second_build_of_the_same_run_while_one_holds_it_fails_with_the_fix(
 ):
     from filelock import FileLock
 
-    from cartridges.pipeline.build import LOCK_FILE
+    from cartridges.stages.run_dir import RunDir
 
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
     assert cli(*args)[0] == 0
     (run_dir,) = (cartridges_home / "runs").glob("legal-*")
-    with FileLock(run_dir / LOCK_FILE):  # what a build still running elsewhere holds
+    with FileLock(RunDir(run_dir).lock):  # what a build still running elsewhere holds
         code, out, err = cli(*args)
     assert (
         code == 2

@@ -137,6 +137,18 @@ def test_every_command_has_help_with_example(cli):
         assert code == 0 and "Example: cartridges" in out, command
 
 
+def synthesis_settings(*more: str) -> list[str]:
+    """--set pairs for a seconds-long synthesis on the tiny model, on top of the tiny config."""
+    settings = [
+        "synthesis.chunk_min_tokens=16",
+        "synthesis.chunk_max_tokens=64",
+        "synthesis_run.engine=hf",
+        "synthesis_run.executor=local",
+        *more,
+    ]
+    return ["--config", "tiny", *[arg for setting in settings for arg in ("--set", setting)]]
+
+
 def test_synthesize_writes_shards_and_resumes(cli, tiny_model_dir, tmp_path):
     import pyarrow.parquet as pq
 
@@ -150,24 +162,14 @@ def test_synthesize_writes_shards_and_resumes(cli, tiny_model_dir, tmp_path):
         str(corpus),
         "--out",
         str(tmp_path / "run"),
-        "--samples",
-        "6",
-        "--engine",
-        "hf",
         "--model",
         str(tiny_model_dir),
-        "--executor",
-        "local",
-        "--kinds",
-        "continuation=1,fill_span=1",
-        "--chunk-min-tokens",
-        "16",
-        "--chunk-max-tokens",
-        "64",
-        "--max-answer-tokens",
-        "16",
-        "--shard-size",
-        "4",
+        *synthesis_settings(
+            "synthesis.samples=6",
+            "synthesis.kinds={continuation: 1, fill_span: 1}",
+            "synthesis.max_answer_tokens=16",
+            "synthesis.shard_size=4",
+        ),
     ]
     code, out, err = cli(*args)
     assert code == 0, err
@@ -178,16 +180,16 @@ def test_synthesize_writes_shards_and_resumes(cli, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "option, value, message",
+    "setting, message",
     [
-        ("--kinds", "poetry=1", "unknown seed kind"),
-        ("--engine", "tpu", "--engine: Input should be"),
-        ("--kinds", "quote=x", "is not a number"),
+        ("synthesis.kinds={poetry: 1}", "unknown seed kind"),
+        ("synthesis_run.engine=tpu", "invalid setting 'synthesis_run.engine': Input should be"),
+        ("synthesis.kinds={quote: x}", "invalid setting 'synthesis.kinds.quote': Input should be a valid number"),
     ],
 )
-def test_synthesize_bad_options(cli, corpus_dir, tiny_model_dir, tmp_path, option, value, message):
+def test_synthesize_bad_settings(cli, corpus_dir, tiny_model_dir, tmp_path, setting, message):
     result = cli(
-        "synthesize", str(corpus_dir), "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), option, value
+        "synthesize", str(corpus_dir), "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--set", setting
     )
     assert_user_error(result, message)
     assert not (tmp_path / "run").exists()
@@ -205,24 +207,9 @@ def test_distill_publishes_a_distilled_cartridge(cli, tiny_model_dir, tmp_path):
         str(corpus),
         "--out",
         str(run),
-        "--samples",
-        "6",
-        "--engine",
-        "hf",
         "--model",
         str(tiny_model_dir),
-        "--executor",
-        "local",
-        "--kinds",
-        "continuation=1",
-        "--chunk-min-tokens",
-        "16",
-        "--chunk-max-tokens",
-        "64",
-        "--max-answer-tokens",
-        "12",
-        "--top-k",
-        "4",
+        *synthesis_settings("synthesis.samples=6", "synthesis.kinds={continuation: 1}"),
     )
     assert code == 0, err
     code, out, err = cli(
@@ -230,14 +217,10 @@ def test_distill_publishes_a_distilled_cartridge(cli, tiny_model_dir, tmp_path):
         str(run),
         "--name",
         "legal",
-        "--tokens",
-        "8",
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--executor",
-        "local",
+        "--config",
+        "tiny",
+        "--set",
+        "distill.steps=2",
         "--model",
         str(tiny_model_dir),
     )

@@ -57,22 +57,26 @@ BAD_INPUTS = [
     ("ask ./legal question", "is not a cartridge folder"),
     ("ask legal@1 question --also ./missing", "is not a cartridge folder"),
     (
-        "synthesize {corpus} --out {out} --samples 0 --model {tiny}",
-        "--samples: Input should be greater than or equal to 1",
+        "synthesize {corpus} --out {out} --set synthesis.samples=0 --model {tiny}",
+        "invalid setting 'synthesis.samples': Input should be greater than or equal to 1 (got 0)",
     ),
-    ("synthesize {corpus} --out {out} --kinds poetry=1 --model {tiny}", "unknown seed kind"),
+    ("synthesize {corpus} --out {out} --set synthesis.kinds.poetry=1 --model {tiny}", "unknown seed kind"),
+    ("synthesize {corpus} --out {out} --config nope --model {tiny}", "config 'nope' is neither a YAML file"),
     ("synthesize {missing} --out {out} --model {tiny}", "does not exist"),
     ("distill {empty} --name x --model {tiny}", "has no synthesis shards"),
-    ("distill {empty} --name x --lr 5 --model {tiny}", "--lr: Input should be less than or equal to 1"),
+    (
+        "distill {empty} --name x --set distill.lr=5 --model {tiny}",
+        "invalid setting 'distill.lr': Input should be less than or equal to 1",
+    ),
     ("distill {empty} --name x --registry memory://reg", "lives only inside this process"),
     (
         "build {corpus} --config tiny --set distill.steps=true --set model={tiny}",
-        "distill.steps: Input should be a valid integer (got True)",
+        "invalid setting 'distill.steps': Input should be a valid integer (got True)",
     ),
     ("build {corpus} --config tiny --set distill.steps=[ --set model={tiny}", "is not valid YAML"),
     (
         "build {corpus} --config tiny --set distill.lr=.inf --set model={tiny}",
-        "distill.lr: Input should be a finite number",
+        "invalid setting 'distill.lr': Input should be a finite number",
     ),
     (
         "build {corpus} --config tiny --set distill.num_tokens=1000 --set model={tiny}",

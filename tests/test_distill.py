@@ -12,17 +12,14 @@ from cartridges.artifact import load_artifact
 from cartridges.models import load_model
 from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.distill import (
-    CHECKPOINTS_DIR,
-    DISTILL_DIR,
-    FINAL_FILE,
-    INIT_FILE,
-    METRICS_FILE,
     DistillConfig,
     _student,
 )
-from cartridges.stages.distill_artifact import save_distilled
+from cartridges.stages.distill_artifact import TrainedRun, save_distilled
 from cartridges.stages.distill_run import TrainSettings, run_training
 from cartridges.stages.ingest import ingest
+from cartridges.stages.records import IngestRecord, SynthesisSummary, read_record
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
 from cartridges.stages.synthesize import synthesize
 from cartridges.stages.training_data import collate, distillation_loss, load_examples
@@ -40,8 +37,8 @@ def synthesized_run(tiny, tmp_path):
             f"Section {i}. The deposit for unit {i} is {i * 7} dollars, due by day {i % 28 + 1}." for i in range(50)
         )
     )
-    run = tmp_path / "run"
-    ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
+    run = RunDir(tmp_path / "run")
+    ingested = ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
     config = SynthesisConfig(
         samples=12,
         shard_size=6,
@@ -52,7 +49,7 @@ def synthesized_run(tiny, tmp_path):
         kinds={"continuation": 1.0, "fill_span": 1.0},
         top_k=8,
     )
-    synthesize(run, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local"))
+    synthesize(run, ingested, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local"))
     return run
 
 
@@ -74,7 +71,7 @@ def config(**changes) -> DistillConfig:
 
 
 def test_loss_equals_an_independent_computation(tiny, synthesized_run):
-    examples = load_examples(synthesized_run / "synthesis" / "shards", tiny.tokenizer, 512)[:2]
+    examples = load_examples(synthesized_run.shards, tiny.tokenizer, 512)[:2]
     batch = collate(examples, 0)
     logits = torch.randn(*batch.input_ids.shape, len(tiny.tokenizer), generator=torch.Generator().manual_seed(0))
     loss, stats = distillation_loss(logits, batch, ce_weight=0.5)
@@ -97,7 +94,7 @@ def test_loss_equals_an_independent_computation(tiny, synthesized_run):
 def test_gradient_reaches_only_the_trainable_prefix(tiny, synthesized_run):
     init = torch.randn(P, 2 * 2 * 2 * 16)
     model = _student(str(tiny.path), P, init)
-    batch = collate(load_examples(synthesized_run / "synthesis" / "shards", tiny.tokenizer, 512)[:2], 0)
+    batch = collate(load_examples(synthesized_run.shards, tiny.tokenizer, 512)[:2], 0)
     loss, _ = distillation_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
     loss.backward()
     encoder = model.prompt_encoder["default"]
@@ -144,21 +141,19 @@ def test_overfits_a_fixed_batch_towards_a_reachable_teacher(tiny):
 def test_resume_continues_with_identical_state(tiny, synthesized_run, tmp_path):
     import shutil
 
-    straight = tmp_path / "straight"
-    shutil.copytree(synthesized_run, straight)
+    straight = RunDir(shutil.copytree(synthesized_run.root, tmp_path / "straight"))
     run_training(straight, tiny, config(), LOCAL)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(synthesized_run, resumed)
+    resumed = RunDir(shutil.copytree(synthesized_run.root, tmp_path / "resumed"))
     run_training(resumed, tiny, config(steps=2), LOCAL)
-    (resumed / DISTILL_DIR / "config.json").unlink()  # the same run, continued to 4 steps
+    resumed.training_config.unlink()  # the same run, continued to 4 steps
     run_training(resumed, tiny, config(), LOCAL)
-    a = load_file(str(straight / DISTILL_DIR / FINAL_FILE))["prefix"]
-    b = load_file(str(resumed / DISTILL_DIR / FINAL_FILE))["prefix"]
+    a = load_file(str(straight.final_prefix))["prefix"]
+    b = load_file(str(resumed.final_prefix))["prefix"]
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    assert not torch.equal(a, load_file(str(straight / DISTILL_DIR / INIT_FILE))["prefix"])
-    steps = sorted(p.name for p in (resumed / DISTILL_DIR / CHECKPOINTS_DIR).iterdir())
+    assert not torch.equal(a, load_file(str(straight.init_prefix))["prefix"])
+    steps = sorted(p.name for p in resumed.checkpoints.iterdir())
     assert steps == ["step-000002", "step-000004"]
-    records = [json.loads(line) for line in (straight / DISTILL_DIR / METRICS_FILE).read_text().splitlines()]
+    records = [json.loads(line) for line in straight.metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "eval_topk_kl" in records[1]
 
 
@@ -172,7 +167,13 @@ def test_changed_settings_are_refused(tiny, synthesized_run):
 
 def test_published_artifact_loads_in_peft_like_in_our_runtime(tiny, synthesized_run, tmp_path):
     run_training(synthesized_run, tiny, config(steps=2), LOCAL)
-    manifest = save_distilled(tiny, synthesized_run, "legal", config(steps=2), tmp_path / "artifact")
+    trained = TrainedRun(
+        synthesized_run,
+        read_record(synthesized_run.ingest_record, IngestRecord),
+        read_record(synthesized_run.synthesis_summary, SynthesisSummary),
+        config(steps=2),
+    )
+    manifest = save_distilled(tiny, trained, "legal", tmp_path / "artifact")
     assert manifest.method == "distilled" and "eval_topk_kl" in manifest.metrics
     assert manifest.method_config["data_fingerprint"] and manifest.method_config["init"] == "first_tokens"
     cartridge = load_artifact(tmp_path / "artifact")
@@ -189,17 +190,15 @@ def test_two_ray_workers_match_one_local_worker(tiny, synthesized_run, tmp_path)
 
     import ray
 
-    single = tmp_path / "single"
-    shutil.copytree(synthesized_run, single)
+    single = RunDir(shutil.copytree(synthesized_run.root, tmp_path / "single"))
     run_training(single, tiny, config(steps=3, batch_size=4), LOCAL)
-    double = tmp_path / "double"
-    shutil.copytree(synthesized_run, double)
+    double = RunDir(shutil.copytree(synthesized_run.root, tmp_path / "double"))
     try:
         run_training(double, tiny, config(steps=3, batch_size=4), TrainSettings(executor="ray", workers=2, threads=1))
     finally:
         ray.shutdown()
-    a = load_file(str(single / DISTILL_DIR / FINAL_FILE))["prefix"]
-    b = load_file(str(double / DISTILL_DIR / FINAL_FILE))["prefix"]
+    a = load_file(str(single.final_prefix))["prefix"]
+    b = load_file(str(double.final_prefix))["prefix"]
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
@@ -212,7 +211,7 @@ def test_a_ray_worker_trains_with_all_its_cpus(tiny, synthesized_run):
         run_training(synthesized_run, tiny, config(steps=1), settings)
     finally:
         ray.shutdown()
-    record = json.loads((synthesized_run / DISTILL_DIR / METRICS_FILE).read_text().splitlines()[-1])
+    record = json.loads(synthesized_run.metrics.read_text().splitlines()[-1])
     assert settings.worker_threads() == max(1, os.cpu_count() // 1)
     assert record["threads"] == settings.worker_threads()
 
@@ -220,26 +219,20 @@ def test_a_ray_worker_trains_with_all_its_cpus(tiny, synthesized_run):
 # ---- issue 14: training stops on non-finite values -------------------------------------------
 
 
-def overflowing_start(run) -> None:
-    """A finite starting prefix so large that attention overflows: the loss is NaN from the first step."""
-    from safetensors.torch import save_file
-
-    (run / DISTILL_DIR).mkdir(parents=True, exist_ok=True)
-    save_file({"prefix": torch.full((P, 128), 3e38)}, str(run / DISTILL_DIR / INIT_FILE))
+# A finite starting prefix so large that attention overflows: the loss is NaN from the first step.
+OVERFLOWING_START = torch.full((P, 128), 3e38)
 
 
 def test_a_diverging_training_stops_at_its_first_step_with_one_line(tiny, synthesized_run):
     from cartridges.stages.distill import TrainingDiverged
 
-    overflowing_start(synthesized_run)
     with pytest.raises(
         TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)"
     ) as stopped:
-        run_training(synthesized_run, tiny, config(steps=6, checkpoint_every=1), LOCAL)
+        run_training(synthesized_run, tiny, config(steps=6, checkpoint_every=1), LOCAL, start_from=OVERFLOWING_START)
     assert "no checkpoint had been written and nothing is published" in str(stopped.value)
     assert "Lower distill.lr (now 0.01)" in str(stopped.value) and "\n" not in str(stopped.value)
-    out = synthesized_run / DISTILL_DIR
-    assert not (out / FINAL_FILE).exists() and not list(out.glob(f"{CHECKPOINTS_DIR}/step-*"))
+    assert not synthesized_run.final_prefix.exists() and not list(synthesized_run.checkpoints.glob("step-*"))
 
 
 def test_a_diverging_ray_training_is_one_line_too(tiny, synthesized_run):
@@ -248,13 +241,13 @@ def test_a_diverging_ray_training_is_one_line_too(tiny, synthesized_run):
 
     from cartridges.stages.distill import TrainingDiverged
 
-    overflowing_start(synthesized_run)
+    settings = TrainSettings(executor="ray", workers=1, threads=1)
     try:
         with pytest.raises(TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)"):
-            run_training(synthesized_run, tiny, config(steps=4), TrainSettings(executor="ray", workers=1, threads=1))
+            run_training(synthesized_run, tiny, config(steps=4), settings, start_from=OVERFLOWING_START)
     finally:
         ray.shutdown()
-    assert not (synthesized_run / DISTILL_DIR / FINAL_FILE).exists()
+    assert not synthesized_run.final_prefix.exists()
 
 
 @pytest.mark.parametrize("bad_step", [1, 3])
@@ -273,5 +266,5 @@ def test_a_nan_loss_at_any_step_stops_before_the_checkpoint_of_that_step(tiny, s
     monkeypatch.setattr(distill, "distillation_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=f"training stopped at step {bad_step}: the loss is nan"):
         run_training(synthesized_run, tiny, config(steps=4, checkpoint_every=1), LOCAL)
-    steps = sorted(p.name for p in (synthesized_run / DISTILL_DIR / CHECKPOINTS_DIR).glob("step-*"))
+    steps = sorted(p.name for p in synthesized_run.checkpoints.glob("step-*"))
     assert steps == [f"step-{s:06d}" for s in range(1, bad_step)]

@@ -130,18 +130,22 @@ def test_chunk_bounds_are_validated(tiny, corpus_dir):
 def test_ingest_writes_parquet_and_reuses_it(tiny, corpus_dir, tmp_path):
     import pyarrow.parquet as pq
 
-    from cartridges.stages.ingest import CHUNKS_FILE, DOCUMENTS_FILE, ingest, read_chunks
+    from cartridges.stages.ingest import ingest, read_chunks
+    from cartridges.stages.records import IngestRecord, read_record
+    from cartridges.stages.run_dir import RunDir
 
-    run = tmp_path / "run"
+    run = RunDir(tmp_path / "run")
     record = ingest(corpus_dir, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 8, 32)
-    documents = pq.read_table(run / DOCUMENTS_FILE).to_pylist()
+    documents = pq.read_table(tmp_path / "run" / "documents.parquet").to_pylist()
     assert [d["path"] for d in documents] == ["a_statute.txt", "sub/b_notes.md"]
     chunks = read_chunks(run)
-    assert len(chunks) == record["num_chunks"] == pq.read_table(run / CHUNKS_FILE).num_rows
-    assert record["corpus_fingerprint"] == read_corpus(corpus_dir).fingerprint(tiny.tokenizer_fingerprint)
-    before = (run / CHUNKS_FILE).stat().st_mtime_ns
-    ingest(corpus_dir, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 8, 32)
-    assert (run / CHUNKS_FILE).stat().st_mtime_ns == before
+    assert len(chunks) == record.num_chunks == pq.read_table(tmp_path / "run" / "chunks.parquet").num_rows
+    assert record.num_tokens == sum(c.num_tokens for c in chunks) and record.num_documents == 2
+    assert record.corpus_fingerprint == read_corpus(corpus_dir).fingerprint(tiny.tokenizer_fingerprint)
+    assert read_record(tmp_path / "run" / "ingest.json", IngestRecord) == record  # what it returns is what it wrote
+    before = run.chunks.stat().st_mtime_ns
+    assert ingest(corpus_dir, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 8, 32) == record
+    assert run.chunks.stat().st_mtime_ns == before
 
 
 # ---- issue 14: decoding and reporting what is skipped ------------------------------------------

@@ -14,22 +14,28 @@ from cartridges.errors import CartridgeError
 from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches
 from cartridges.stages.ingest import ingest
 from cartridges.stages.quality import is_repetitive, message_problem
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.sample_plan import chunk_keys, plan_samples, rendezvous_chunks
 from cartridges.stages.seed_prompts import corpus_answer, sentences
-from cartridges.stages.shards import SAMPLE_SCHEMA, SYNTHESIS_DIR, num_shards, shard_path
+from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards
 from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
 from cartridges.stages.synthesize import synthesize
+from cartridges.stages.training_data import data_fingerprint
 
 CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
 SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 16}
 
 
-def run_synthesis(tiny, corpus, run, executor="local", **config):
-    ingest(
+def run_synthesis(tiny, corpus, folder, executor="local", reuse_from=None, **config):
+    run = RunDir(folder)
+    ingested = ingest(
         corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"]
     )
     settings = RunSettings(engine="hf", executor=executor, batch_size=4)
-    return synthesize(run, tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings)
+    previous = RunDir(reuse_from) if reuse_from else None
+    return synthesize(
+        run, ingested, tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings, previous
+    )
 
 
 def test_hf_scores_equal_an_unpadded_forward_pass(tiny):
@@ -101,11 +107,11 @@ def test_quality_filters():
 def test_output_schema_round_trips_through_datasets(tiny, long_corpus, tmp_path):
     run = tmp_path / "run"
     summary = run_synthesis(tiny, long_corpus, run, samples=10, shard_size=4, kinds=CORPUS_KINDS)
-    assert summary["samples"] == 10 and summary["unfilled"] == 0
-    assert sum(summary["kinds"].values()) == 10 and set(summary["kinds"]) <= {"continuation", "fill_span"}
-    table = pq.read_table(run / SYNTHESIS_DIR / "shards")
+    assert summary.samples == 10 and summary.unfilled == 0
+    assert sum(summary.kinds.values()) == 10 and set(summary.kinds) <= {"continuation", "fill_span"}
+    table = pq.read_table(RunDir(run).shards)
     assert table.schema.remove_metadata() == SAMPLE_SCHEMA
-    loaded = datasets.load_dataset("parquet", data_dir=str(run / SYNTHESIS_DIR / "shards"), split="train")
+    loaded = datasets.load_dataset("parquet", data_dir=str(RunDir(run).shards), split="train")
     assert sorted(loaded["sample_id"]) == list(range(10))
     for row in loaded:
         assert len(row["topk_ids"]) == len(row["answer_ids"]) == len(row["token_logprobs"])
@@ -119,11 +125,13 @@ def test_same_seed_gives_identical_samples_with_hf(tiny, long_corpus, tmp_path):
     kinds = {"question": 1.0, "continuation": 1.0, "fill_span": 1.0}
     first = run_synthesis(tiny, long_corpus, tmp_path / "a", samples=8, shard_size=4, kinds=kinds, seed=7)
     second = run_synthesis(tiny, long_corpus, tmp_path / "b", samples=8, shard_size=4, kinds=kinds, seed=7)
-    a = pq.read_table(tmp_path / "a" / SYNTHESIS_DIR / "shards").to_pylist()
-    b = pq.read_table(tmp_path / "b" / SYNTHESIS_DIR / "shards").to_pylist()
-    assert a == b and first["rejected"] == second["rejected"]
+    a = pq.read_table(RunDir(tmp_path / "a").shards).to_pylist()
+    b = pq.read_table(RunDir(tmp_path / "b").shards).to_pylist()
+    assert a == b and first.rejected == second.rejected
+    # The same samples have one fingerprint in a manifest, although their shards' timings differ.
+    assert data_fingerprint(RunDir(tmp_path / "a").shards) == data_fingerprint(RunDir(tmp_path / "b").shards)
     run_synthesis(tiny, long_corpus, tmp_path / "c", samples=8, shard_size=4, kinds=kinds, seed=8)
-    assert pq.read_table(tmp_path / "c" / SYNTHESIS_DIR / "shards").to_pylist() != a
+    assert pq.read_table(RunDir(tmp_path / "c").shards).to_pylist() != a
 
 
 def test_changed_settings_are_refused_on_resume(tiny, long_corpus, tmp_path):
@@ -142,14 +150,15 @@ import sys
 from pathlib import Path
 from cartridges.models import load_model
 from cartridges.stages.ingest import ingest
+from cartridges.stages.run_dir import RunDir
 from cartridges.stages.synthesize import synthesize
 from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
 tiny = load_model(sys.argv[1])
-run = Path(sys.argv[3])
-ingest(Path(sys.argv[2]), run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
+run = RunDir(Path(sys.argv[3]))
+ingested = ingest(Path(sys.argv[2]), run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
 config = SynthesisConfig(samples=64, shard_size=2, chunk_min_tokens=16, chunk_max_tokens=64, max_message_tokens=12,
                          max_answer_tokens=16, kinds={"continuation": 1.0, "fill_span": 1.0})
-synthesize(run, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local", batch_size=1))
+synthesize(run, ingested, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local", batch_size=1))
 """
 
 
@@ -158,22 +167,22 @@ def test_resume_after_kill_keeps_finished_shards_and_completes(tiny, tiny_model_
     args = [sys.executable, "-c", RESUME_SCRIPT, str(tiny_model_dir), str(long_corpus), str(run)]
     proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not shard_path(run, 1).exists() and time.monotonic() < deadline:
+    while not RunDir(run).shard(1).exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.kill()
     proc.wait()
-    done = {p.name: p.read_bytes() for p in (run / SYNTHESIS_DIR / "shards").glob("*.parquet")}
+    done = {p.name: p.read_bytes() for p in (RunDir(run).shards).glob("*.parquet")}
     total = num_shards(SynthesisConfig(samples=64, shard_size=2))
     assert 2 <= len(done) < total, "the kill should land mid-run"
-    assert not list((run / SYNTHESIS_DIR / "shards").glob(".*.tmp"))
+    assert not list((RunDir(run).shards).glob(".*.tmp"))
     subprocess.run(args, check=True, stderr=subprocess.DEVNULL)
     for name, data in done.items():
-        assert (run / SYNTHESIS_DIR / "shards" / name).read_bytes() == data
-    table = pq.read_table(run / SYNTHESIS_DIR / "shards")
+        assert (RunDir(run).shards / name).read_bytes() == data
+    table = pq.read_table(RunDir(run).shards)
     assert sorted(table.column("sample_id").to_pylist()) == list(range(64))
 
 
-def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path, capfd):
+def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path, capfd, recwarn):
     import ray
     from ray.util.debug import reset_log_once
 
@@ -186,20 +195,19 @@ def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path, 
     finally:
         ray.shutdown()
     noise = capfd.readouterr().err  # Ray's lines a newcomer reads as failures or that repeat our progress
+    assert not [w for w in recwarn if "ray_remote_args" in str(w.message)]  # it would print in a build's log
     for line in ["Progress bars disabled", "constructor arguments in the object store", "execution finished"]:
         assert line not in noise
-    assert on_ray["samples"] == local["samples"] == 6
+    assert on_ray.samples == local.samples == 6
     columns = ["sample_id", "messages", "answer_ids", "topk_ids"]
     assert (
-        pq.read_table(tmp_path / "ray" / SYNTHESIS_DIR / "shards", columns=columns).sort_by("sample_id").to_pylist()
-        == pq.read_table(tmp_path / "local" / SYNTHESIS_DIR / "shards", columns=columns)
-        .sort_by("sample_id")
-        .to_pylist()
+        pq.read_table(RunDir(tmp_path / "ray").shards, columns=columns).sort_by("sample_id").to_pylist()
+        == pq.read_table(RunDir(tmp_path / "local").shards, columns=columns).sort_by("sample_id").to_pylist()
     )
 
 
 def _rows_by_sample(run) -> dict[int, dict]:
-    return {row["sample_id"]: row for row in pq.read_table(run / SYNTHESIS_DIR / "shards").to_pylist()}
+    return {row["sample_id"]: row for row in pq.read_table(RunDir(run).shards).to_pylist()}
 
 
 def test_rendezvous_plan_is_uniform_and_moves_only_samples_of_changed_chunks():
@@ -227,33 +235,17 @@ def test_rebuild_of_an_edited_corpus_reuses_unchanged_chunks_and_equals_a_fresh_
         " ".join(f"Rule {i}. Repairs in room {i} are due within {i + 3} days." for i in range(30))
     )
     fresh = run_synthesis(tiny, long_corpus, tmp_path / "fresh", **config)
-    ingest(
-        long_corpus,
-        tmp_path / "second",
-        tiny.tokenizer,
-        tiny.tokenizer_fingerprint,
-        SMALL["chunk_min_tokens"],
-        SMALL["chunk_max_tokens"],
-    )
-    settings = RunSettings(engine="hf", executor="local", batch_size=4)
-    summary = synthesize(
-        tmp_path / "second",
-        tiny.path,
-        tiny.fingerprint,
-        SynthesisConfig(**(SMALL | config)),
-        settings,
-        tmp_path / "first",
-    )
+    summary = run_synthesis(tiny, long_corpus, tmp_path / "second", reuse_from=tmp_path / "first", **config)
 
     first, second, expected = (_rows_by_sample(tmp_path / run) for run in ("first", "second", "fresh"))
-    first_keys, fresh_keys = chunk_keys(tmp_path / "first"), chunk_keys(tmp_path / "fresh")
+    first_keys, fresh_keys = chunk_keys(RunDir(tmp_path / "first")), chunk_keys(RunDir(tmp_path / "fresh"))
     assert set(first_keys) & set(fresh_keys) and set(fresh_keys) - set(first_keys), "one document changed, one did not"
     # Reusable: the sample drew the same chunk content before and after the edit (read off the two runs' rows).
     same_chunk = [
         i for i in expected if i in first and first_keys[first[i]["chunk_id"]] == fresh_keys[expected[i]["chunk_id"]]
     ]
-    assert summary["reused"] == len(same_chunk) > 0 and summary["reused_from"] == str(tmp_path / "first")
-    assert summary["samples"] == fresh["samples"] == 24 and fresh["reused"] == 0
+    assert summary.reused == len(same_chunk) > 0 and summary.reused_from == str(tmp_path / "first")
+    assert summary.samples == fresh.samples == 24 and fresh.reused == 0
     assert second.keys() == expected.keys()
     for i, row in second.items():
         for column in ("chunk_id", "doc_id", "seed_kind", "seed", "messages", "answer_ids", "topk_ids"):
@@ -264,26 +256,9 @@ def test_rebuild_of_an_edited_corpus_reuses_unchanged_chunks_and_equals_a_fresh_
 
 
 def test_samples_of_other_settings_are_not_reused(tiny, long_corpus, tmp_path):
-    run_synthesis(tiny, long_corpus, tmp_path / "first", samples=4, shard_size=4, kinds=CORPUS_KINDS)
-    ingest(
-        long_corpus,
-        tmp_path / "second",
-        tiny.tokenizer,
-        tiny.tokenizer_fingerprint,
-        SMALL["chunk_min_tokens"],
-        SMALL["chunk_max_tokens"],
-    )
-    config = SynthesisConfig(**SMALL, samples=4, shard_size=4, kinds=CORPUS_KINDS, top_k=5)
-    settings = RunSettings(engine="hf", executor="local", batch_size=4)
-    summary = synthesize(tmp_path / "second", tiny.path, tiny.fingerprint, config, settings, tmp_path / "first")
-    assert summary["reused"] == 0 and summary["reuse_refused"] == "other settings (top_k)"
-    ingest(
-        long_corpus,
-        tmp_path / "third",
-        tiny.tokenizer,
-        tiny.tokenizer_fingerprint,
-        SMALL["chunk_min_tokens"],
-        SMALL["chunk_max_tokens"],
-    )
+    config = {"samples": 4, "shard_size": 4, "kinds": CORPUS_KINDS}
+    run_synthesis(tiny, long_corpus, tmp_path / "first", **config)
+    summary = run_synthesis(tiny, long_corpus, tmp_path / "second", reuse_from=tmp_path / "first", top_k=5, **config)
+    assert summary.reused == 0 and summary.reuse_refused == "other settings (top_k)"
     with pytest.raises(CartridgeError, match="holds no synthesis.*--out folder"):
-        synthesize(tmp_path / "third", tiny.path, tiny.fingerprint, config, settings, tmp_path / "nowhere")
+        run_synthesis(tiny, long_corpus, tmp_path / "third", reuse_from=tmp_path / "nowhere", **config)

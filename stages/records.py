@@ -1,0 +1,84 @@
+"""What each stage hands to the next: typed records that are also what the stage writes into the run
+folder (`ingest.json`, a shard's stats, `synthesis/summary.json`), so that a later stage, a resumed
+run and the CLI read the same fields by name instead of string keys."""
+
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from cartridges.atomic import write_text_atomically
+
+
+class StageRecord(BaseModel):
+    """Read leniently (fields added later have defaults, unknown ones from a newer version are kept out)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def write(self, path: Path) -> None:
+        write_text_atomically(path, self.model_dump_json(indent=2))
+
+
+Record = TypeVar("Record", bound=StageRecord)
+
+
+def read_record(path: Path, kind: type[Record]) -> Record:
+    return kind.model_validate_json(path.read_bytes())
+
+
+class Skipped(StageRecord):
+    """A file or folder of the corpus that was not read, and why."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason})"
+
+
+class IngestRecord(StageRecord):
+    """`ingest.json`: the corpus as chunked for this run."""
+
+    corpus_fingerprint: str
+    chunk_min_tokens: int
+    chunk_max_tokens: int
+    source: str
+    num_documents: int
+    num_chunks: int
+    num_tokens: int
+    skipped: list[Skipped] = []
+
+
+class ShardStats(StageRecord):
+    """One shard's counts, kept in its Parquet schema metadata."""
+
+    shard: int
+    samples: int
+    planned: int
+    reused: int = 0
+    unfilled: int
+    kinds: dict[str, int]
+    rejected: dict[str, int]
+    generated_tokens: int
+    seconds: float
+    engine: str
+
+
+class SynthesisSummary(StageRecord):
+    """`synthesis/summary.json`: totals over every shard of the run (also those of earlier, interrupted runs)."""
+
+    samples: int
+    reused: int
+    reused_from: str | None
+    planned: int
+    unfilled: int
+    kinds: dict[str, int]
+    rejected: dict[str, int]
+    generated_tokens: int
+    engine_seconds: float
+    samples_per_second: float
+    generated_tokens_per_second: float
+    engines: list[str]
+    wall_seconds_this_run: float = 0.0
+    shards_made_this_run: int = 0
+    reuse_refused: str | None = None  # why an earlier run's samples could not stand in for planned ones
