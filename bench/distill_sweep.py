@@ -24,12 +24,12 @@ from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.distill import DistillConfig
 from cartridges.stages.distill_artifact import final_metrics
-from cartridges.stages.distill_run import TrainSettings, run_training
+from cartridges.stages.distill_run import DistillRunSettings, run_training
 from cartridges.stages.evaluate import paired_gain, score_corpus
 from cartridges.stages.ingest import ingest
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.synthesis_config import EVERY_KIND, RunSettings, SynthesisConfig
+from cartridges.stages.synthesis_config import EVERY_KIND, SynthesisConfig, SynthesisRunSettings
 from cartridges.stages.synthesize import synthesize
 
 MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
@@ -99,7 +99,9 @@ class CorpusSweep:
                 config.chunk_max_tokens,
             )
             started = time.perf_counter()
-            settings = RunSettings(engine=self.args.engine, executor="local", batch_size=self.args.engine_batch)
+            settings = SynthesisRunSettings(
+                engine=self.args.engine, executor="local", batch_size=self.args.engine_batch
+            )
             summary = synthesize(RunDir(run), ingested, self.loaded.path, self.loaded.fingerprint, config, settings)
             self.synthesis[mix] = summary.model_dump() | {"wall_seconds": time.perf_counter() - started}
         return run
@@ -121,7 +123,7 @@ class CorpusSweep:
             seed=self.args.seed,
         )
         started = time.perf_counter()
-        run_training(folder, self.loaded, config, TrainSettings(executor="local"))
+        run_training(folder, self.loaded, config, DistillRunSettings(executor="local"))
         seconds = time.perf_counter() - started
         init = self.score(f"init-p{trial.num_tokens}", load_file(str(folder.init_prefix))["prefix"])
         trained = FixedContext(Context(load_file(str(folder.final_prefix))["prefix"]))

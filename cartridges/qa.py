@@ -20,6 +20,8 @@ class Question:
 
 @dataclass(frozen=True)
 class QACorpus:
+    """One corpus of a QA file: its text and the held-out questions about it."""
+
     id: str
     title: str
     text: str

@@ -11,10 +11,19 @@ from cartridges.registry import ALIASES_DIR, Registry
 
 @dataclass(frozen=True)
 class Entry:
-    name: str
-    version: int
+    """One usable version: its stored manifest (which names it, checked against where it sits) and the
+    aliases that point at it."""
+
     manifest: Manifest
     aliases: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
 
 
 @dataclass(frozen=True)
@@ -58,5 +67,10 @@ def list_registry(registry: Registry) -> Listing:
             except CartridgeError as exc:
                 skipped.append(Skipped(f"{name}/{version}", str(exc)))
                 continue
-            entries.append(Entry(name, version, manifest, tuple(sorted(by_version.get(version, [])))))
+            if (manifest.name, manifest.version) != (name, version):  # a folder moved or copied by hand
+                skipped.append(
+                    Skipped(f"{name}/{version}", f"its manifest names {manifest.label}, not {name}@{version}")
+                )
+                continue
+            entries.append(Entry(manifest, tuple(sorted(by_version.get(version, [])))))
     return Listing(entries, skipped)

@@ -38,7 +38,7 @@ from cartridges.stages.distill import check_training_fits_window
 from cartridges.stages.distill_artifact import TrainedRun, save_distilled
 from cartridges.stages.distill_run import run_training
 from cartridges.stages.evaluate import score_corpus
-from cartridges.stages.ingest import Corpus, ingest_corpus, read_corpus
+from cartridges.stages.ingest import Corpus, ingest, read_corpus
 from cartridges.stages.records import IngestRecord, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.synthesis_config import check_fits_window
@@ -198,7 +198,7 @@ def _build_in(
 
     ingested = stage(
         "ingest",
-        lambda: ingest_corpus(
+        lambda: ingest(
             corpus,
             run,
             loaded.tokenizer,
@@ -218,7 +218,7 @@ def _build_in(
     qa_pairs = [(q.question, q.answer) for q in qa.questions] if qa is not None else []  # gold NLL at every eval_every
     stage(
         "distill",
-        lambda: run_training(run, loaded, config.distill, config.training, qa_pairs, start_from=parent_prefix),
+        lambda: run_training(run, loaded, config.distill, config.distill_run, qa_pairs, start_from=parent_prefix),
     )
     evaluation = stage("evaluate", lambda: evaluate_run(run, loaded, qa)) if qa is not None else {}
     trained = TrainedRun(run, ingested, synthesis, config.distill, parent, evaluation)

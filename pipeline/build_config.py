@@ -9,14 +9,14 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from cartridges.errors import CartridgeError, invalid_settings
 from cartridges.hashing import sha256_bytes
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distill import DistillConfig
-from cartridges.stages.distill_run import TrainSettings
-from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
+from cartridges.stages.distill_run import DistillRunSettings
+from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,9 +28,12 @@ class BuildConfig(BaseModel):
         "default", description="'default' (embedded SmolLM2-135M-Instruct), an HF model folder or hub id"
     )
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
-    synthesis_run: RunSettings = Field(default_factory=RunSettings)
+    synthesis_run: SynthesisRunSettings = Field(default_factory=SynthesisRunSettings)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    training: TrainSettings = Field(default_factory=TrainSettings)
+    # `training` is this section's name in configs written before it was named after its stage.
+    distill_run: DistillRunSettings = Field(
+        default_factory=DistillRunSettings, validation_alias=AliasChoices("distill_run", "training")
+    )
     warm_start: bool = Field(
         True, description="start training from the latest published version of the same name when it fits"
     )

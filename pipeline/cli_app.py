@@ -35,6 +35,14 @@ RegistryOption = Annotated[
     ),
 ]
 
+ConfigOption = Annotated[
+    str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu (configs/)")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override one setting of the config, e.g. --set distill.steps=100 (repeatable)"),
+]
+
 ModelOption = Annotated[
     str | None,
     typer.Option("--model", help="'default' (embedded SmolLM2-135M-Instruct), a local HF model folder, or a hub id."),

@@ -7,8 +7,10 @@ import typer
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.cli_app import (
+    ConfigOption,
     ModelOption,
     RegistryOption,
+    SetOption,
     app,
     console,
     open_registry,
@@ -16,32 +18,24 @@ from cartridges.pipeline.cli_app import (
 )
 from cartridges.stages.records import SynthesisSummary
 
-ConfigOption = Annotated[
-    str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu (configs/)")
-]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="override one setting of the config, e.g. --set distill.steps=100 (repeatable)"),
-]
 
-
-def _settings(config: str, overrides: list[str] | None, model: str | None):
+def _build_config(spec: str, overrides: list[str] | None, model: str | None):
     """The build config with its overrides; `--model` is `--set model=...` (as in chat, ask and eval)."""
     from cartridges.pipeline.build_config import load_build_config
 
-    return load_build_config(config, [*(overrides or []), *([f"model={model}"] if model else [])])
+    return load_build_config(spec, [*(overrides or []), *([f"model={model}"] if model else [])])
 
 
 @app.command("synthesize")
 def synthesize_command(
     corpus: Annotated[Path, typer.Argument(help="corpus folder (.txt .md .rst .html .pdf .json .jsonl)")],
     out: Annotated[Path, typer.Option("--out", help="run folder; rerun with the same folder to resume")],
-    config: ConfigOption = "default",
-    overrides: SetOption = None,
-    model: ModelOption = None,
     reuse_from: Annotated[
         Path | None, typer.Option("--reuse-from", help="earlier run folder: take its samples of unchanged chunks")
     ] = None,
+    config_spec: ConfigOption = "default",
+    overrides: SetOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Write self-study conversations with teacher top-k log-probabilities as Parquet shards.
 
@@ -49,18 +43,18 @@ def synthesize_command(
     Example: cartridges synthesize legal/ --out runs/legal --set synthesis.samples=256 --set synthesis_run.engine=hf
     """
     from cartridges.models import load_model
-    from cartridges.stages.ingest import ingest_corpus, read_corpus
+    from cartridges.stages.ingest import ingest, read_corpus
     from cartridges.stages.run_dir import RunDir
     from cartridges.stages.synthesis_config import check_fits_window
     from cartridges.stages.synthesize import synthesize
 
-    settings = _settings(config, overrides, model)
-    synthesis = settings.synthesis
+    config = _build_config(config_spec, overrides, model)
+    synthesis = config.synthesis
     documents = read_corpus(corpus)  # a bad folder fails before the model loads
-    loaded = load_model(settings.model)
+    loaded = load_model(config.model)
     check_fits_window(synthesis, loaded.model.config.max_position_embeddings)
     run = RunDir(out)
-    ingested = ingest_corpus(
+    ingested = ingest(
         documents,
         run,
         loaded.tokenizer,
@@ -73,7 +67,7 @@ def synthesize_command(
         f"corpus: {ingested.num_documents} documents, {ingested.num_chunks} chunks, {ingested.num_tokens} tokens"
     )
     previous = RunDir(reuse_from) if reuse_from else None
-    summary = synthesize(run, ingested, loaded.path, loaded.fingerprint, synthesis, settings.synthesis_run, previous)
+    summary = synthesize(run, ingested, loaded.path, loaded.fingerprint, synthesis, config.synthesis_run, previous)
     console.print(
         f"{summary.samples}/{summary.planned} samples in {out} ({', '.join(summary.engines)}; {_reuse_note(summary)}): "
         f"{summary.samples_per_second:.2f} samples/s, {summary.generated_tokens_per_second:.1f} generated tok/s\n"
@@ -85,7 +79,7 @@ def synthesize_command(
 def distill_command(
     run_folder: Annotated[Path, typer.Argument(help="run folder made by `cartridges synthesize`")],
     name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")],
-    config: ConfigOption = "default",
+    config_spec: ConfigOption = "default",
     overrides: SetOption = None,
     qa: Annotated[
         Path | None, typer.Option("--qa", help="QA file (shared/data/qa format) for gold-answer NLL during training")
@@ -110,7 +104,7 @@ def distill_command(
 
     validate_name(name)
     reg = open_registry(registry, writing=True)
-    settings = _settings(config, overrides, model)
+    config = _build_config(config_spec, overrides, model)
     run = RunDir(run_folder)
     if not run.synthesis_summary.is_file():
         raise CartridgeError(
@@ -120,13 +114,13 @@ def distill_command(
         run,
         read_record(run.ingest_record, IngestRecord),
         read_record(run.synthesis_summary, SynthesisSummary),
-        settings.distill,
+        config.distill,
     )
     questions = _qa_corpus(qa, qa_corpus)
     qa_pairs = [(q.question, q.answer) for q in questions.questions] if questions else []
-    loaded = load_model(settings.model)
-    check_training_fits_window(settings.distill, loaded.model.config.max_position_embeddings)
-    run_training(run, loaded, settings.distill, settings.training, qa_pairs)
+    loaded = load_model(config.model)
+    check_training_fits_window(config.distill, loaded.model.config.max_position_embeddings)
+    run_training(run, loaded, config.distill, config.distill_run, qa_pairs)
     with scratch_folder(name) as scratch:
         save_distilled(loaded, trained, name, scratch / "cartridge")
         published = reg.publish(scratch / "cartridge", name)
@@ -145,7 +139,7 @@ def build_command(
         ),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")] = "legal",
-    config: ConfigOption = "default",
+    config_spec: ConfigOption = "default",
     overrides: SetOption = None,
     qa: Annotated[
         Path | None,
@@ -164,12 +158,12 @@ def build_command(
 
     validate_name(name)
     reg = open_registry(registry, writing=True)
-    settings = _settings(config, overrides, None)
+    config = _build_config(config_spec, overrides, None)
     questions = _qa_corpus(qa, qa_corpus)
     result = build(
         corpus or gather_license_corpus(),
         name,
-        settings,
+        config,
         reg,
         lambda stage: console.print(f"[bold]{stage}[/bold]"),
         questions,

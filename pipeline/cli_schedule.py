@@ -9,7 +9,9 @@ from rich.table import Table
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.cli_app import (
+    ConfigOption,
     RegistryOption,
+    SetOption,
     console,
     open_registry,
     schedule_app,
@@ -28,10 +30,8 @@ def schedule_add(
     corpus: Annotated[Path, typer.Argument(help="corpus folder to rebuild from")],
     name: Annotated[str, typer.Option("--name", help="registry name of the cartridge")],
     cron: Annotated[str, typer.Option("--cron", help="cron expression, UTC")] = "0 2 * * *",
-    config: Annotated[
-        str, typer.Option("--config", help="YAML file or shipped config: default, tiny, gpu")
-    ] = "default",
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="override one setting (repeatable)")] = None,
+    config: ConfigOption = "default",
+    overrides: SetOption = None,
     registry: RegistryOption = None,
 ) -> None:
     """Rebuild a cartridge at cron times (replaces a schedule of the same name).

@@ -20,10 +20,10 @@ import torch
 
 from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
+from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
 from cartridges.qa import Question
-from cartridges.stages.initialize import kv_prefix_of_tokens
 
 SINK_TOKENS = 1  # presses always keep the first token: attention sinks carry much of the attention mass
 

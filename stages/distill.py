@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 from cartridges.artifact import cartridge_peft_config, kv_shape
 from cartridges.atomic import write_atomically
 from cartridges.errors import CartridgeError
+from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import default_device
 from cartridges.runtime import pad_token_id
@@ -30,7 +31,6 @@ from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
-from cartridges.stages.initialize import kv_prefix_of_tokens
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.training_data import collate, distillation_loss, load_examples
 

@@ -23,7 +23,7 @@ from cartridges.stages.distill import DistillConfig, TrainingDiverged, initial_p
 from cartridges.stages.run_dir import RunDir
 
 
-class TrainSettings(BaseModel):
+class DistillRunSettings(BaseModel):
     """How training runs; does not change the result beyond floating-point reduction order."""
 
     model_config = STRICT_SETTINGS
@@ -48,7 +48,7 @@ def run_training(
     run: RunDir,
     loaded,
     config: DistillConfig,
-    settings: TrainSettings,
+    settings: DistillRunSettings,
     qa_pairs: list[tuple[str, str]] = (),
     start_from: torch.Tensor | None = None,
 ) -> Path:
@@ -86,7 +86,7 @@ def run_training(
     return run.final_prefix
 
 
-def _fit_on_ray(run: RunDir, loop_config: dict, settings: TrainSettings) -> None:
+def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -14,9 +14,9 @@ import torch
 
 from cartridges.artifact import kv_shape
 from cartridges.batching import pad_batch
+from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.models import default_device
 from cartridges.runtime import prefix_cache
-from cartridges.stages.initialize import kv_prefix_of_tokens
 
 EngineName = Literal["auto", "vllm", "hf"]
 SMALL_MACHINE_CORES = 4
@@ -24,6 +24,9 @@ SMALL_MACHINE_CORES = 4
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How an engine writes a user message or an answer, the same for vLLM and HF: at most `max_tokens`,
+    sampled at `temperature` within the `top_p` nucleus, ending at the first of `stop_token_ids`."""
+
     max_tokens: int
     temperature: float
     top_p: float

@@ -195,26 +195,17 @@ def read_chunks(run: RunDir) -> list[Chunk]:
 
 
 def ingest(
-    corpus_dir: Path,
+    corpus: Corpus | Path,
     run: RunDir,
     tokenizer: PreTrainedTokenizerBase,
     tokenizer_fingerprint: str,
     min_tokens: int,
     max_tokens: int,
 ) -> IngestRecord:
-    """Read, chunk and write the corpus into the run folder; reuses earlier outputs of the same corpus and chunking."""
-    return ingest_corpus(read_corpus(corpus_dir), run, tokenizer, tokenizer_fingerprint, min_tokens, max_tokens)
-
-
-def ingest_corpus(
-    corpus: Corpus,
-    run: RunDir,
-    tokenizer: PreTrainedTokenizerBase,
-    tokenizer_fingerprint: str,
-    min_tokens: int,
-    max_tokens: int,
-) -> IngestRecord:
-    """`ingest` of a corpus already read (its fingerprint decides whether earlier outputs are reused)."""
+    """Chunk and write a corpus (or the corpus folder it reads) into the run folder; reuses earlier outputs
+    of the same corpus and chunking (its fingerprint decides)."""
+    if isinstance(corpus, Path):
+        corpus = read_corpus(corpus)
     fingerprint = corpus.fingerprint(tokenizer_fingerprint)
     if run.ingest_record.is_file():
         done = read_record(run.ingest_record, IngestRecord)

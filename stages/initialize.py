@@ -6,11 +6,9 @@ prefix it reproduces the logits of the model with those tokens in context.
 
 from pathlib import Path
 
-import torch
-from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
-
 from cartridges.artifact import cartridge_peft_config, describe_model, save_artifact
 from cartridges.errors import CartridgeError
+from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.models import LoadedModel
@@ -18,14 +16,6 @@ from cartridges.stages.ingest import Corpus
 from cartridges.tokenizing import count_tokens
 
 NUM_FROZEN_TOKENS = 1
-
-
-@torch.no_grad()
-def kv_prefix_of_tokens(model, token_ids: list[int]) -> torch.Tensor:
-    """No-grad prefill of the base model; its cache in PEFT's flattened prefix layout."""
-    input_ids = torch.tensor([token_ids], device=model.device)
-    out = model(input_ids=input_ids, use_cache=True)
-    return prompt_embeddings_from_past_key_values(out.past_key_values, num_virtual_tokens=len(token_ids))
 
 
 def corpus_info(loaded: LoadedModel, corpus: Corpus, corpus_token_count: int) -> CorpusInfo:

@@ -49,32 +49,30 @@ class IngestRecord(StageRecord):
     skipped: list[Skipped] = []
 
 
-class ShardStats(StageRecord):
-    """One shard's counts, kept in its Parquet schema metadata."""
+class SampleCounts(StageRecord):
+    """What a shard, or a whole synthesis, holds and what making it took."""
 
-    shard: int
     samples: int
     planned: int
     reused: int = 0
-    unfilled: int
+    unfilled: int  # planned samples still rejected after every retry
     kinds: dict[str, int]
-    rejected: dict[str, int]
+    rejected: dict[str, int]  # rejections by reason, retried ones included
     generated_tokens: int
+
+
+class ShardStats(SampleCounts):
+    """One shard's counts, kept in its Parquet schema metadata."""
+
+    shard: int
     seconds: float
     engine: str
 
 
-class SynthesisSummary(StageRecord):
+class SynthesisSummary(SampleCounts):
     """`synthesis/summary.json`: totals over every shard of the run (also those of earlier, interrupted runs)."""
 
-    samples: int
-    reused: int
     reused_from: str | None
-    planned: int
-    unfilled: int
-    kinds: dict[str, int]
-    rejected: dict[str, int]
-    generated_tokens: int
     engine_seconds: float
     samples_per_second: float
     generated_tokens_per_second: float

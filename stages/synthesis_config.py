@@ -1,5 +1,5 @@
 """What a synthesis makes (`SynthesisConfig`: a new run folder when it changes) and how it runs
-(`RunSettings`), and whether its prompts fit the model's window."""
+(`SynthesisRunSettings`), and whether its prompts fit the model's window."""
 
 from typing import Literal
 
@@ -64,7 +64,7 @@ class SynthesisConfig(BaseModel):
         return kinds
 
 
-class RunSettings(BaseModel):
+class SynthesisRunSettings(BaseModel):
     """How the work runs; does not change which samples are made (except HF batching, see docs)."""
 
     model_config = STRICT_SETTINGS

@@ -34,7 +34,7 @@ from cartridges.stages.sample_builder import SampleBuilder
 from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
 from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
 from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards, read_shard_stats, write_shard
-from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig, max_prompt_tokens
+from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings, max_prompt_tokens
 
 
 def plan_run(config: SynthesisConfig, keys: list[str]) -> list[PlannedSample]:
@@ -49,7 +49,7 @@ class SynthesisWorker:
 
         self.run = RunDir(Path(run_dir))
         config = SynthesisConfig.model_validate_json(config_json)
-        settings = RunSettings.model_validate_json(settings_json)
+        settings = SynthesisRunSettings.model_validate_json(settings_json)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         chunks = read_chunks(self.run)
         titles = read_titles(self.run)
@@ -107,7 +107,7 @@ def _check_run_config(run: RunDir, record: dict) -> None:
         write_text_atomically(path, json.dumps(record, indent=2, sort_keys=True))
 
 
-def _run_shards(pending: list[int], worker_args: dict, settings: RunSettings, on_done) -> None:
+def _run_shards(pending: list[int], worker_args: dict, settings: SynthesisRunSettings, on_done) -> None:
     if settings.executor == "local":
         worker = SynthesisWorker(**worker_args)
         try:
@@ -173,7 +173,7 @@ def synthesize(
     model_path: Path,
     model_fingerprint: str,
     config: SynthesisConfig,
-    settings: RunSettings,
+    settings: SynthesisRunSettings,
     reuse_from: RunDir | None = None,
 ) -> SynthesisSummary:
     """Make every missing shard of the run's plan; returns the summary (also written to summary.json).

@@ -25,7 +25,7 @@ def test_overrides_apply_and_only_decisive_settings_change_the_fingerprint():
     base = load_build_config("tiny")
     assert load_build_config("tiny", ["distill.steps=7"]).distill.steps == 7
     assert load_build_config("tiny", ["distill.steps=7"]).fingerprint() != base.fingerprint()
-    assert load_build_config("tiny", ["training.threads=1"]).fingerprint() == base.fingerprint()
+    assert load_build_config("tiny", ["distill_run.threads=1"]).fingerprint() == base.fingerprint()
 
 
 @pytest.mark.parametrize(
@@ -40,6 +40,16 @@ def test_overrides_apply_and_only_decisive_settings_change_the_fingerprint():
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(CartridgeError, match=message):
         load_build_config("tiny", overrides)
+
+
+def test_a_config_written_before_the_rename_of_training_to_distill_run_still_loads(tmp_path):
+    older = tmp_path / "older.yaml"
+    older.write_text("training:\n  executor: local\n  workers: 2\n")
+    config = load_build_config(str(older))
+    assert (config.distill_run.executor, config.distill_run.workers) == ("local", 2)
+    newer = tmp_path / "newer.yaml"
+    newer.write_text(older.read_text().replace("training:", "distill_run:"))
+    assert load_build_config(str(newer)) == config
 
 
 def test_unknown_config_names_the_shipped_ones():

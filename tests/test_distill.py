@@ -16,16 +16,16 @@ from cartridges.stages.distill import (
     _student,
 )
 from cartridges.stages.distill_artifact import TrainedRun, save_distilled
-from cartridges.stages.distill_run import TrainSettings, run_training
+from cartridges.stages.distill_run import DistillRunSettings, run_training
 from cartridges.stages.ingest import ingest
 from cartridges.stages.records import IngestRecord, SynthesisSummary, read_record
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
+from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
 from cartridges.stages.synthesize import synthesize
 from cartridges.stages.training_data import collate, distillation_loss, load_examples
 
 P = 12
-LOCAL = TrainSettings(executor="local")
+LOCAL = DistillRunSettings(executor="local")
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def synthesized_run(tiny, tmp_path):
         kinds={"continuation": 1.0, "fill_span": 1.0},
         top_k=8,
     )
-    synthesize(run, ingested, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local"))
+    synthesize(run, ingested, tiny.path, tiny.fingerprint, config, SynthesisRunSettings(engine="hf", executor="local"))
     return run
 
 
@@ -194,7 +194,9 @@ def test_two_ray_workers_match_one_local_worker(tiny, synthesized_run, tmp_path)
     run_training(single, tiny, config(steps=3, batch_size=4), LOCAL)
     double = RunDir(shutil.copytree(synthesized_run.root, tmp_path / "double"))
     try:
-        run_training(double, tiny, config(steps=3, batch_size=4), TrainSettings(executor="ray", workers=2, threads=1))
+        run_training(
+            double, tiny, config(steps=3, batch_size=4), DistillRunSettings(executor="ray", workers=2, threads=1)
+        )
     finally:
         ray.shutdown()
     a = load_file(str(single.final_prefix))["prefix"]
@@ -206,7 +208,7 @@ def test_a_ray_worker_trains_with_all_its_cpus(tiny, synthesized_run):
     """Ray starts workers with OMP_NUM_THREADS = their CPUs, one by default: training ran 1.8x slower on 2 cores."""
     import ray
 
-    settings = TrainSettings(executor="ray", workers=1)
+    settings = DistillRunSettings(executor="ray", workers=1)
     try:
         run_training(synthesized_run, tiny, config(steps=1), settings)
     finally:
@@ -241,7 +243,7 @@ def test_a_diverging_ray_training_is_one_line_too(tiny, synthesized_run):
 
     from cartridges.stages.distill import TrainingDiverged
 
-    settings = TrainSettings(executor="ray", workers=1, threads=1)
+    settings = DistillRunSettings(executor="ray", workers=1, threads=1)
     try:
         with pytest.raises(TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)"):
             run_training(synthesized_run, tiny, config(steps=4), settings, start_from=OVERFLOWING_START)

@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -355,12 +356,13 @@ def test_one_bad_entry_does_not_break_the_listing(tmp_path):
     (tmp_path / "reg" / "lost+found").mkdir()
     (tmp_path / "reg" / "legal" / "7").mkdir()
     _edit_manifest(tmp_path / "reg" / "newer" / "1", format_version=99)
+    shutil.copytree(tmp_path / "reg" / "tax" / "1", tmp_path / "reg" / "tax" / "2")  # copied by hand
     listing = reg.list()
     assert [(e.name, e.version) for e in listing.entries] == [("legal", 1), ("tax", 1)]
     reasons = {s.path: s.reason for s in listing.skipped}
-    assert set(reasons) == {"lost+found", "legal/7", "newer/1"}
+    assert set(reasons) == {"lost+found", "legal/7", "newer/1", "tax/2"}
     assert "not a cartridge name" in reasons["lost+found"] and "no manifest.json" in reasons["legal/7"]
-    assert "format v99 is newer" in reasons["newer/1"]
+    assert "format v99 is newer" in reasons["newer/1"] and "its manifest names tax@1, not tax@2" in reasons["tax/2"]
 
 
 def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):

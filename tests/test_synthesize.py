@@ -18,7 +18,7 @@ from cartridges.stages.run_dir import RunDir
 from cartridges.stages.sample_plan import chunk_keys, plan_samples, rendezvous_chunks
 from cartridges.stages.seed_prompts import corpus_answer, sentences
 from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards
-from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
+from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
 from cartridges.stages.synthesize import synthesize
 from cartridges.stages.training_data import data_fingerprint
 
@@ -31,7 +31,7 @@ def run_synthesis(tiny, corpus, folder, executor="local", reuse_from=None, **con
     ingested = ingest(
         corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"]
     )
-    settings = RunSettings(engine="hf", executor=executor, batch_size=4)
+    settings = SynthesisRunSettings(engine="hf", executor=executor, batch_size=4)
     previous = RunDir(reuse_from) if reuse_from else None
     return synthesize(
         run, ingested, tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings, previous
@@ -152,13 +152,13 @@ from cartridges.models import load_model
 from cartridges.stages.ingest import ingest
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.synthesize import synthesize
-from cartridges.stages.synthesis_config import RunSettings, SynthesisConfig
+from cartridges.stages.synthesis_config import SynthesisRunSettings, SynthesisConfig
 tiny = load_model(sys.argv[1])
 run = RunDir(Path(sys.argv[3]))
 ingested = ingest(Path(sys.argv[2]), run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
 config = SynthesisConfig(samples=64, shard_size=2, chunk_min_tokens=16, chunk_max_tokens=64, max_message_tokens=12,
                          max_answer_tokens=16, kinds={"continuation": 1.0, "fill_span": 1.0})
-synthesize(run, ingested, tiny.path, tiny.fingerprint, config, RunSettings(engine="hf", executor="local", batch_size=1))
+synthesize(run, ingested, tiny.path, tiny.fingerprint, config, SynthesisRunSettings(engine="hf", executor="local", batch_size=1))
 """
 
 

@@ -1,0 +1,17 @@
+"""The model's own KV cache of some tokens, in the layout of a cartridge's prefix.
+
+Loaded as a prefix it reproduces the logits of the model with those tokens in context: the `init`
+cartridge, the start of distillation, the `icl`/`truncated`/`rag` baselines and the HF engine's
+shared chunk all come from here.
+"""
+
+import torch
+from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
+
+
+@torch.no_grad()
+def kv_prefix_of_tokens(model, token_ids: list[int]) -> torch.Tensor:
+    """No-grad prefill of the base model; its cache in PEFT's flattened prefix layout [P, L*2*H*D]."""
+    input_ids = torch.tensor([token_ids], device=model.device)
+    out = model(input_ids=input_ids, use_cache=True)
+    return prompt_embeddings_from_past_key_values(out.past_key_values, num_virtual_tokens=len(token_ids))
