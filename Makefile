@@ -15,7 +15,7 @@ CORPUS ?=
 NAME ?= legal
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm setup-bench lint format test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat nightly clean
+.PHONY: setup setup-vllm setup-bench lint format test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat serve nightly clean
 
 setup: $(STAMP)
 
@@ -91,6 +91,11 @@ cartridge: setup-vllm
 
 chat: setup
 	$(BIN)/cartridges chat '$(CARTRIDGE)'
+
+# The OpenAI API on http://127.0.0.1:$(PORT)/v1; a request's model picks its cartridge (legal@latest).
+PORT ?= 8000
+serve: setup
+	$(BIN)/cartridges serve --port $(PORT)
 
 # Rebuild CORPUS as NAME every night at 02:00 UTC (the scheduler runs on the Ray cluster at RAY_ADDRESS).
 nightly: setup

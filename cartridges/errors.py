@@ -12,6 +12,10 @@ class CartridgeError(Exception):
     """A problem the user can fix: the message names what is wrong and what to do."""
 
 
+class NotFound(CartridgeError):
+    """A reference names no live version: no such name, version or alias (a server answers 404)."""
+
+
 def invalid_settings(exc, source: str, what: str = "setting") -> CartridgeError:
     """One line for a pydantic ValidationError of a config or a record read from `source`: where, the first
     problem's dotted key, pydantic's message and the value given (shortened)."""

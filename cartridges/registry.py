@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cartridges.artifact_cache import cached_copy, download
 from cartridges.atomic import rename_unless_exists, write_atomically
-from cartridges.errors import CartridgeError
+from cartridges.errors import CartridgeError, NotFound
 from cartridges.integrity import check_artifact
 from cartridges.manifest import (
     MANIFEST_FILE,
@@ -166,11 +166,11 @@ class Registry:
         if not versions:
             retired = self.retired(parsed.name)
             if retired:
-                raise CartridgeError(
+                raise NotFound(
                     f"{parsed.name} has no versions left: {_listed(retired)} removed (numbers are never reused); publish a new one"
                 )
             known = ", ".join(self.names()) or "none"
-            raise CartridgeError(f"no cartridge named {parsed.name!r} in {self.url} (available: {known})")
+            raise NotFound(f"no cartridge named {parsed.name!r} in {self.url} (available: {known})")
         if parsed.selector == LATEST:
             return parsed.name, versions[-1]
         if parsed.selector.isdigit():
@@ -178,12 +178,10 @@ class Registry:
         aliases = self.aliases(parsed.name)
         if parsed.selector not in aliases:
             known = ", ".join(sorted(aliases)) or "none"
-            raise CartridgeError(
-                f"{parsed.name} has no alias {parsed.selector!r} (aliases: {known}; or use @latest / @N)"
-            )
+            raise NotFound(f"{parsed.name} has no alias {parsed.selector!r} (aliases: {known}; or use @latest / @N)")
         target = aliases[parsed.selector]
         if target not in versions:
-            raise CartridgeError(
+            raise NotFound(
                 f"alias {parsed.name}@{parsed.selector} points at {parsed.name}@{target}, which no longer exists: "
                 f"`cartridges alias {parsed.name}@N {parsed.selector}` to move it, or `--remove` it"
             )
@@ -193,8 +191,8 @@ class Registry:
         if version in versions:
             return version
         if version in self.retired(name):
-            raise CartridgeError(f"{name}@{version} was removed (versions: {', '.join(map(str, versions))})")
-        raise CartridgeError(f"{name} has no version {version} (versions: {', '.join(map(str, versions))})")
+            raise NotFound(f"{name}@{version} was removed (versions: {', '.join(map(str, versions))})")
+        raise NotFound(f"{name} has no version {version} (versions: {', '.join(map(str, versions))})")
 
     def manifest_bytes(self, name: str, version: int) -> bytes:
         return self.fs.cat_file(self.path(name, version, MANIFEST_FILE))

@@ -4,11 +4,11 @@ import os
 import sys
 
 from cartridges.errors import CartridgeError
-from cartridges.pipeline import cli_build, cli_registry, cli_schedule, cli_use  # noqa: F401  (they register the commands)
+from cartridges.pipeline import cli_build, cli_registry, cli_schedule, cli_serve, cli_use  # noqa: F401  (they register the commands)
 from cartridges.pipeline.cli_app import app, errors
 
 # `cartridges --help` lists the commands in the order a newcomer uses them.
-HELP_ORDER = ["build", "ask", "chat", "ls", "show", "verify", "alias", "rm", "compose", "init", "eval"]
+HELP_ORDER = ["build", "ask", "chat", "serve", "ls", "show", "verify", "alias", "rm", "compose", "init", "eval"]
 HELP_ORDER += ["synthesize", "distill", "gc"]
 app.registered_commands.sort(key=lambda command: HELP_ORDER.index(command.name))
 

@@ -20,7 +20,7 @@ STATUTE = (
 )
 
 
-def build_tiny_model(folder: Path, seed: int = 0, num_layers: int = 2) -> Path:
+def build_tiny_model(folder: Path, seed: int = 0, num_layers: int = 2, **config_changes) -> Path:
     """A randomly initialised Llama (GQA) with a small trained BPE tokenizer, saved as an HF folder."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,6 +50,7 @@ def build_tiny_model(folder: Path, seed: int = 0, num_layers: int = 2) -> Path:
         bos_token_id=None,
         tie_word_embeddings=True,
     )
+    config.update(config_changes)
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -81,6 +82,21 @@ def tiny(tiny_model_dir):
     from cartridges.models import load_model
 
     return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory) -> Path:
+    """A tiny model whose greedy answers depend on the context: the default one (tied embeddings,
+    small weights) repeats the prompt's last token whatever comes before it, so equal answers would
+    prove nothing about positions, masks or prefixes."""
+    return build_tiny_model(tmp_path_factory.mktemp("lively-model"), tie_word_embeddings=False, initializer_range=0.2)
+
+
+@pytest.fixture
+def lively(lively_model_dir):
+    from cartridges.models import load_model
+
+    return load_model(str(lively_model_dir))
 
 
 @pytest.fixture

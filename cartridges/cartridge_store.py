@@ -1,0 +1,62 @@
+"""Cartridges a server holds in memory: loaded once, checked on load, evicted least-recently-used.
+
+A request names cartridges by registry reference. The reference is resolved on every request, so
+when an alias moves (a nightly build publishes `legal@4` and `legal@latest` follows) the next
+request gets the new version without a restart, while requests already running keep the tensor
+they started with. Only registry references are accepted: a request never names a server path.
+"""
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from cartridges.artifact import check_compatible, load_artifact
+from cartridges.models import LoadedModel
+from cartridges.names import Ref, parse_ref
+from cartridges.registry import Registry
+from cartridges.runtime import check_same_model
+
+
+class CartridgeStore:
+    def __init__(self, registry: Registry, loaded: LoadedModel, budget_bytes: int = 2**30):
+        self.registry = registry
+        self.loaded = loaded
+        self.budget_bytes = budget_bytes
+        self._held: OrderedDict[str, tuple[object, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resolve(self, reference: str) -> str:
+        """`legal`, `legal@3`, `legal@stable` -> `legal@3` now (NotFound, or CartridgeError for a bad name)."""
+        name, version = self.registry.resolve(parse_ref(reference))
+        return str(Ref(name, str(version)))
+
+    def prefix(self, references: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+        """The versions the references name now and their prefixes composed in order, on the model's device."""
+        labels = [self.resolve(reference) for reference in references]
+        loaded = [self._get(label) for label in labels]
+        check_same_model([cartridge for cartridge, _ in loaded])
+        return labels, torch.cat([prefix for _, prefix in loaded])
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(prefix.numel() * prefix.element_size() for _, prefix in self._held.values())
+
+    def _get(self, label: str):
+        with self._lock:
+            if label in self._held:
+                self._held.move_to_end(label)
+                return self._held[label]
+        where, path = self.registry.locate(label)
+        cartridge = load_artifact(path, expected=where)  # checksums, shapes, bound manifest, finiteness
+        check_compatible(cartridge, self.loaded)  # another model or tokenizer: refused, naming both
+        prefix = cartridge.prompt_embeddings.to(self.loaded.model.device, self.loaded.model.dtype)
+        with self._lock:
+            self._held[label] = (cartridge, prefix)
+            size = sum(p.numel() * p.element_size() for _, p in self._held.values())
+            while size > self.budget_bytes and len(self._held) > 1:
+                _, (_, evicted) = self._held.popitem(last=False)
+                size -= evicted.numel() * evicted.element_size()
+            return self._held[label]

@@ -1,0 +1,250 @@
+"""An OpenAI-compatible HTTP server whose requests pick their cartridges.
+
+`model` is the base model or a cartridge reference (`legal`, `legal@3`, `legal@stable`); the
+Tokasaurus-shaped `cartridges: [{"id": ...}]` list (OpenAI clients send it as `extra_body`) adds
+more, composed in order. Generation runs in one `BatchDecoder`, so concurrent requests share decode
+steps. Every error is OpenAI-shaped JSON; nothing a client sends yields a traceback.
+"""
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from cartridges.artifact import kv_shape
+from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+from cartridges.cartridge_store import CartridgeStore
+from cartridges.errors import CartridgeError, NotFound
+from cartridges.layout import chat_token_ids
+from cartridges.models import LoadedModel
+from cartridges.server_api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, parse_request
+from cartridges.text_stream import TextStream
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 1024
+
+
+@dataclass
+class Prepared:
+    """A request turned into what the decoder runs, and what its response reports."""
+
+    request: GenerationRequest
+    generation: Generation
+    labels: list[str]
+    cartridge_tokens: int
+    prompt_tokens: int
+
+
+class Server:
+    def __init__(self, loaded: LoadedModel, store: CartridgeStore, decoder: BatchDecoder, limits: Limits, api_key=None):
+        self.loaded, self.store, self.decoder, self.limits, self.api_key = loaded, store, decoder, limits, api_key
+        config = loaded.model.config
+        self.window = config.max_position_embeddings
+        generation_config = loaded.model.generation_config
+        ends = generation_config.eos_token_id if generation_config is not None else None
+        ends = ends if isinstance(ends, list) else [ends]
+        self.stop_ids = frozenset(t for t in [*ends, loaded.tokenizer.eos_token_id] if t is not None)
+
+    def base_names(self) -> set[str]:
+        return {self.loaded.model_id, "default"}
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", None, "invalid_api_key")
+
+    async def read(self, request: Request, kind: type[GenerationRequest]) -> GenerationRequest:
+        self.check_key(request)
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > self.limits.max_body_bytes:
+                raise ApiError(413, f"the request body is over {self.limits.max_body_bytes} bytes")
+        try:
+            data = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, f"the request body is not UTF-8 JSON ({exc})") from None
+        return parse_request(kind, data)
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        references = [] if request.model in self.base_names() else [request.model]
+        references += [choice.id for choice in request.cartridges]
+        labels, prefix = [], None
+        if references:
+            try:
+                labels, prefix = self.store.prefix(references)
+            except NotFound as exc:
+                raise ApiError(404, str(exc), "model", "model_not_found") from None
+            except CartridgeError as exc:  # a bad name, another model's cartridge, a damaged artifact
+                raise ApiError(400, str(exc), "model") from None
+        cartridge_tokens = 0 if prefix is None else prefix.shape[0]
+        prompt = self.prompt_ids(request, with_prefix=prefix is not None)
+        room = self.window - cartridge_tokens - len(prompt)
+        if len(prompt) > self.limits.max_prompt_tokens or room < 1:
+            raise ApiError(
+                400,
+                f"the prompt is {len(prompt)} tokens and the cartridges {cartridge_tokens}: the model reads "
+                f"{self.window} positions and this server takes prompts of up to {self.limits.max_prompt_tokens} tokens",
+                "messages" if isinstance(request, ChatRequest) else "prompt",
+                "context_length_exceeded",
+            )
+        asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if asked is not None and asked > self.limits.max_tokens:
+            raise ApiError(
+                400, f"max_tokens is {asked}; this server allows up to {self.limits.max_tokens}", "max_tokens"
+            )
+        sampling = Sampling(
+            min(asked or self.limits.max_tokens, room), request.temperature, request.top_p, request.seed
+        )
+        generation = Generation(prefix, prompt, sampling, self.stop_ids)
+        return Prepared(request, generation, labels, cartridge_tokens, len(prompt))
+
+    def prompt_ids(self, request: GenerationRequest, with_prefix: bool) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        if isinstance(request, ChatRequest):
+            return chat_token_ids(tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages])
+        prompt = request.prompt if isinstance(request.prompt, str) else "".join(request.prompt)
+        return tokenizer(prompt, add_special_tokens=not with_prefix)["input_ids"]
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="cartridges", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: answered, logged, server up
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
+
+    @app.exception_handler(404)
+    async def no_route(request: Request, _exc) -> JSONResponse:
+        return JSONResponse(ApiError(404, f"no route {request.url.path}").body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def wrong_method(request: Request, _exc) -> JSONResponse:
+        return JSONResponse(ApiError(405, f"{request.method} is not allowed here").body(), status_code=405)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "running": server.decoder.running, "cartridge_bytes": server.store.held_bytes}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        server.check_key(request)
+        names = [server.loaded.model_id]
+        listing = await asyncio.to_thread(server.store.registry.list)
+        for entry in listing.entries:
+            names += [entry.manifest.label, *(f"{entry.name}@{alias}" for alias in entry.aliases)]
+        latest = {entry.name: entry.manifest.label for entry in listing.entries}
+        names += [f"{name}@latest" for name in latest] + list(latest)
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "cartridges"} for n in names],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        prepared = await asyncio.to_thread(server.prepare, await server.read(request, ChatRequest))
+        return await respond(server, prepared, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        prepared = await asyncio.to_thread(server.prepare, await server.read(request, CompletionRequest))
+        return await respond(server, prepared, chat=False)
+
+    return app
+
+
+async def respond(server: Server, prepared: Prepared, chat: bool):
+    request = prepared.request
+    text = TextStream(server.loaded.tokenizer, request.stop_strings())
+    server.decoder.submit(prepared.generation)
+    tokens = prepared.generation.tokens()
+    meta = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": request.model,
+    }
+
+    async def pieces():
+        try:
+            while not text.stopped:
+                token = await asyncio.to_thread(next, tokens, None)
+                if token is None:
+                    break
+                piece = text.add(token)
+                if piece:
+                    yield piece
+            if text.stopped:
+                prepared.generation.cancel()
+            rest = text.flush()
+            if rest:
+                yield rest
+        finally:
+            prepared.generation.cancel()  # a client that went away frees its row at the next step
+
+    def finish_reason() -> str:
+        return "stop" if text.stopped else prepared.generation.finish_reason or "stop"
+
+    def usage() -> dict:
+        completion = len(text.token_ids)
+        return {
+            "prompt_tokens": prepared.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prepared.prompt_tokens + completion,
+            "cartridge_tokens": prepared.cartridge_tokens,
+            "cartridges": prepared.labels,
+        }
+
+    def choice(content: str | None, reason: str | None, delta: bool) -> dict:
+        if not chat:
+            return {"index": 0, "text": content or "", "finish_reason": reason, "logprobs": None}
+        body = {"content": content} if content is not None else {}
+        if delta:
+            return {"index": 0, "delta": body, "finish_reason": reason, "logprobs": None}
+        return {"index": 0, "message": {"role": "assistant", **body}, "finish_reason": reason, "logprobs": None}
+
+    if not request.stream:
+        answer = "".join([piece async for piece in pieces()])
+        kind = "chat.completion" if chat else "text_completion"
+        return {**meta, "object": kind, "choices": [choice(answer, finish_reason(), False)], "usage": usage()}
+
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    async def events():
+        if chat:
+            yield json.dumps(
+                {
+                    **meta,
+                    "object": kind,
+                    "choices": [{**choice("", None, True), "delta": {"role": "assistant", "content": ""}}],
+                }
+            )
+        async for piece in pieces():
+            yield json.dumps({**meta, "object": kind, "choices": [choice(piece, None, True)]})
+        yield json.dumps({**meta, "object": kind, "choices": [choice(None if chat else "", finish_reason(), True)]})
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield json.dumps({**meta, "object": kind, "choices": [], "usage": usage()})
+        yield "[DONE]"
+
+    return EventSourceResponse(events(), ping=15)
+
+
+def build_server(loaded: LoadedModel, registry, limits: Limits, api_key=None, max_batch=16, memory_bytes=1 << 30):
+    """The server's parts on one model: the cartridge store and the decoder."""
+    decoder = BatchDecoder(loaded.model, kv_shape(loaded.model.config), max_batch)
+    return Server(loaded, CartridgeStore(registry, loaded, memory_bytes), decoder, limits, api_key)

@@ -1,0 +1,53 @@
+"""`cartridges serve`: the OpenAI-compatible server on this machine."""
+
+import os
+from typing import Annotated
+
+import typer
+
+from cartridges.errors import CartridgeError
+from cartridges.pipeline.cli_app import ModelOption, RegistryOption, app, console, open_registry
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[
+        str, typer.Option("--host", help="address to bind; 0.0.0.0 exposes it to the network")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    model: ModelOption = None,
+    registry: RegistryOption = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="require Authorization: Bearer KEY (default: $CARTRIDGES_API_KEY)")
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="requests decoded together")] = 16,
+    cartridge_memory_mb: Annotated[
+        int, typer.Option("--cartridge-memory-mb", min=1, help="loaded cartridges kept in memory (LRU)")
+    ] = 1024,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="largest max_tokens a request may ask")] = 1024,
+) -> None:
+    """Serve the model and the registry's cartridges with the OpenAI API (chat, completions, models).
+
+    Example: cartridges serve --port 8000, then OpenAI(base_url="http://127.0.0.1:8000/v1").chat.completions.create(
+    model="legal@latest", messages=[...])
+    """
+    import uvicorn
+
+    from cartridges.models import load_model
+    from cartridges.server import Limits, build_server, create_app
+
+    key = api_key or os.environ.get("CARTRIDGES_API_KEY") or None
+    if key is not None and not key.strip():
+        raise CartridgeError("--api-key is empty: pass a key, or leave it out to serve without one")
+    reg = open_registry(registry)
+    loaded = load_model(model)
+    server = build_server(loaded, reg, Limits(max_tokens=max_tokens), key, max_batch, cartridge_memory_mb << 20)
+    console.print(
+        f"serving {loaded.model_id} and the cartridges of {reg.url} on http://{host}:{port}/v1"
+        f"{' (API key required)' if key else ''}",
+        soft_wrap=True,
+    )
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    finally:
+        server.decoder.close()

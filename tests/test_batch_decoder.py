@@ -1,0 +1,112 @@
+"""Continuous batching over mixed cartridges gives each request the tokens it gets alone."""
+
+import torch
+
+from cartridges.artifact import kv_shape, load_artifact
+from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+from cartridges.layout import chat_token_ids
+from cartridges.runtime import CartridgeRuntime
+from cartridges.stages.ingest import read_corpus
+from cartridges.stages.initialize import init_cartridge
+
+QUESTIONS = [
+    "How many days notice must a landlord give?",
+    "What is the deposit?",
+    "Who repairs the heating?",
+    "Can the tenant sublet the flat to a friend for the summer?",
+]
+
+
+def cartridges_of(lively, corpus_dir, tmp_path):
+    corpus = read_corpus(corpus_dir)
+    folders = {}
+    for name, tokens in (("short", 12), ("long", 40)):
+        init_cartridge(lively, corpus, tokens, name, tmp_path / name)
+        folders[name] = load_artifact(tmp_path / name)
+    return folders
+
+
+def requests(lively, cartridges, max_tokens=12):
+    """Every question with no cartridge, the short one, the long one, and both composed."""
+    prefixes = {
+        "none": None,
+        "short": cartridges["short"].prompt_embeddings,
+        "long": cartridges["long"].prompt_embeddings,
+        "both": torch.cat([cartridges["long"].prompt_embeddings, cartridges["short"].prompt_embeddings]),
+    }
+    stops = frozenset({lively.tokenizer.eos_token_id})
+    return [
+        (kind, question, prefix, chat_token_ids(lively.tokenizer, [{"role": "user", "content": question}]), stops)
+        for kind, prefix in prefixes.items()
+        for question in QUESTIONS
+    ], max_tokens
+
+
+def run(decoder, prefix, prompt, stops, sampling):
+    generation = decoder.submit(Generation(prefix, prompt, sampling, stops))
+    return generation, generation.tokens(timeout=60)
+
+
+def test_sixteen_concurrent_requests_over_mixed_cartridges_equal_each_alone_and_hf_generate(
+    lively, corpus_dir, tmp_path
+):
+    cartridges = cartridges_of(lively, corpus_dir, tmp_path)
+    cases, max_tokens = requests(lively, cartridges)
+    decoder = BatchDecoder(lively.model, kv_shape(lively.model.config), max_batch=16)
+    try:
+        alone = []
+        for _, _, prefix, prompt, stops in cases:
+            generation = decoder.submit(Generation(prefix, prompt, Sampling(max_tokens), stops))
+            alone.append(list(generation.tokens(timeout=60)))
+            assert decoder.running == 0
+        together = [decoder.submit(Generation(p, q, Sampling(max_tokens), s)) for _, _, p, q, s in cases]
+        assert [list(g.tokens(timeout=120)) for g in together] == alone
+        assert {g.finish_reason for g in together} <= {"stop", "length"}
+    finally:
+        decoder.close()
+    # Independently: HF generate through the runtime `cartridges ask` uses gives the same text.
+    for (kind, question, _, _, _), tokens in zip(cases, alone, strict=True):
+        chosen = {"none": [], "short": ["short"], "long": ["long"], "both": ["long", "short"]}[kind]
+        if not chosen:
+            continue
+        runtime = CartridgeRuntime(lively, [cartridges[name] for name in chosen])
+        expected = runtime.generate([{"role": "user", "content": question}], max_new_tokens=max_tokens)
+        assert lively.tokenizer.decode(tokens, skip_special_tokens=True).strip() == expected
+
+
+def test_a_request_joins_a_running_batch_and_a_cancelled_one_leaves_it(lively, corpus_dir, tmp_path):
+    cartridges = cartridges_of(lively, corpus_dir, tmp_path)
+    cases, _ = requests(lively, cartridges)
+    _, _, prefix, prompt, _ = cases[5]
+    decoder = BatchDecoder(lively.model, kv_shape(lively.model.config), max_batch=4)
+    try:
+        alone = list(decoder.submit(Generation(prefix, prompt, Sampling(24), frozenset())).tokens(timeout=60))
+        long_runner = decoder.submit(Generation(None, cases[0][3], Sampling(200), frozenset()))
+        stream = long_runner.tokens(timeout=60)
+        next(stream), next(stream)  # it is decoding now
+        late = decoder.submit(Generation(prefix, prompt, Sampling(24), frozenset()))
+        assert list(late.tokens(timeout=60)) == alone and late.finish_reason == "length"
+        long_runner.cancel()
+        list(stream)
+        assert long_runner.finish_reason == "cancelled" and decoder.running == 0
+    finally:
+        decoder.close()
+
+
+def test_sampling_with_a_seed_repeats_and_temperature_changes_the_answer(lively, corpus_dir, tmp_path):
+    cartridges = cartridges_of(lively, corpus_dir, tmp_path)
+    cases, _ = requests(lively, cartridges)
+    _, _, prefix, prompt, _ = cases[6]
+    decoder = BatchDecoder(lively.model, kv_shape(lively.model.config))
+    try:
+
+        def sample(seed):
+            generation = Generation(prefix, prompt, Sampling(16, temperature=1.0, top_p=0.9, seed=seed), frozenset())
+            return list(decoder.submit(generation).tokens(timeout=60))
+
+        first, again, other = sample(1), sample(1), sample(2)
+        greedy = list(decoder.submit(Generation(prefix, prompt, Sampling(16), frozenset())).tokens(timeout=60))
+    finally:
+        decoder.close()
+    assert first == again and len(first) == 16
+    assert other != first or greedy != first

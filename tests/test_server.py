@@ -1,0 +1,295 @@
+"""The OpenAI-compatible server on 127.0.0.1 and a free port, driven by the official `openai` client."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from cartridges.registry import Registry
+from cartridges.runtime import CartridgeRuntime
+from cartridges.server import Limits, build_server, create_app
+from cartridges.stages.ingest import read_corpus
+from cartridges.stages.initialize import init_cartridge
+
+QUESTION = [{"role": "user", "content": "How many days notice must a landlord give?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Running:
+    """A real uvicorn server in a thread of this process, stopped at the end of the test."""
+
+    def __init__(self, server):
+        self.server = server
+        self.port = free_port()
+        self.uvicorn = uvicorn.Server(
+            uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port, log_level="error")
+        )
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+        self.server.decoder.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, key: str = "none", cls=openai.OpenAI):
+        return cls(base_url=self.url, api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def registry(lively, corpus_dir, tmp_path):
+    """legal@1 (24 tokens), legal@2 (40 tokens, alias stable), tax@1 (12 tokens)."""
+    reg = Registry(tmp_path / "registry")
+    corpus = read_corpus(corpus_dir)
+    for name, tokens in (("legal", 24), ("legal", 40), ("tax", 12)):
+        folder = tmp_path / f"{name}-{tokens}"
+        init_cartridge(lively, corpus, tokens, name, folder)
+        reg.publish(folder, name)
+    reg.set_alias("legal@2", "stable")
+    return reg
+
+
+@pytest.fixture
+def running(lively, registry):
+    with Running(build_server(lively, registry, Limits(max_tokens=64, max_prompt_tokens=512))) as server:
+        yield server
+
+
+def hf_answer(lively, registry, refs, max_tokens=10) -> str:
+    """Independent: HF generate through the runtime behind `cartridges ask`."""
+    from cartridges.loading import open_cartridge
+
+    runtime = CartridgeRuntime(lively, [open_cartridge(ref, registry) for ref in refs])
+    return runtime.generate(QUESTION, max_new_tokens=max_tokens)
+
+
+def test_chat_plain_streaming_and_composed_equal_hf_generate(lively, registry, running):
+    client = running.client()
+    answer = client.chat.completions.create(model="legal@1", messages=QUESTION, max_tokens=10, temperature=0)
+    assert answer.choices[0].message.content.strip() == hf_answer(lively, registry, ["legal@1"])
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.object == "chat.completion"
+    assert answer.usage.completion_tokens <= 10 and answer.usage.model_extra["cartridge_tokens"] == 24
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+    chunks = list(
+        client.chat.completions.create(
+            model="legal@1",
+            messages=QUESTION,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+    composed = client.chat.completions.create(
+        model="legal@stable",
+        messages=QUESTION,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"cartridges": [{"id": "tax"}]},
+    )
+    assert composed.choices[0].message.content.strip() == hf_answer(lively, registry, ["legal@2", "tax@1"])
+    assert composed.usage.model_extra["cartridges"] == ["legal@2", "tax@1"]
+    plain = client.chat.completions.create(model=lively.model_id, messages=QUESTION, max_tokens=10, temperature=0)
+    assert plain.usage.model_extra["cartridge_tokens"] == 0
+
+
+def test_completions_and_models(lively, running):
+    client = running.client()
+    done = client.completions.create(model="tax", prompt="The landlord", max_tokens=5, temperature=0)
+    assert done.object == "text_completion" and done.usage.completion_tokens <= 5
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="tax", prompt="The landlord", max_tokens=5, temperature=0, stream=True)
+    )
+    assert streamed == done.choices[0].text
+    ids = {m.id for m in client.models.list()}
+    assert {lively.model_id, "legal@1", "legal@2", "legal@stable", "legal@latest", "legal", "tax@1", "tax"} <= ids
+
+
+def test_sixteen_concurrent_requests_over_three_cartridges_and_the_plain_model_equal_each_alone(lively, running):
+    models = ["legal@1", "legal@2", "tax@1", lively.model_id]
+    questions = [f"Question {i}: who pays for repairs in flat {i}?" for i in range(4)]
+    cases = [(model, [{"role": "user", "content": q}]) for model in models for q in questions]
+    client = running.client()
+    alone = [
+        client.chat.completions.create(model=m, messages=q, max_tokens=12, temperature=0).choices[0].message.content
+        for m, q in cases
+    ]
+
+    async def together():
+        async with running.client(cls=openai.AsyncOpenAI) as concurrent:
+            answers = await asyncio.gather(
+                *(
+                    concurrent.chat.completions.create(model=m, messages=q, max_tokens=12, temperature=0)
+                    for m, q in cases
+                )
+            )
+        return [a.choices[0].message.content for a in answers]
+
+    assert asyncio.run(together()) == alone
+
+
+def test_stop_strings_cut_the_answer_and_never_reach_the_client(running):
+    client = running.client()
+    full = client.chat.completions.create(model="legal@1", messages=QUESTION, max_tokens=12, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = client.chat.completions.create(model="legal@1", messages=QUESTION, max_tokens=12, temperature=0, stop=stop)
+    assert cut.choices[0].message.content == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model="legal@1", messages=QUESTION, max_tokens=12, temperature=0, stop=[stop], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text[: text.find(stop)]
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "message"),
+    [
+        (lambda c: c.chat.completions.create(model="nope", messages=QUESTION), 404, "no cartridge named 'nope'"),
+        (lambda c: c.chat.completions.create(model="legal@9", messages=QUESTION), 404, "legal has no version 9"),
+        (lambda c: c.chat.completions.create(model="../etc", messages=QUESTION), 400, "invalid"),
+        (lambda c: c.chat.completions.create(model="./legal", messages=QUESTION), 400, "invalid"),
+        (
+            lambda c: c.chat.completions.create(model="legal", messages=QUESTION, logprobs=True),
+            400,
+            "unsupported parameter(s): logprobs",
+        ),
+        (lambda c: c.chat.completions.create(model="legal", messages=QUESTION, n=2), 400, "n: Input should be"),
+        (lambda c: c.chat.completions.create(model="legal", messages=QUESTION, max_tokens=65), 400, "up to 64"),
+        (lambda c: c.chat.completions.create(model="legal", messages=[]), 400, "messages"),
+        (
+            lambda c: c.chat.completions.create(model="legal", messages=[{"role": "user", "content": "rent " * 600}]),
+            400,
+            "the model reads",
+        ),
+        (
+            lambda c: c.chat.completions.create(
+                model="legal", messages=QUESTION, extra_body={"cartridges": [{"id": "tax", "source": "wandb"}]}
+            ),
+            400,
+            "cartridges.0.source",
+        ),
+        (lambda c: c.chat.completions.create(model="legal", messages=QUESTION, temperature=-1), 400, "temperature"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors_and_the_server_stays_up(running, call, status, message):
+    client = running.client()
+    with pytest.raises(openai.APIStatusError) as raised:
+        call(client)
+    assert raised.value.status_code == status, raised.value.body
+    assert message in raised.value.body["message"] and set(raised.value.body) == {"message", "type", "param", "code"}
+    assert client.models.list().data  # still answering
+
+
+def test_malformed_bodies_are_4xx_never_5xx(running):
+    url = running.url + "/chat/completions"
+    bodies = [b"", b"{", b"[]", b'"text"', b"\xff\xfe\x00", json.dumps({"model": 5}).encode(), b"x" * (2 << 20)]
+    bodies += [json.dumps({"model": "legal", "messages": [{"role": "robot", "content": "hi"}]}).encode()]
+    bodies += [json.dumps({"model": "legal", "messages": QUESTION, "max_tokens": 10**30}).encode()]
+    with httpx.Client(timeout=30) as http:
+        for body in bodies:
+            response = http.post(url, content=body, headers={"content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (body[:40], response.status_code, response.text)
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert http.get(running.url.removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def test_api_key_on(lively, registry):
+    with Running(build_server(lively, registry, Limits(), api_key="s3cret")) as server:
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").models.list()
+        assert server.client("s3cret").models.list().data
+        with httpx.Client() as http:  # health needs no key (load balancers probe it)
+            assert http.get(server.url.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_a_moved_alias_serves_the_new_version_while_a_running_request_finishes_on_the_old(
+    lively, registry, running, corpus_dir, tmp_path
+):
+    client = running.client()
+    before = client.chat.completions.create(model="legal@stable", messages=QUESTION, max_tokens=8, temperature=0)
+    assert before.usage.model_extra["cartridges"] == ["legal@2"]
+    stream = client.chat.completions.create(
+        model="legal@stable", messages=QUESTION, max_tokens=40, temperature=0, stream=True
+    )
+    first = next(iter(stream))  # running on legal@2 now
+    init_cartridge(lively, read_corpus(corpus_dir), 16, "legal", tmp_path / "legal-16")
+    registry.publish(tmp_path / "legal-16", "legal")
+    registry.set_alias("legal@3", "stable")
+    after = client.chat.completions.create(model="legal@stable", messages=QUESTION, max_tokens=8, temperature=0)
+    assert after.usage.model_extra["cartridges"] == ["legal@3"] and after.usage.model_extra["cartridge_tokens"] == 16
+    rest = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    alone = client.chat.completions.create(model="legal@2", messages=QUESTION, max_tokens=40, temperature=0)
+    assert (first.choices[0].delta.content or "") + rest == alone.choices[0].message.content
+
+
+def test_a_cartridge_built_for_another_model_is_a_400_naming_both(
+    lively, registry, running, other_tiny_model_dir, tmp_path
+):
+    from cartridges.models import load_model
+
+    other = load_model(str(other_tiny_model_dir))
+    init_cartridge(other, read_corpus(tmp_path / "corpus"), 12, "foreign", tmp_path / "foreign")
+    registry.publish(tmp_path / "foreign", "foreign")
+    with pytest.raises(openai.BadRequestError, match="was built for model"):
+        running.client().chat.completions.create(model="foreign", messages=QUESTION)
+
+
+def test_cartridges_serve_binds_loopback_and_answers_the_client(lively_model_dir, registry, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    command = [sys.executable, "-m", "cartridges.pipeline.cli", "serve", "--port", str(port)]
+    command += ["--model", str(lively_model_dir), "--registry", str(registry.url)]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert "legal@stable" in {m.id for m in client.models.list()}
+        assert client.chat.completions.create(model="legal", messages=QUESTION, max_tokens=4).choices
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert f"on http://127.0.0.1:{port}/v1" in log.read_text() and "Traceback" not in log.read_text()
