@@ -15,7 +15,7 @@ CORPUS ?=
 NAME ?= legal
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm setup-bench lint format test test-slow bench bench-quick bench-synthesis bench-headroom bench-distill cartridge chat serve nightly clean
+.PHONY: setup setup-vllm setup-bench lint format test test-slow bench bench-quick bench-synthesis bench-headroom bench-serve bench-distill cartridge chat serve nightly clean
 
 setup: $(STAMP)
 
@@ -76,6 +76,11 @@ bench-synthesis: setup-vllm
 
 bench-headroom: setup-vllm
 	$(BIN)/python bench/headroom.py
+
+# The server under load: 256 requests one at a time and from 16 clients, 1,000 malformed ones,
+# and a cartridge against the whole article in the prompt (TTFT, tokens/s, KV per session).
+bench-serve: setup-bench
+	$(BIN)/python bench/serve_load.py --requests 256 --concurrency 16
 
 bench-distill: setup-vllm
 	$(BIN)/python bench/distill_sweep.py --engine vllm --samples 384 --trial corpus/2e-3/200/256

@@ -70,7 +70,14 @@ class CorpusSweep:
     def score(self, name: str, prefix) -> dict:
         if name not in self.scores:
             self.scores[name] = asdict(
-                score_corpus(self.loaded, self.corpus, FixedContext(Context(prefix)), name, self.args.distractors)
+                score_corpus(
+                    self.loaded,
+                    self.corpus,
+                    FixedContext(Context(prefix)),
+                    name,
+                    self.args.distractors,
+                    answer_tokens=self.args.answer_tokens,
+                )
             )
         return self.scores[name]
 
@@ -127,7 +134,16 @@ class CorpusSweep:
         seconds = time.perf_counter() - started
         init = self.score(f"init-p{trial.num_tokens}", load_file(str(folder.init_prefix))["prefix"])
         trained = FixedContext(Context(load_file(str(folder.final_prefix))["prefix"]))
-        distilled = asdict(score_corpus(self.loaded, self.corpus, trained, trial.name, self.args.distractors))
+        distilled = asdict(
+            score_corpus(
+                self.loaded,
+                self.corpus,
+                trained,
+                trial.name,
+                self.args.distractors,
+                answer_tokens=self.args.answer_tokens,
+            )
+        )
         return {
             "corpus": self.corpus.id,
             **asdict(trial),
@@ -242,6 +258,12 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--distractors", type=int, default=4)
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=0,
+        help="also score greedy answers of up to N tokens (token F1, exact match)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="default")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="start no trial after this many seconds")

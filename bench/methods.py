@@ -120,7 +120,7 @@ def measure(
     source = context_source(loaded, method, corpus.text, budget, cartridge=cartridge)
     first = source.context(corpus.questions[0])
     build_seconds = time.perf_counter() - started
-    score = score_corpus(loaded, corpus, source, label or method, args.distractors)
+    score = score_corpus(loaded, corpus, source, label or method, args.distractors, answer_tokens=args.answer_tokens)
     row = {
         "corpus": corpus.id,
         "method": label or method,
@@ -188,7 +188,32 @@ def markdown(rows: list[dict], corpora: dict, args) -> str:
             f"{accuracy} | {recovery} | {r['build_seconds']:.1f} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
             f"{r.get('peak_rss_mb', float('nan')):.0f} |"
         )
+    if args.answer_tokens:
+        lines += answer_tables(rows)
     return "\n".join(lines) + "\n"
+
+
+def answer_tables(rows: list[dict], shown_questions: int = 5) -> list[str]:
+    """What a user reads: answer F1 / exact match / containment per method, and five questions'
+    answers side by side (none, icl, rag, cartridges) per corpus."""
+    lines = ["", "| corpus | method | B | answer F1 | exact | contains |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['answer_f1']:.3f} | "
+            f"{r['exact_match']:.2f} | {r['answer_contains']:.2f} |"
+        )
+    for corpus in dict.fromkeys(r["corpus"] for r in rows):
+        side = [
+            r
+            for r in rows
+            if r["corpus"] == corpus and (r["method"] in ("none", "icl", "rag") or r["method"].startswith("cartridge"))
+        ]
+        lines += ["", f"Answers on {corpus}:", "", "| question | " + " | ".join(r["method"] for r in side) + " |"]
+        lines.append("|---" * (len(side) + 1) + "|")
+        for i in range(min(shown_questions, len(side[0]["answers"]))):
+            cells = [r["answers"][i].replace("|", "/").replace("\n", " ")[:80] for r in side]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -254,6 +279,9 @@ def main() -> None:
         "--cartridge", action="append", default=[], help="CORPUS_ID=REF: a cartridge for that corpus (repeatable)"
     )
     parser.add_argument("--distractors", type=int, default=4)
+    parser.add_argument(
+        "--answer-tokens", type=int, default=0, help="also score each method's greedy answer (token F1, exact match)"
+    )
     parser.add_argument("--skip-decode", action="store_true", help="no decode throughput and memory measurement")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one method's peak RSS, in a fresh process
     parser.add_argument("--model", default="default")

@@ -36,6 +36,8 @@ class Generation:
     prompt_ids: list[int]
     sampling: Sampling
     stop_ids: frozenset[int]
+    first_position: int | None = None  # of the prompt's first token; None: right after the prefix. A
+    # compressed prefix (a KV press) is read as the text it was compressed from, so it passes that length.
     finish_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens) or "cancelled"
     error: BaseException | None = None
     _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
@@ -58,6 +60,7 @@ class Generation:
 class _Row:
     generation: Generation
     length: int  # real tokens in the KV: prefix, prompt and the answer so far
+    position: int  # of the next token
     last_token: int
     produced: int
     generator: torch.Generator | None
@@ -138,11 +141,12 @@ class BatchDecoder:
         prefix_tokens = 0 if prefix is None else prefix.shape[0]
         ids = torch.tensor([generation.prompt_ids], device=self.model.device)
         total = prefix_tokens + ids.shape[1]
+        first = prefix_tokens if generation.first_position is None else generation.first_position
         cache = prefix_cache(prefix, *self.kv_shape) if prefix_tokens else DynamicCache()
         logits = self.model(
             input_ids=ids,
             attention_mask=torch.ones(1, total, dtype=torch.long, device=ids.device),
-            position_ids=torch.arange(prefix_tokens, total, device=ids.device).unsqueeze(0),
+            position_ids=torch.arange(first, first + ids.shape[1], device=ids.device).unsqueeze(0),
             past_key_values=cache,
             use_cache=True,
         ).logits[0, -1]
@@ -151,7 +155,7 @@ class BatchDecoder:
         if sampling.temperature > 0:
             generator = torch.Generator(device=logits.device)
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        row = _Row(generation, total, 0, 0, generator)
+        row = _Row(generation, total, first + ids.shape[1], 0, 0, generator)
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
         self._join(row, keys, values)
@@ -184,7 +188,7 @@ class BatchDecoder:
     def _decode_step(self) -> None:
         device = self._mask.device
         ids = torch.tensor([[row.last_token] for row in self._rows], device=device)
-        positions = torch.tensor([[row.length] for row in self._rows], device=device)
+        positions = torch.tensor([[row.position] for row in self._rows], device=device)
         mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long, device=device)], dim=1)
         cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
         logits = self.model(
@@ -195,6 +199,7 @@ class BatchDecoder:
         self._mask = mask
         for index, row in enumerate(self._rows):
             row.length += 1
+            row.position += 1
             if row.generation.finish_reason is None and not row.generation._cancelled.is_set():
                 self._emit(row, self._sample(logits[index], row))
         self._drop_finished()

@@ -198,3 +198,12 @@ class _StopWhenSet(StoppingCriteria):
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad token, else its end-of-sequence token (a real pad id 0 is kept)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    """The tokens that end an answer: the generation config's end-of-sequence ids and the tokenizer's,
+    as HF `generate` stops at them."""
+    config = loaded.model.generation_config
+    ends = config.eos_token_id if config is not None else None
+    ends = ends if isinstance(ends, list) else [ends]
+    return frozenset(t for t in [*ends, loaded.tokenizer.eos_token_id] if t is not None)

@@ -23,6 +23,7 @@ from cartridges.cartridge_store import CartridgeStore
 from cartridges.errors import CartridgeError, NotFound
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
+from cartridges.runtime import stop_token_ids
 from cartridges.server_api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, parse_request
 from cartridges.text_stream import TextStream
 
@@ -50,10 +51,7 @@ class Server:
         self.loaded, self.store, self.decoder, self.limits, self.api_key = loaded, store, decoder, limits, api_key
         config = loaded.model.config
         self.window = config.max_position_embeddings
-        generation_config = loaded.model.generation_config
-        ends = generation_config.eos_token_id if generation_config is not None else None
-        ends = ends if isinstance(ends, list) else [ends]
-        self.stop_ids = frozenset(t for t in [*ends, loaded.tokenizer.eos_token_id] if t is not None)
+        self.stop_ids = stop_token_ids(loaded)
 
     def base_names(self) -> set[str]:
         return {self.loaded.model_id, "default"}

@@ -25,6 +25,10 @@ def serve_command(
         int, typer.Option("--cartridge-memory-mb", min=1, help="loaded cartridges kept in memory (LRU)")
     ] = 1024,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="largest max_tokens a request may ask")] = 1024,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="serve as Ray Serve replicas on the cluster at RAY_ADDRESS (local when unset)")
+    ] = False,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="with --ray: replicas, each with its model")] = 1,
 ) -> None:
     """Serve the model and the registry's cartridges with the OpenAI API (chat, completions, models).
 
@@ -40,8 +44,20 @@ def serve_command(
     if key is not None and not key.strip():
         raise CartridgeError("--api-key is empty: pass a key, or leave it out to serve without one")
     reg = open_registry(registry)
+    limits = Limits(max_tokens=max_tokens)
+    if ray:
+        from cartridges.cluster import cpus_per_actor
+        from cartridges.serve_on_ray import serve_on_ray
+
+        if reg.is_transient:
+            raise CartridgeError("--ray needs a registry every replica can read: a folder or an object store URL")
+        console.print(f"serving on Ray: {replicas} replica(s), http://{host}:{port}/v1", soft_wrap=True)
+        memory = cartridge_memory_mb << 20
+        cpus = cpus_per_actor(replicas, None)
+        serve_on_ray(model, reg.url, limits, key, max_batch, memory, replicas, host, port, cpus)
+        return
     loaded = load_model(model)
-    server = build_server(loaded, reg, Limits(max_tokens=max_tokens), key, max_batch, cartridge_memory_mb << 20)
+    server = build_server(loaded, reg, limits, key, max_batch, cartridge_memory_mb << 20)
     console.print(
         f"serving {loaded.model_id} and the cartridges of {reg.url} on http://{host}:{port}/v1"
         f"{' (API key required)' if key else ''}",

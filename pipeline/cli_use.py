@@ -86,6 +86,12 @@ def eval_command(
         int,
         typer.Option("--distractors", min=0, help="other same-type gold answers each gold answer is ranked against"),
     ] = 4,
+    answer_tokens: Annotated[
+        int,
+        typer.Option(
+            "--answer-tokens", min=0, help="also generate each greedy answer (up to N tokens): token F1, exact match"
+        ),
+    ] = 0,
     out: Annotated[Path | None, typer.Option("--out", help="also write the scores as JSON here")] = None,
     model: ModelOption = None,
     registry: RegistryOption = None,
@@ -118,11 +124,12 @@ def eval_command(
         from cartridges.models import load_model
 
         loaded, prefix = load_model(model), None
-    table = Table("corpus", "method", "KV tokens", "gold NLL ± SE", "rank accuracy", "questions")
+    columns = ["corpus", "method", "KV tokens", "gold NLL ± SE", "rank accuracy", "questions"]
+    table = Table(*columns, *(["answer F1", "exact", "contains"] if answer_tokens else []))
     scores = []
     for corpus in corpora:
         source = context_source(loaded, method, corpus.text, budget, cartridge=prefix)
-        score = score_corpus(loaded, corpus, source, method, distractors)
+        score = score_corpus(loaded, corpus, source, method, distractors, answer_tokens=answer_tokens)
         scores.append(score)
         accuracy = "n/a" if score.rank_accuracy is None else f"{score.rank_accuracy:.2f} ({score.ranked_questions})"
         table.add_row(
@@ -132,6 +139,11 @@ def eval_command(
             f"{score.nll:.3f} ± {score.nll_se:.3f}",
             accuracy,
             str(score.questions),
+            *(
+                [f"{score.answer_f1:.3f}", f"{score.exact_match:.2f}", f"{score.answer_contains:.2f}"]
+                if answer_tokens
+                else []
+            ),
         )
     console.print(table)
     if out is not None:

@@ -32,6 +32,12 @@ class CorpusScore:
     ranked_questions: int
     questions: int
     per_question_nll: tuple[float, ...] = ()  # in corpus order, for paired comparisons between methods
+    # With `answer_tokens`: the greedy answers and their SQuAD-style scores (stages/answer_quality.py).
+    answer_f1: float | None = None
+    exact_match: float | None = None
+    answer_contains: float | None = None
+    per_question_f1: tuple[float, ...] = ()
+    answers: tuple[str, ...] = ()
 
 
 def rank_candidates(corpus: QACorpus, question: Question, distractors: int, seed: int) -> list[str] | None:
@@ -92,8 +98,10 @@ def score_corpus(
     distractors: int = 8,
     batch_size: int = 8,
     seed: int = 0,
+    answer_tokens: int = 0,
 ) -> CorpusScore:
-    """Gold-answer NLL and rank accuracy of every question, each after its context block."""
+    """Gold-answer NLL and rank accuracy of every question, each after its context block; with
+    `answer_tokens`, also its greedy answer of up to that many tokens, scored against the gold answers."""
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     contexts = [source.context(q) for q in corpus.questions]
     groups: dict[int, list[int]] = {}  # questions that share one context block are scored in batches
@@ -119,6 +127,7 @@ def score_corpus(
             ranked += 1
             correct += int(min(range(len(scores)), key=scores.__getitem__) == 0)
     nll, se = mean_and_se(gold)
+    answers = _answers(loaded, corpus, contexts, answer_tokens) if answer_tokens else {}
     return CorpusScore(
         corpus_id=corpus.id,
         method=method,
@@ -129,4 +138,20 @@ def score_corpus(
         ranked_questions=ranked,
         questions=len(corpus.questions),
         per_question_nll=tuple(gold),
+        **answers,
     )
+
+
+def _answers(loaded: LoadedModel, corpus: QACorpus, contexts: list[Context], max_tokens: int) -> dict:
+    from cartridges.stages.answer_quality import greedy_answers, score_answer
+
+    questions = corpus.questions
+    answers = greedy_answers(loaded, contexts, [q.question for q in questions], max_tokens)
+    scores = [score_answer(a, [q.answer, *q.alt_answers]) for a, q in zip(answers, questions, strict=True)]
+    return {
+        "answer_f1": sum(s.f1 for s in scores) / len(scores),
+        "exact_match": sum(s.exact for s in scores) / len(scores),
+        "answer_contains": sum(s.contains for s in scores) / len(scores),
+        "per_question_f1": tuple(s.f1 for s in scores),
+        "answers": tuple(answers),
+    }

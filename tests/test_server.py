@@ -216,6 +216,7 @@ def test_malformed_bodies_are_4xx_never_5xx(running):
     bodies = [b"", b"{", b"[]", b'"text"', b"\xff\xfe\x00", json.dumps({"model": 5}).encode(), b"x" * (2 << 20)]
     bodies += [json.dumps({"model": "legal", "messages": [{"role": "robot", "content": "hi"}]}).encode()]
     bodies += [json.dumps({"model": "legal", "messages": QUESTION, "max_tokens": 10**30}).encode()]
+    bodies += [json.dumps({"model": "legal", "messages": QUESTION, "temperature": 1, "seed": 10**30}).encode()]
     with httpx.Client(timeout=30) as http:
         for body in bodies:
             response = http.post(url, content=body, headers={"content-type": "application/json"})
@@ -265,31 +266,111 @@ def test_a_cartridge_built_for_another_model_is_a_400_naming_both(
         running.client().chat.completions.create(model="foreign", messages=QUESTION)
 
 
-def test_cartridges_serve_binds_loopback_and_answers_the_client(lively_model_dir, registry, tmp_path):
-    import os
-    import subprocess
-    import sys
+class ServeCommand:
+    """`cartridges serve ...` in its own process, stopped with Ctrl-C (SIGINT) at the end."""
 
-    port = free_port()
-    command = [sys.executable, "-m", "cartridges.pipeline.cli", "serve", "--port", str(port)]
-    command += ["--model", str(lively_model_dir), "--registry", str(registry.url)]
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    try:
-        deadline = time.monotonic() + 60
+    def __init__(self, lively_model_dir, registry, log, *options: str, startup_seconds: float = 60):
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        command = [sys.executable, "-m", "cartridges.pipeline.cli", "serve", "--port", str(self.port), *options]
+        command += ["--model", str(lively_model_dir), "--registry", str(registry.url)]
+        self.log = log
+        with log.open("w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.startup_seconds = startup_seconds
+
+    def __enter__(self):
+        deadline = time.monotonic() + self.startup_seconds
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return self
             except httpx.TransportError:
                 pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+    def __exit__(self, *exc):
+        import signal
+
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=60)
+
+    def client(self):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_cartridges_serve_binds_loopback_and_answers_the_client(lively_model_dir, registry, tmp_path):
+    with ServeCommand(lively_model_dir, registry, tmp_path / "serve.log") as served:
+        client = served.client()
         assert "legal@stable" in {m.id for m in client.models.list()}
         assert client.chat.completions.create(model="legal", messages=QUESTION, max_tokens=4).choices
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    assert f"on http://127.0.0.1:{port}/v1" in log.read_text() and "Traceback" not in log.read_text()
+    text = served.log.read_text()
+    assert f"on http://127.0.0.1:{served.port}/v1" in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_serve_on_ray_with_two_replicas_answers_like_one_process(lively_model_dir, registry, running, tmp_path):
+    """Slow: a local Ray cluster, Serve's controller and proxy, and two replicas each loading the model."""
+    cases = [(model, q) for model in ("legal@1", "tax") for q in ("Who repairs?", "When is rent due?")]
+    expected = [
+        running.client()
+        .chat.completions.create(model=m, messages=[{"role": "user", "content": q}], max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+        for m, q in cases
+    ]
+    log = tmp_path / "serve-ray.log"
+    with ServeCommand(lively_model_dir, registry, log, "--ray", "--replicas", "2", startup_seconds=300) as served:
+        client = served.client()
+        got = [
+            client.chat.completions.create(
+                model=m, messages=[{"role": "user", "content": q}], max_tokens=8, temperature=0
+            )
+            .choices[0]
+            .message.content
+            for m, q in cases
+        ]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nope", messages=QUESTION)
+    assert got == expected, log.read_text()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(lively, registry):
+    from cartridges.artifact import kv_shape
+    from cartridges.batch_decoder import BatchDecoder
+    from cartridges.cartridge_store import CartridgeStore
+    from cartridges.server import Server
+
+    finished = []
+
+    class SlowDecoder(BatchDecoder):
+        """Decode steps of 50 ms, as a big model would take, and a record of how each row ended."""
+
+        def _decode_step(self):
+            time.sleep(0.05)
+            super()._decode_step()
+
+        def _finish(self, row, reason, error=None):
+            finished.append(row.generation.finish_reason or reason)
+            super()._finish(row, reason, error)
+
+    decoder = SlowDecoder(lively.model, kv_shape(lively.model.config))
+    server = Server(lively, CartridgeStore(registry, lively), decoder, Limits(max_tokens=64))
+    with Running(server) as running:
+        stream = running.client().chat.completions.create(
+            model="legal@1", messages=QUESTION, max_tokens=64, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        while not next(chunks).choices[0].delta.content:  # the first chunk announces the role
+            pass
+        assert decoder.running == 1
+        started = time.monotonic()
+        stream.close()  # the connection goes away; 64 tokens would take 3 s more
+        while decoder.running:
+            assert time.monotonic() - started < 2, "the row of a gone client was not freed"
+            time.sleep(0.02)
+    assert finished == ["cancelled"]

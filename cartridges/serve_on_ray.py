@@ -1,0 +1,54 @@
+"""The same server as Ray Serve replicas, for a team that outgrows one box.
+
+Each replica loads the model and builds the very app `cartridges serve` runs (its own decoder and
+cartridge store); Ray Serve's proxy spreads requests over the replicas. Nothing in the server or
+the decoder knows about Ray: this module only wraps them.
+"""
+
+from cartridges.cluster import init_ray
+from cartridges.server import Limits
+
+
+class CartridgeReplica:
+    """One replica: the model, its decoder and cartridge store, and the app that serves them."""
+
+    def __init__(self, model: str | None, registry_url: str, limits: Limits, api_key, max_batch: int, memory: int):
+        from cartridges.models import load_model
+        from cartridges.registry import Registry
+        from cartridges.server import build_server
+
+        self.server = build_server(load_model(model), Registry(registry_url), limits, api_key, max_batch, memory)
+
+    def __serve_build_asgi_app__(self):  # Ray Serve asks for the app once the replica is constructed
+        from cartridges.server import create_app
+
+        return create_app(self.server)
+
+
+def serve_on_ray(
+    model: str | None,
+    registry_url: str,
+    limits: Limits,
+    api_key,
+    max_batch: int,
+    memory: int,
+    replicas: int,
+    host: str,
+    port: int,
+    cpus_per_replica: float,
+    blocking: bool = True,
+) -> None:
+    """Deploy `replicas` replicas on the cluster at RAY_ADDRESS (a local one when unset) behind one
+    HTTP address; blocks until interrupted unless `blocking` is False."""
+    from ray import serve
+
+    init_ray()
+    serve.start(http_options={"host": host, "port": port})
+    deployment = serve.deployment(
+        serve.ingress()(CartridgeReplica),
+        name="cartridges",
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": cpus_per_replica},
+    )
+    app = deployment.bind(model, registry_url, limits, api_key, max_batch, memory)
+    serve.run(app, name="cartridges", route_prefix="/", blocking=blocking)
