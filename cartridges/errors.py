@@ -16,14 +16,17 @@ class NotFound(CartridgeError):
     """A reference names no live version: no such name, version or alias (a server answers 404)."""
 
 
-def invalid_settings(exc, source: str, what: str = "setting") -> CartridgeError:
-    """One line for a pydantic ValidationError of a config or a record read from `source`: where, the first
-    problem's dotted key, pydantic's message and the value given (shortened)."""
+def first_problem(exc) -> tuple[str, str, str]:
+    """(dotted key, pydantic's message, the value given, shortened) of a ValidationError's first problem."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     given = repr(first.get("input"))
-    given = given if len(given) <= 80 else given[:77] + "..."
-    return CartridgeError(f"{source}: invalid {what} {where!r}: {first['msg']} (got {given})")
+    return ".".join(str(part) for part in first["loc"]), first["msg"], given if len(given) <= 80 else given[:77] + "..."
+
+
+def invalid_settings(exc, source: str, what: str = "setting") -> CartridgeError:
+    """One line for a pydantic ValidationError of a config or a record read from `source`."""
+    where, message, given = first_problem(exc)
+    return CartridgeError(f"{source}: invalid {what} {where or '(top level)'!r}: {message} (got {given})")
 
 
 def run_script(main: Callable[[], None]) -> None:

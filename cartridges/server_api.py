@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cartridges.errors import first_problem
+
 
 class ApiError(Exception):
     """An error the client caused (4xx) or met (5xx), answered as `{"error": {message, type, param, code}}`."""
@@ -99,9 +101,8 @@ def parse_request(kind: type[GenerationRequest], data: object) -> GenerationRequ
     try:
         request = kind.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or None
-        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], where) from None
+        where, message, _ = first_problem(exc)
+        raise ApiError(400, f"{where}: {message}" if where else message, where or None) from None
     unknown = sorted(request.model_extra or {})
     if unknown:
         raise ApiError(400, f"unsupported parameter(s): {', '.join(unknown)}", unknown[0], "unsupported_parameter")

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
-from cartridges.errors import CartridgeError, invalid_settings
+from cartridges.errors import CartridgeError, first_problem, invalid_settings
 from cartridges.hashing import sha256_bytes
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distill import DistillConfig
@@ -96,7 +96,7 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as exc:
-        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        where = first_problem(exc)[0]
         given = [key for key in keys if where == key or where.startswith(key + ".") or key.startswith(where + ".")]
         raise invalid_settings(exc, f"--set {given[-1]}" if given else str(path)) from None
 
