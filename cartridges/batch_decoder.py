@@ -7,9 +7,10 @@ A new request is prefilled alone and joins between decode steps; a finished or c
 leaves at once. The decoder is one thread and knows nothing of HTTP or Ray.
 """
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ class Generation:
     error: BaseException | None = None
     _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _wake: Callable[[], None] | None = field(default=None, repr=False)
 
     def tokens(self, timeout: float | None = None) -> Iterator[int]:
         while True:
@@ -51,6 +53,32 @@ class Generation:
                     raise self.error
                 return
             yield token
+
+    async def atokens(self) -> AsyncIterator[int]:
+        """`tokens()` for an asyncio consumer: it waits on its event loop, holding no thread while it waits."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(ready.set)
+        while True:
+            ready.clear()
+            try:
+                token = self._queue.get_nowait()
+            except queue.Empty:
+                await ready.wait()
+                continue
+            if token is FINISHED:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield token
+
+    def _put(self, item) -> None:  # on the decoder's thread
+        self._queue.put(item)
+        if self._wake is not None:
+            try:
+                self._wake()
+            except RuntimeError:  # the consumer's event loop is closed: nobody is waiting
+                pass
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -113,7 +141,7 @@ class BatchDecoder:
             waiting = self._waiting.get()
             if waiting is not None:
                 waiting.finish_reason = "cancelled"
-                waiting._queue.put(FINISHED)
+                waiting._put(FINISHED)
 
     def _admit(self, block: bool) -> None:
         while len(self._rows) < self.max_batch:
@@ -126,13 +154,13 @@ class BatchDecoder:
             block = False
             if generation._cancelled.is_set():
                 generation.finish_reason = "cancelled"
-                generation._queue.put(FINISHED)
+                generation._put(FINISHED)
                 continue
             try:
                 self._prefill(generation)
             except BaseException as exc:
                 generation.error, generation.finish_reason = exc, "error"
-                generation._queue.put(FINISHED)
+                generation._put(FINISHED)
             self._drop_finished()  # one that ended on its first token leaves before any decode step
 
     @torch.no_grad()
@@ -221,7 +249,7 @@ class BatchDecoder:
         if token in generation.stop_ids:
             generation.finish_reason = "stop"
             return
-        generation._queue.put(token)
+        generation._put(token)
         if row.produced >= generation.sampling.max_tokens:
             generation.finish_reason = "length"
 
@@ -229,7 +257,7 @@ class BatchDecoder:
         generation = row.generation
         generation.finish_reason = generation.finish_reason or reason
         generation.error = error
-        generation._queue.put(FINISHED)
+        generation._put(FINISHED)
 
     def _drop_finished(self) -> None:
         keep = []

@@ -171,7 +171,7 @@ async def respond(server: Server, prepared: Prepared, chat: bool):
     request = prepared.request
     text = TextStream(server.loaded.tokenizer, request.stop_strings())
     server.decoder.submit(prepared.generation)
-    tokens = prepared.generation.tokens()
+    tokens = prepared.generation.atokens()
     meta = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "created": int(time.time()),
@@ -180,13 +180,12 @@ async def respond(server: Server, prepared: Prepared, chat: bool):
 
     async def pieces():
         try:
-            while not text.stopped:
-                token = await asyncio.to_thread(next, tokens, None)
-                if token is None:
-                    break
+            async for token in tokens:
                 piece = text.add(token)
                 if piece:
                     yield piece
+                if text.stopped:
+                    break
             if text.stopped:
                 prepared.generation.cancel()
             rest = text.flush()
