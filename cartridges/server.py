@@ -70,11 +70,7 @@ class Server:
             body += piece
             if len(body) > self.limits.max_body_bytes:
                 raise ApiError(413, f"the request body is over {self.limits.max_body_bytes} bytes")
-        try:
-            data = json.loads(bytes(body).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, f"the request body is not UTF-8 JSON ({exc})") from None
-        return parse_request(kind, data)
+        return parse_request(kind, bytes(body))
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         references = [] if request.model in self.base_names() else [request.model]

@@ -94,14 +94,15 @@ class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
 
 
-def parse_request(kind: type[GenerationRequest], data: object) -> GenerationRequest:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming its parameter."""
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+def parse_request(kind: type[GenerationRequest], body: bytes) -> GenerationRequest:
+    """Validate a JSON body strictly (no "yes" for a boolean, no 4.0 for a count, as OpenAI's API); the
+    first problem becomes a 400 naming its parameter."""
     try:
-        request = kind.model_validate(data)
+        request = kind.model_validate_json(body, strict=True)
     except ValidationError as exc:
         where, message, _ = first_problem(exc)
+        if where == "" and "JSON" in message:
+            message = f"the request body is not UTF-8 JSON ({message})"
         raise ApiError(400, f"{where}: {message}" if where else message, where or None) from None
     unknown = sorted(request.model_extra or {})
     if unknown:

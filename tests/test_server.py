@@ -217,6 +217,8 @@ def test_malformed_bodies_are_4xx_never_5xx(running):
     bodies += [json.dumps({"model": "legal", "messages": [{"role": "robot", "content": "hi"}]}).encode()]
     bodies += [json.dumps({"model": "legal", "messages": QUESTION, "max_tokens": 10**30}).encode()]
     bodies += [json.dumps({"model": "legal", "messages": QUESTION, "temperature": 1, "seed": 10**30}).encode()]
+    bodies += [json.dumps({"model": "legal", "messages": QUESTION, "stream": "yes"}).encode()]  # not a boolean
+    bodies += [json.dumps({"model": "legal", "messages": QUESTION, "max_tokens": 4.0}).encode()]  # not a count
     with httpx.Client(timeout=30) as http:
         for body in bodies:
             response = http.post(url, content=body, headers={"content-type": "application/json"})
