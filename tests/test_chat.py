@@ -181,7 +181,7 @@ def test_a_real_ctrl_c_during_an_answer_returns_to_the_prompt(cli, tiny_model_di
         env=env,
     )
     try:
-        pipe = Pipe(chat)
+        pipe = Pipe(chat, seconds=180)  # five tries of a streamed answer on a loaded CI box
         pipe.until(lambda text: text.count(b"you> ") == 1)  # model loaded, first prompt shown
         for _ in range(5):  # a sampled answer may end on its own before the signal: ask again
             chat.stdin.write(b"Tell me about notice\n")
