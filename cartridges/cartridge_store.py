@@ -42,7 +42,10 @@ class CartridgeStore:
     @property
     def held_bytes(self) -> int:
         with self._lock:
-            return sum(prefix.numel() * prefix.element_size() for _, prefix in self._held.values())
+            return self._size()
+
+    def _size(self) -> int:  # under the lock
+        return sum(prefix.numel() * prefix.element_size() for _, prefix in self._held.values())
 
     def _get(self, label: str):
         with self._lock:
@@ -55,8 +58,6 @@ class CartridgeStore:
         prefix = cartridge.prompt_embeddings.to(self.loaded.model.device, self.loaded.model.dtype)
         with self._lock:
             self._held[label] = (cartridge, prefix)
-            size = sum(p.numel() * p.element_size() for _, p in self._held.values())
-            while size > self.budget_bytes and len(self._held) > 1:
-                _, (_, evicted) = self._held.popitem(last=False)
-                size -= evicted.numel() * evicted.element_size()
+            while self._size() > self.budget_bytes and len(self._held) > 1:
+                self._held.popitem(last=False)
             return self._held[label]

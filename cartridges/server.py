@@ -182,13 +182,11 @@ async def respond(server: Server, prepared: Prepared, chat: bool):
                     yield piece
                 if text.stopped:
                     break
-            if text.stopped:
-                prepared.generation.cancel()
             rest = text.flush()
             if rest:
                 yield rest
         finally:
-            prepared.generation.cancel()  # a client that went away frees its row at the next step
+            prepared.generation.cancel()  # a stop string, or a client that went away: the row leaves at the next step
 
     def finish_reason() -> str:
         return "stop" if text.stopped else prepared.generation.finish_reason or "stop"

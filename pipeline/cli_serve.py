@@ -40,7 +40,8 @@ def serve_command(
     from cartridges.models import load_model
     from cartridges.server import Limits, build_server, create_app
 
-    key = api_key or os.environ.get("CARTRIDGES_API_KEY") or None
+    # An explicit --api-key "" would otherwise serve without any key; an empty variable counts as unset.
+    key = api_key if api_key is not None else (os.environ.get("CARTRIDGES_API_KEY") or None)
     if key is not None and not key.strip():
         raise CartridgeError("--api-key is empty: pass a key, or leave it out to serve without one")
     reg = open_registry(registry)

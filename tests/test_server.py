@@ -227,6 +227,12 @@ def test_malformed_bodies_are_4xx_never_5xx(running):
         assert http.get(running.url.removesuffix("/v1") + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_api_key_is_refused_rather_than_serving_without_one(cli, key):
+    code, _, err = cli("serve", "--api-key", key, "--port", str(free_port()))
+    assert code == 2 and "--api-key is empty" in err and "Traceback" not in err
+
+
 def test_api_key_on(lively, registry):
     with Running(build_server(lively, registry, Limits(), api_key="s3cret")) as server:
         with pytest.raises(openai.AuthenticationError):
