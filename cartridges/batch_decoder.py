@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from cartridges.runtime import prefix_cache
+from cartridges.batch_kv import BatchKV, prefix_rows
+from cartridges.masked_gqa import use_masked_gqa
 
 FINISHED = None  # the last item of a generation's token queue
 
@@ -87,7 +88,6 @@ class Generation:
 @dataclass
 class _Row:
     generation: Generation
-    length: int  # real tokens in the KV: prefix, prompt and the answer so far
     position: int  # of the next token
     last_token: int
     produced: int
@@ -95,17 +95,21 @@ class _Row:
 
 
 class BatchDecoder:
-    """Runs `submit`ted generations on one model with at most `max_batch` rows at a time."""
+    """Runs `submit`ted generations on one model with at most `max_batch` rows at a time.
 
-    def __init__(self, model, kv_shape: tuple[int, int, int], max_batch: int = 16):
+    The model is switched to `masked_gqa` attention (the same numbers, without a per-step copy of the KV).
+    """
+
+    def __init__(self, model, kv_shape: tuple[int, int, int], max_batch: int = 16, prefill_tokens: int = 4096):
+        use_masked_gqa(model)
         self.model = model
         self.kv_shape = kv_shape  # (layers, kv heads, head dim)
         self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
         self._waiting: queue.Queue[Generation] = queue.Queue()
+        self._held: Generation | None = None  # taken from the queue, but it did not fit in the last prefill
         self._rows: list[_Row] = []
-        self._keys: list[torch.Tensor] = []  # per layer [rows, kv heads, T, head dim], left-padded
-        self._values: list[torch.Tensor] = []
-        self._mask = torch.zeros(0, 0, dtype=torch.long)
+        self._kv = BatchKV()  # row i of the KV is self._rows[i]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cartridges-decoder", daemon=True)
         self._thread.start()
@@ -134,99 +138,96 @@ class BatchDecoder:
                 except BaseException as exc:  # a failed step fails the rows in it, not the server
                     for row in self._rows:
                         self._finish(row, "error", exc)
-                    self._rows, self._keys, self._values = [], [], []
+                    self._rows, self._kv = [], BatchKV()
         for row in self._rows:
             self._finish(row, "cancelled")
-        while not self._waiting.empty():
-            waiting = self._waiting.get()
+        leftover = [self._held] + [self._waiting.get() for _ in range(self._waiting.qsize())]
+        for waiting in leftover:
             if waiting is not None:
                 waiting.finish_reason = "cancelled"
                 waiting._put(FINISHED)
 
     def _admit(self, block: bool) -> None:
-        while len(self._rows) < self.max_batch:
-            try:
-                generation = self._waiting.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return
+        """Prefill the waiting generations that fit, together, so that they cost one forward pass (at most
+        `prefill_tokens` padded tokens a pass: one long prompt goes alone; the next waits for the next pass)."""
+        group, widest = [], 0
+        while len(self._rows) + len(group) < self.max_batch:
+            generation = self._held or self._next_waiting(block)
+            self._held = None
             if generation is None:
-                return
+                break
             block = False
             if generation._cancelled.is_set():
                 generation.finish_reason = "cancelled"
                 generation._put(FINISHED)
                 continue
-            try:
-                self._prefill(generation)
-            except BaseException as exc:
+            width = len(generation.prompt_ids) + (0 if generation.prefix is None else generation.prefix.shape[0])
+            if group and (len(group) + 1) * max(widest, width) > self.prefill_tokens:
+                self._held = generation
+                break
+            group.append(generation)
+            widest = max(widest, width)
+        if not group:
+            return
+        try:
+            self._prefill(group)
+        except BaseException as exc:
+            for generation in group:
                 generation.error, generation.finish_reason = exc, "error"
                 generation._put(FINISHED)
-            self._drop_finished()  # one that ended on its first token leaves before any decode step
+        self._drop_finished()  # one that ended on its first token leaves before any decode step
 
     @torch.no_grad()
-    def _prefill(self, generation: Generation) -> None:
-        prefix = generation.prefix
-        prefix_tokens = 0 if prefix is None else prefix.shape[0]
-        ids = torch.tensor([generation.prompt_ids], device=self.model.device)
-        total = prefix_tokens + ids.shape[1]
-        first = prefix_tokens if generation.first_position is None else generation.first_position
-        cache = prefix_cache(prefix, *self.kv_shape) if prefix_tokens else DynamicCache()
+    def _prefill(self, group: list[Generation]) -> None:
+        """One forward pass over the group's prompts, each after its own prefix (left-padded: the prefixes to
+        a common width, then the prompts to a common width, so every row's last prompt token is the last column)."""
+        device = self.model.device
+        width = max(len(generation.prompt_ids) for generation in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        positions = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        rows = []
+        for index, generation in enumerate(group):
+            length = len(generation.prompt_ids)
+            prefix_tokens = 0 if generation.prefix is None else generation.prefix.shape[0]
+            first = prefix_tokens if generation.first_position is None else generation.first_position
+            ids[index, width - length :] = torch.tensor(generation.prompt_ids, device=device)
+            prompt_mask[index, width - length :] = 1
+            positions[index, width - length :] = torch.arange(first, first + length, device=device)
+            rows.append(_Row(generation, first + length, 0, 0, _generator(generation.sampling, device)))
+        prefixes, prefix_mask = prefix_rows([generation.prefix for generation in group], self.kv_shape, device)
+        cache = DynamicCache(ddp_cache_data=prefixes) if prefixes else DynamicCache()
+        mask = torch.cat([prefix_mask, prompt_mask], dim=1)
         logits = self.model(
             input_ids=ids,
-            attention_mask=torch.ones(1, total, dtype=torch.long, device=ids.device),
-            position_ids=torch.arange(first, first + ids.shape[1], device=ids.device).unsqueeze(0),
+            attention_mask=mask,
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-        ).logits[0, -1]
-        sampling = generation.sampling
-        generator = None
-        if sampling.temperature > 0:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        row = _Row(generation, total, first + ids.shape[1], 0, 0, generator)
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        self._join(row, keys, values)
-        self._emit(row, self._sample(logits, row))
+            logits_to_keep=1,
+        ).logits[:, -1]
+        self._kv.add([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask)
+        self._rows.extend(rows)
+        for index, row in enumerate(rows):
+            self._emit(row, self._sample(logits[index], row))
 
-    def _join(self, row: _Row, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Add a prefilled row to the batch, left-padding whichever side is shorter."""
-        if not self._rows:
-            self._keys, self._values = keys, values
-            self._mask = torch.ones(1, row.length, dtype=torch.long, device=keys[0].device)
-            self._rows = [row]
-            return
-        width = self._mask.shape[1]
-        if row.length < width:
-            keys = [_left_pad(k, width - row.length) for k in keys]
-            values = [_left_pad(v, width - row.length) for v in values]
-        elif row.length > width:
-            self._keys = [_left_pad(k, row.length - width) for k in self._keys]
-            self._values = [_left_pad(v, row.length - width) for v in self._values]
-            self._mask = _left_pad(self._mask, row.length - width)
-        width = max(width, row.length)
-        self._keys = [torch.cat([a, b]) for a, b in zip(self._keys, keys, strict=True)]
-        self._values = [torch.cat([a, b]) for a, b in zip(self._values, values, strict=True)]
-        mask = torch.zeros(1, width, dtype=torch.long, device=self._mask.device)
-        mask[0, width - row.length :] = 1
-        self._mask = torch.cat([self._mask, mask])
-        self._rows.append(row)
+    def _next_waiting(self, block: bool) -> Generation | None:
+        try:
+            return self._waiting.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return None
 
     @torch.no_grad()
     def _decode_step(self) -> None:
-        device = self._mask.device
+        device = self._kv.mask.device
         ids = torch.tensor([[row.last_token] for row in self._rows], device=device)
         positions = torch.tensor([[row.position] for row in self._rows], device=device)
-        mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long, device=device)], dim=1)
-        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        mask = self._kv.mask_with_next()
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._kv.cache(), use_cache=True
         ).logits[:, -1]
-        self._keys = [layer.keys for layer in cache.layers]
-        self._values = [layer.values for layer in cache.layers]
-        self._mask = mask
+        self._kv.advance(mask)
         for index, row in enumerate(self._rows):
-            row.length += 1
             row.position += 1
             if row.generation.finish_reason is None and not row.generation._cancelled.is_set():
                 self._emit(row, self._sample(logits[index], row))
@@ -271,21 +272,12 @@ class BatchDecoder:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._keys, self._values = [], []
-            self._mask = torch.zeros(0, 0, dtype=torch.long)
-            return
-        rows = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask.index_select(0, rows)
-        start = int((mask.sum(dim=0) > 0).nonzero()[0])  # columns padded in every row that is left go
-        self._mask = mask[:, start:]
-        self._keys = [k.index_select(0, rows)[:, :, start:] for k in self._keys]
-        self._values = [v.index_select(0, rows)[:, :, start:] for v in self._values]
+        self._kv.keep(keep)
 
 
-def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:
-    """Zeros before the sequence axis (dim 2 of a KV tensor, dim 1 of a mask)."""
-    axis = 2 if tensor.dim() == 4 else 1
-    shape = list(tensor.shape)
-    shape[axis] = amount
-    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
+def _generator(sampling: Sampling, device) -> torch.Generator | None:
+    if sampling.temperature <= 0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    return generator
