@@ -108,6 +108,7 @@ class BatchDecoder:
         self.prefill_tokens = prefill_tokens
         self._waiting: queue.Queue[Generation] = queue.Queue()
         self._held: Generation | None = None  # taken from the queue, but it did not fit in the last prefill
+        self.prefill_passes = 0  # forward passes that prefilled a group of waiting generations
         self._rows: list[_Row] = []
         self._kv = BatchKV()  # row i of the KV is self._rows[i]
         self._stopping = threading.Event()
@@ -198,6 +199,7 @@ class BatchDecoder:
         prefixes, prefix_mask = prefix_rows([generation.prefix for generation in group], self.kv_shape, device)
         cache = DynamicCache(ddp_cache_data=prefixes) if prefixes else DynamicCache()
         mask = torch.cat([prefix_mask, prompt_mask], dim=1)
+        self.prefill_passes += 1
         logits = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -219,14 +221,14 @@ class BatchDecoder:
 
     @torch.no_grad()
     def _decode_step(self) -> None:
-        device = self._kv.mask.device
+        device = self.model.device
         ids = torch.tensor([[row.last_token] for row in self._rows], device=device)
         positions = torch.tensor([[row.position] for row in self._rows], device=device)
-        mask = self._kv.mask_with_next()
+        cache, mask = self._kv.step()
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._kv.cache(), use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         ).logits[:, -1]
-        self._kv.advance(mask)
+        self._kv.advance()
         for index, row in enumerate(self._rows):
             row.position += 1
             if row.generation.finish_reason is None and not row.generation._cancelled.is_set():
@@ -261,18 +263,15 @@ class BatchDecoder:
         generation._put(FINISHED)
 
     def _drop_finished(self) -> None:
-        keep = []
+        leaving = []
         for index, row in enumerate(self._rows):
             if row.generation._cancelled.is_set():
                 row.generation.finish_reason = row.generation.finish_reason or "cancelled"
             if row.generation.finish_reason is not None:
                 self._finish(row, row.generation.finish_reason)
-            else:
-                keep.append(index)
-        if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[i] for i in keep]
-        self._kv.keep(keep)
+                leaving.append(index)
+        if leaving:
+            self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
 
 
 def _generator(sampling: Sampling, device) -> torch.Generator | None:

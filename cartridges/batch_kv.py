@@ -1,117 +1,147 @@
-"""The running rows' keys and values: one left-padded buffer per layer, with room to grow in place.
+"""The running rows' keys and values, in buffers that a decode step, a join and a leave barely copy.
 
-transformers' `DynamicLayer` appends a decode step's keys and values with `torch.cat`, which copies the
-whole batch KV on every layer of every step. Here each layer keeps a buffer with spare columns; a step
-writes its column in place and attention reads a view of the filled part. The batch is rebuilt (one copy)
-only when a row joins or leaves. Rows are left-padded to a common width, so every row's next token goes
-to the same column; `mask` marks each row's real tokens.
+transformers' `DynamicLayer` appends a step's keys and values with `torch.cat`, which copies the whole
+batch KV on every layer of every step; rebuilding the batch when a row joins or leaves copies it again.
+Here each layer has one buffer [row slots, kv heads, columns, head dim] with spare room:
+- rows are left-padded to a common end column, so a step writes every row's new token to column `end`
+  in place and attention reads the view `[:rows, :, start:end]`;
+- a joining row is written into the next free slot, ending at `end` (only when it is longer than
+  every row so far are the others shifted, one copy);
+- a leaving row's slot is filled with the last row (one row copied), and columns that no remaining row
+  uses are skipped by moving `start`, not copied.
+Masked columns hold zeros or old finite values (never uninitialised memory: 0 x NaN is NaN).
 """
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-ROOM = 64  # spare columns a buffer gets when it is (re)built or runs full
-
-
-class BufferedLayer(DynamicLayer):
-    """A `DynamicLayer` whose `update` writes into spare columns instead of concatenating."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.length = keys.shape[2]
-        self._keys = _with_room(keys, self.length)
-        self._values = _with_room(values, self.length)
-        self._expose()
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[2]
-        if end > self._keys.shape[2]:
-            self._keys, self._values = _with_room(self.keys, end), _with_room(self.values, end)
-        self._keys[:, :, self.length : end] = key_states
-        self._values[:, :, self.length : end] = value_states
-        self.length = end
-        self._expose()
-        return self.keys, self.values
-
-    def _expose(self) -> None:
-        self.keys = self._keys[:, :, : self.length]
-        self.values = self._values[:, :, : self.length]
-
-
-def _with_room(tensor: torch.Tensor, filled: int) -> torch.Tensor:
-    batch, heads, _, dim = tensor.shape
-    buffer = tensor.new_empty(batch, heads, filled + ROOM, dim)
-    buffer[:, :, : tensor.shape[2]] = tensor
-    return buffer
+ROOM = 64  # spare columns added when the buffers are (re)allocated
 
 
 class BatchKV:
-    """Keys, values and attention mask of the rows in a batch, in row order."""
+    """Keys, values and attention mask of the rows in a batch; row i is slot i."""
 
     def __init__(self):
-        self.layers: list[BufferedLayer] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._mask = torch.zeros(0, 0, dtype=torch.long)
+        self.rows = 0
+        self.start = 0  # first column any row uses
+        self.end = 0  # one past the last filled column
 
     @property
-    def rows(self) -> int:
-        return self.mask.shape[0]
+    def mask(self) -> torch.Tensor:
+        return self._mask[: self.rows, self.start : self.end]
 
-    def cache(self) -> Cache:
-        """The cache a forward pass appends its column to (in place)."""
-        return Cache(layers=self.layers)
+    def layer_view(self, layer: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.end if end is None else end
+        return self._keys[layer][: self.rows, :, self.start : end], self._values[layer][
+            : self.rows, :, self.start : end
+        ]
 
-    def mask_with_next(self) -> torch.Tensor:
-        """The mask for a step that appends one token to every row; pass it to `advance` after the step."""
-        ones = torch.ones(self.rows, 1, dtype=self.mask.dtype, device=self.mask.device)
-        return torch.cat([self.mask, ones], dim=1)
+    def step(self) -> tuple[Cache, torch.Tensor]:
+        """The cache and attention mask for a forward pass that appends one column to every row; call
+        `advance` after it."""
+        self._reserve(self.rows, self.end + 1)
+        self._mask[: self.rows, self.end] = 1
+        cache = Cache(layers=[_StepLayer(self, layer) for layer in range(len(self._keys))])
+        return cache, self._mask[: self.rows, self.start : self.end + 1]
 
-    def advance(self, mask: torch.Tensor) -> None:
-        self.mask = mask
+    def advance(self) -> None:
+        self.end += 1
 
     def add(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor) -> None:
-        """Append rows ([rows, heads, T, dim] per layer, `mask` [rows, T]), left-padding whichever side is shorter."""
-        if not self.rows:
-            self.layers = [BufferedLayer(k, v) for k, v in zip(keys, values, strict=True)]
-            self.mask = mask
+        """Append rows ([new rows, heads, T, dim] per layer, `mask` [new rows, T]) whose last column is real."""
+        count, width = mask.shape
+        self._allocate(len(keys), keys[0])
+        if self.rows == 0:
+            self.start = self.end = 0
+        if width > self.end:  # longer than every row so far: shift them right
+            self._reserve(self.rows + count, width, shift=width - self.end)
+        else:
+            self._reserve(self.rows + count, self.end)
+        slots = slice(self.rows, self.rows + count)
+        first = self.end - width
+        padded = ~mask.bool()[:, None, :, None]  # whatever a padded position computed stays out
+        for layer, (new_keys, new_values) in enumerate(zip(keys, values, strict=True)):
+            self._keys[layer][slots, :, : self.end] = 0
+            self._values[layer][slots, :, : self.end] = 0
+            self._keys[layer][slots, :, first : self.end] = new_keys.masked_fill(padded, 0)
+            self._values[layer][slots, :, first : self.end] = new_values.masked_fill(padded, 0)
+        self._mask[slots] = 0
+        self._mask[slots, first : self.end] = mask
+        self.rows += count
+        self.start = min(self.start, first) if self.rows > count else first
+
+    def drop(self, leaving: list[int]) -> list[int]:
+        """Remove these rows; returns the old indices of the remaining rows in their new order (the last
+        row moves into each freed slot)."""
+        order = list(range(self.rows))
+        for index in sorted(leaving, reverse=True):
+            last = self.rows - 1
+            if index != last:
+                for buffers in (self._keys, self._values):
+                    for buffer in buffers:
+                        buffer[index, :, : self.end] = buffer[last, :, : self.end]
+                self._mask[index] = self._mask[last]
+                order[index] = order[last]
+            order.pop()
+            self.rows -= 1
+        if self.rows == 0:
+            self.start = self.end = 0
+        else:
+            used = self._mask[: self.rows, self.start : self.end].any(dim=0)
+            self.start += int(used.nonzero()[0])
+        return order
+
+    def _reserve(self, rows: int, columns: int, shift: int = 0) -> None:
+        """Room for `rows` slots and `columns` columns, moving the filled columns `shift` to the right."""
+        if self._keys and rows <= self._keys[0].shape[0] and columns <= self._keys[0].shape[2] and not shift:
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        joined_keys = [
-            torch.cat([_left_pad(a.keys, width), _left_pad(b, width)]) for a, b in zip(self.layers, keys, strict=True)
-        ]
-        joined_values = [
-            torch.cat([_left_pad(a.values, width), _left_pad(b, width)])
-            for a, b in zip(self.layers, values, strict=True)
-        ]
-        self.layers = [BufferedLayer(k, v) for k, v in zip(joined_keys, joined_values, strict=True)]
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        old_rows = self._keys[0].shape[0] if self._keys else 0
+        old_columns = self._keys[0].shape[2] if self._keys else 0
+        new_rows = max(rows, min(2 * old_rows, 256)) if rows > old_rows else old_rows
+        new_columns = max(columns, old_columns + shift) + ROOM if columns > old_columns or shift else old_columns
+        self._keys = [self._moved(buffer, new_rows, new_columns, shift) for buffer in self._keys]
+        self._values = [self._moved(buffer, new_rows, new_columns, shift) for buffer in self._values]
+        self._mask = self._moved(self._mask, new_rows, new_columns, shift)
+        self.start += shift
+        self.end += shift
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order); columns padded in every remaining row go."""
-        if not rows:
-            self.layers, self.mask = [], torch.zeros(0, 0, dtype=torch.long)
+    def _moved(self, buffer: torch.Tensor, rows: int, columns: int, shift: int) -> torch.Tensor:
+        axis = 2 if buffer.dim() == 4 else 1
+        shape = list(buffer.shape)
+        shape[0], shape[axis] = rows, columns
+        moved = buffer.new_zeros(shape)
+        filled = buffer.narrow(0, 0, self.rows).narrow(axis, 0, self.end)
+        moved.narrow(0, 0, self.rows).narrow(axis, shift, self.end).copy_(filled)
+        return moved
+
+    def _allocate(self, count: int, like: torch.Tensor) -> None:
+        """Empty buffers for `count` layers shaped like a [rows, heads, T, dim] tensor (on the first add)."""
+        if self._keys:
             return
-        index = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        start = int((mask.sum(dim=0) > 0).nonzero()[0])
-        self.mask = mask[:, start:]
-        self.layers = [
-            BufferedLayer(
-                layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:]
-            )
-            for layer in self.layers
-        ]
+        _, heads, _, dim = like.shape
+        self._keys = [like.new_zeros(0, heads, 0, dim) for _ in range(count)]
+        self._values = [like.new_zeros(0, heads, 0, dim) for _ in range(count)]
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=like.device)
 
 
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros before the sequence axis (dim 2 of a KV tensor, dim 1 of a mask) up to `width` columns."""
-    axis = 2 if tensor.dim() == 4 else 1
-    amount = width - tensor.shape[axis]
-    if amount == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[axis] = amount
-    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
+class _StepLayer(DynamicLayer):
+    """One layer of one decode step: writes the step's column into the batch buffer, returns the views."""
+
+    def __init__(self, kv: BatchKV, layer: int):
+        super().__init__()
+        self.kv, self.layer = kv, layer
+        self.dtype, self.device, self.is_initialized = kv._keys[layer].dtype, kv._keys[layer].device, True
+        self.keys, self.values = kv.layer_view(layer)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        kv, end = self.kv, self.kv.end
+        kv._keys[self.layer][: kv.rows, :, end : end + 1] = key_states
+        kv._values[self.layer][: kv.rows, :, end : end + 1] = value_states
+        self.keys, self.values = kv.layer_view(self.layer, end + 1)
+        return self.keys, self.values
 
 
 def prefix_rows(

@@ -110,3 +110,27 @@ def test_sampling_with_a_seed_repeats_and_temperature_changes_the_answer(lively,
         decoder.close()
     assert first == again and len(first) == 16
     assert other != first or greedy != first
+
+
+def test_waiting_requests_are_prefilled_together_within_the_token_budget(lively, corpus_dir, tmp_path):
+    """Queued requests share one prefill pass; a budget smaller than any two rows prefills each alone.
+    The answers are the same tokens either way."""
+    cartridges = cartridges_of(lively, corpus_dir, tmp_path)
+    cases, max_tokens = requests(lively, cartridges)
+    answers, passes = {}, {}
+    for budget in (1, 100_000):
+        decoder = BatchDecoder(lively.model, kv_shape(lively.model.config), max_batch=16, prefill_tokens=budget)
+        try:
+            blocker = decoder.submit(Generation(None, cases[0][3], Sampling(400), frozenset()))
+            stream = blocker.tokens(timeout=60)
+            next(stream)  # the decoder is busy: the next ones queue up behind its current step
+            together = [decoder.submit(Generation(p, q, Sampling(max_tokens), s)) for _, _, p, q, s in cases[1:]]
+            answers[budget] = [list(g.tokens(timeout=120)) for g in together]
+            blocker.cancel()
+            list(stream)
+            passes[budget] = decoder.prefill_passes
+        finally:
+            decoder.close()
+    assert answers[1] == answers[100_000]
+    assert passes[1] == len(cases)  # the blocker and every request alone
+    assert passes[100_000] < passes[1]
