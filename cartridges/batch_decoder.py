@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from cartridges.batch_kv import BatchKV, prefix_rows
+from cartridges.batch_kv import BatchKV, prefix_layers, stack_left_padded
 from cartridges.masked_gqa import use_masked_gqa
+from cartridges.prompt_cache import PromptCache
 
 FINISHED = None  # the last item of a generation's token queue
 
@@ -100,7 +101,14 @@ class BatchDecoder:
     The model is switched to `masked_gqa` attention (the same numbers, without a per-step copy of the KV).
     """
 
-    def __init__(self, model, kv_shape: tuple[int, int, int], max_batch: int = 16, prefill_tokens: int = 4096):
+    def __init__(
+        self,
+        model,
+        kv_shape: tuple[int, int, int],
+        max_batch: int = 16,
+        prefill_tokens: int = 4096,
+        prompt_cache_entries: int = 64,
+    ):
         use_masked_gqa(model)
         self.model = model
         self.kv_shape = kv_shape  # (layers, kv heads, head dim)
@@ -109,6 +117,8 @@ class BatchDecoder:
         self._waiting: queue.Queue[Generation] = queue.Queue()
         self._held: Generation | None = None  # taken from the queue, but it did not fit in the last prefill
         self.prefill_passes = 0  # forward passes that prefilled a group of waiting generations
+        self._prompts = PromptCache(prompt_cache_entries)
+        self.prompt_tokens_reused = 0  # prompt tokens whose keys and values came from the prompt cache
         self._rows: list[_Row] = []
         self._kv = BatchKV()  # row i of the KV is self._rows[i]
         self._stopping = threading.Event()
@@ -180,25 +190,36 @@ class BatchDecoder:
 
     @torch.no_grad()
     def _prefill(self, group: list[Generation]) -> None:
-        """One forward pass over the group's prompts, each after its own prefix (left-padded: the prefixes to
-        a common width, then the prompts to a common width, so every row's last prompt token is the last column)."""
+        """One forward pass over the group's prompts, each after its own prefix and the start of its prompt
+        that the prompt cache knows (left-padded: the known parts to a common width, then the rest of the
+        prompts to a common width, so every row's last prompt token is the last column)."""
         device = self.model.device
-        width = max(len(generation.prompt_ids) for generation in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        prompt_mask = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        positions = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        rows = []
-        for index, generation in enumerate(group):
-            length = len(generation.prompt_ids)
+        starts, rests, firsts, reuses = [], [], [], []
+        for generation in group:
             prefix_tokens = 0 if generation.prefix is None else generation.prefix.shape[0]
             first = prefix_tokens if generation.first_position is None else generation.first_position
-            ids[index, width - length :] = torch.tensor(generation.prompt_ids, device=device)
-            prompt_mask[index, width - length :] = 1
-            positions[index, width - length :] = torch.arange(first, first + length, device=device)
-            rows.append(_Row(generation, first + length, 0, 0, _generator(generation.sampling, device)))
-        prefixes, prefix_mask = prefix_rows([generation.prefix for generation in group], self.kv_shape, device)
-        cache = DynamicCache(ddp_cache_data=prefixes) if prefixes else DynamicCache()
-        mask = torch.cat([prefix_mask, prompt_mask], dim=1)
+            keys, values = prefix_layers(generation.prefix, self.kv_shape) if prefix_tokens else ([], [])
+            reuse = self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
+            if reuse is not None:
+                keys = [torch.cat(pair, dim=2) for pair in zip(keys, reuse.keys, strict=False)] or reuse.keys
+                values = [torch.cat(pair, dim=2) for pair in zip(values, reuse.values, strict=False)] or reuse.values
+            starts.append((keys, values))
+            reuses.append(reuse)
+            self.prompt_tokens_reused += 0 if reuse is None else reuse.tokens
+            firsts.append(first)
+            rests.append(generation.prompt_ids[0 if reuse is None else reuse.tokens :])
+        width = max(len(rest) for rest in rests)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        rest_mask = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        positions = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        for index, (rest, first, reuse) in enumerate(zip(rests, firsts, reuses, strict=True)):
+            skip = 0 if reuse is None else reuse.tokens
+            ids[index, width - len(rest) :] = torch.tensor(rest, device=device)
+            rest_mask[index, width - len(rest) :] = 1
+            positions[index, width - len(rest) :] = torch.arange(first + skip, first + skip + len(rest), device=device)
+        known, known_mask = stack_left_padded(starts, device)
+        cache = DynamicCache(ddp_cache_data=known) if known else DynamicCache()
+        mask = torch.cat([known_mask, rest_mask], dim=1)
         self.prefill_passes += 1
         logits = self.model(
             input_ids=ids,
@@ -208,10 +229,35 @@ class BatchDecoder:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        self._kv.add([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        for index, generation in enumerate(group):
+            self._remember_prompt(generation, firsts[index], reuses[index], keys, values, index, len(rests[index]))
+        self._kv.add(keys, values, mask)
+        rows = [
+            _Row(generation, first + len(generation.prompt_ids), 0, 0, _generator(generation.sampling, device))
+            for generation, first in zip(group, firsts, strict=True)
+        ]
         self._rows.extend(rows)
         for index, row in enumerate(rows):
             self._emit(row, self._sample(logits[index], row))
+
+    def _remember_prompt(self, generation, first, reuse, keys, values, row, computed) -> None:
+        """Keep this prompt's keys and values (the known start, then the `computed` last columns of `row`)."""
+
+        def prompt_part(layers, known):
+            computed_part = [layer[row : row + 1, :, -computed:] for layer in layers]
+            if not known:
+                return [part.clone() for part in computed_part]
+            return [torch.cat(pair, dim=2) for pair in zip(known, computed_part, strict=True)]
+
+        self._prompts.store(
+            generation.prefix,
+            first,
+            generation.prompt_ids,
+            prompt_part(keys, None if reuse is None else reuse.keys),
+            prompt_part(values, None if reuse is None else reuse.values),
+        )
 
     def _next_waiting(self, block: bool) -> Generation | None:
         try:
@@ -268,10 +314,13 @@ class BatchDecoder:
             if row.generation._cancelled.is_set():
                 row.generation.finish_reason = row.generation.finish_reason or "cancelled"
             if row.generation.finish_reason is not None:
-                self._finish(row, row.generation.finish_reason)
                 leaving.append(index)
-        if leaving:
-            self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
+        if not leaving:
+            return
+        finished = [self._rows[i] for i in leaving]
+        self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
+        for row in finished:  # after the batch lets them go: a reader that sees the end sees them gone
+            self._finish(row, row.generation.finish_reason)
 
 
 def _generator(sampling: Sampling, device) -> torch.Generator | None:

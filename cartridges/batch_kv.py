@@ -54,9 +54,10 @@ class BatchKV:
         """Append rows ([new rows, heads, T, dim] per layer, `mask` [new rows, T]) whose last column is real."""
         count, width = mask.shape
         self._allocate(len(keys), keys[0])
-        if self.rows == 0:
-            self.start = self.end = 0
-        if width > self.end:  # longer than every row so far: shift them right
+        if self.rows == 0:  # nothing to keep: the rows take columns [0, width)
+            self.start, self.end = 0, width
+            self._reserve(count, width)
+        elif width > self.end:  # longer than every row so far: shift them right
             self._reserve(self.rows + count, width, shift=width - self.end)
         else:
             self._reserve(self.rows + count, self.end)
@@ -87,8 +88,8 @@ class BatchKV:
                 order[index] = order[last]
             order.pop()
             self.rows -= 1
-        if self.rows == 0:
-            self.start = self.end = 0
+        if self.rows == 0:  # the buffers go too: a long prompt's columns are not kept for the next short one
+            self.__init__()
         else:
             used = self._mask[: self.rows, self.start : self.end].any(dim=0)
             self.start += int(used.nonzero()[0])
@@ -101,7 +102,7 @@ class BatchKV:
         old_rows = self._keys[0].shape[0] if self._keys else 0
         old_columns = self._keys[0].shape[2] if self._keys else 0
         new_rows = max(rows, min(2 * old_rows, 256)) if rows > old_rows else old_rows
-        new_columns = max(columns, old_columns + shift) + ROOM if columns > old_columns or shift else old_columns
+        new_columns = max(columns, self.end + shift) + ROOM if columns > old_columns or shift else old_columns
         self._keys = [self._moved(buffer, new_rows, new_columns, shift) for buffer in self._keys]
         self._values = [self._moved(buffer, new_rows, new_columns, shift) for buffer in self._values]
         self._mask = self._moved(self._mask, new_rows, new_columns, shift)
@@ -113,6 +114,8 @@ class BatchKV:
         shape = list(buffer.shape)
         shape[0], shape[axis] = rows, columns
         moved = buffer.new_zeros(shape)
+        if self.rows == 0:
+            return moved
         filled = buffer.narrow(0, 0, self.rows).narrow(axis, 0, self.end)
         moved.narrow(0, 0, self.rows).narrow(axis, shift, self.end).copy_(filled)
         return moved
@@ -144,22 +147,39 @@ class _StepLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def prefix_rows(
-    prefixes: list[torch.Tensor | None], kv_shape: tuple[int, int, int], device
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Per-layer (keys, values) [rows, heads, P, dim] of prefixes ([tokens, layers*2*heads*dim] each, or
-    None) left-padded to the longest, and their mask [rows, P]; no layers when no row has a prefix."""
+def prefix_layers(
+    prefix: torch.Tensor, kv_shape: tuple[int, int, int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A prefix [tokens, layers*2*heads*dim] as per-layer keys and values [1, heads, tokens, dim] (views)."""
     layers, heads, dim = kv_shape
-    width = max((prefix.shape[0] for prefix in prefixes if prefix is not None), default=0)
-    mask = torch.zeros(len(prefixes), width, dtype=torch.long, device=device)
+    tokens = prefix.shape[0]
+    per_layer = prefix.view(tokens, 2 * layers, heads, dim).permute(1, 2, 0, 3).unsqueeze(1)
+    return [per_layer[2 * layer] for layer in range(layers)], [per_layer[2 * layer + 1] for layer in range(layers)]
+
+
+def stack_left_padded(
+    rows: list[tuple[list[torch.Tensor], list[torch.Tensor]]], device
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Rows of per-layer (keys, values) [1, heads, T_row, dim] (no layers: an empty row) left-padded to the
+    longest: per-layer (keys, values) [rows, heads, T, dim] and the mask [rows, T]; no layers when every row
+    is empty."""
+    width = max((keys[0].shape[2] for keys, _ in rows if keys), default=0)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     if width == 0:
         return [], mask
-    dtype = next(prefix.dtype for prefix in prefixes if prefix is not None)
-    kv = torch.zeros(len(prefixes), 2 * layers, heads, width, dim, dtype=dtype, device=device)
-    for row, prefix in enumerate(prefixes):
-        if prefix is None or prefix.shape[0] == 0:
-            continue
-        tokens = prefix.shape[0]
-        kv[row, :, :, width - tokens :] = prefix.view(tokens, 2 * layers, heads, dim).permute(1, 2, 0, 3)
-        mask[row, width - tokens :] = 1
-    return [(kv[:, 2 * layer].contiguous(), kv[:, 2 * layer + 1].contiguous()) for layer in range(layers)], mask
+    like = next(keys[0] for keys, _ in rows if keys)
+    _, heads, _, dim = like.shape
+    layers = []
+    for layer in range(len(next(keys for keys, _ in rows if keys))):
+        keys = like.new_zeros(len(rows), heads, width, dim)
+        values = like.new_zeros(len(rows), heads, width, dim)
+        for row, (row_keys, row_values) in enumerate(rows):
+            if row_keys:
+                tokens = row_keys[layer].shape[2]
+                keys[row, :, width - tokens :] = row_keys[layer][0]
+                values[row, :, width - tokens :] = row_values[layer][0]
+        layers.append((keys, values))
+    for row, (row_keys, _) in enumerate(rows):
+        if row_keys:
+            mask[row, width - row_keys[0].shape[2] :] = 1
+    return layers, mask

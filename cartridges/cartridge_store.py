@@ -37,6 +37,8 @@ class CartridgeStore:
         labels = [self.resolve(reference) for reference in references]
         loaded = [self._get(label) for label in labels]
         check_same_model([cartridge for cartridge, _ in loaded])
+        if len(loaded) == 1:  # the held tensor itself: no copy, and the decoder's prompt cache knows it
+            return labels, loaded[0][1]
         return labels, torch.cat([prefix for _, prefix in loaded])
 
     @property

@@ -62,8 +62,17 @@ def test_sixteen_concurrent_requests_over_mixed_cartridges_equal_each_alone_and_
         together = [decoder.submit(Generation(p, q, Sampling(max_tokens), s)) for _, _, p, q, s in cases]
         assert [list(g.tokens(timeout=120)) for g in together] == alone
         assert {g.finish_reason for g in together} <= {"stop", "length"}
+        assert decoder.prompt_tokens_reused > 0  # the chat template's head was prefilled once per cartridge
     finally:
         decoder.close()
+    uncached = BatchDecoder(lively.model, kv_shape(lively.model.config), max_batch=16, prompt_cache_entries=0)
+    try:
+        for (_, _, prefix, prompt, stops), expected in zip(cases, alone, strict=True):
+            generation = uncached.submit(Generation(prefix, prompt, Sampling(max_tokens), stops))
+            assert list(generation.tokens(timeout=60)) == expected
+        assert uncached.prompt_tokens_reused == 0
+    finally:
+        uncached.close()
     # Independently: HF generate through the runtime `cartridges ask` uses gives the same text.
     for (kind, question, _, _, _), tokens in zip(cases, alone, strict=True):
         chosen = {"none": [], "short": ["short"], "long": ["long"], "both": ["long", "short"]}[kind]

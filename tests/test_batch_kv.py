@@ -4,7 +4,7 @@ import torch
 import transformers.integrations.sdpa_attention as sdpa_attention
 
 from cartridges.artifact import kv_shape
-from cartridges.batch_kv import ROOM, BatchKV, prefix_rows
+from cartridges.batch_kv import ROOM, BatchKV, prefix_layers, stack_left_padded
 from cartridges.masked_gqa import NAME, use_masked_gqa
 from cartridges.runtime import prefix_cache
 
@@ -71,11 +71,28 @@ def test_rows_join_decode_and_leave_keeping_each_rows_own_keys_and_values():
     check(kv, expected)
 
 
-def test_prefix_rows_hold_each_prefix_as_its_own_cache_does():
+def test_a_batch_that_empties_and_refills_does_not_grow():
+    kv, expected = BatchKV(), []
+    for _ in range(50):
+        add(kv, expected, 10)
+        step(kv, expected)
+        check(kv, expected)
+        assert kv._keys[0].shape[2] <= 11 + ROOM
+        kv.drop([0])
+        expected = []
+    add(kv, expected, 10, 3)
+    kv.drop([0])
+    add(kv, expected := [expected[1]], 4)  # a batch of one short row takes a longer one
+    check(kv, expected)
+    assert kv._keys[0].shape[2] <= 4 + 2 * ROOM
+
+
+def test_prefixes_are_stacked_left_padded_as_each_ones_own_cache_holds_it():
     shape = (3, 2, 4)  # layers, kv heads, head dim
     torch.manual_seed(0)
     prefixes = [torch.randn(5, 3 * 2 * 2 * 4), None, torch.randn(2, 3 * 2 * 2 * 4)]
-    layers, mask = prefix_rows(prefixes, shape, "cpu")
+    rows = [prefix_layers(prefix, shape) if prefix is not None else ([], []) for prefix in prefixes]
+    layers, mask = stack_left_padded(rows, "cpu")
     assert mask.tolist() == [[1] * 5, [0] * 5, [0, 0, 0, 1, 1]]
     for row, prefix in enumerate(prefixes):
         if prefix is None:
@@ -85,7 +102,7 @@ def test_prefix_rows_hold_each_prefix_as_its_own_cache_does():
         for (keys, values), layer in zip(layers, alone.layers, strict=True):
             assert torch.equal(keys[row, :, 5 - prefix.shape[0] :], layer.keys[0])
             assert torch.equal(values[row, :, 5 - prefix.shape[0] :], layer.values[0])
-    no_layers, no_mask = prefix_rows([None, None], shape, "cpu")
+    no_layers, no_mask = stack_left_padded([([], []), ([], [])], "cpu")
     assert no_layers == [] and no_mask.shape == (2, 0)
 
 

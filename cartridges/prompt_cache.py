@@ -1,0 +1,89 @@
+"""Keys and values of recent prompts, per cartridge, so that a prompt is prefilled only from where it
+differs from one seen before.
+
+Most of a chat prompt is the same for every request: the chat template's system turn and the opening
+of the user turn. On this 2-core box a request's prefill costs about as much as a decode step of 16 rows
+(BENCHMARKS.md, "The server under load"), so prefilling the shared head once per cartridge and only
+the question after it is what lets batching pay. A prompt's keys and values depend only on the
+tokens before it (causal attention), its cartridge and its positions, so an entry is matched on all
+three: the same prefix tensor (the cartridge store hands out one per loaded cartridge), the same first
+position, and the longest common run of leading token ids.
+"""
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Entry:
+    prefix: weakref.ref | None  # None: the plain model
+    first_position: int
+    ids: tuple[int, ...]
+    keys: list[torch.Tensor]  # per layer [1, kv heads, len(ids), head dim]
+    values: list[torch.Tensor]
+
+
+@dataclass
+class Reuse:
+    tokens: int  # leading prompt tokens whose keys and values are known
+    keys: list[torch.Tensor]  # per layer [1, kv heads, tokens, head dim]
+    values: list[torch.Tensor]
+
+
+class PromptCache:
+    """The last `entries` prompts' keys and values (least recently used go first)."""
+
+    def __init__(self, entries: int = 64):
+        self.entries = entries
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._next = 0
+
+    def reuse(self, prefix: torch.Tensor | None, first_position: int, ids: list[int]) -> Reuse | None:
+        """The longest known start of `ids` (never all of it: the last token's logits are needed)."""
+        best, best_key, best_tokens = None, None, 0
+        for key, entry in self._entries.items():
+            if not _same_prefix(entry.prefix, prefix) or entry.first_position != first_position:
+                continue
+            tokens = _common_start(entry.ids, ids, limit=len(ids) - 1)
+            if tokens > best_tokens:
+                best, best_key, best_tokens = entry, key, tokens
+        if best is None:
+            return None
+        self._entries.move_to_end(best_key)
+        return Reuse(
+            best_tokens, [k[:, :, :best_tokens] for k in best.keys], [v[:, :, :best_tokens] for v in best.values]
+        )
+
+    def store(
+        self,
+        prefix: torch.Tensor | None,
+        first_position: int,
+        ids: list[int],
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> None:
+        if self.entries <= 0:
+            return
+        reference = None if prefix is None else weakref.ref(prefix)
+        self._entries[self._next] = _Entry(reference, first_position, tuple(ids), keys, values)
+        self._next += 1
+        while len(self._entries) > self.entries:
+            self._entries.popitem(last=False)
+
+
+def _same_prefix(reference: weakref.ref | None, prefix: torch.Tensor | None) -> bool:
+    if reference is None or prefix is None:
+        return reference is None and prefix is None
+    return reference() is prefix
+
+
+def _common_start(known: tuple[int, ...], ids: list[int], limit: int) -> int:
+    count = 0
+    for a, b in zip(known, ids[:limit], strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
