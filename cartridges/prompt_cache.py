@@ -24,6 +24,7 @@ class _Entry:
     ids: tuple[int, ...]
     keys: list[torch.Tensor]  # per layer [1, kv heads, len(ids), head dim]
     values: list[torch.Tensor]
+    bytes: int
 
 
 @dataclass
@@ -34,12 +35,15 @@ class Reuse:
 
 
 class PromptCache:
-    """The last `entries` prompts' keys and values (least recently used go first)."""
+    """Recent prompts' keys and values, at most `entries` of them and `max_bytes` together (least recently
+    used go first; a prompt larger than `max_bytes` is not kept)."""
 
-    def __init__(self, entries: int = 64):
+    def __init__(self, entries: int = 64, max_bytes: int = 512 << 20):
         self.entries = entries
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next = 0
+        self.held_bytes = 0
 
     def reuse(self, prefix: torch.Tensor | None, first_position: int, ids: list[int]) -> Reuse | None:
         """The longest known start of `ids` (never all of it: the last token's logits are needed)."""
@@ -65,13 +69,16 @@ class PromptCache:
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> None:
-        if self.entries <= 0:
+        size = sum(t.numel() * t.element_size() for t in keys + values)
+        if self.entries <= 0 or size > self.max_bytes:
             return
         reference = None if prefix is None else weakref.ref(prefix)
-        self._entries[self._next] = _Entry(reference, first_position, tuple(ids), keys, values)
+        self._entries[self._next] = _Entry(reference, first_position, tuple(ids), keys, values, size)
         self._next += 1
-        while len(self._entries) > self.entries:
-            self._entries.popitem(last=False)
+        self.held_bytes += size
+        while len(self._entries) > self.entries or self.held_bytes > self.max_bytes:
+            _, gone = self._entries.popitem(last=False)
+            self.held_bytes -= gone.bytes
 
 
 def _same_prefix(reference: weakref.ref | None, prefix: torch.Tensor | None) -> bool:

@@ -44,3 +44,13 @@ def test_a_cartridge_that_is_gone_matches_nothing():
     cache.store(prefix, 2, [1, 2, 3], *kv([1, 2, 3]))
     del prefix
     assert cache.reuse(torch.zeros(2, 4), 2, [1, 2, 3]) is None
+
+
+def test_the_cache_keeps_within_its_bytes():
+    cache = PromptCache(entries=100, max_bytes=2 * 2 * 3 * 4)  # two 3-token entries (keys and values, fp32)
+    for first in range(3):
+        cache.store(None, first, [1, 2, 3], *kv([1, 2, 3]))
+    assert cache.held_bytes == 48
+    assert cache.reuse(None, 0, [1, 2, 3]) is None and cache.reuse(None, 2, [1, 2, 3]).tokens == 2
+    cache.store(None, 9, list(range(13)), *kv(list(range(13))))  # larger than the whole budget: not kept
+    assert cache.reuse(None, 9, list(range(13))) is None and cache.held_bytes == 48
