@@ -160,8 +160,7 @@ class BatchDecoder:
 
     def _admit(self, block: bool) -> None:
         """Prefill the waiting generations that fit, together, so that they cost one forward pass (at most
-        `prefill_tokens` padded prompt tokens to compute a pass, not counting what the prompt cache knows:
-        one long prompt goes alone; the next waits for the next pass)."""
+        `prefill_tokens` padded tokens a pass: one long prompt goes alone; the next waits for the next pass)."""
         group, widest = [], 0
         while len(self._rows) + len(group) < self.max_batch:
             generation = self._held or self._next_waiting(block)
@@ -173,9 +172,7 @@ class BatchDecoder:
                 generation.finish_reason = "cancelled"
                 generation._put(FINISHED)
                 continue
-            width = len(generation.prompt_ids) - self._prompts.known_tokens(
-                generation.prefix, _first_position(generation), generation.prompt_ids
-            )
+            width = len(generation.prompt_ids) + (0 if generation.prefix is None else generation.prefix.shape[0])
             if group and (len(group) + 1) * max(widest, width) > self.prefill_tokens:
                 self._held = generation
                 break
@@ -199,10 +196,9 @@ class BatchDecoder:
         device = self.model.device
         starts, rests, firsts, reuses = [], [], [], []
         for generation in group:
-            first = _first_position(generation)
-            keys, values = (
-                prefix_layers(generation.prefix, self.kv_shape) if generation.prefix is not None else ([], [])
-            )
+            prefix_tokens = 0 if generation.prefix is None else generation.prefix.shape[0]
+            first = prefix_tokens if generation.first_position is None else generation.first_position
+            keys, values = prefix_layers(generation.prefix, self.kv_shape) if prefix_tokens else ([], [])
             reuse = self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
             if reuse is not None:
                 keys = [torch.cat(pair, dim=2) for pair in zip(keys, reuse.keys, strict=False)] or reuse.keys
@@ -325,12 +321,6 @@ class BatchDecoder:
         self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
         for row in finished:  # after the batch lets them go: a reader that sees the end sees them gone
             self._finish(row, row.generation.finish_reason)
-
-
-def _first_position(generation: Generation) -> int:
-    if generation.first_position is not None:
-        return generation.first_position
-    return 0 if generation.prefix is None else generation.prefix.shape[0]
 
 
 def _generator(sampling: Sampling, device) -> torch.Generator | None:

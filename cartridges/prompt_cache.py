@@ -47,26 +47,19 @@ class PromptCache:
 
     def reuse(self, prefix: torch.Tensor | None, first_position: int, ids: list[int]) -> Reuse | None:
         """The longest known start of `ids` (never all of it: the last token's logits are needed)."""
-        key, tokens = self._longest(prefix, first_position, ids)
-        if key is None:
-            return None
-        self._entries.move_to_end(key)
-        entry = self._entries[key]
-        return Reuse(tokens, [k[:, :, :tokens] for k in entry.keys], [v[:, :, :tokens] for v in entry.values])
-
-    def known_tokens(self, prefix: torch.Tensor | None, first_position: int, ids: list[int]) -> int:
-        """How many tokens `reuse` would give now (it does not count as a use)."""
-        return self._longest(prefix, first_position, ids)[1]
-
-    def _longest(self, prefix, first_position: int, ids: list[int]) -> tuple[int | None, int]:
-        best_key, best_tokens = None, 0
+        best, best_key, best_tokens = None, None, 0
         for key, entry in self._entries.items():
             if not _same_prefix(entry.prefix, prefix) or entry.first_position != first_position:
                 continue
             tokens = _common_start(entry.ids, ids, limit=len(ids) - 1)
             if tokens > best_tokens:
-                best_key, best_tokens = key, tokens
-        return best_key, best_tokens
+                best, best_key, best_tokens = entry, key, tokens
+        if best is None:
+            return None
+        self._entries.move_to_end(best_key)
+        return Reuse(
+            best_tokens, [k[:, :, :best_tokens] for k in best.keys], [v[:, :, :best_tokens] for v in best.values]
+        )
 
     def store(
         self,

@@ -54,12 +54,3 @@ def test_the_cache_keeps_within_its_bytes():
     assert cache.reuse(None, 0, [1, 2, 3]) is None and cache.reuse(None, 2, [1, 2, 3]).tokens == 2
     cache.store(None, 9, list(range(13)), *kv(list(range(13))))  # larger than the whole budget: not kept
     assert cache.reuse(None, 9, list(range(13))) is None and cache.held_bytes == 48
-
-
-def test_asking_what_is_known_is_not_a_use():
-    cache = PromptCache(entries=2)
-    cache.store(None, 0, [1, 2, 3], *kv([1, 2, 3]))
-    cache.store(None, 0, [4, 5, 6], *kv([4, 5, 6]))
-    assert cache.known_tokens(None, 0, [1, 2, 9]) == 2 and cache.known_tokens(None, 0, [7]) == 0
-    cache.store(None, 0, [8, 9], *kv([8, 9]))
-    assert cache.known_tokens(None, 0, [1, 2, 9]) == 0  # still the least recently used: it went
