@@ -3,8 +3,8 @@
 Running requests form one batch whose KV is left-padded to a common length; an attention mask covers
 each row's real tokens and each row has its own positions, so a row's prompt starts at its prefix's
 length exactly as in training and in `cartridges ask` (greedy answers are the same tokens, tested).
-A new request is prefilled alone and joins between decode steps; a finished or cancelled request
-leaves at once. The decoder is one thread and knows nothing of HTTP or Ray.
+Requests that wait are prefilled together in one pass (a prompt only from where the prompt cache
+stops knowing it) and join between decode steps; a finished or cancelled request leaves at once. The decoder is one thread and knows nothing of HTTP or Ray.
 """
 
 import asyncio
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from cartridges.batch_kv import BatchKV, prefix_layers, stack_left_padded
+from cartridges.batch_kv import BatchKV, stack_left_padded
+from cartridges.kv_prefix import prefix_layers
 from cartridges.masked_gqa import use_masked_gqa
 from cartridges.prompt_cache import PromptCache
 

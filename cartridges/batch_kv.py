@@ -147,16 +147,6 @@ class _StepLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def prefix_layers(
-    prefix: torch.Tensor, kv_shape: tuple[int, int, int]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A prefix [tokens, layers*2*heads*dim] as per-layer keys and values [1, heads, tokens, dim] (views)."""
-    layers, heads, dim = kv_shape
-    tokens = prefix.shape[0]
-    per_layer = prefix.view(tokens, 2 * layers, heads, dim).permute(1, 2, 0, 3).unsqueeze(1)
-    return [per_layer[2 * layer] for layer in range(layers)], [per_layer[2 * layer + 1] for layer in range(layers)]
-
-
 def stack_left_padded(
     rows: list[tuple[list[torch.Tensor], list[torch.Tensor]]], device
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:

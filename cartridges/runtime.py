@@ -13,6 +13,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, T
 
 from cartridges.artifact import Cartridge, check_compatible
 from cartridges.errors import CartridgeError
+from cartridges.kv_prefix import prefix_layers
 from cartridges.layout import DEFAULT_SYSTEM_PROMPT, chat_token_ids
 from cartridges.models import LoadedModel
 
@@ -39,13 +40,11 @@ def prefix_cache(
     prompt_embeddings: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int, batch_size: int = 1
 ) -> DynamicCache:
     """A fresh cache holding the prefix (forward passes append to the cache object they get)."""
-    num_tokens = prompt_embeddings.shape[0]
-    per_layer = prompt_embeddings.view(num_tokens, num_layers * 2, num_kv_heads, head_dim).permute(1, 2, 0, 3)
-    layers = []
-    for layer in range(num_layers):
-        keys = per_layer[2 * layer].unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
-        values = per_layer[2 * layer + 1].unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
-        layers.append((keys, values))
+    keys, values = prefix_layers(prompt_embeddings, (num_layers, num_kv_heads, head_dim))
+    layers = [
+        (k.expand(batch_size, -1, -1, -1).contiguous(), v.expand(batch_size, -1, -1, -1).contiguous())
+        for k, v in zip(keys, values, strict=True)
+    ]
     return DynamicCache(ddp_cache_data=layers)
 
 

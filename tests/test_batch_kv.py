@@ -4,7 +4,8 @@ import torch
 import transformers.integrations.sdpa_attention as sdpa_attention
 
 from cartridges.artifact import kv_shape
-from cartridges.batch_kv import ROOM, BatchKV, prefix_layers, stack_left_padded
+from cartridges.batch_kv import ROOM, BatchKV, stack_left_padded
+from cartridges.kv_prefix import prefix_layers
 from cartridges.masked_gqa import NAME, use_masked_gqa
 from cartridges.runtime import prefix_cache
 

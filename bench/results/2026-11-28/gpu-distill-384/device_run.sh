@@ -1,18 +1,8 @@
 #!/bin/bash
 # Device run for #17 lever 3: gold NLL against samples in one epoch, four SQuAD articles, P=256.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/shim:/tmp/site CARTRIDGES_HOME=/tmp/home TQDM_DISABLE=1
-mkdir -p /tmp/shim/cartridges /tmp/home
-for f in cartridges/*.py; do ln -sf "$PWD/$f" /tmp/shim/cartridges/; done
-ln -sfn "$PWD/stages" /tmp/shim/cartridges/stages; ln -sfn "$PWD/pipeline" /tmp/shim/cartridges/pipeline
-cat /tmp/dev/gguf.part .dev/b/gguf.part > /tmp/smol.gguf
-sha256sum /tmp/smol.gguf | cut -c1-16
-python3 -c "
-from pathlib import Path
-from cartridges.models import _convert_gguf
-out = Path('/tmp/model'); out.mkdir(exist_ok=True); _convert_gguf(Path('/tmp/smol.gguf'), out)
-import transformers, peft, torch; print('transformers', transformers.__version__, 'peft', peft.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())
-" 2>&1 | tail -3
+source bench/device_model.sh
+prepare_model
 CORPORA="--corpus-id squad2-Sky_(United_Kingdom) --corpus-id squad2-Normans --corpus-id squad2-Computational_complexity_theory --corpus-id squad2-Victoria_(Australia)"
 START=$(date +%s)
 for S in 384 1536 6144; do

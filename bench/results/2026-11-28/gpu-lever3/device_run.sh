@@ -3,23 +3,13 @@
 # the four SQuAD articles one at a time. Two calls: `prep` carries .dev/a (first part of the GGUF and the
 # wheels the device lacks), `run` carries .dev/b (the rest of the GGUF, the QA file) and trains.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/shim:/tmp/site CARTRIDGES_HOME=/tmp/home TQDM_DISABLE=1
+source bench/device_model.sh
 if [ "$1" = prep ]; then
   mkdir -p /tmp/dev && cp .dev/a/gguf.part /tmp/dev/ && python3 -m pip install -q --no-deps --target /tmp/site .dev/a/w/*.whl
   python3 -c "import pydantic, gguf; print('prep ok', pydantic.VERSION)"
   exit
 fi
-mkdir -p /tmp/shim/cartridges /tmp/home
-for f in cartridges/*.py; do ln -sf "$PWD/$f" /tmp/shim/cartridges/; done
-ln -sfn "$PWD/stages" /tmp/shim/cartridges/stages; ln -sfn "$PWD/pipeline" /tmp/shim/cartridges/pipeline
-cat /tmp/dev/gguf.part .dev/b/gguf.part > /tmp/smol.gguf
-sha256sum /tmp/smol.gguf | cut -c1-16
-python3 -c "
-from pathlib import Path
-from cartridges.models import _convert_gguf
-out = Path('/tmp/model'); out.mkdir(exist_ok=True); _convert_gguf(Path('/tmp/smol.gguf'), out)
-import transformers, peft, torch; print('transformers', transformers.__version__, 'peft', peft.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())
-" 2>&1 | tail -2
+prepare_model
 START=$(date +%s)
 S=${SAMPLES:-1536}; STEPS=$((S / 4)); i=0
 for ID in "squad2-Sky_(United_Kingdom)" squad2-Normans squad2-Computational_complexity_theory "squad2-Victoria_(Australia)"; do
