@@ -8,12 +8,16 @@ Layout (readable without this code)::
     <root>/.staging/<uuid>/                uploads in progress (never listed; `cartridges gc` clears old ones)
     <root>/.state/<file>.json              service state (the scheduler's schedules and history)
 
-A version becomes visible in one step: the complete staging folder is renamed to `<name>/<N>`.
-On a local filesystem that rename is atomic and fails when `<N>` exists, so a crash never leaves
-a half version and concurrent publishers get distinct versions. Removing a version leaves its
-folder behind holding only `retired.json`, so the number stays taken. Object stores have no atomic
-folder rename; there the manifest is copied last (a version without one is not listed) and the
-move is guarded by a lock within one process only.
+    <root>/<name>/<version>/claim.json     object stores: the publisher that took the number
+
+A version becomes visible in one step. On a local filesystem the complete staging folder is
+renamed to `<name>/<N>`: the rename is atomic and fails when `<N>` exists, so a crash never leaves
+a half version and concurrent publishers get distinct versions. Object stores have no folder
+rename: there the publisher first creates `<name>/<N>/claim.json` with a conditional write (S3
+`If-None-Match: *`, GCS generation precondition; `object_store`), which exactly one publisher in
+any process or node wins, then moves the files in with the manifest last (a version without one is
+not listed). Removing a version leaves its folder behind holding only `retired.json`, so the number
+stays taken.
 
 Remote artifacts are cached by their manifest's digest (`artifact_cache`).
 """
@@ -21,7 +25,6 @@ Remote artifacts are cached by their manifest's digest (`artifact_cache`).
 from __future__ import annotations
 
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +47,7 @@ from cartridges.manifest import (
     utc_now,
 )
 from cartridges.names import LATEST, NAME_PATTERN, Ref, parse_ref, validate_name
+from cartridges.object_store import create_exclusively, require_conditional_writes
 
 if TYPE_CHECKING:
     from cartridges.registry_listing import Listing
@@ -53,13 +57,15 @@ LEGACY_ALIASES_FILE = "aliases.json"  # format of registries written before one 
 RETIRED_FILE = "retired.json"
 STAGING = ".staging"
 STATE = ".state"  # service state kept with the registry (schedules, build history)
+CLAIM_FILE = "claim.json"  # object stores: written exclusively by the publisher that takes the number
 MAX_PUBLISH_ATTEMPTS = 1000
-_REMOTE_COMMIT_LOCK = threading.Lock()
 
 
 def _open_filesystem(url: str):
     try:
-        return fsspec.core.url_to_fs(url)
+        # No listings cache: a long-running reader (the server, the scheduler) must see versions and
+        # aliases that other processes publish, and a publisher the numbers others took.
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
     except ImportError as exc:  # fsspec names the package: "Install s3fs to access S3"
         raise CartridgeError(f"registry {url}: {exc} (pip install it, or use a local folder)") from None
     except ValueError as exc:
@@ -117,6 +123,11 @@ class Registry:
         """Live versions: complete (manifest present) and not removed."""
         validate_name(name)
         return sorted(self._with_file(name, MANIFEST_FILE) - self._with_file(name, RETIRED_FILE))
+
+    def claimed(self, name: str) -> list[int]:
+        """Numbers an object-store publisher took (`claim.json`), committed or not."""
+        validate_name(name)
+        return sorted(self._with_file(name, CLAIM_FILE))
 
     def retired(self, name: str) -> list[int]:
         validate_name(name)
@@ -239,14 +250,18 @@ class Registry:
         """
         validate_name(name)
         manifest = check_artifact(folder)
+        if not self.is_local:
+            require_conditional_writes(self.fs, self.url, f"publish {name}")
         with self.writing(f"publish {name}"):
             staging = self.path(STAGING, uuid.uuid4().hex)
             self.fs.makedirs(staging, exist_ok=True)
             try:
                 for file in PAYLOAD_FILES:
                     self.fs.put_file(str(folder / file), f"{staging}/{file}")
+                version = 0
                 for _ in range(MAX_PUBLISH_ATTEMPTS):
-                    version = max(self.numbered(name), default=0) + 1  # retired numbers count: never reused
+                    # retired and claimed numbers count: never reused; a number just lost is not tried again
+                    version = max(max(self.numbered(name), default=0), version) + 1
                     stored = manifest.model_copy(update={"name": name, "version": version})
                     self.fs.pipe_file(f"{staging}/{MANIFEST_FILE}", stored.to_json().encode())
                     if self._commit(staging, self.path(name, version)):
@@ -270,12 +285,12 @@ class Registry:
         if self.is_local:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             return rename_unless_exists(staging, target)
-        with _REMOTE_COMMIT_LOCK:
-            if self.fs.exists(target):
-                return False
-            for file in (*PAYLOAD_FILES, MANIFEST_FILE):  # manifest last: a version without one is not listed
-                self.fs.mv(f"{staging}/{file}", f"{target}/{file}")
-            return True
+        claim = strict_json({"staging": staging.rsplit("/", 1)[-1], "claimed_at": utc_now()}).encode()
+        if not create_exclusively(self.fs, f"{target}/{CLAIM_FILE}", claim):
+            return False
+        for file in (*PAYLOAD_FILES, MANIFEST_FILE):  # manifest last: a version without one is not listed
+            self.fs.mv(f"{staging}/{file}", f"{target}/{file}")
+        return True
 
     def set_alias(self, ref: str | Ref, alias: str) -> tuple[str, int]:
         """Point `alias` (e.g. `stable`) at the version `ref` resolves to (one file per alias, replaced atomically)."""

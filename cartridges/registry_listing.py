@@ -56,11 +56,18 @@ def list_registry(registry: Registry) -> Listing:
             skipped.append(Skipped(f"{name}/{ALIASES_DIR}", str(exc)))
             by_version = {}
         live, retired = set(registry.versions(name)), set(registry.retired(name))
+        claimed = set(registry.claimed(name)) if not registry.is_local else set()
         for version in sorted(registry.numbered(name)):
             if version in retired:
                 continue
             if version not in live:
-                skipped.append(Skipped(f"{name}/{version}", f"no {MANIFEST_FILE} (incomplete or damaged)"))
+                reason = (
+                    "claimed by a publish that has not finished (still uploading, or its publisher stopped); "
+                    "the number stays taken"
+                    if version in claimed
+                    else f"no {MANIFEST_FILE} (incomplete or damaged)"
+                )
+                skipped.append(Skipped(f"{name}/{version}", reason))
                 continue
             try:
                 manifest = registry.stored_manifest(name, version)

@@ -67,6 +67,32 @@ def cartridges_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible server on 127.0.0.1 for the whole session (moto's server mode)."""
+    from s3_server import start_s3_server
+
+    server, endpoint = start_s3_server()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch) -> str:
+    """`s3://<a new bucket>` on the loopback server; this process and its children reach it through the
+    environment, as a user's would reach S3 (AWS_ENDPOINT_URL and credentials)."""
+    import uuid
+
+    import s3fs
+    from s3_server import S3_ENV
+
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

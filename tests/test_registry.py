@@ -4,6 +4,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -111,16 +112,25 @@ def test_memory_registry_round_trip(tmp_path):
     assert reg.verify("legal@2").version == 2
 
 
-def test_concurrent_publishers_get_distinct_versions(tmp_path):
-    sources = [str(fake_artifact(tmp_path / f"src{i}", payload_bytes=200_000)) for i in range(8)]
-    root = str(tmp_path / "reg")
+@pytest.fixture(params=["folder", "s3"])
+def store_root(request, tmp_path) -> str:
+    """A registry root on a local folder, or on an S3-compatible server on 127.0.0.1 (real s3fs client):
+    the same publish guarantees must hold on both."""
+    if request.param == "folder":
+        return str(tmp_path / "reg")
+    return request.getfixturevalue("s3_bucket") + "/reg"
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path, store_root):
+    """8 publishers in 4 processes: versions 1..8, each one publisher's own artifact, all verify."""
+    sources = [fake_artifact(tmp_path / f"src{i}", payload_bytes=200_000) for i in range(8)]
     with ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn")) as pool:
-        versions = list(pool.map(publish_one, [(root, s) for s in sources]))
+        versions = list(pool.map(publish_one, [(store_root, str(s)) for s in sources]))
     assert sorted(versions) == list(range(1, 9))
-    reg = Registry(root)
+    reg = Registry(store_root)
     assert reg.versions("legal") == list(range(1, 9))
-    for version in range(1, 9):
-        reg.verify(f"legal@{version}")
+    for version, source in zip(versions, sources):
+        assert reg.verify(f"legal@{version}").files == Manifest.read(source).files
 
 
 PUBLISH_SCRIPT = """
@@ -132,30 +142,55 @@ print("done", flush=True)
 """
 
 
-def _start_publisher(root: Path, source: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PUBLISH_SCRIPT, str(root), str(source)], stdout=subprocess.PIPE)
+def _start_publisher(root: str, source: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PUBLISH_SCRIPT, root, str(source)], stdout=subprocess.PIPE)
 
 
-def test_killed_publisher_never_leaves_a_partial_version(tmp_path):
-    """Kill publishing processes at random points: only complete, verifiable versions are listed."""
-    source = fake_artifact(tmp_path / "src", payload_bytes=40_000_000)
-    root = tmp_path / "reg"
+def test_killed_publisher_never_leaves_a_partial_version(tmp_path, store_root):
+    """Kill publishing processes at random points: only complete, verifiable versions are listed. On an
+    object store a publisher killed after taking its number leaves the number taken and unlisted."""
+    on_folder = "://" not in store_root
+    source = fake_artifact(tmp_path / "src", payload_bytes=40_000_000 if on_folder else 2_000_000)
     started = time.monotonic()
-    assert b"done" in _start_publisher(root, source).communicate()[0]
+    assert b"done" in _start_publisher(store_root, source).communicate()[0]
     full_duration = time.monotonic() - started
     rng = random.Random(1234)
     completed = 1
-    for _ in range(20):
-        proc = _start_publisher(root, source)
-        time.sleep(rng.uniform(0.0, full_duration))
-        proc.kill()
-        completed += b"done" in proc.communicate()[0]
-        reg = Registry(root)
+    for _ in range(5):  # 20 publishers, 4 at a time, each killed at its own random moment
+        procs = [_start_publisher(store_root, source) for _ in range(4)]
+        timers = [threading.Timer(rng.uniform(0.0, full_duration), proc.kill) for proc in procs]
+        for timer in timers:
+            timer.start()
+        completed += sum(b"done" in proc.communicate()[0] for proc in procs)
+        for timer in timers:
+            timer.cancel()
+        reg = Registry(store_root)
         for version in reg.versions("legal"):
             assert reg.verify(f"legal@{version}").version == version
-    versions = Registry(root).versions("legal")
-    assert versions == list(range(1, len(versions) + 1))
+    reg = Registry(store_root)
+    versions = reg.versions("legal")
+    listing = reg.list()
+    assert [entry.version for entry in listing.entries] == versions
     assert completed <= len(versions) < 21, "some kills must have interrupted a publish"
+    if on_folder:
+        assert versions == list(range(1, len(versions) + 1)) and not listing.skipped
+    else:
+        unfinished = sorted(set(reg.numbered("legal")) - set(versions))
+        assert sorted(set(versions) | set(unfinished)) == list(range(1, len(versions) + len(unfinished) + 1))
+        assert set(unfinished) <= set(reg.claimed("legal"))
+        assert [s.path for s in listing.skipped] == [f"legal/{v}" for v in unfinished]
+        assert all("claimed by a publish that has not finished" in s.reason for s in listing.skipped)
+
+
+def test_a_store_without_conditional_writes_is_refused_before_anything_is_written(tmp_path):
+    import fsspec
+
+    reg = Registry(f"dir::memory://no-conditional-{time.time_ns()}")
+    with pytest.raises(
+        CartridgeError, match=r"dir:// offers no conditional writes .* use s3://, gs:// or a local folder"
+    ):
+        reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    assert not fsspec.filesystem("memory").exists(reg.root)
 
 
 # ---- issue 14: integrity -------------------------------------------------------------------

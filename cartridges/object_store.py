@@ -1,0 +1,48 @@
+"""Create an object only if none exists, in one step, on the stores that can: what makes a version
+number on an object store belong to one publisher.
+
+A local folder has rename(2) for this (see `atomic`). Object stores have no folder rename, but S3
+(`If-None-Match: *`, which s3fs sends for `mode="create"`) and GCS (generation precondition 0,
+gcsfs's `mode="create"`) refuse to write a key that exists, atomically on the server, whoever
+writes it. fsspec's generic `mode="create"` checks then writes, which two processes can interleave,
+so a store not known to do it on the server is refused with a clear error instead.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from cartridges.errors import CartridgeError
+
+CONDITIONAL_WRITE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
+_IN_PROCESS = threading.Lock()  # memory:// lives in one process: a lock there is enough
+
+
+def protocols(fs) -> set[str]:
+    return set(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else {fs.protocol}
+
+
+def require_conditional_writes(fs, url: str, what: str) -> None:
+    """Raise unless `fs` creates objects exclusively (checked before anything is uploaded)."""
+    if protocols(fs) & (CONDITIONAL_WRITE_PROTOCOLS | {"memory"}):
+        return
+    scheme = sorted(protocols(fs))[0]
+    raise CartridgeError(
+        f"cannot {what} in {url}: {scheme}:// offers no conditional writes (S3 If-None-Match, GCS generation "
+        "preconditions), so two publishers could take the same version; use s3://, gs:// or a local folder"
+    )
+
+
+def create_exclusively(fs, path: str, data: bytes) -> bool:
+    """Write `data` at `path` unless an object is there already; True when this call created it."""
+    if protocols(fs) & CONDITIONAL_WRITE_PROTOCOLS:
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:  # s3fs and gcsfs turn the store's 412 Precondition Failed into this
+            return False
+        return True
+    with _IN_PROCESS:
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
