@@ -109,7 +109,7 @@ class CorpusSweep:
             settings = SynthesisRunSettings(
                 engine=self.args.engine, executor="local", batch_size=self.args.engine_batch
             )
-            summary = synthesize(RunDir(run), ingested, self.loaded.path, self.loaded.fingerprint, config, settings)
+            summary = synthesize(RunDir(run), ingested, self.loaded.ref, config, settings)
             self.synthesis[mix] = summary.model_dump() | {"wall_seconds": time.perf_counter() - started}
         return run
 

@@ -8,6 +8,13 @@ def on_local_ray() -> bool:
     return not os.environ.get("RAY_ADDRESS")
 
 
+def node_label() -> str:
+    """The Ray node id this code runs on ("local" outside Ray): recorded with the work a node did."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 def cpus_per_actor(actors: int, asked: float | None) -> float:
     """Ray CPUs of each of `actors` engine or training actors: `asked`, else an equal share of this machine."""
     return asked or max(1, (os.cpu_count() or 1) // actors)

@@ -37,6 +37,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass(frozen=True)
+class ModelRef:
+    """What a Ray worker on another node needs to load the same model there (`model_on_this_node`)."""
+
+    model_id: str
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A model ready for inference, with the identity that cartridges are checked against."""
 
@@ -46,6 +55,10 @@ class LoadedModel:
     model_id: str
     fingerprint: str
     tokenizer_fingerprint: str
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model_id, str(self.path), self.fingerprint)
 
 
 def embedded_gguf_path() -> Path:
@@ -75,6 +88,31 @@ def prepare_embedded_model() -> Path:
     gguf_file = embedded_gguf_path()
     write_folder_atomically(target, lambda folder: _convert_gguf(gguf_file, folder))  # a concurrent winner is as good
     return target
+
+
+def model_on_this_node(model: ModelRef) -> Path:
+    """The folder a Ray worker loads the driver's model from, on whichever node it runs.
+
+    Nodes share no disk: the embedded model is prepared on the node from its installed wheel (under the
+    node's `$CARTRIDGES_HOME`); any other model must sit at the same path on every node (baked into the
+    image, or a shared mount). A node whose copy differs from the driver's is refused, so no shard or
+    gradient ever comes from another model.
+    """
+    from cartridges.cluster import node_label
+
+    path = prepare_embedded_model() if is_default_model(model.model_id) else Path(model.path)
+    if not (path / "config.json").is_file():
+        raise CartridgeError(
+            f"node {node_label()}: no model at {path}: put the same model folder at that path on every node, "
+            "or use the embedded default"
+        )
+    found = model_fingerprint(path)
+    if found != model.fingerprint:
+        raise CartridgeError(
+            f"node {node_label()}: the model at {path} is not the driver's (fingerprint {found[:12]} vs {model.fingerprint[:12]}): "
+            "install the same model on every node"
+        )
+    return path
 
 
 def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:

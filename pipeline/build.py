@@ -211,9 +211,7 @@ def _build_in(
     reuse_from = previous_run(name, run) if config.reuse_samples else None
     synthesis = stage(
         "synthesize",
-        lambda: synthesize(
-            run, ingested, loaded.path, loaded.fingerprint, config.synthesis, config.synthesis_run, reuse_from
-        ),
+        lambda: synthesize(run, ingested, loaded.ref, config.synthesis, config.synthesis_run, reuse_from),
     )
     qa_pairs = [(q.question, q.answer) for q in qa.questions] if qa is not None else []  # gold NLL at every eval_every
     stage(

@@ -67,7 +67,7 @@ def synthesize_command(
         f"corpus: {ingested.num_documents} documents, {ingested.num_chunks} chunks, {ingested.num_tokens} tokens"
     )
     previous = RunDir(reuse_from) if reuse_from else None
-    summary = synthesize(run, ingested, loaded.path, loaded.fingerprint, synthesis, config.synthesis_run, previous)
+    summary = synthesize(run, ingested, loaded.ref, synthesis, config.synthesis_run, previous)
     console.print(
         f"{summary.samples}/{summary.planned} samples in {out} ({', '.join(summary.engines)}; {_reuse_note(summary)}): "
         f"{summary.samples_per_second:.2f} samples/s, {summary.generated_tokens_per_second:.1f} generated tok/s\n"

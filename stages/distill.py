@@ -22,10 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 
 from cartridges.artifact import cartridge_peft_config, kv_shape
 from cartridges.atomic import write_atomically
+from cartridges.cluster import node_label
 from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
-from cartridges.models import default_device
+from cartridges.models import ModelRef, default_device, model_on_this_node
 from cartridges.runtime import pad_token_id
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.answer_scoring import mean_answer_nll
@@ -136,9 +137,10 @@ def train_loop(loop_config: dict) -> None:
     if loop_config.get("threads"):
         torch.set_num_threads(loop_config["threads"])
     torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"])
+    model_path = str(model_on_this_node(ModelRef(**loop_config["model"])))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = pad_token_id(tokenizer)
-    model = _student(loop_config["model_path"], config.num_tokens, load_file(str(run.init_prefix))["prefix"], device)
+    model = _student(model_path, config.num_tokens, load_file(str(run.init_prefix))["prefix"], device)
     examples = load_examples(run.shards, tokenizer, config.max_length)
     train, held_out = split_examples(examples, config.eval_samples, config.seed)
     qa_pairs = [tuple(p) for p in loop_config.get("qa_pairs", [])]
@@ -151,8 +153,11 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint is not None:
         start, prefix, _ = load_checkpoint(checkpoint, optimizer, scheduler)
         model.prompt_encoder["default"].load_prompt_embeddings(prefix.to(device))
+    nodes = [node_label()]
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, node_label())
     model.train()
 
     log = run.metrics.open("a") if rank == 0 else None
@@ -192,6 +197,8 @@ def train_loop(loop_config: dict) -> None:
             "tokens_per_second": tokens_seen / elapsed,
             "eta_seconds": elapsed / (done - start) * (config.steps - done),
         }
+        if done == start + 1:
+            record["nodes"] = nodes  # the Ray node of each worker, by rank, once per (re)start
         if done % config.eval_every == 0 or done == config.steps:
             record |= evaluate(_unwrap(model), tokenizer, held_out, qa_pairs, pad_id, config.batch_size)
         log.write(json.dumps(record) + "\n")

@@ -1,6 +1,7 @@
 """Run the distillation loop: in this process, or under Ray Train's `TorchTrainer` (N workers, gradients
 all-reduced by DDP), with progress either way; resumes from the run folder's last checkpoint."""
 
+import dataclasses
 import json
 import math
 import threading
@@ -34,6 +35,12 @@ class DistillRunSettings(BaseModel):
     cpus_per_worker: float | None = Field(
         None, gt=0, description="Ray CPUs per worker (default: this machine's cores / workers)"
     )
+    use_gpu: bool | None = Field(
+        None, description="one GPU per worker, NCCL (default: when the driver's machine has one; set it on a cluster)"
+    )
+
+    def on_gpu(self) -> bool:
+        return torch.cuda.is_available() if self.use_gpu is None else self.use_gpu
 
     def worker_cpus(self) -> float:
         return cpus_per_actor(self.workers, self.cpus_per_worker)
@@ -71,7 +78,7 @@ def run_training(
     loop_config = {
         "config": config.model_dump(),
         "run_dir": str(run.root),
-        "model_path": str(loaded.path),
+        "model": dataclasses.asdict(loaded.ref),
         "qa_pairs": [list(p) for p in qa_pairs],
         "threads": settings.threads if settings.executor == "local" else settings.worker_threads(),
     }
@@ -96,10 +103,10 @@ def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings) ->
         train_loop_config=loop_config | {"ray": True},
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
-            use_gpu=torch.cuda.is_available(),
+            use_gpu=settings.on_gpu(),
             resources_per_worker={"CPU": settings.worker_cpus()},
         ),
-        torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if settings.on_gpu() else "gloo"),
         run_config=RunConfig(storage_path=str(run.ray_storage.resolve()), name="train"),
     )
     try:

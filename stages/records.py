@@ -67,6 +67,7 @@ class ShardStats(SampleCounts):
     shard: int
     seconds: float
     engine: str
+    node: str = ""  # the Ray node id that made it ("local" without Ray; "" in shards made before it was recorded)
 
 
 class SynthesisSummary(SampleCounts):

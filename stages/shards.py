@@ -1,12 +1,13 @@
 """Synthesis shards: the Parquet schema of a sample (docs/format.md), and their writing (atomic, with
 the shard's counts in the schema metadata) and reading."""
 
+import io
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cartridges.atomic import write_parquet_atomically
+from cartridges.atomic import write_atomically
 from cartridges.stages.records import ShardStats
 from cartridges.stages.synthesis_config import SynthesisConfig
 
@@ -37,10 +38,17 @@ def num_shards(config: SynthesisConfig) -> int:
     return -(-config.samples // config.shard_size)
 
 
-def write_shard(path: Path, rows: list[dict], stats: ShardStats) -> None:
+def shard_bytes(rows: list[dict], stats: ShardStats) -> bytes:
+    """The Parquet file of a shard, made where the shard was made (any node) and written by the driver."""
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     table = table.replace_schema_metadata({STATS_METADATA_KEY: stats.model_dump_json().encode()})
-    write_parquet_atomically(path, table)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, data: bytes) -> None:
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def read_shard_stats(path: Path) -> ShardStats:

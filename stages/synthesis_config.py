@@ -76,6 +76,7 @@ class SynthesisRunSettings(BaseModel):
     cpus_per_engine: float | None = Field(
         None, gt=0, description="Ray CPUs per engine actor (default: this machine's cores / engines)"
     )
+    gpus_per_engine: float = Field(0, ge=0, description="Ray GPUs per engine actor (1 on GPU nodes with vLLM)")
     executor: Literal["ray", "local"] = "ray"
 
 

@@ -7,9 +7,12 @@ top-k ids and log-probabilities plus the answer token's own log-probability.
 Given an earlier run, planned samples of chunks that did not change take that run's samples
 instead of being made (see `sample_reuse`).
 
-Work is cut into shards of `shard_size` planned samples. Each shard is written atomically as
-`synthesis/shards/shard-NNNNN.parquet`, so a rerun skips completed shards (resume). Shards run as Ray
-Data `map_batches` over a pool of engine actors (`RAY_ADDRESS` points at a cluster).
+Work is cut into shards of `shard_size` planned samples. Shards run as Ray Data `map_batches` over a
+pool of engine actors (`RAY_ADDRESS` points at a cluster). The actors share no disk with the driver:
+they get the chunks and reused samples by value, load the model on their own node (`model_on_this_node`)
+and return each shard's Parquet bytes, which the driver writes atomically as
+`synthesis/shards/shard-NNNNN.parquet`, so a rerun skips completed shards (resume). Each shard records
+the Ray node that made it.
 """
 
 import json
@@ -17,45 +20,67 @@ import logging
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
 from cartridges.atomic import write_text_atomically
-from cartridges.cluster import cpus_per_actor, init_ray, on_local_ray
+from cartridges.cluster import cpus_per_actor, init_ray, node_label, on_local_ray
 from cartridges.errors import CartridgeError
+from cartridges.models import ModelRef, model_on_this_node
 from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
 from cartridges.stages.engines import make_engine
-from cartridges.stages.ingest import read_chunks, read_titles
+from cartridges.stages.ingest import Chunk, read_chunks, read_titles
 from cartridges.stages.records import IngestRecord, ShardStats, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.sample_builder import SampleBuilder
 from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
 from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
-from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards, read_shard_stats, write_shard
+from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards, read_shard_stats, shard_bytes, write_shard
 from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings, max_prompt_tokens
+
+ENGINE_START_TIMEOUT_S = 900  # a cold vLLM engine on a large model takes minutes; an autoscaler adds nodes in minutes
 
 
 def plan_run(config: SynthesisConfig, keys: list[str]) -> list[PlannedSample]:
     return plan_samples(config.samples, config.seed, config.kinds, keys)
 
 
-class SynthesisWorker:
-    """Ray Data callable class: the engine is built once per actor; each row is one shard to make."""
+@dataclass(frozen=True)
+class ShardInputs:
+    """What every engine actor needs of the run folder, sent by value (an actor on another node has no
+    access to the driver's disk)."""
 
-    def __init__(self, run_dir: str, model_path: str, model_fingerprint: str, config_json: str, settings_json: str):
+    chunks: list[Chunk]
+    titles: list[str]
+    reused: dict[int, dict]
+
+    @classmethod
+    def of(cls, run: RunDir) -> "ShardInputs":
+        return cls(read_chunks(run), read_titles(run), read_reused(run.reused_samples))
+
+
+class SynthesisWorker:
+    """Ray Data callable class: the engine is built once per actor; each row is one shard to make, and
+    comes back as its stats and Parquet bytes."""
+
+    def __init__(
+        self,
+        inputs: ShardInputs,
+        model: ModelRef,
+        config_json: str,
+        settings_json: str,
+    ):
         from transformers import AutoTokenizer
 
-        self.run = RunDir(Path(run_dir))
         config = SynthesisConfig.model_validate_json(config_json)
         settings = SynthesisRunSettings.model_validate_json(settings_json)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        chunks = read_chunks(self.run)
-        titles = read_titles(self.run)
+        path = str(model_on_this_node(model))
+        tokenizer = AutoTokenizer.from_pretrained(path)
         engine = make_engine(
             settings.engine,
-            model_path,
+            path,
             max_model_len=max_prompt_tokens(config) + config.max_answer_tokens + 8,
             top_k=config.top_k,
             batch_size=settings.batch_size,
@@ -63,12 +88,13 @@ class SynthesisWorker:
             threads=settings.threads,
             seed=config.seed,
         )
-        self.builder = SampleBuilder(engine, tokenizer, config, chunks, titles, model_fingerprint)
-        self.plan = plan_run(config, keys_of(chunks, titles))
+        self.builder = SampleBuilder(engine, tokenizer, config, inputs.chunks, inputs.titles, model.fingerprint)
+        self.plan = plan_run(config, keys_of(inputs.chunks, inputs.titles))
         self.shard_size = config.shard_size
-        self.reused = read_reused(self.run.reused_samples)
+        self.reused = inputs.reused
+        self.node = node_label()
 
-    def run_shard(self, shard: int) -> ShardStats:
+    def make_shard(self, shard: int) -> tuple[ShardStats, bytes]:
         started = time.perf_counter()
         planned = self.plan[shard * self.shard_size : (shard + 1) * self.shard_size]
         reused = [self.reused[p.sample_id] for p in planned if p.sample_id in self.reused]
@@ -83,13 +109,13 @@ class SynthesisWorker:
             kinds=dict(Counter(row["seed_kind"] for row in rows)),
             seconds=time.perf_counter() - started,
             engine=self.builder.engine.name,
+            node=self.node,
         )
-        write_shard(self.run.shard(shard), rows, stats)
-        return stats
+        return stats, shard_bytes(rows, stats)
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.run_shard(int(shard)) for shard in batch["shard"]]
-        return {"stats": [r.model_dump_json() for r in results]}
+        made = [self.make_shard(int(shard)) for shard in batch["shard"]]
+        return {"stats": [stats.model_dump_json() for stats, _ in made], "parquet": [data for _, data in made]}
 
 
 def _check_run_config(run: RunDir, record: dict) -> None:
@@ -108,11 +134,12 @@ def _check_run_config(run: RunDir, record: dict) -> None:
 
 
 def _run_shards(pending: list[int], worker_args: dict, settings: SynthesisRunSettings, on_done) -> None:
+    """Make the pending shards; `on_done(stats, parquet_bytes)` as each arrives (in this process)."""
     if settings.executor == "local":
         worker = SynthesisWorker(**worker_args)
         try:
             for shard in pending:
-                on_done(worker.run_shard(shard))
+                on_done(*worker.make_shard(shard))
         finally:
             worker.builder.engine.close()
         return
@@ -131,18 +158,30 @@ def _run_shards(pending: list[int], worker_args: dict, settings: SynthesisRunSet
     # which replace engines on lost nodes.
     # Ray 2.60 (pinned) takes max_restarts only among its deprecated free-form remote arguments.
     restarts = {"max_restarts": 0} if on_local_ray() else {}
+    # Start every engine before the first shard is handed out, and hand each engine one shard at a time:
+    # shards are long, so an engine that loaded first would otherwise queue shards that a later one could
+    # make, and a cluster that cannot place the engines fails with a line instead of waiting forever.
+    context.wait_for_min_actors_s = ENGINE_START_TIMEOUT_S
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         dataset = ray.data.from_items([{"shard": shard} for shard in pending]).map_batches(
             SynthesisWorker,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=settings.engines),
+            compute=ray.data.ActorPoolStrategy(size=settings.engines, max_tasks_in_flight_per_actor=1),
             num_cpus=cpus_per_actor(settings.engines, settings.cpus_per_engine),
+            num_gpus=settings.gpus_per_engine,
             fn_constructor_kwargs=worker_args,
             **restarts,
         )
-    for row in dataset.iter_rows():
-        on_done(ShardStats.model_validate_json(row["stats"]))
+    try:
+        for row in dataset.iter_rows():
+            on_done(ShardStats.model_validate_json(row["stats"]), row["parquet"])
+    except ray.exceptions.GetTimeoutError:
+        raise CartridgeError(
+            f"the cluster did not start {settings.engines} engine actor(s) with "
+            f"{cpus_per_actor(settings.engines, settings.cpus_per_engine)} CPU and {settings.gpus_per_engine} GPU each "
+            f"within {ENGINE_START_TIMEOUT_S} s: add nodes, or lower synthesis_run.engines, cpus_per_engine or gpus_per_engine"
+        ) from None
 
 
 def prepare_reuse(run: RunDir, previous: RunDir, config: SynthesisConfig, model_fingerprint: str) -> str | None:
@@ -170,8 +209,7 @@ def prepare_reuse(run: RunDir, previous: RunDir, config: SynthesisConfig, model_
 def synthesize(
     run: RunDir,
     ingested: IngestRecord,
-    model_path: Path,
-    model_fingerprint: str,
+    model: ModelRef,
     config: SynthesisConfig,
     settings: SynthesisRunSettings,
     reuse_from: RunDir | None = None,
@@ -184,25 +222,27 @@ def synthesize(
     record = {
         "config": config.model_dump(),
         "corpus_fingerprint": ingested.corpus_fingerprint,
-        "model_fingerprint": model_fingerprint,
+        "model_fingerprint": model.fingerprint,
     }
     _check_run_config(run, record | {"reuse_from": str(reuse_from.root) if reuse_from else None})
-    reuse_refused = prepare_reuse(run, reuse_from, config, model_fingerprint) if reuse_from else None
+    reuse_refused = prepare_reuse(run, reuse_from, config, model.fingerprint) if reuse_from else None
     pending = [s for s in range(num_shards(config)) if not run.shard(s).is_file()]
     started = time.perf_counter()
     if pending:
         worker_args = {
-            "run_dir": str(run.root),
-            "model_path": str(model_path),
-            "model_fingerprint": model_fingerprint,
+            "inputs": ShardInputs.of(run),
+            "model": model,
             "config_json": config.model_dump_json(),
             "settings_json": settings.model_dump_json(),
         }
         todo = sum(min(config.shard_size, config.samples - s * config.shard_size) for s in pending)
         with ThroughputProgress("synthesize", total=todo) as progress:
-            _run_shards(
-                pending, worker_args, settings, lambda stats: progress.advance(stats.planned, stats.generated_tokens)
-            )
+
+            def keep(stats: ShardStats, data: bytes) -> None:
+                write_shard(run.shard(stats.shard), data)
+                progress.advance(stats.planned, stats.generated_tokens)
+
+            _run_shards(pending, worker_args, settings, keep)
     summary = summarize(run, config).model_copy(
         update={
             "wall_seconds_this_run": time.perf_counter() - started,

@@ -49,7 +49,7 @@ def synthesized_run(tiny, tmp_path):
         kinds={"continuation": 1.0, "fill_span": 1.0},
         top_k=8,
     )
-    synthesize(run, ingested, tiny.path, tiny.fingerprint, config, SynthesisRunSettings(engine="hf", executor="local"))
+    synthesize(run, ingested, tiny.ref, config, SynthesisRunSettings(engine="hf", executor="local"))
     return run
 
 

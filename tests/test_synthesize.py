@@ -33,9 +33,7 @@ def run_synthesis(tiny, corpus, folder, executor="local", reuse_from=None, **con
     )
     settings = SynthesisRunSettings(engine="hf", executor=executor, batch_size=4)
     previous = RunDir(reuse_from) if reuse_from else None
-    return synthesize(
-        run, ingested, tiny.path, tiny.fingerprint, SynthesisConfig(**(SMALL | config)), settings, previous
-    )
+    return synthesize(run, ingested, tiny.ref, SynthesisConfig(**(SMALL | config)), settings, previous)
 
 
 def test_hf_scores_equal_an_unpadded_forward_pass(tiny):
@@ -158,7 +156,7 @@ run = RunDir(Path(sys.argv[3]))
 ingested = ingest(Path(sys.argv[2]), run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
 config = SynthesisConfig(samples=64, shard_size=2, chunk_min_tokens=16, chunk_max_tokens=64, max_message_tokens=12,
                          max_answer_tokens=16, kinds={"continuation": 1.0, "fill_span": 1.0})
-synthesize(run, ingested, tiny.path, tiny.fingerprint, config, SynthesisRunSettings(engine="hf", executor="local", batch_size=1))
+synthesize(run, ingested, tiny.ref, config, SynthesisRunSettings(engine="hf", executor="local", batch_size=1))
 """
 
 
