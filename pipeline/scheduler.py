@@ -22,6 +22,7 @@ from cartridges.registry import Registry
 STATE_FILE = "schedules.json"
 ACTOR_NAME = "cartridges-scheduler"
 HISTORY_LIMIT = 200
+SCHEDULER_CPUS = 0.01
 
 
 class Schedule(BaseModel):
@@ -174,6 +175,12 @@ class SchedulerActor:
     def schedule_names(self) -> list[str]:
         return [s.name for s in self.scheduler.schedules()]
 
+    def node(self) -> str:
+        """The Ray node it runs on (it moves when that node is lost)."""
+        from cartridges.cluster import node_label
+
+        return node_label()
+
 
 def ensure_actor(registry_url: str) -> list[str]:
     """Start the cluster's one scheduler actor (detached, named) when missing; returns the schedule names it sees."""
@@ -182,8 +189,19 @@ def ensure_actor(registry_url: str) -> list[str]:
     from cartridges.cluster import init_ray
 
     init_ray()
-    remote = ray.remote(num_cpus=0)(SchedulerActor)
-    actor = remote.options(name=ACTOR_NAME, namespace="cartridges", lifetime="detached", get_if_exists=True).remote(
+    return ray.get(scheduler_actor(registry_url).schedule_names.remote())  # also waits until the actor is up
+
+
+def scheduler_actor(registry_url: str):
+    """The cluster's one scheduler actor, started when missing.
+
+    It asks for a sliver of a CPU so that it lives on a node that runs work (a head started with
+    `num-cpus: 0`, as KubeRay advises, runs none), and Ray restarts it on another node, without limit,
+    when its node is lost; its schedules and history are in the registry, so it carries on there.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=SCHEDULER_CPUS, max_restarts=-1, max_task_retries=-1)(SchedulerActor)
+    return remote.options(name=ACTOR_NAME, namespace="cartridges", lifetime="detached", get_if_exists=True).remote(
         registry_url
     )
-    return ray.get(actor.schedule_names.remote())  # also waits until the actor is up

@@ -4,17 +4,18 @@ no work (KubeRay's advice: `num-cpus: 0`) and worker nodes with one CPU and thei
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cartridges.stages.distill import DistillConfig
-from cartridges.stages.distill_run import DistillRunSettings, run_training
+from cartridges.registry import Registry
 from cartridges.stages.ingest import ingest
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.shards import num_shards, read_shard_stats
@@ -28,24 +29,27 @@ SYNTHESIS = SynthesisConfig(samples=12, shard_size=2, kinds={"continuation": 1, 
 class LocalCluster:
     """A head without CPUs and worker nodes added and removed by the test, each with its own home."""
 
-    def __init__(self, root):
-        self.root, self.nodes = root, {}
+    def __init__(self, root, env: dict[str, str]):
+        self.root, self.nodes, self.env = root, {}, env
         ray.shutdown()  # a local Ray that an earlier test started in this process
         with self.home("head"):
             self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 
     @contextmanager
     def home(self, label: str) -> Iterator[None]:
-        """`$CARTRIDGES_HOME=<root>/<label>` while a node starts: what its raylet and workers inherit."""
-        saved = os.environ.get("CARTRIDGES_HOME")
-        os.environ["CARTRIDGES_HOME"] = str(self.root / label)
+        """The environment a node starts with (its raylet and workers inherit it): its own
+        `$CARTRIDGES_HOME=<root>/<label>`, and the object store's endpoint and credentials."""
+        changes = self.env | {"CARTRIDGES_HOME": str(self.root / label)}
+        saved = {key: os.environ.get(key) for key in changes}
+        os.environ.update(changes)
         try:
             yield
         finally:
-            if saved is None:
-                del os.environ["CARTRIDGES_HOME"]
-            else:
-                os.environ["CARTRIDGES_HOME"] = saved
+            for key, value in saved.items():
+                if value is None:
+                    del os.environ[key]
+                else:
+                    os.environ[key] = value
 
     def add_node(self, label: str) -> str:
         """Start a worker node with its own home; returns its node id."""
@@ -56,7 +60,11 @@ class LocalCluster:
         return node.node_id
 
     def remove_node(self, node_id: str) -> None:
+        """Kill a node's processes at once (no graceful drain), as a lost machine; returns once Ray knows."""
         self.cluster.remove_node(self.nodes.pop(node_id), allow_graceful=False)
+        wait_for(
+            lambda: not any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()), 120, "Ray to see the node gone"
+        )
 
     def shutdown(self) -> None:
         ray.shutdown()
@@ -64,8 +72,10 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
+def cluster(tmp_path_factory, s3_endpoint):
+    from s3_server import S3_ENV
+
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"), S3_ENV | {"AWS_ENDPOINT_URL": s3_endpoint})
     local.add_node("node-a")
     local.add_node("node-b")
     yield local
@@ -84,8 +94,8 @@ def ingested_run(tiny, corpus, folder) -> tuple[RunDir, object]:
     return run, record
 
 
-def shard_tables(run: RunDir) -> list:
-    return [pq.read_table(run.shard(s)).replace_schema_metadata(None) for s in range(num_shards(SYNTHESIS))]
+def shard_tables(run: RunDir, count: int = num_shards(SYNTHESIS)) -> list:
+    return [pq.read_table(run.shard(s)).replace_schema_metadata(None) for s in range(count)]
 
 
 def test_synthesis_shards_come_from_two_nodes_and_equal_a_one_process_run(on_cluster, tiny, long_corpus, tmp_path):
@@ -103,17 +113,64 @@ def test_synthesis_shards_come_from_two_nodes_and_equal_a_one_process_run(on_clu
     assert shard_tables(run) == shard_tables(alone)
 
 
-def test_training_runs_with_one_worker_on_each_of_two_nodes(on_cluster, tiny, long_corpus, tmp_path):
-    """Ray Train with 2 workers (gloo): one per node, as the run's metrics record."""
-    run, record = ingested_run(tiny, long_corpus, tmp_path / "run")
-    synthesize(run, record, tiny.ref, SYNTHESIS, SynthesisRunSettings(engine="hf", executor="local", batch_size=2))
-    config = DistillConfig(num_tokens=8, steps=2, batch_size=2, eval_samples=0, eval_every=2, checkpoint_every=1)
-    final = run_training(run, tiny, config, DistillRunSettings(executor="ray", workers=2, cpus_per_worker=1))
-    assert final.is_file()
-    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
-    nodes = records[0]["nodes"]
-    assert len(nodes) == 2 and len(set(nodes)) == 2 and set(nodes) <= set(on_cluster.nodes), nodes
+def test_a_node_lost_mid_synthesis_costs_no_shard_and_changes_no_sample(on_cluster, tiny, long_corpus, tmp_path):
+    """Remove the node of a running engine after the first shards arrive: Ray replaces the engine on the
+    node that is left (and one added meanwhile), finished shards are kept, the result equals a run that
+    was never interrupted."""
+    config = SYNTHESIS.model_copy(update={"samples": 32})
+    run, record = ingested_run(tiny, long_corpus, tmp_path / "cluster-run")
+    settings = SynthesisRunSettings(engine="hf", executor="ray", engines=2, cpus_per_engine=1, batch_size=2)
+    on_cluster.add_node(f"spare-{time.monotonic_ns()}")  # the lost node's engine needs somewhere to go
+    outcome = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(summary=synthesize(run, record, tiny.ref, config, settings))
+    )
+    worker.start()
+    first = wait_for(lambda: sorted(run.shards.glob("shard-*.parquet")), 300, "a first shard")
+    victim = read_shard_stats(first[0]).node
+    made_before = len(first)
+    on_cluster.remove_node(victim)
+    worker.join(timeout=600)
+    assert "summary" in outcome, "synthesis did not finish after the node was lost"
+    nodes = [read_shard_stats(run.shard(s)).node for s in range(num_shards(config))]
+    assert made_before < num_shards(config) and victim in nodes and set(nodes) - {victim}, nodes
+
+    alone, alone_record = ingested_run(tiny, long_corpus, tmp_path / "local-run")
+    synthesize(alone, alone_record, tiny.ref, config, settings.model_copy(update={"executor": "local"}))
+    count = num_shards(config)
+    assert shard_tables(run, count) == shard_tables(alone, count)
+
+
+def test_a_build_on_two_nodes_publishes_to_s3_and_a_fresh_process_answers_from_it(
+    on_cluster, cli, s3_bucket, lively_model_dir, long_corpus, cartridges_home, tmp_path
+):
+    """`cartridges build` with two engine actors and two Ray Train workers on a two-node cluster, published
+    to s3://: shards and training workers on both nodes, and `cartridges ask` in a fresh process with an
+    empty home answers from s3:// alone."""
+    from test_object_storage import QUESTION, ask_in_fresh_process
+
+    from cartridges.loading import load
+    from cartridges.pipeline.runs import runs_root
+
+    remote = f"{s3_bucket}/registry"
+    settings = ["synthesis.samples=8", "synthesis_run.executor=ray", "synthesis_run.engines=2"]
+    settings += ["synthesis_run.cpus_per_engine=1", "distill_run.executor=ray", "distill_run.workers=2"]
+    settings += ["distill_run.cpus_per_worker=1", f"model={lively_model_dir}"]
+    overrides = [part for setting in settings for part in ("--set", setting)]
+    code, out, err = cli("build", str(long_corpus), "--config", "tiny", *overrides, "--registry", remote)
+    assert code == 0, err
+    [run] = [RunDir(folder) for folder in runs_root().iterdir()]
+    shard_nodes = {read_shard_stats(shard).node for shard in sorted(run.shards.glob("shard-*.parquet"))}
+    assert len(shard_nodes) == 2 and shard_nodes <= set(on_cluster.nodes), shard_nodes
+    first_step = json.loads(run.metrics.read_text().splitlines()[0])
+    assert len(set(first_step["nodes"])) == 2 and set(first_step["nodes"]) <= set(on_cluster.nodes), first_step
+    assert Registry(remote).verify("legal@1").version == 1
+
+    answered = ask_in_fresh_process(tmp_path / "fresh-home", remote, lively_model_dir)
+    assert answered.returncode == 0 and answered.stdout.strip(), answered.stderr
+    runtime = load(["legal@1"], Registry(remote), str(lively_model_dir))
+    question = [{"role": "user", "content": QUESTION}]
+    assert answered.stdout.strip() == runtime.generate(question, max_new_tokens=12, temperature=0.0).strip()
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -124,3 +181,40 @@ def wait_for(condition, timeout: float, what: str):
             return found
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_the_scheduler_fires_once_on_the_cluster_and_carries_on_after_its_node_is_lost(
+    on_cluster, s3_bucket, tiny_model_dir, long_corpus
+):
+    """A due schedule in an s3:// registry: the scheduler actor (on a worker node) builds and publishes it
+    once; when its node is removed Ray restarts it on another, with its schedules and history intact, and
+    it does not build again."""
+    from cartridges.pipeline.scheduler import Scheduler, ensure_actor, scheduler_actor
+
+    registry = Registry(f"{s3_bucket}/registry")
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    overrides = [f"model={tiny_model_dir}"]
+    Scheduler(registry, builder=None, clock=lambda: yesterday).add(
+        "legal", str(long_corpus), "0 3 * * *", "tiny", overrides
+    )
+    assert ensure_actor(registry.url) == ["legal"]
+    actor = scheduler_actor(registry.url)
+    first_node = ray.get(actor.node.remote())
+    assert first_node in on_cluster.nodes
+
+    def history():
+        return Scheduler(registry, builder=None).history()
+
+    [outcome] = wait_for(history, 300, "the scheduled build")
+    assert (outcome.status, outcome.detail) == ("published", "legal@1"), outcome
+    assert registry.verify("legal@1").version == 1
+
+    on_cluster.remove_node(first_node)
+    assert ensure_actor(registry.url) == ["legal"]
+    moved_to = ray.get(scheduler_actor(registry.url).node.remote())
+    assert moved_to != first_node and moved_to in on_cluster.nodes
+    time.sleep(3)  # the restarted actor ticks at once: nothing is due
+    assert history() == [outcome] and registry.versions("legal") == [1]
+    [schedule] = Scheduler(registry, builder=None).schedules()
+    assert datetime.fromisoformat(schedule.next_run) > datetime.now(UTC)
+    ray.kill(actor)
