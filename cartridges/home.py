@@ -15,3 +15,8 @@ def default_registry_url() -> str:
 
 def models_dir() -> Path:
     return cartridges_home() / "models"
+
+
+def runs_dir() -> Path:
+    """This machine's run folders (a build's working copy when its runs root is an object store)."""
+    return cartridges_home() / "runs"

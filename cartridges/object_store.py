@@ -12,10 +12,28 @@ from __future__ import annotations
 
 import threading
 
+import fsspec
+
 from cartridges.errors import CartridgeError
 
 CONDITIONAL_WRITE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
 _IN_PROCESS = threading.Lock()  # memory:// lives in one process: a lock there is enough
+
+
+def open_store(url: str, what: str):
+    """(filesystem, root path) of a folder or fsspec URL; a missing client package or an unknown scheme
+    is one line naming `what` (the registry, the runs root) and the fix."""
+    try:
+        # No listings cache: a long-running reader (the server, the scheduler) must see what other
+        # processes write, and a publisher the version numbers others took.
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
+    except ImportError as exc:  # fsspec names the package: "Install s3fs to access S3"
+        raise CartridgeError(f"{what} {url}: {exc} (pip install it, or use a local folder)") from None
+    except ValueError as exc:
+        scheme = url.partition("://")[0]
+        raise CartridgeError(
+            f"{what} {url}: unknown storage scheme {scheme + '://'!r} ({exc}); use a folder or an fsspec URL such as s3://bucket/folder"
+        ) from None
 
 
 def protocols(fs) -> set[str]:

@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cartridges.artifact_cache import cached_copy, download
@@ -47,7 +46,7 @@ from cartridges.manifest import (
     utc_now,
 )
 from cartridges.names import LATEST, NAME_PATTERN, Ref, parse_ref, validate_name
-from cartridges.object_store import create_exclusively, require_conditional_writes
+from cartridges.object_store import create_exclusively, open_store, require_conditional_writes
 
 if TYPE_CHECKING:
     from cartridges.registry_listing import Listing
@@ -61,26 +60,12 @@ CLAIM_FILE = "claim.json"  # object stores: written exclusively by the publisher
 MAX_PUBLISH_ATTEMPTS = 1000
 
 
-def _open_filesystem(url: str):
-    try:
-        # No listings cache: a long-running reader (the server, the scheduler) must see versions and
-        # aliases that other processes publish, and a publisher the numbers others took.
-        return fsspec.core.url_to_fs(url, use_listings_cache=False)
-    except ImportError as exc:  # fsspec names the package: "Install s3fs to access S3"
-        raise CartridgeError(f"registry {url}: {exc} (pip install it, or use a local folder)") from None
-    except ValueError as exc:
-        scheme = url.partition("://")[0]
-        raise CartridgeError(
-            f"registry {url}: unknown storage scheme {scheme + '://'!r} ({exc}); use a folder or an fsspec URL such as s3://bucket/registry"
-        ) from None
-
-
 class Registry:
     """Read, publish, alias and retire versions; `list()` (registry_listing) reports the rest."""
 
     def __init__(self, root: str | Path):
         self.url = str(root)
-        self.fs, self.root = _open_filesystem(self.url)
+        self.fs, self.root = open_store(self.url, "registry")
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
     @property

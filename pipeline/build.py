@@ -27,10 +27,10 @@ from safetensors.torch import load_file
 
 from cartridges.atomic import write_text_atomically
 from cartridges.errors import CartridgeError
+from cartridges.home import runs_dir
 from cartridges.loading import open_cartridge
 from cartridges.models import LoadedModel, load_model
 from cartridges.pipeline.build_config import BuildConfig
-from cartridges.pipeline.runs import runs_root
 from cartridges.qa import QACorpus
 from cartridges.registry import Registry
 from cartridges.stages.contexts import Context, FixedContext
@@ -41,6 +41,7 @@ from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import Corpus, ingest, read_corpus
 from cartridges.stages.records import IngestRecord, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
+from cartridges.stages.run_mirror import RunMirror
 from cartridges.stages.synthesis_config import check_fits_window
 from cartridges.stages.synthesize import synthesize
 
@@ -59,7 +60,7 @@ class BuildResult:
 
 
 def build_run_dir(name: str, corpus_fingerprint: str, config: BuildConfig) -> RunDir:
-    return RunDir(runs_root() / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}")
+    return RunDir(runs_dir() / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}")
 
 
 def latest_compatible(registry: Registry, name: str, loaded, num_tokens: int) -> tuple[str, torch.Tensor] | None:
@@ -82,7 +83,7 @@ def previous_run(name: str, current: RunDir) -> RunDir | None:
     """The folder of the last build of `name` that published on this machine, if it is still there."""
     runs = [
         run
-        for run in (RunDir(folder) for folder in runs_root().iterdir() if folder.is_dir())
+        for run in (RunDir(folder) for folder in runs_dir().iterdir() if folder.is_dir())
         if run != current
         and run.published.is_file()
         and json.loads(run.published.read_text())["ref"].rpartition("@")[0] == name
@@ -161,10 +162,13 @@ def build(
     check_fits_window(config.synthesis, window)
     check_training_fits_window(config.distill, window)
     run = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
+    runs_url = config.runs_url()
+    mirror = RunMirror(run, f"{runs_url.rstrip('/')}/{run.root.name}" if runs_url else None)
     run.root.mkdir(parents=True, exist_ok=True)
     try:
         with building_alone(run, name):
-            return _build_in(run, corpus, loaded, name, config, registry, on_stage, qa)
+            mirror.pull()  # what a build of this run on another machine left: it resumes from there
+            return _build_in(mirror, corpus, loaded, name, config, registry, on_stage, qa)
     finally:
         _remove_if_empty(run)
 
@@ -176,7 +180,7 @@ def _remove_if_empty(run: RunDir) -> None:
 
 
 def _build_in(
-    run: RunDir,
+    mirror: RunMirror,
     corpus: Corpus,
     loaded: LoadedModel,
     name: str,
@@ -185,6 +189,7 @@ def _build_in(
     on_stage,
     qa: QACorpus | None,
 ) -> BuildResult:
+    run = mirror.local
     if run.published.is_file():
         return BuildResult(run, json.loads(run.published.read_text())["ref"], built=False)
     seconds: dict[str, float] = {}
@@ -193,6 +198,7 @@ def _build_in(
         on_stage(label)
         started = time.perf_counter()
         result = work()
+        mirror.push_all()  # the stage's outputs, for a build that resumes on another machine
         seconds[label] = time.perf_counter() - started
         return result
 
@@ -211,12 +217,14 @@ def _build_in(
     reuse_from = previous_run(name, run) if config.reuse_samples else None
     synthesis = stage(
         "synthesize",
-        lambda: synthesize(run, ingested, loaded.ref, config.synthesis, config.synthesis_run, reuse_from),
+        lambda: synthesize(run, ingested, loaded.ref, config.synthesis, config.synthesis_run, reuse_from, mirror),
     )
     qa_pairs = [(q.question, q.answer) for q in qa.questions] if qa is not None else []  # gold NLL at every eval_every
     stage(
         "distill",
-        lambda: run_training(run, loaded, config.distill, config.distill_run, qa_pairs, start_from=parent_prefix),
+        lambda: run_training(
+            run, loaded, config.distill, config.distill_run, qa_pairs, start_from=parent_prefix, mirror=mirror
+        ),
     )
     evaluation = stage("evaluate", lambda: evaluate_run(run, loaded, qa)) if qa is not None else {}
     trained = TrainedRun(run, ingested, synthesis, config.distill, parent, evaluation)
@@ -232,6 +240,7 @@ def _build_in(
         run.published,
         json.dumps({"ref": manifest.label, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2),
     )
+    mirror.push(run.published)
     shutil.rmtree(run.artifact)  # the registry holds it now
     return BuildResult(
         run,

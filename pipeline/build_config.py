@@ -6,6 +6,7 @@ on more machines or another executor does not count as a change.
 """
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -40,6 +41,14 @@ class BuildConfig(BaseModel):
     reuse_samples: bool = Field(
         True, description="take the samples of unchanged chunks from the last build of the same name"
     )
+    runs_root: str | None = Field(
+        None,
+        description="an fsspec URL (s3://bucket/runs) that keeps run folders for machines that share no disk "
+        "(default: $CARTRIDGES_RUNS, else each machine's $CARTRIDGES_HOME/runs only)",
+    )
+
+    def runs_url(self) -> str | None:
+        return self.runs_root or os.environ.get("CARTRIDGES_RUNS") or None
 
     def fingerprint(self) -> str:
         """sha256 of the settings that change the result (not of how the work is run)."""

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from cartridges.pipeline.runs import runs_root, scratch_root
+from cartridges.home import runs_dir
+from cartridges.pipeline.runs import scratch_root
 from cartridges.registry import STAGING, Registry
 from cartridges.stages.run_dir import RunDir
 
@@ -72,7 +73,7 @@ def collect_garbage(registry: Registry, older_than_seconds: float, dry_run: bool
     for folder in sorted(scratch.iterdir()) if scratch.is_dir() else []:
         if _age(folder) >= older_than_seconds:
             removed.append(_remove(folder, "scratch folder of a command that did not finish", dry_run))
-    runs = runs_root()
+    runs = runs_dir()
     for run in sorted(runs.iterdir()) if runs.is_dir() else []:
         if run.is_dir() and _age(run) >= older_than_seconds:
             removed += _clean_run(run, dry_run)

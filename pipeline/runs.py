@@ -1,5 +1,4 @@
-"""Folders for work in progress under `$CARTRIDGES_HOME`: build run folders (`runs/`, kept to resume
-and to reuse samples) and scratch folders (`tmp/`, gone when the command ends)."""
+"""Scratch folders under `$CARTRIDGES_HOME/tmp/` (gone when the command ends); run folders are `home.runs_dir()`."""
 
 import shutil
 import tempfile
@@ -9,12 +8,7 @@ from pathlib import Path
 
 from cartridges.home import cartridges_home
 
-RUNS_DIR = "runs"
 SCRATCH_DIR = "tmp"
-
-
-def runs_root() -> Path:
-    return cartridges_home() / RUNS_DIR
 
 
 def scratch_root() -> Path:

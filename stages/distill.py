@@ -24,6 +24,7 @@ from cartridges.artifact import cartridge_peft_config, kv_shape
 from cartridges.atomic import write_atomically
 from cartridges.cluster import node_label
 from cartridges.errors import CartridgeError
+from cartridges.home import runs_dir
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import ModelRef, default_device, model_on_this_node
@@ -33,6 +34,7 @@ from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
 from cartridges.stages.run_dir import RunDir
+from cartridges.stages.run_mirror import RunMirror
 from cartridges.stages.training_data import collate, distillation_loss, load_examples
 
 
@@ -127,6 +129,7 @@ def train_loop(loop_config: dict) -> None:
     """One worker's training loop (also the whole loop when run in-process)."""
     config = DistillConfig.model_validate(loop_config["config"])
     run = RunDir(Path(loop_config["run_dir"]))
+    store_url = loop_config.get("run_url")  # the run's copy on an object store, if any
     rank, world, device = 0, 1, default_device()
     if loop_config.get("ray"):
         import ray.train
@@ -134,6 +137,10 @@ def train_loop(loop_config: dict) -> None:
 
         context = ray.train.get_context()
         rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+        if store_url:  # a worker on any node works in this node's own copy of the run, pulled from the store
+            run = RunDir(runs_dir() / run.root.name)
+            RunMirror(run, store_url).pull()
+    mirror = RunMirror(run, store_url)
     if loop_config.get("threads"):
         torch.set_num_threads(loop_config["threads"])
     torch.manual_seed(config.seed)
@@ -173,17 +180,17 @@ def train_loop(loop_config: dict) -> None:
             (loss / config.grad_accum).backward()  # before any check: other workers wait in this all-reduce
             step_tokens += int(batch.attention_mask.sum()) * world
             if not math.isfinite(loss.item()):
-                stop_training(run, step + 1, f"the loss is {loss.item()}", config)
+                stop_training(mirror, step + 1, f"the loss is {loss.item()}", config)
         tokens_seen += step_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         if not math.isfinite(grad_norm):
-            stop_training(run, step + 1, f"the gradient norm is {grad_norm}", config)
+            stop_training(mirror, step + 1, f"the gradient norm is {grad_norm}", config)
         optimizer.step()
         scheduler.step()
         done = step + 1
         non_finite = int((~torch.isfinite(_encoder(model).weight)).sum())
         if non_finite:
-            stop_training(run, done, f"{non_finite} prefix values are NaN or infinite after the update", config)
+            stop_training(mirror, done, f"{non_finite} prefix values are NaN or infinite after the update", config)
         if rank != 0:
             continue
         elapsed = time.perf_counter() - started
@@ -206,20 +213,26 @@ def train_loop(loop_config: dict) -> None:
         if loop_config.get("on_step"):
             loop_config["on_step"](record)
         if done % config.checkpoint_every == 0 or done == config.steps:
-            save_checkpoint(run.checkpoints, done, _encoder(model).weight, optimizer, scheduler, {"world": world})
+            mirror.push(
+                save_checkpoint(run.checkpoints, done, _encoder(model).weight, optimizer, scheduler, {"world": world})
+            )
+        mirror.push(run.metrics)
     if rank == 0:
         final = _encoder(model).weight.detach().cpu().contiguous()
         write_atomically(run.final_prefix, lambda tmp: save_file({"prefix": final}, str(tmp)))
         log.close()
+        mirror.push(run.final_prefix)
 
 
-def stop_training(run: RunDir, step: int, problem: str, config: DistillConfig) -> None:
+def stop_training(mirror: RunMirror, step: int, problem: str, config: DistillConfig) -> None:
     """Stop at the first non-finite loss, gradient or prefix, before it reaches a checkpoint.
 
     Checkpoints are written after these checks, so the last one on disk is good. The reason is also
     written to `failure.json`, so that the driver of a Ray Train run reports this one line rather
-    than the worker group's traceback.
+    than the worker group's traceback (pushed to the run's store copy, when there is one, for a driver
+    on another node).
     """
+    run = mirror.local
     last = latest_checkpoint(run.checkpoints)
     kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint had been written"
     message = (
@@ -227,6 +240,7 @@ def stop_training(run: RunDir, step: int, problem: str, config: DistillConfig) -
         f"Lower distill.lr (now {config.lr:g}) or distill.max_grad_norm (now {config.max_grad_norm:g}), then build again"
     )
     write_atomically(run.failure, lambda tmp: tmp.write_text(json.dumps({"step": step, "message": message})))
+    mirror.push(run.failure)
     raise TrainingDiverged(message)
 
 

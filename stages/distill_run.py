@@ -22,6 +22,7 @@ from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.checkpoints import latest_checkpoint
 from cartridges.stages.distill import DistillConfig, TrainingDiverged, initial_prefix, train_loop
 from cartridges.stages.run_dir import RunDir
+from cartridges.stages.run_mirror import RunMirror
 
 
 class DistillRunSettings(BaseModel):
@@ -58,13 +59,18 @@ def run_training(
     settings: DistillRunSettings,
     qa_pairs: list[tuple[str, str]] = (),
     start_from: torch.Tensor | None = None,
+    mirror: RunMirror | None = None,
 ) -> Path:
     """Train (or resume) the prefix of the run's synthesis; returns the path of the final prefix.
 
     `start_from`: the prefix to start from instead of `config.init`'s (a warm start from an earlier
     version). It is written as the run's initial prefix when training first starts; a resumed run
     continues from its own checkpoints and initial prefix.
+    `mirror`: the run's copy on an object store. Ray Train workers then work in copies of the run on
+    their own nodes, pulled from the store, and rank 0 pushes its step records, checkpoints and final
+    prefix there, which the driver pulls: no node reads another's disk.
     """
+    mirror = mirror or RunMirror(run, None)
     run.distill.mkdir(parents=True, exist_ok=True)
     if run.training_config.is_file() and json.loads(run.training_config.read_text()) != config.model_dump():
         raise CartridgeError(
@@ -81,6 +87,7 @@ def run_training(
         "model": dataclasses.asdict(loaded.ref),
         "qa_pairs": [list(p) for p in qa_pairs],
         "threads": settings.threads if settings.executor == "local" else settings.worker_threads(),
+        "run_url": mirror.url,
     }
     done = latest_checkpoint(run.checkpoints)
     first = int(done.name.split("-")[1]) if done else 0
@@ -88,8 +95,12 @@ def run_training(
         if settings.executor == "local":
             train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
         else:
-            with following_metrics(run.metrics, progress):
-                _fit_on_ray(run, loop_config, settings)
+            mirror.push(run.distill)  # the training's config and initial prefix, for workers on other nodes
+            try:
+                with following_metrics(run.metrics, progress, mirror):
+                    _fit_on_ray(run, loop_config, settings)
+            finally:
+                mirror.pull("distill")  # the step records, checkpoints, final prefix or failure the workers wrote
     return run.final_prefix
 
 
@@ -118,9 +129,12 @@ def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings) ->
 
 
 @contextmanager
-def following_metrics(path: Path, progress: ThroughputProgress, poll_seconds: float = 1.0) -> Iterator[None]:
-    """Advance `progress` from the step records a Ray Train worker appends to `path`, which is all the
-    driver sees of a training that runs in another process (or on another node)."""
+def following_metrics(
+    path: Path, progress: ThroughputProgress, mirror: RunMirror | None = None, poll_seconds: float = 1.0
+) -> Iterator[None]:
+    """Advance `progress` from the step records a Ray Train worker appends to `path` (pulled from the
+    run's object store copy when there is one), which is all the driver sees of a training that runs
+    in another process (or on another node)."""
     offset = path.stat().st_size if path.is_file() else 0
     stop = threading.Event()
 
@@ -128,6 +142,8 @@ def following_metrics(path: Path, progress: ThroughputProgress, poll_seconds: fl
         nonlocal offset
         while True:
             stopping = stop.wait(poll_seconds)
+            if mirror is not None:
+                mirror.pull(path.relative_to(mirror.local.root).as_posix())
             if path.is_file():
                 with path.open("rb") as log:
                     log.seek(offset)

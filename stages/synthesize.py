@@ -34,6 +34,7 @@ from cartridges.stages.engines import make_engine
 from cartridges.stages.ingest import Chunk, read_chunks, read_titles
 from cartridges.stages.records import IngestRecord, ShardStats, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
+from cartridges.stages.run_mirror import RunMirror
 from cartridges.stages.sample_builder import SampleBuilder
 from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
 from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
@@ -213,11 +214,13 @@ def synthesize(
     config: SynthesisConfig,
     settings: SynthesisRunSettings,
     reuse_from: RunDir | None = None,
+    mirror: RunMirror | None = None,
 ) -> SynthesisSummary:
     """Make every missing shard of the run's plan; returns the summary (also written to summary.json).
 
     Expects the ingest outputs (`ingested`, and `chunks.parquet`, `documents.parquet`) in the run folder.
     `reuse_from`: an earlier run folder whose samples of unchanged chunks are taken instead of made.
+    `mirror`: the run's copy on an object store, which gets each shard as it is written.
     """
     record = {
         "config": config.model_dump(),
@@ -240,6 +243,8 @@ def synthesize(
 
             def keep(stats: ShardStats, data: bytes) -> None:
                 write_shard(run.shard(stats.shard), data)
+                if mirror is not None:
+                    mirror.push(run.shard(stats.shard))
                 progress.advance(stats.planned, stats.generated_tokens)
 
             _run_shards(pending, worker_args, settings, keep)

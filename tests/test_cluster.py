@@ -30,7 +30,7 @@ class LocalCluster:
     """A head without CPUs and worker nodes added and removed by the test, each with its own home."""
 
     def __init__(self, root, env: dict[str, str]):
-        self.root, self.nodes, self.env = root, {}, env
+        self.root, self.nodes, self.homes, self.env = root, {}, {}, env
         ray.shutdown()  # a local Ray that an earlier test started in this process
         with self.home("head"):
             self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -57,6 +57,7 @@ class LocalCluster:
             node = self.cluster.add_node(num_cpus=1)
         self.cluster.wait_for_nodes()
         self.nodes[node.node_id] = node
+        self.homes[node.node_id] = self.root / label
         return node.node_id
 
     def remove_node(self, node_id: str) -> None:
@@ -144,26 +145,36 @@ def test_a_node_lost_mid_synthesis_costs_no_shard_and_changes_no_sample(on_clust
 def test_a_build_on_two_nodes_publishes_to_s3_and_a_fresh_process_answers_from_it(
     on_cluster, cli, s3_bucket, lively_model_dir, long_corpus, cartridges_home, tmp_path
 ):
-    """`cartridges build` with two engine actors and two Ray Train workers on a two-node cluster, published
-    to s3://: shards and training workers on both nodes, and `cartridges ask` in a fresh process with an
-    empty home answers from s3:// alone."""
+    """`cartridges build` with two engine actors and two Ray Train workers on a two-node cluster, its run
+    folder and registry on s3://: shards and training workers on both nodes, each worker training from its
+    own node's copy of the run (pulled from s3://, not the driver's disk), and `cartridges ask` in a fresh
+    process with an empty home answers from s3:// alone."""
+    import s3fs
     from test_object_storage import QUESTION, ask_in_fresh_process
 
+    from cartridges.home import runs_dir
     from cartridges.loading import load
-    from cartridges.pipeline.runs import runs_root
 
     remote = f"{s3_bucket}/registry"
     settings = ["synthesis.samples=8", "synthesis_run.executor=ray", "synthesis_run.engines=2"]
     settings += ["synthesis_run.cpus_per_engine=1", "distill_run.executor=ray", "distill_run.workers=2"]
-    settings += ["distill_run.cpus_per_worker=1", f"model={lively_model_dir}"]
+    settings += ["distill_run.cpus_per_worker=1", f"model={lively_model_dir}", f"runs_root={s3_bucket}/runs"]
     overrides = [part for setting in settings for part in ("--set", setting)]
     code, out, err = cli("build", str(long_corpus), "--config", "tiny", *overrides, "--registry", remote)
     assert code == 0, err
-    [run] = [RunDir(folder) for folder in runs_root().iterdir()]
+    [run] = [RunDir(folder) for folder in runs_dir().iterdir()]
     shard_nodes = {read_shard_stats(shard).node for shard in sorted(run.shards.glob("shard-*.parquet"))}
     assert len(shard_nodes) == 2 and shard_nodes <= set(on_cluster.nodes), shard_nodes
     first_step = json.loads(run.metrics.read_text().splitlines()[0])
     assert len(set(first_step["nodes"])) == 2 and set(first_step["nodes"]) <= set(on_cluster.nodes), first_step
+    for node in first_step["nodes"]:  # each worker read the shards from its node's own copy of the run
+        copy = RunDir(on_cluster.homes[node] / "runs" / run.root.name)
+        assert sorted(p.name for p in copy.shards.iterdir()) == sorted(p.name for p in run.shards.iterdir())
+    stored = s3fs.S3FileSystem(skip_instance_cache=True)
+    remote_run = f"{s3_bucket}/runs/{run.root.name}"
+    assert stored.exists(f"{remote_run}/distill/final_prefix.safetensors") and stored.exists(
+        f"{remote_run}/published.json"
+    )
     assert Registry(remote).verify("legal@1").version == 1
 
     answered = ask_in_fresh_process(tmp_path / "fresh-home", remote, lively_model_dir)

@@ -1,9 +1,13 @@
 """Registries on an object store: an S3-compatible server on 127.0.0.1 and the real s3fs client (issue 18)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from cartridges.registry import Registry
 
@@ -38,3 +42,67 @@ def test_ask_from_a_fresh_process_reads_the_cartridge_from_s3(cli, s3_bucket, co
     assert not (fresh_home / "registry").exists()
     [cached] = (fresh_home / "cache" / "artifacts").iterdir()
     assert (cached / "manifest.json").read_bytes() == Registry(remote).manifest_bytes("legal", 1)
+
+
+def test_a_run_mirror_copies_what_the_other_side_lacks_and_never_shortens_a_file(s3_bucket, tmp_path):
+    from cartridges.stages.run_dir import RunDir
+    from cartridges.stages.run_mirror import RunMirror
+
+    here = RunMirror(RunDir(tmp_path / "a"), f"{s3_bucket}/runs/r1")
+    there = RunMirror(RunDir(tmp_path / "b"), here.url)
+    step = here.local.checkpoints / "step-000001"
+    step.mkdir(parents=True)
+    (step / "tensors.safetensors").write_bytes(b"t" * 100)
+    (step / "state.json").write_text("{}")
+    here.local.metrics.write_text('{"step": 1}\n')
+    (here.local.root / "build.lock").write_text("")
+    assert here.push_all() == 3  # the lock stays on its machine
+    assert there.pull() == 3 and not (there.local.root / "build.lock").exists()
+    assert (there.local.checkpoints / "step-000001" / "tensors.safetensors").read_bytes() == b"t" * 100
+
+    with here.local.metrics.open("a") as log:
+        log.write('{"step": 2}\n')
+    assert here.push(here.local.metrics) == 1 and here.push(here.local.metrics) == 0
+    assert there.pull("distill/metrics.jsonl") == 1
+    assert there.local.metrics.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+    there.local.metrics.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')  # a longer copy is never cut back
+    assert there.pull() == 0 and len(there.local.metrics.read_text().splitlines()) == 3
+
+
+def test_a_build_stopped_on_one_machine_resumes_on_another_from_the_runs_root(
+    monkeypatch, s3_bucket, tiny_model_dir, long_corpus, tmp_path
+):
+    """Machine A synthesizes and stops in training; machine B (another home, nothing shared but the store)
+    makes no shard again and publishes the cartridge an uninterrupted build makes."""
+    from test_build import Killed, kill_after
+
+    from cartridges.artifact import load_artifact
+    from cartridges.pipeline.build import build
+    from cartridges.pipeline.build_config import load_build_config
+
+    settings = [f"model={tiny_model_dir}", "distill.steps=3", f"runs_root={s3_bucket}/runs"]
+    config = load_build_config("tiny", settings)
+    monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "reference"))
+    reference = Registry(tmp_path / "reference" / "registry")
+    build(long_corpus, "legal", config, reference)
+    expected = load_artifact(reference.local_path("legal@1")).prompt_embeddings
+
+    config = load_build_config("tiny", [*settings[:2], f"runs_root={s3_bucket}/other-runs"])
+    registry = Registry(f"{s3_bucket}/registry")
+    monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "machine-a"))
+    restore = kill_after(monkeypatch, "cartridges.stages.distill.save_checkpoint", 1)  # after its first checkpoint
+    with pytest.raises(Killed):
+        build(long_corpus, "legal", config, registry)
+    restore()
+    import s3fs
+
+    stored = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert stored.glob(f"{s3_bucket}/other-runs/*/distill/checkpoints/step-000001/state.json")  # pushed by A
+    monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "machine-b"))
+    result = build(long_corpus, "legal", config, registry)
+    assert result.built and result.ref == "legal@1"
+    assert result.synthesis.shards_made_this_run == 0 and result.synthesis.samples == config.synthesis.samples
+    metrics = result.run.metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3]  # step 1 on A; B resumed at its checkpoint
+    got = load_artifact(registry.local_path("legal@1")).prompt_embeddings
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
