@@ -1,7 +1,8 @@
 """`cartridges gc`: remove what interrupted or finished work left behind, never what a build still needs.
 
 Removed, when older than a safe age (nothing a live process is writing): the registry's upload
-folders of killed publishers, scratch folders of killed commands, run folders that hold nothing,
+folders of killed publishers (and on object stores the files moved into a claimed version number
+before its publisher stopped: the claim stays, so the number stays taken), scratch folders of killed commands, run folders that hold nothing,
 the artifact copies of the commands before scratch folders existed; and, in published builds,
 the artifact copy and the checkpoints (the registry has the artifact; a published build does
 not resume). Kept: unfinished builds (they resume), the synthesis and prefixes of published
@@ -19,7 +20,7 @@ from filelock import FileLock, Timeout
 
 from cartridges.home import runs_dir
 from cartridges.pipeline.runs import scratch_root
-from cartridges.registry import STAGING, Registry
+from cartridges.registry import CLAIM_FILE, STAGING, Registry
 from cartridges.stages.run_dir import RunDir
 
 # Run folders that `init`, `compose` and `distill` made before they used scratch folders: <name>-<UTC stamp>-<6 hex>.
@@ -69,6 +70,14 @@ def collect_garbage(registry: Registry, older_than_seconds: float, dry_run: bool
         if not dry_run:
             with registry.writing("remove an old upload"):
                 registry.fs.rm(upload, recursive=True)
+    for version_folder in stale_claims(registry, older_than_seconds):
+        partial = [path for path in registry.fs.find(version_folder) if not path.endswith(f"/{CLAIM_FILE}")]
+        if not partial:
+            continue
+        removed.append(Removal(version_folder, "files of a publish that took this number and did not finish", 0))
+        if not dry_run:
+            with registry.writing("remove the files of an unfinished publish"):
+                registry.fs.rm(partial)  # the claim stays: the number is never given to another artifact
     scratch = scratch_root()
     for folder in sorted(scratch.iterdir()) if scratch.is_dir() else []:
         if _age(folder) >= older_than_seconds:
@@ -84,6 +93,18 @@ def stale_uploads(registry: Registry, older_than_seconds: float) -> list[str]:
     """Upload folders under the registry's `.staging/` untouched for `older_than_seconds`: left by killed publishers."""
     uploads = [registry.path(STAGING, name) for name, _ in registry.children(registry.path(STAGING))]
     return [path for path in uploads if _store_age(registry, path) >= older_than_seconds]
+
+
+def stale_claims(registry: Registry, older_than_seconds: float) -> list[str]:
+    """Version folders on an object store whose publisher took the number and stopped before the manifest
+    (claim.json without manifest.json), untouched for `older_than_seconds`."""
+    if registry.is_local:
+        return []
+    found = []
+    for name in registry.name_folders():
+        unfinished = set(registry.claimed(name)) - set(registry.versions(name)) - set(registry.retired(name))
+        found += [registry.path(name, v) for v in sorted(unfinished)]
+    return [path for path in found if _store_age(registry, path) >= older_than_seconds]
 
 
 def _store_age(registry: Registry, path: str) -> float:

@@ -140,6 +140,11 @@ def train_loop(loop_config: dict) -> None:
         if store_url:  # a worker on any node works in this node's own copy of the run, pulled from the store
             run = RunDir(runs_dir() / run.root.name)
             RunMirror(run, store_url).pull()
+        elif not run.init_prefix.is_file():
+            raise CartridgeError(
+                f"node {node_label()} cannot see the run folder {run.root} (nodes share no disk): "
+                "set runs_root (or $CARTRIDGES_RUNS) to an object store URL such as s3://bucket/runs"
+            )
     mirror = RunMirror(run, store_url)
     if loop_config.get("threads"):
         torch.set_num_threads(loop_config["threads"])

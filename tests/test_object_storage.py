@@ -106,3 +106,39 @@ def test_a_build_stopped_on_one_machine_resumes_on_another_from_the_runs_root(
     assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3]  # step 1 on A; B resumed at its checkpoint
     got = load_artifact(registry.local_path("legal@1")).prompt_embeddings
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+
+
+PUBLISH_AND_DIE_AFTER_THE_CLAIM = """
+import os, sys
+from pathlib import Path
+from cartridges.registry import Registry
+registry = Registry(sys.argv[1])
+real_move = registry.fs.mv
+def move_one_then_die(*args, **kwargs):
+    real_move(*args, **kwargs)
+    os._exit(9)  # killed after the number was claimed and one file moved in, before the manifest
+registry.fs.mv = move_one_then_die
+registry.publish(Path(sys.argv[2]), "legal")
+"""
+
+
+def test_gc_clears_the_files_of_an_unfinished_publish_on_s3_and_keeps_its_number(s3_bucket, tmp_path):
+    from registry_helpers import fake_artifact
+
+    from cartridges.pipeline.gc import collect_garbage, parse_age
+
+    registry = Registry(f"{s3_bucket}/registry")
+    registry.publish(fake_artifact(tmp_path / "a"), "legal")
+    killed = subprocess.run(
+        [sys.executable, "-c", PUBLISH_AND_DIE_AFTER_THE_CLAIM, registry.url, str(fake_artifact(tmp_path / "b"))],
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert killed.returncode == 9
+    assert registry.versions("legal") == [1] and registry.claimed("legal") == [1, 2]
+    assert len(registry.fs.find(registry.path("legal", 2))) == 2  # the claim and one payload file
+    assert collect_garbage(registry, parse_age("1h")) == []  # too young: it may be a live publish
+    [removal] = [r for r in collect_garbage(registry, 0) if r.path == registry.path("legal", 2)]
+    assert "did not finish" in removal.reason
+    assert registry.fs.find(registry.path("legal", 2)) == [registry.path("legal", 2, "claim.json")]
+    assert registry.publish(fake_artifact(tmp_path / "c"), "legal").version == 3  # 2 stays taken
+    assert [s.path for s in registry.list().skipped] == ["legal/2"]
