@@ -1,11 +1,14 @@
 """Does a cartridge beat the alternatives at the same KV budget? Every method side by side in one run.
 
-For each QA corpus and KV budget B: `none`, `icl` (whole corpus), `truncated`, `rag` (BM25),
-the presses `knorm` and `streaming`, and the given cartridges, all scored with the shared layout
+For each QA corpus and KV budget B: `none`, `icl` (whole corpus), `ape` (its documents encoded in
+parallel), `truncated`, `rag` (BM25), the presses `knorm` and `streaming`, query-aware `snapkv`,
+prompt compression `lingua`, and the given cartridges, all scored with the shared layout
 (gold-answer NLL per token, rank accuracy among same-type gold answers). Cost per method: KV bytes,
-time to build the context block (prefill of the corpus part), decode tokens/s at batch 1 and 16.
-With cartridges of two corpora, questions of each are also asked with both composed (A+B, B+A).
-Writes results.json, results.md and PNG plots under --out.
+time to build the context block (prefill of the corpus part), tokens prefilled per question (rag's
+passages; snapkv's whole corpus), decode tokens/s at batch 1 and 16. With cartridges of two corpora,
+questions of each are also asked with both composed (A+B, B+A), with both corpora in one context
+(icl) and with both encoded in parallel (ape). `--storage`: the corpus KV stored at fp32/fp16/int8
+instead (bench/kv_storage.py). Writes results.json, results.md and PNG plots under --out.
 
     python bench/methods.py --corpus-id "squad2-Sky_(United_Kingdom)" --budget 256
     python bench/methods.py --corpus-id A --corpus-id B --cartridge A=a@1 --cartridge B=b@1
@@ -21,6 +24,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from kv_storage import storage_rows
+from methods_report import BUDGET_METHODS, markdown, plot
 
 from cartridges.artifact import kv_shape
 from cartridges.errors import run_script
@@ -31,10 +36,11 @@ from cartridges.models import load_model
 from cartridges.qa import load_qa_files
 from cartridges.registry import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
-from cartridges.stages.contexts import Context, context_source
+from cartridges.stages.contexts import Context, FixedContext, context_source, corpus_kv
 from cartridges.stages.evaluate import paired_gain, score_corpus
+from cartridges.stages.ingest import DOCUMENT_SEPARATOR
+from cartridges.stages.parallel_encoding import parallel_context
 
-BUDGET_METHODS = ("truncated", "rag", "knorm", "streaming")
 DECODE_TOKENS = 32
 
 
@@ -114,10 +120,11 @@ def measure(
     refs: tuple[str, ...] = (),
     cartridges: dict | None = None,
     label: str | None = None,
+    make_source=None,
 ) -> dict:
     cartridge = concat_prefixes([cartridges[ref] for ref in refs]) if refs else None
     started = time.perf_counter()
-    source = context_source(loaded, method, corpus.text, budget, cartridge=cartridge)
+    source = make_source() if make_source else context_source(loaded, method, corpus.text, budget, cartridge=cartridge)
     first = source.context(corpus.questions[0])
     build_seconds = time.perf_counter() - started
     score = score_corpus(loaded, corpus, source, label or method, args.distractors, answer_tokens=args.answer_tokens)
@@ -128,6 +135,10 @@ def measure(
         **asdict(score),
         "build_seconds": build_seconds,
         "kv_bytes": 0 if first.prefix is None else first.prefix.numel() * first.prefix.element_size(),
+        # what a deployment prefills for each question (the evaluation caches the corpus KV for snapkv)
+        "prefill_per_question": {"snapkv": first.start_position or first.kv_tokens, "rag": first.kv_tokens}.get(
+            method, 0
+        ),
     }
     if not args.skip_decode:
         row |= {
@@ -163,105 +174,6 @@ def summarize(rows: list[dict]) -> dict:
     return corpora
 
 
-def markdown(rows: list[dict], corpora: dict, args) -> str:
-    eligible = [c for c, v in corpora.items() if v["eligible"]]
-    lines = [
-        f"Methods at KV budgets {args.budget}, distractors {args.distractors}; {len(eligible)} of {len(corpora)} corpora have headroom above 2 paired SE.",
-        "",
-        "| corpus | none | icl | headroom ± paired SE | recovery computed |",
-        "|---|---|---|---|---|",
-    ]
-    for corpus, c in corpora.items():
-        lines.append(
-            f"| {corpus} | {c['none']:.3f} | {c['icl']:.3f} | {c['headroom']:+.3f} ± {c['headroom_se']:.3f} | {'yes' if c['eligible'] else 'no'} |"
-        )
-    lines += [
-        "",
-        "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | recovery | build s | decode tok/s b1 | b16 | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        recovery = "" if r["recovery"] is None else f"{r['recovery']:.2f}"
-        accuracy = "n/a" if r["rank_accuracy"] is None else f"{r['rank_accuracy']:.2f}"
-        lines.append(
-            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['kv_tokens']} | {r['kv_bytes'] / 1e6:.1f} | {r['nll']:.3f} ± {r['nll_se']:.3f} | "
-            f"{accuracy} | {recovery} | {r['build_seconds']:.1f} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
-            f"{r.get('peak_rss_mb', float('nan')):.0f} |"
-        )
-    if args.answer_tokens:
-        lines += answer_tables(rows)
-    return "\n".join(lines) + "\n"
-
-
-def answer_tables(rows: list[dict], shown_questions: int = 5) -> list[str]:
-    """What a user reads: answer F1 / exact match / containment per method, and five questions'
-    answers side by side (none, icl, rag, cartridges) per corpus."""
-    lines = ["", "| corpus | method | B | answer F1 | exact | contains |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['answer_f1']:.3f} | "
-            f"{r['exact_match']:.2f} | {r['answer_contains']:.2f} |"
-        )
-    for corpus in dict.fromkeys(r["corpus"] for r in rows):
-        side = [
-            r
-            for r in rows
-            if r["corpus"] == corpus and (r["method"] in ("none", "icl", "rag") or r["method"].startswith("cartridge"))
-        ]
-        lines += ["", f"Answers on {corpus}:", "", "| question | " + " | ".join(r["method"] for r in side) + " |"]
-        lines.append("|---" * (len(side) + 1) + "|")
-        for i in range(min(shown_questions, len(side[0]["answers"]))):
-            cells = [r["answers"][i].replace("|", "/").replace("\n", " ")[:80] for r in side]
-            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in [*BUDGET_METHODS, *sorted({r["method"] for r in rows if r["method"].startswith("cartridge")})]:
-        points: dict[int, list[float]] = {}
-        for r in rows:
-            if r["method"] == method and r["recovery"] is not None:
-                points.setdefault(r["kv_tokens"] if method.startswith("cartridge") else r["budget"], []).append(
-                    r["recovery"]
-                )
-        if points:
-            xs = sorted(points)
-            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=method)
-    ax.axhline(1.0, color="#888", linestyle="--", label="icl")
-    ax.axhline(0.0, color="#bbb", linestyle=":", label="none")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("KV budget (tokens)")
-    ax.set_ylabel("recovery of the none-to-icl NLL gap")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "recovery_vs_budget.png", dpi=120)
-
-    largest = max((r["budget"] or 0) for r in rows)
-    shown = [r for r in rows if r["corpus"] == rows[0]["corpus"] and (r["budget"] in (None, largest))]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    names = [r["method"] for r in shown]
-    axes[0].bar(names, [r["kv_bytes"] / 1e6 for r in shown], color="#36c")
-    axes[0].set_title(f"KV MB ({rows[0]['corpus']}, B={largest})")
-    if "decode_tps_batch1" in shown[0]:
-        width = 0.4
-        xs = range(len(shown))
-        axes[1].bar([x - width / 2 for x in xs], [r["decode_tps_batch1"] for r in shown], width, label="batch 1")
-        axes[1].bar([x + width / 2 for x in xs], [r["decode_tps_batch16"] for r in shown], width, label="batch 16")
-        axes[1].set_xticks(list(xs), names)
-        axes[1].legend()
-    axes[1].set_title("decode tokens/s")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(out / "cost.png", dpi=120)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -283,6 +195,10 @@ def main() -> None:
         "--answer-tokens", type=int, default=0, help="also score each method's greedy answer (token F1, exact match)"
     )
     parser.add_argument("--skip-decode", action="store_true", help="no decode throughput and memory measurement")
+    parser.add_argument("--storage", action="store_true", help="also the corpus KV stored at fp32/fp16/int8")
+    parser.add_argument(
+        "--method", action="append", default=None, help="budget method to run (repeatable; default: all)"
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one method's peak RSS, in a fresh process
     parser.add_argument("--model", default="default")
     parser.add_argument("--registry", default=None)
@@ -302,26 +218,56 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = []
+    methods = args.method or BUDGET_METHODS
+    storage = []
     for corpus in corpora:
-        rows += [measure(loaded, corpus, "none", None, args), measure(loaded, corpus, "icl", None, args)]
-        rows += [measure(loaded, corpus, method, budget, args) for budget in args.budget for method in BUDGET_METHODS]
+        rows += [measure(loaded, corpus, m, None, args) for m in ("none", "icl", "ape")]
+        rows += [measure(loaded, corpus, method, budget, args) for budget in args.budget for method in methods]
         if corpus.id in refs:
             rows.append(measure(loaded, corpus, "cartridge", None, args, (refs[corpus.id],), cartridges))
+        if args.storage:
+            adapter = registry.local_path(refs[corpus.id]) / "adapter_model.safetensors" if corpus.id in refs else None
+            storage += storage_rows(loaded, corpus, args, adapter.stat().st_size if adapter else None)
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):
             rows.append(
                 measure(loaded, a, "cartridge", None, args, tuple(refs[c.id] for c in order), cartridges, label)
             )
+        texts = [a.text, b.text]
+        rows.append(
+            measure(
+                loaded,
+                a,
+                "ape",
+                None,
+                args,
+                label=f"ape {a.id}+{b.id}",
+                make_source=lambda texts=texts: FixedContext(parallel_context(loaded, texts)),
+            )
+        )
+        joined = DOCUMENT_SEPARATOR.join(texts)
+        rows.append(
+            measure(
+                loaded,
+                a,
+                "icl",
+                None,
+                args,
+                label=f"icl {a.id}+{b.id}",
+                make_source=lambda joined=joined: FixedContext(Context(corpus_kv(loaded, joined))),
+            )
+        )
     summary = summarize(rows)
     record = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "seconds": time.perf_counter() - started,
         "corpora": summary,
         "rows": rows,
+        "storage": storage,
     }
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
-    table = markdown(rows, summary, args)
+    table = markdown(rows, summary, args, storage)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out)
     print(table)

@@ -64,7 +64,8 @@ def ask(
 @app.command("eval")
 def eval_command(
     method: Annotated[
-        str, typer.Option("--method", help="none, icl, truncated, rag, knorm, streaming or cartridge")
+        str,
+        typer.Option("--method", help="none, icl, truncated, rag, knorm, streaming, snapkv, lingua, ape or cartridge"),
     ] = "cartridge",
     cartridge: Annotated[
         list[str] | None, typer.Option("--cartridge", help="NAME[@VERSION] or artifact folder (repeat to compose)")

@@ -75,6 +75,16 @@ def compress(prefix: torch.Tensor, shape: tuple[int, int, int], budget: int, pre
     """Keep `budget` tokens per layer and KV head by the press's score (higher is kept)."""
     if press not in PRESSES:
         raise CartridgeError(f"unknown press {press!r}; known: {', '.join(PRESSES)}")
+    layers, heads, head_dim = shape
+    return keep_top_scored(prefix, shape, budget, lambda: PRESSES[press](prefix.view(-1, layers, 2, heads, head_dim)))
+
+
+def keep_top_scored(
+    prefix: torch.Tensor, shape: tuple[int, int, int], budget: int, scores: Callable[[], torch.Tensor]
+) -> Context:
+    """Keep the `budget` corpus tokens of highest `scores()` ([tokens, layers, kv_heads]) per layer and KV
+    head, always the attention sink, in corpus order; the chat keeps the positions it has after the
+    whole corpus. A corpus within the budget is kept whole (the block is then the icl block)."""
     if budget <= SINK_TOKENS:
         raise CartridgeError(f"a press needs a budget above {SINK_TOKENS} token(s), got {budget}")
     tokens = prefix.shape[0]
@@ -82,9 +92,9 @@ def compress(prefix: torch.Tensor, shape: tuple[int, int, int], budget: int, pre
         return Context(prefix)
     layers, heads, head_dim = shape
     kv = prefix.view(tokens, layers, 2, heads, head_dim)
-    scores = PRESSES[press](kv).clone()
-    scores[:SINK_TOKENS] = float("inf")
-    keep = scores.topk(budget, dim=0).indices.sort(dim=0).values  # [budget, layers, heads], in corpus order
+    ranked = scores().clone()
+    ranked[:SINK_TOKENS] = float("inf")
+    keep = ranked.topk(budget, dim=0).indices.sort(dim=0).values  # [budget, layers, heads], in corpus order
     index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim)
     return Context(kv.gather(0, index).reshape(budget, -1), start_position=tokens)
 
@@ -125,7 +135,8 @@ class RetrievedContext:
         return self._cache[question.id]
 
 
-METHODS = ("none", "icl", "truncated", "rag", *PRESSES, "cartridge")
+METHODS = ("none", "icl", "truncated", "rag", *PRESSES, "snapkv", "lingua", "ape", "cartridge")
+WHOLE_CORPUS_METHODS = ("icl", "ape")  # no KV budget: every corpus token is in the block
 
 
 def context_source(
@@ -138,6 +149,10 @@ def context_source(
         return FixedContext(Context(None))
     if method == "icl":
         return FixedContext(Context(corpus_kv(loaded, text)))
+    if method == "ape":
+        from cartridges.stages.parallel_encoding import documents_of, parallel_context
+
+        return FixedContext(parallel_context(loaded, documents_of(text)))
     if method == "cartridge":
         if cartridge is None:
             raise CartridgeError("method 'cartridge' needs a cartridge: pass --cartridge NAME[@VERSION]")
@@ -148,4 +163,12 @@ def context_source(
         return FixedContext(Context(corpus_kv(loaded, text, budget)))
     if method == "rag":
         return RetrievedContext(loaded, text, budget)
+    if method == "snapkv":
+        from cartridges.stages.kv_selection import QuestionSelectedContext
+
+        return QuestionSelectedContext(loaded, text, budget)
+    if method == "lingua":
+        from cartridges.stages.prompt_compression import compressed_context
+
+        return FixedContext(compressed_context(loaded, text, budget))
     return FixedContext(compress(corpus_kv(loaded, text), kv_shape(loaded.model.config), budget, method))

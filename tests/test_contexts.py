@@ -5,10 +5,17 @@ import torch
 
 from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
-from cartridges.layout import chat_token_ids
+from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.qa import Question
 from cartridges.runtime import prefix_cache, prefix_logits
-from cartridges.stages.contexts import METHODS, RetrievedContext, compress, context_source, corpus_kv
+from cartridges.stages.contexts import (
+    METHODS,
+    WHOLE_CORPUS_METHODS,
+    RetrievedContext,
+    compress,
+    context_source,
+    corpus_kv,
+)
 
 TEXT = (
     "Section 1. A landlord shall give written notice to vacate three days before filing suit. "
@@ -26,7 +33,7 @@ def test_every_method_stays_within_the_budget(tiny):
     budget = 16
     cartridge = corpus_kv(tiny, TEXT, budget)
     for method in METHODS:
-        if method == "icl":
+        if method in WHOLE_CORPUS_METHODS:
             continue
         source = context_source(tiny, method, TEXT, budget, cartridge=cartridge)
         assert source.context(QUESTION).kv_tokens <= budget, method
@@ -106,3 +113,116 @@ def test_rag_retrieves_the_passage_that_shares_the_question_words(tiny):
 def test_context_source_errors_name_the_fix(tiny, method, budget, message):
     with pytest.raises(CartridgeError, match=message):
         context_source(tiny, method, TEXT, budget)
+
+
+def layer_zero_window_attention(loaded, corpus: torch.Tensor, window: list[int]) -> torch.Tensor:
+    """[tokens, kv_heads] attention the window pays the corpus in layer 0, from the weights by hand."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, (layers, kv_heads, head_dim) = loaded.model, kv_shape(loaded.model.config)
+    tokens = corpus.shape[0]
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([window])))
+        positions = torch.arange(tokens, tokens + len(window))[None]
+        cos, sin = model.model.rotary_emb(hidden, positions)
+        queries = attention.q_proj(hidden).view(1, len(window), -1, head_dim).transpose(1, 2)
+        own_keys = attention.k_proj(hidden).view(1, len(window), kv_heads, head_dim).transpose(1, 2)
+        queries, own_keys = apply_rotary_pos_emb(queries, own_keys, cos, sin)
+        cached = corpus.view(tokens, layers, 2, kv_heads, head_dim)[:, 0, 0].permute(1, 0, 2)[None]  # [1, kv, T, D]
+        keys = torch.cat([cached, own_keys], dim=2)
+        group = queries.shape[1] // kv_heads
+        keys = keys.repeat_interleave(group, dim=1)
+        logits = queries @ keys.transpose(-1, -2) / head_dim**0.5  # [1, q_heads, W, T + W]
+        causal = torch.ones(len(window), len(window), dtype=torch.bool).tril()
+        logits[..., tokens:] = logits[..., tokens:].masked_fill(~causal, float("-inf"))
+        paid = logits.softmax(dim=-1)[0, :, :, :tokens].sum(dim=1)  # [q_heads, T]
+    return paid.view(kv_heads, group, tokens).sum(dim=1).T
+
+
+def test_snapkv_keeps_the_positions_the_question_attends_to_most(lively):
+    """Layer 0's selection against attention computed from the weights by hand (pooled the same way), and a
+    different question selects differently."""
+    from cartridges.stages.kv_selection import QuestionSelectedContext, pooled
+
+    budget = 12
+    source = QuestionSelectedContext(lively, TEXT, budget)
+    corpus, (layers, kv_heads, head_dim) = source.corpus, kv_shape(lively.model.config)
+    tokens = corpus.shape[0]
+    window = chat_token_ids(lively.tokenizer, [{"role": "user", "content": QUESTION.question}])
+    scores = pooled(layer_zero_window_attention(lively, corpus, window)[:, None, :])[:, 0]  # [T, kv_heads]
+    scores[0] = float("inf")  # the sink
+    kept = source.context(QUESTION)
+    assert kept.kv_tokens == budget and kept.start_position == tokens
+    full = corpus.view(tokens, layers, 2, kv_heads, head_dim)
+    got = kept.prefix.view(budget, layers, 2, kv_heads, head_dim)
+    for head in range(kv_heads):
+        expected = scores[:, head].topk(budget).indices.sort().values
+        assert torch.equal(got[:, 0, :, head], full[expected, 0, :, head]), head
+    other = Question(id="q2", question="When is rent due each month?", answer="first day", answer_type="date")
+    assert not torch.equal(source.context(other).prefix, kept.prefix)
+
+
+def test_snapkv_with_the_whole_corpus_in_budget_is_icl(lively):
+    icl = context_source(lively, "icl", TEXT, None).context(QUESTION)
+    whole = context_source(lively, "snapkv", TEXT, icl.kv_tokens).context(QUESTION)
+    assert torch.equal(whole.prefix, icl.prefix) and whole.start_position is None
+
+
+def test_lingua_keeps_the_most_surprising_tokens_given_what_it_kept_before(lively):
+    """The token-level pass against the same rule computed with plain forward passes (no cache)."""
+    import math
+
+    from cartridges.stages.prompt_compression import kept_token_ids
+
+    ids = context_token_ids(lively.tokenizer, TEXT)
+    budget, segment = 20, 16
+    expected, ratio = ids[:1], (budget - 1) / (len(ids) - 1)
+    with torch.no_grad():
+        for start in range(1, len(ids), segment):
+            piece = ids[start : start + segment]
+            logits = lively.model(input_ids=torch.tensor([expected + piece])).logits[0]
+            logprobs = logits[len(expected) - 1 : len(expected) - 1 + len(piece)].log_softmax(-1)
+            info = -logprobs[torch.arange(len(piece)), torch.tensor(piece)]
+            keep = min(len(piece), math.ceil(len(piece) * ratio), budget - len(expected))
+            expected += [piece[i] for i in sorted(info.topk(keep).indices.tolist())] if keep > 0 else []
+    assert kept_token_ids(lively, ids, budget, segment) == expected and len(expected) == budget
+
+
+def test_lingua_with_the_whole_corpus_in_budget_keeps_the_text(lively):
+    from cartridges.stages.prompt_compression import compressed_text
+
+    icl = context_source(lively, "icl", TEXT, None).context(QUESTION)
+    assert compressed_text(lively, TEXT, icl.kv_tokens) == TEXT
+    assert torch.equal(context_source(lively, "lingua", TEXT, icl.kv_tokens).context(QUESTION).prefix, icl.prefix)
+    shorter = compressed_text(lively, TEXT, 24)
+    assert len(context_token_ids(lively.tokenizer, shorter)) < icl.kv_tokens
+
+
+def test_ape_with_one_text_at_temperature_one_is_icl(lively):
+    from cartridges.stages.parallel_encoding import parallel_context
+
+    icl = context_source(lively, "icl", TEXT, None).context(QUESTION)
+    one = parallel_context(lively, [TEXT], temperature=1.0)
+    assert torch.equal(one.prefix, icl.prefix) and one.start_position == icl.kv_tokens
+
+
+def test_ape_encodes_each_text_alone_from_the_same_position_with_sharper_keys(lively):
+    """Each text's block is the KV of that text alone after the shared prefix, keys divided by T; the chat
+    follows the longest text."""
+    from cartridges.stages.parallel_encoding import parallel_context
+
+    first, second = (
+        "Section 2. Rent is due on the first day.",
+        "Section 3. A tenant may cure a default within ten days.",
+    )
+    shared = context_token_ids(lively.tokenizer, "")
+    layers, heads, head_dim = kv_shape(lively.model.config)
+    block = parallel_context(lively, [first, second], temperature=0.5)
+    alone = [corpus_kv(lively, text)[len(shared) :] for text in (first, second)]
+    lengths = [part.shape[0] for part in alone]
+    assert block.kv_tokens == len(shared) + sum(lengths)
+    assert block.start_position == len(shared) + max(lengths)
+    got = block.prefix[len(shared) :].view(-1, layers, 2, heads, head_dim)
+    want = torch.cat(alone).view(-1, layers, 2, heads, head_dim)
+    assert torch.allclose(got[:, :, 0] * 0.5, want[:, :, 0], atol=1e-6) and torch.equal(got[:, :, 1], want[:, :, 1])

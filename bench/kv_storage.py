@@ -1,0 +1,81 @@
+"""The storage baseline from CacheGen's idea (arXiv 2310.07240): keep the whole corpus's KV (icl) on
+disk instead of prefilling it per session, at fp32, fp16 and int8 (per-channel scales, dequantised
+on load), beside the cartridge's file. Reported: bytes on disk, load time against prefill time, and
+the gold NLL of the dequantised block (paired against fp32). Used by `bench/methods.py`.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cartridges.stages.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.evaluate import paired_gain, score_corpus
+
+
+def save_kv(kv: torch.Tensor, path: Path, precision: str) -> None:
+    if precision == "int8":
+        scale = kv.abs().amax(dim=0).clamp_min(1e-8) / 127.0  # one scale per channel (layer, K/V, head, dim)
+        save_file({"q": torch.round(kv / scale).to(torch.int8), "scale": scale.float()}, str(path))
+    else:
+        save_file({"kv": kv.to(getattr(torch, precision)).contiguous()}, str(path))
+
+
+def load_kv(path: Path) -> torch.Tensor:
+    tensors = load_file(str(path))
+    if "q" in tensors:
+        return tensors["q"].float() * tensors["scale"]
+    return tensors["kv"].float()
+
+
+def storage_rows(loaded, corpus, args, cartridge_bytes: int | None = None) -> list[dict]:
+    started = time.perf_counter()
+    kv = corpus_kv(loaded, corpus.text)
+    prefill_seconds = time.perf_counter() - started
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory() as folder:
+        for precision in ("float32", "float16", "int8"):
+            path = Path(folder) / f"{precision}.safetensors"
+            save_kv(kv, path, precision)
+            started = time.perf_counter()
+            loaded_kv = load_kv(path)
+            load_seconds = time.perf_counter() - started
+            score = score_corpus(loaded, corpus, FixedContext(Context(loaded_kv)), f"icl {precision}", args.distractors)
+            reference = reference or score
+            gain, se = paired_gain(reference.per_question_nll, score.per_question_nll)
+            rows.append(
+                {
+                    "corpus": corpus.id,
+                    "stored": f"icl KV {precision}",
+                    "bytes_on_disk": path.stat().st_size,
+                    "load_seconds": load_seconds,
+                    "prefill_seconds": prefill_seconds,
+                    "nll": score.nll,
+                    "nll_vs_fp32": -gain,
+                    "nll_vs_fp32_se": se,
+                }
+            )
+    if cartridge_bytes is not None:
+        rows.append({"corpus": corpus.id, "stored": "cartridge (fp32 adapter)", "bytes_on_disk": cartridge_bytes})
+    return rows
+
+
+def storage_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "Storing the corpus KV instead of prefilling it (CacheGen's idea), beside the cartridge:",
+        "",
+        "| corpus | stored | MB on disk | load s | prefill s | gold NLL | NLL vs fp32 ± paired SE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "nll" not in r:
+            lines.append(f"| {r['corpus']} | {r['stored']} | {r['bytes_on_disk'] / 1e6:.2f} | | | | |")
+            continue
+        lines.append(
+            f"| {r['corpus']} | {r['stored']} | {r['bytes_on_disk'] / 1e6:.2f} | {r['load_seconds']:.3f} | "
+            f"{r['prefill_seconds']:.1f} | {r['nll']:.3f} | {r['nll_vs_fp32']:+.4f} ± {r['nll_vs_fp32_se']:.4f} |"
+        )
+    return lines

@@ -1,0 +1,108 @@
+"""Tables and plots of `bench/methods.py`: recovery per method, what a user reads, cost."""
+
+from pathlib import Path
+
+from kv_storage import storage_table
+
+BUDGET_METHODS = ("truncated", "rag", "knorm", "streaming", "snapkv", "lingua")
+
+
+def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = ()) -> str:
+    eligible = [c for c, v in corpora.items() if v["eligible"]]
+    lines = [
+        f"Methods at KV budgets {args.budget}, distractors {args.distractors}; {len(eligible)} of {len(corpora)} corpora have headroom above 2 paired SE.",
+        "",
+        "| corpus | none | icl | headroom ± paired SE | recovery computed |",
+        "|---|---|---|---|---|",
+    ]
+    for corpus, c in corpora.items():
+        lines.append(
+            f"| {corpus} | {c['none']:.3f} | {c['icl']:.3f} | {c['headroom']:+.3f} ± {c['headroom_se']:.3f} | {'yes' if c['eligible'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | recovery | build s | prefill/question | decode tok/s b1 | b16 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        recovery = "" if r["recovery"] is None else f"{r['recovery']:.2f}"
+        accuracy = "n/a" if r["rank_accuracy"] is None else f"{r['rank_accuracy']:.2f}"
+        lines.append(
+            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['kv_tokens']} | {r['kv_bytes'] / 1e6:.1f} | {r['nll']:.3f} ± {r['nll_se']:.3f} | "
+            f"{accuracy} | {recovery} | {r['build_seconds']:.1f} | {r.get('prefill_per_question', 0)} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
+            f"{r.get('peak_rss_mb', float('nan')):.0f} |"
+        )
+    if args.answer_tokens:
+        lines += answer_tables(rows)
+    if storage:
+        lines += storage_table(storage)
+    return "\n".join(lines) + "\n"
+
+
+def answer_tables(rows: list[dict], shown_questions: int = 5) -> list[str]:
+    """What a user reads: answer F1 / exact match / containment per method, and five questions'
+    answers side by side (none, icl, rag, cartridges) per corpus."""
+    lines = ["", "| corpus | method | B | answer F1 | exact | contains |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['answer_f1']:.3f} | "
+            f"{r['exact_match']:.2f} | {r['answer_contains']:.2f} |"
+        )
+    for corpus in dict.fromkeys(r["corpus"] for r in rows):
+        side = [
+            r
+            for r in rows
+            if r["corpus"] == corpus and (r["method"] in ("none", "icl", "rag") or r["method"].startswith("cartridge"))
+        ]
+        lines += ["", f"Answers on {corpus}:", "", "| question | " + " | ".join(r["method"] for r in side) + " |"]
+        lines.append("|---" * (len(side) + 1) + "|")
+        for i in range(min(shown_questions, len(side[0]["answers"]))):
+            cells = [r["answers"][i].replace("|", "/").replace("\n", " ")[:80] for r in side]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in [*BUDGET_METHODS, *sorted({r["method"] for r in rows if r["method"].startswith("cartridge")})]:
+        points: dict[int, list[float]] = {}
+        for r in rows:
+            if r["method"] == method and r["recovery"] is not None:
+                points.setdefault(r["kv_tokens"] if method.startswith("cartridge") else r["budget"], []).append(
+                    r["recovery"]
+                )
+        if points:
+            xs = sorted(points)
+            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=method)
+    ax.axhline(1.0, color="#888", linestyle="--", label="icl")
+    ax.axhline(0.0, color="#bbb", linestyle=":", label="none")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV budget (tokens)")
+    ax.set_ylabel("recovery of the none-to-icl NLL gap")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "recovery_vs_budget.png", dpi=120)
+
+    largest = max((r["budget"] or 0) for r in rows)
+    shown = [r for r in rows if r["corpus"] == rows[0]["corpus"] and (r["budget"] in (None, largest))]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    names = [r["method"] for r in shown]
+    axes[0].bar(names, [r["kv_bytes"] / 1e6 for r in shown], color="#36c")
+    axes[0].set_title(f"KV MB ({rows[0]['corpus']}, B={largest})")
+    if "decode_tps_batch1" in shown[0]:
+        width = 0.4
+        xs = range(len(shown))
+        axes[1].bar([x - width / 2 for x in xs], [r["decode_tps_batch1"] for r in shown], width, label="batch 1")
+        axes[1].bar([x + width / 2 for x in xs], [r["decode_tps_batch16"] for r in shown], width, label="batch 16")
+        axes[1].set_xticks(list(xs), names)
+        axes[1].legend()
+    axes[1].set_title("decode tokens/s")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=120)
