@@ -78,6 +78,7 @@ def run_training(
         )
     write_atomically(run.training_config, lambda tmp: tmp.write_text(json.dumps(config.model_dump(), indent=2)))
     run.failure.unlink(missing_ok=True)
+    mirror.remove(run.failure)  # an earlier attempt's, on any machine
     if not run.init_prefix.is_file():
         prefix = start_from if start_from is not None else initial_prefix(loaded, run, config)
         write_atomically(run.init_prefix, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
@@ -98,13 +99,13 @@ def run_training(
             mirror.push(run.distill)  # the training's config and initial prefix, for workers on other nodes
             try:
                 with following_metrics(run.metrics, progress, mirror):
-                    _fit_on_ray(run, loop_config, settings)
+                    _fit_on_ray(run, loop_config, settings, mirror)
             finally:
                 mirror.pull("distill")  # the step records, checkpoints, final prefix or failure the workers wrote
     return run.final_prefix
 
 
-def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings) -> None:
+def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings, mirror: RunMirror) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -123,6 +124,7 @@ def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings) ->
     try:
         trainer.fit()
     except Exception:
+        mirror.pull(run.failure.relative_to(run.root).as_posix())  # written by a worker on another node
         if run.failure.is_file():  # a worker's TrainingDiverged arrives wrapped in Ray's errors
             raise TrainingDiverged(json.loads(run.failure.read_text())["message"]) from None
         raise

@@ -76,7 +76,7 @@ def kept_token_ids(loaded: LoadedModel, ids: list[int], budget: int, segment: in
             logprobs = torch.cat([next_logits[None], logits[:-1]]).float().log_softmax(-1)
             info = -logprobs.gather(1, torch.tensor(piece, device=device)[:, None])[:, 0]
             keep = min(len(piece), math.ceil(len(piece) * ratio), budget - len(kept))
-            cache.crop(len(kept))  # forget the segment: what follows is conditioned on the kept ids only
+            cache.crop(-len(piece))  # forget the segment: what follows is conditioned on the kept ids only
             if keep > 0:
                 new = [piece[i] for i in sorted(info.topk(keep).indices.tolist())]
                 next_logits = model(input_ids=torch.tensor([new], device=device), past_key_values=cache).logits[0, -1]

@@ -99,5 +99,14 @@ class RunMirror:
             copied += 1
         return copied
 
+    def remove(self, path: Path) -> None:
+        """Delete a file from the store's copy (a record that no longer holds, such as an old failure)."""
+        if not self.remote:
+            return
+        fs, root = self._store()
+        stored = f"{root.rstrip('/')}/{path.relative_to(self.local.root).as_posix()}"
+        if fs.exists(stored):
+            fs.rm(stored)
+
     def push_all(self) -> int:
         return self.push(self.local.root)

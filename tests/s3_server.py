@@ -1,7 +1,6 @@
 """An S3-compatible server on 127.0.0.1 (moto's server mode) for tests that use the real `s3fs` client."""
 
 import logging
-import socket
 
 from moto.server import ThreadedMotoServer
 
@@ -14,16 +13,10 @@ S3_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_s3_server() -> tuple[ThreadedMotoServer, str]:
     """(server, endpoint URL); every process given `S3_ENV` and `AWS_ENDPOINT_URL=<endpoint>` reaches it."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks a free port
     server.start()
-    return server, f"http://127.0.0.1:{port}"
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"

@@ -67,6 +67,8 @@ def test_a_run_mirror_copies_what_the_other_side_lacks_and_never_shortens_a_file
     assert there.local.metrics.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
     there.local.metrics.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')  # a longer copy is never cut back
     assert there.pull() == 0 and len(there.local.metrics.read_text().splitlines()) == 3
+    here.remove(here.local.metrics)  # gone from the store, kept here
+    assert here.local.metrics.is_file() and here.push(here.local.metrics) == 1
 
 
 def test_a_build_stopped_on_one_machine_resumes_on_another_from_the_runs_root(
