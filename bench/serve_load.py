@@ -87,11 +87,20 @@ async def run_all(url: str, jobs: list[tuple[str, list[dict]]], concurrency: int
                 except Exception as exc:  # counted, not raised: a lost request is a result
                     return {"error": f"{type(exc).__name__}: {exc}"}
 
+        before = await health(url)
         started = time.perf_counter()
+        watching = asyncio.create_task(watch_memory(url, samples := []))
         results = await asyncio.gather(*(job(m, q) for m, q in jobs))
+        watching.cancel()
     wall = time.perf_counter() - started
+    after = await health(url)
     done = [r for r in results if "error" not in r]
+    busiest = max(samples, default={"running": 0, "kv_bytes": 0}, key=lambda s: (s["running"], s["kv_bytes"]))
     return {
+        "decoder_steps": after.get("steps", 0) - before.get("steps", 0),
+        "decoder_busy_seconds": after.get("step_seconds", 0) - before.get("step_seconds", 0),
+        "kv_bytes_at_most_rows": busiest["kv_bytes"],
+        "rows_at_most": busiest["running"],
         "concurrency": concurrency,
         "requests": len(jobs),
         "failed": len(jobs) - len(done),
@@ -109,6 +118,23 @@ async def run_all(url: str, jobs: list[tuple[str, list[dict]]], concurrency: int
         if done
         else 0.0,
     }
+
+
+async def health(url: str) -> dict:
+    async with httpx.AsyncClient(timeout=10) as http:
+        return (await http.get(url.removesuffix("/v1") + "/health")).json()
+
+
+async def watch_memory(url: str, samples: list[dict]) -> None:
+    """The server's running rows and the keys and values they hold (its /health), every 0.25 s."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        while True:
+            try:
+                health = (await http.get(url.removesuffix("/v1") + "/health")).json()
+                samples.append({"running": health["running"], "kv_bytes": health.get("kv_bytes", 0)})
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.25)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -192,6 +218,7 @@ def main() -> None:
     parser.add_argument("--fuzz", type=int, default=1000)
     parser.add_argument("--cost-requests", type=int, default=16, help="requests per cost cell")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="the server's torch threads (`cartridges serve --threads`)")
     parser.add_argument("--phase", action="append", default=[], help="only these phases (fuzz, concurrent, ...)")
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "serve")
     args = parser.parse_args()
@@ -211,7 +238,8 @@ def main() -> None:
             "--registry",
             str(home / "registry"),
         ]
-        + ["--max-batch", str(args.concurrency)],
+        + ["--max-batch", str(args.concurrency)]
+        + ([] if args.threads is None else ["--threads", str(args.threads)]),
         env=os.environ | {"CARTRIDGES_HOME": os.environ.get("CARTRIDGES_HOME", str(Path.home() / ".cache/cartridges"))},
     )
     url = f"http://127.0.0.1:{port}/v1"
@@ -294,6 +322,9 @@ def write_report(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "sequential" not in results or "concurrent" not in results:  # a run of other phases only
+        (out / "results.md").write_text(json.dumps(results, indent=2) + "\n")
+        return
     seq, con = results["sequential"], results["concurrent"]
     lines = [
         f"# Server load, {results['corpus']}, cartridge {results['cartridge']}",
@@ -312,19 +343,27 @@ def write_report(results: dict, out: Path) -> None:
         f"Aggregate throughput, concurrent / sequential: {con['tokens_per_second'] / seq['tokens_per_second']:.2f}x",
         "",
     ]
-    f = results["fuzz"]
-    lines += [
-        f"Fuzz: {f['requests']} malformed requests, statuses {f['statuses']}, all 4xx: {f['all_4xx']}, alive: {f['alive']}",
-        "",
-    ]
+    f = results.get("fuzz")
+    if f is not None:
+        lines += [
+            f"Fuzz: {f['requests']} malformed requests, statuses {f['statuses']}, all 4xx: {f['all_4xx']}, "
+            f"alive: {f['alive']}",
+            "",
+        ]
     if "cost" not in results:  # a run cut off before the cost phase
         (out / "results.md").write_text("\n".join(lines) + "\n")
         return
-    lines += ["| method | clients | TTFT p50 s | decode tok/s per request | gen tok/s |", "|---|---|---|---|---|"]
+    lines += [
+        "| method | clients | TTFT p50 s | decode tok/s per request | gen tok/s | KV held at most rows | per row |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in results["cost"]:
+        rows_at_most = row.get("rows_at_most", 0)
+        held = row.get("kv_bytes_at_most_rows", 0) / 2**20
         lines.append(
             f"| {row['method']} | {row['concurrency']} | {row['ttft_p50']:.2f} | "
-            f"{row['decode_tokens_per_second_per_request']:.1f} | {row['tokens_per_second']:.1f} |"
+            f"{row['decode_tokens_per_second_per_request']:.1f} | {row['tokens_per_second']:.1f} | "
+            f"{held:.1f} MiB, {rows_at_most} rows | {held / max(rows_at_most, 1):.1f} MiB |"
         )
     kv = results["kv_bytes_per_session"]
     lines += [

@@ -1,24 +1,26 @@
 """Continuous batching: many generations, each with its own cartridges (or none), in one decode loop.
 
-Running requests form one batch whose KV is left-padded to a common length; an attention mask covers
-each row's real tokens and each row has its own positions, so a row's prompt starts at its prefix's
-length exactly as in training and in `cartridges ask` (greedy answers are the same tokens, tested).
-Requests that wait are prefilled together in one pass (a prompt only from where the prompt cache
-stops knowing it) and join between decode steps; a finished or cancelled request leaves at once. The decoder is one thread and knows nothing of HTTP or Ray.
+Every step is one packed forward pass (`cartridges.packed_attention`) over the next token of each
+decoding row and chunks of the prompts of rows that joined (at most `prefill_tokens` prompt tokens a
+step), so a request joins without stopping the others for a pass of its own. Rows on one cartridge
+read its one copy of keys and values; each row keeps only its own tokens (`cartridges.batch_kv`) and
+has its own positions, so a row's prompt starts at its prefix's length exactly as in training and in
+`cartridges ask` (greedy answers are the same tokens, tested). A prompt is computed only from where
+the prompt cache stops knowing it; a finished or cancelled request leaves at once. The decoder is one
+thread and knows nothing of HTTP or Ray.
 """
 
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from cartridges.batch_kv import BatchKV, stack_left_padded
-from cartridges.kv_prefix import prefix_layers
-from cartridges.masked_gqa import use_masked_gqa
+from cartridges.batch_kv import BatchKV
+from cartridges.packed_attention import NO_MASK, STEP_ARGUMENT, Chunk, PackedStep, SharedPrefix, use_packed_attention
 from cartridges.prompt_cache import PromptCache
 
 FINISHED = None  # the last item of a generation's token queue
@@ -90,16 +92,25 @@ class Generation:
 @dataclass
 class _Row:
     generation: Generation
-    position: int  # of the next token
-    last_token: int
-    produced: int
+    first: int  # position of the row's first own token (its prompt's first)
+    pending: list[int]  # prompt tokens not computed yet
+    prefix: SharedPrefix | None
     generator: torch.Generator | None
+    last_token: int = 0
+    produced: int = 0
 
 
 class BatchDecoder:
-    """Runs `submit`ted generations on one model with at most `max_batch` rows at a time.
+    """Runs `submit`ted generations on one model with at most `max_batch` rows at a time, computing at
+    most `prefill_tokens` prompt tokens a step (a longer prompt is prefilled over several steps while
+    the other rows go on decoding). The model is switched to `packed_attention`.
 
-    The model is switched to `masked_gqa` attention (the same numbers, without a per-step copy of the KV).
+    `threads`: the decoder's thread computes with this many torch threads and every other thread of
+    the process with one. Two threads that both run multi-threaded torch work each keep an OpenMP team,
+    and on a CPU the teams slow each other 3-10x per operation (BENCHMARKS.md, "The server under load,
+    packed steps"); a server's other threads only parse requests and load cartridges. For it to pay,
+    no other thread may have computed with several threads before (its team stays): `cartridges
+    serve` drops to one thread before it loads the model. None leaves torch's settings alone.
     """
 
     def __init__(
@@ -107,24 +118,34 @@ class BatchDecoder:
         model,
         kv_shape: tuple[int, int, int],
         max_batch: int = 16,
-        prefill_tokens: int = 4096,
+        prefill_tokens: int = 512,
         prompt_cache_entries: int = 64,
+        threads: int | None = None,
     ):
-        use_masked_gqa(model)
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1, not {prefill_tokens}")
+        use_packed_attention(model)
         self.model = model
         self.kv_shape = kv_shape  # (layers, kv heads, head dim)
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self._waiting: queue.Queue[Generation] = queue.Queue()
-        self._held: Generation | None = None  # taken from the queue, but it did not fit in the last prefill
-        self.prefill_passes = 0  # forward passes that prefilled a group of waiting generations
+        self.steps = 0  # forward passes
+        self.step_seconds = 0.0  # time spent in them (and in sampling): the rest of the time it waited for work
+        self.prefill_steps = 0  # forward passes that computed prompt tokens
+        self.prompt_tokens_computed = 0
         self._prompts = PromptCache(prompt_cache_entries)
         self.prompt_tokens_reused = 0  # prompt tokens whose keys and values came from the prompt cache
         self._rows: list[_Row] = []
-        self._kv = BatchKV()  # row i of the KV is self._rows[i]
+        self._kv = BatchKV(kv_shape, model.dtype, model.device)  # row i of the KV is self._rows[i]
+        self._shared: dict[int, list] = {}  # id(prefix tensor) -> [SharedPrefix, rows using it]
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cartridges-decoder", daemon=True)
+        self._threads_set = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(threads,), name="cartridges-decoder", daemon=True)
         self._thread.start()
+        if threads is not None:
+            self._threads_set.wait()
+            torch.set_num_threads(1)  # this thread and the ones started from now on; the decoder keeps its own
 
     def submit(self, generation: Generation) -> Generation:
         if self._stopping.is_set():
@@ -141,124 +162,85 @@ class BatchDecoder:
     def running(self) -> int:
         return len(self._rows)
 
-    def _loop(self) -> None:
+    @property
+    def prefix_bytes(self) -> int:
+        """Keys and values of the cartridges in use, each held once whatever the number of its rows."""
+        return sum(shared.bytes for shared, _ in list(self._shared.values()))
+
+    @property
+    def held_bytes(self) -> int:
+        """Keys and values the running rows hold: their own tokens, and each cartridge in use once."""
+        return sum(list(self._kv.lengths)) * self._kv.bytes_per_token() + self.prefix_bytes
+
+    def _loop(self, threads: int | None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+            self._threads_set.set()
         while not self._stopping.is_set():
             self._admit(block=not self._rows)
             if self._rows:
+                started = time.perf_counter()
                 try:
-                    self._decode_step()
+                    self._step()
                 except BaseException as exc:  # a failed step fails the rows in it, not the server
                     for row in self._rows:
                         self._finish(row, "error", exc)
-                    self._rows, self._kv = [], BatchKV()
+                    self._release(list(range(len(self._rows))))
+                self.step_seconds += time.perf_counter() - started
         for row in self._rows:
             self._finish(row, "cancelled")
-        leftover = [self._held] + [self._waiting.get() for _ in range(self._waiting.qsize())]
-        for waiting in leftover:
+        for waiting in [self._waiting.get() for _ in range(self._waiting.qsize())]:
             if waiting is not None:
                 waiting.finish_reason = "cancelled"
                 waiting._put(FINISHED)
 
     def _admit(self, block: bool) -> None:
-        """Prefill the waiting generations that fit, together, so that they cost one forward pass (at most
-        `prefill_tokens` padded tokens a pass: one long prompt goes alone; the next waits for the next pass)."""
-        group, widest = [], 0
-        while len(self._rows) + len(group) < self.max_batch:
-            generation = self._held or self._next_waiting(block)
-            self._held = None
+        """Waiting generations become rows while there are free slots; their prompts are computed by the
+        next steps, from where the prompt cache stops knowing them."""
+        while len(self._rows) < self.max_batch:
+            generation = self._next_waiting(block)
             if generation is None:
-                break
+                return
             block = False
             if generation._cancelled.is_set():
                 generation.finish_reason = "cancelled"
                 generation._put(FINISHED)
                 continue
-            width = len(generation.prompt_ids) + (0 if generation.prefix is None else generation.prefix.shape[0])
-            if group and (len(group) + 1) * max(widest, width) > self.prefill_tokens:
-                self._held = generation
-                break
-            group.append(generation)
-            widest = max(widest, width)
-        if not group:
-            return
-        try:
-            self._prefill(group)
-        except BaseException as exc:
-            for generation in group:
+            try:
+                self._join(generation)
+            except BaseException as exc:
                 generation.error, generation.finish_reason = exc, "error"
                 generation._put(FINISHED)
-        self._drop_finished()  # one that ended on its first token leaves before any decode step
 
-    @torch.no_grad()
-    def _prefill(self, group: list[Generation]) -> None:
-        """One forward pass over the group's prompts, each after its own prefix and the start of its prompt
-        that the prompt cache knows (left-padded: the known parts to a common width, then the rest of the
-        prompts to a common width, so every row's last prompt token is the last column)."""
-        device = self.model.device
-        starts, rests, firsts, reuses = [], [], [], []
-        for generation in group:
-            prefix_tokens = 0 if generation.prefix is None else generation.prefix.shape[0]
-            first = prefix_tokens if generation.first_position is None else generation.first_position
-            keys, values = prefix_layers(generation.prefix, self.kv_shape) if prefix_tokens else ([], [])
-            reuse = self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
-            if reuse is not None:
-                keys = [torch.cat(pair, dim=2) for pair in zip(keys, reuse.keys, strict=False)] or reuse.keys
-                values = [torch.cat(pair, dim=2) for pair in zip(values, reuse.values, strict=False)] or reuse.values
-            starts.append((keys, values))
-            reuses.append(reuse)
-            self.prompt_tokens_reused += 0 if reuse is None else reuse.tokens
-            firsts.append(first)
-            rests.append(generation.prompt_ids[0 if reuse is None else reuse.tokens :])
-        width = max(len(rest) for rest in rests)
-        ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        rest_mask = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        positions = torch.zeros(len(group), width, dtype=torch.long, device=device)
-        for index, (rest, first, reuse) in enumerate(zip(rests, firsts, reuses, strict=True)):
-            skip = 0 if reuse is None else reuse.tokens
-            ids[index, width - len(rest) :] = torch.tensor(rest, device=device)
-            rest_mask[index, width - len(rest) :] = 1
-            positions[index, width - len(rest) :] = torch.arange(first + skip, first + skip + len(rest), device=device)
-        known, known_mask = stack_left_padded(starts, device)
-        cache = DynamicCache(ddp_cache_data=known) if known else DynamicCache()
-        mask = torch.cat([known_mask, rest_mask], dim=1)
-        self.prefill_passes += 1
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        for index, generation in enumerate(group):
-            self._remember_prompt(generation, firsts[index], reuses[index], keys, values, index, len(rests[index]))
-        self._kv.add(keys, values, mask)
-        rows = [
-            _Row(generation, first + len(generation.prompt_ids), 0, 0, _generator(generation.sampling, device))
-            for generation, first in zip(group, firsts, strict=True)
-        ]
-        self._rows.extend(rows)
-        for index, row in enumerate(rows):
-            self._emit(row, self._sample(logits[index], row))
-
-    def _remember_prompt(self, generation, first, reuse, keys, values, row, computed) -> None:
-        """Keep this prompt's keys and values (the known start, then the `computed` last columns of `row`)."""
-
-        def prompt_part(layers, known):
-            computed_part = [layer[row : row + 1, :, -computed:] for layer in layers]
-            if not known:
-                return [part.clone() for part in computed_part]
-            return [torch.cat(pair, dim=2) for pair in zip(known, computed_part, strict=True)]
-
-        self._prompts.store(
-            generation.prefix,
-            first,
-            generation.prompt_ids,
-            prompt_part(keys, None if reuse is None else reuse.keys),
-            prompt_part(values, None if reuse is None else reuse.values),
+    def _join(self, generation: Generation) -> None:
+        if not generation.prompt_ids:
+            raise ValueError("an empty prompt: a generation needs at least one prompt token")
+        prefix_tokens = 0 if generation.prefix is None else generation.prefix.shape[0]
+        first = prefix_tokens if generation.first_position is None else generation.first_position
+        reuse = self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
+        known = 0 if reuse is None else reuse.tokens
+        shared = self._share(generation.prefix)
+        self._kv.add(None if reuse is None else reuse.keys, None if reuse is None else reuse.values)
+        self.prompt_tokens_reused += known
+        self._rows.append(
+            _Row(
+                generation,
+                first,
+                list(generation.prompt_ids[known:]),
+                shared,
+                _generator(generation.sampling, self.model.device),
+            )
         )
+
+    def _share(self, prefix: torch.Tensor | None) -> SharedPrefix | None:
+        """The one `SharedPrefix` of this prefix tensor for all the rows that use it."""
+        if prefix is None:
+            return None
+        entry = self._shared.get(id(prefix))
+        if entry is None:
+            entry = self._shared[id(prefix)] = [SharedPrefix.of(prefix, self.kv_shape), 0]
+        entry[1] += 1
+        return entry[0]
 
     def _next_waiting(self, block: bool) -> Generation | None:
         try:
@@ -267,25 +249,80 @@ class BatchDecoder:
             return None
 
     @torch.no_grad()
-    def _decode_step(self) -> None:
+    def _step(self) -> None:
+        """One packed forward pass: every decoding row's next token, then prompt chunks within the budget."""
+        lengths = list(self._kv.lengths)
+        decode_slots = [slot for slot, row in enumerate(self._rows) if not row.pending]
+        ids = [self._rows[slot].last_token for slot in decode_slots]
+        positions = [self._rows[slot].first + lengths[slot] for slot in decode_slots]
+        keep = list(range(len(decode_slots)))  # packed tokens whose logits are needed
+        chunks, sampled, budget = [], list(decode_slots), self.prefill_tokens
+        for slot, row in enumerate(self._rows):
+            if not row.pending or budget == 0:
+                continue
+            count = min(len(row.pending), budget)
+            budget -= count
+            chunks.append(Chunk(slot, len(ids), count, lengths[slot], row.prefix))
+            ids.extend(row.pending[:count])
+            positions.extend(range(row.first + lengths[slot], row.first + lengths[slot] + count))
+            if count == len(row.pending):  # the prompt's last token: its logits give the first answer token
+                keep.append(len(ids) - 1)
+                sampled.append(slot)
+        after = list(lengths)
+        for slot in decode_slots:
+            after[slot] += 1
+        for chunk in chunks:
+            after[chunk.slot] += chunk.count
+        self._kv.make_room(max(after))
+        step = PackedStep(
+            self._kv,
+            decode_slots,
+            [lengths[slot] for slot in decode_slots],
+            chunks,
+            [r.prefix for r in self._rows],
+            after,
+        )
         device = self.model.device
-        ids = torch.tensor([[row.last_token] for row in self._rows], device=device)
-        positions = torch.tensor([[row.position] for row in self._rows], device=device)
-        cache, mask = self._kv.step()
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        ).logits[:, -1]
-        self._kv.advance()
-        for index, row in enumerate(self._rows):
-            row.position += 1
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            attention_mask=NO_MASK.to(device),
+            use_cache=False,
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+            **{STEP_ARGUMENT: step},
+        ).logits[0]
+        self._kv.lengths = after
+        self.steps += 1
+        if chunks:
+            self.prefill_steps += 1
+            self.prompt_tokens_computed += sum(chunk.count for chunk in chunks)
+        for chunk in chunks:
+            row = self._rows[chunk.slot]
+            row.pending = row.pending[chunk.count :]
+            if not row.pending:
+                self._remember_prompt(chunk.slot)
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every row; rows that sample use their logits
+        for index, slot in enumerate(sampled):
+            row = self._rows[slot]
             if row.generation.finish_reason is None and not row.generation._cancelled.is_set():
-                self._emit(row, self._sample(logits[index], row))
+                sampling = row.generation.sampling
+                self._emit(row, greedy[index] if sampling.temperature <= 0 else self._sample(logits[index], row))
         self._drop_finished()
+
+    def _remember_prompt(self, slot: int) -> None:
+        """Keep the prompt's keys and values (the row's first own tokens) for prompts that start the same."""
+        generation = self._rows[slot].generation
+        tokens = len(generation.prompt_ids)
+        self._prompts.store(
+            generation.prefix,
+            self._rows[slot].first,
+            generation.prompt_ids,
+            [layer[slot : slot + 1, :, :tokens].clone() for layer in self._kv.keys],
+            [layer[slot : slot + 1, :, :tokens].clone() for layer in self._kv.values],
+        )
 
     def _sample(self, logits: torch.Tensor, row: _Row) -> int:
         sampling = row.generation.sampling
-        if sampling.temperature <= 0:
-            return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
         if sampling.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
@@ -319,9 +356,20 @@ class BatchDecoder:
         if not leaving:
             return
         finished = [self._rows[i] for i in leaving]
-        self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
+        self._release(leaving)
         for row in finished:  # after the batch lets them go: a reader that sees the end sees them gone
             self._finish(row, row.generation.finish_reason)
+
+    def _release(self, leaving: list[int]) -> None:
+        """Take these rows out of the batch, and the shared prefixes no row uses any more."""
+        for index in leaving:
+            prefix = self._rows[index].generation.prefix
+            if prefix is not None:
+                entry = self._shared[id(prefix)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._shared[id(prefix)]
+        self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
 
 
 def _generator(sampling: Sampling, device) -> torch.Generator | None:

@@ -4,6 +4,8 @@ A request names cartridges by registry reference. The reference is resolved on e
 when an alias moves (a nightly build publishes `legal@4` and `legal@latest` follows) the next
 request gets the new version without a restart, while requests already running keep the tensor
 they started with. Only registry references are accepted: a request never names a server path.
+A composition is concatenated once and kept (as its parts are), so that the requests that compose the
+same versions share one tensor: the decoder holds one copy of a prefix for all its rows.
 """
 
 import threading
@@ -25,7 +27,9 @@ class CartridgeStore:
         self.loaded = loaded
         self.budget_bytes = budget_bytes
         self._held: OrderedDict[str, tuple[object, torch.Tensor]] = OrderedDict()
+        self._composed: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}  # one load per label, however many requests wait for it
 
     def resolve(self, reference: str) -> str:
         """`legal`, `legal@3`, `legal@stable` -> `legal@3` now (NotFound, or CartridgeError for a bad name)."""
@@ -39,7 +43,16 @@ class CartridgeStore:
         check_same_model([cartridge for cartridge, _ in loaded])
         if len(loaded) == 1:  # the held tensor itself: no copy, and the decoder's prompt cache knows it
             return labels, loaded[0][1]
-        return labels, torch.cat([prefix for _, prefix in loaded])
+        key = tuple(labels)
+        with self._lock:
+            if key in self._composed:
+                self._composed.move_to_end(key)
+                return labels, self._composed[key]
+        composed = torch.cat([prefix for _, prefix in loaded])
+        with self._lock:
+            composed = self._composed.setdefault(key, composed)
+            self._evict()
+        return labels, composed
 
     @property
     def held_bytes(self) -> int:
@@ -47,19 +60,33 @@ class CartridgeStore:
             return self._size()
 
     def _size(self) -> int:  # under the lock
-        return sum(prefix.numel() * prefix.element_size() for _, prefix in self._held.values())
+        held = [prefix for _, prefix in self._held.values()] + list(self._composed.values())
+        return sum(prefix.numel() * prefix.element_size() for prefix in held)
+
+    def _evict(self) -> None:  # under the lock: compositions first, then parts, least recently used first
+        while self._size() > self.budget_bytes and self._composed:
+            self._composed.popitem(last=False)
+        while self._size() > self.budget_bytes and len(self._held) > 1:
+            self._held.popitem(last=False)
 
     def _get(self, label: str):
         with self._lock:
             if label in self._held:
                 self._held.move_to_end(label)
                 return self._held[label]
-        where, path = self.registry.locate(label)
-        cartridge = load_artifact(path, expected=where)  # checksums, shapes, bound manifest, finiteness
-        check_compatible(cartridge, self.loaded)  # another model or tokenizer: refused, naming both
-        prefix = cartridge.prompt_embeddings.to(self.loaded.model.device, self.loaded.model.dtype)
-        with self._lock:
-            self._held[label] = (cartridge, prefix)
-            while self._size() > self.budget_bytes and len(self._held) > 1:
-                self._held.popitem(last=False)
-            return self._held[label]
+            loading = self._loading.setdefault(label, threading.Lock())
+        with loading:  # requests that arrive together for a new version wait for one load and share its tensor
+            with self._lock:
+                if label in self._held:
+                    self._held.move_to_end(label)
+                    return self._held[label]
+            where, path = self.registry.locate(label)
+            cartridge = load_artifact(path, expected=where)  # checksums, shapes, bound manifest, finiteness
+            check_compatible(cartridge, self.loaded)  # another model or tokenizer: refused, naming both
+            prefix = cartridge.prompt_embeddings.to(self.loaded.model.device, self.loaded.model.dtype)
+            with self._lock:
+                self._held[label] = (cartridge, prefix)
+                self._loading.pop(label, None)
+                entry = self._held[label]
+                self._evict()
+                return entry

@@ -12,12 +12,22 @@ from cartridges.server import Limits
 class CartridgeReplica:
     """One replica: the model, its decoder and cartridge store, and the app that serves them."""
 
-    def __init__(self, model: str | None, registry_url: str, limits: Limits, api_key, max_batch: int, memory: int):
-        from cartridges.models import load_model
+    def __init__(
+        self,
+        model: str | None,
+        registry_url: str,
+        limits: Limits,
+        api_key,
+        max_batch: int,
+        memory: int,
+        threads: int | None = None,
+    ):
         from cartridges.registry import Registry
-        from cartridges.server import build_server
+        from cartridges.server import build_server, load_serving_model
 
-        self.server = build_server(load_model(model), Registry(registry_url), limits, api_key, max_batch, memory)
+        loaded, decoder_threads = load_serving_model(model, threads)
+        registry = Registry(registry_url)
+        self.server = build_server(loaded, registry, limits, api_key, max_batch, memory, decoder_threads)
 
     def __serve_build_asgi_app__(self):  # Ray Serve asks for the app once the replica is constructed
         from cartridges.server import create_app
@@ -36,6 +46,7 @@ def serve_on_ray(
     host: str,
     port: int,
     cpus_per_replica: float,
+    threads: int | None = None,
     blocking: bool = True,
 ) -> None:
     """Deploy `replicas` replicas on the cluster at RAY_ADDRESS (a local one when unset) behind one
@@ -50,5 +61,5 @@ def serve_on_ray(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
     )
-    app = deployment.bind(model, registry_url, limits, api_key, max_batch, memory)
+    app = deployment.bind(model, registry_url, limits, api_key, max_batch, memory, threads)
     serve.run(app, name="cartridges", route_prefix="/", blocking=blocking)

@@ -134,7 +134,14 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": server.decoder.running, "cartridge_bytes": server.store.held_bytes}
+        return {
+            "status": "ok",
+            "running": server.decoder.running,
+            "cartridge_bytes": server.store.held_bytes,
+            "kv_bytes": server.decoder.held_bytes,
+            "steps": server.decoder.steps,
+            "step_seconds": server.decoder.step_seconds,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -235,7 +242,22 @@ async def respond(server: Server, prepared: Prepared, chat: bool):
     return EventSourceResponse(events(), ping=15)
 
 
-def build_server(loaded: LoadedModel, registry, limits: Limits, api_key=None, max_batch=16, memory_bytes=1 << 30):
-    """The server's parts on one model: the cartridge store and the decoder."""
-    decoder = BatchDecoder(loaded.model, kv_shape(loaded.model.config), max_batch)
+def load_serving_model(spec: str | None, threads: int | None) -> tuple[LoadedModel, int]:
+    """The model, loaded by this thread computing with one torch thread, and the threads its decoder will
+    use (`threads`, or torch's default: one a core). See `BatchDecoder`'s `threads` for why."""
+    import torch
+
+    from cartridges.models import load_model
+
+    decoder_threads = threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return load_model(spec), decoder_threads
+
+
+def build_server(
+    loaded: LoadedModel, registry, limits: Limits, api_key=None, max_batch=16, memory_bytes=1 << 30, threads=None
+):
+    """The server's parts on one model: the cartridge store and the decoder (computing with `threads` torch
+    threads, the rest of the process with one; None: torch's settings as they are)."""
+    decoder = BatchDecoder(loaded.model, kv_shape(loaded.model.config), max_batch, threads=threads)
     return Server(loaded, CartridgeStore(registry, loaded, memory_bytes), decoder, limits, api_key)

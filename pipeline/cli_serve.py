@@ -29,6 +29,9 @@ def serve_command(
         bool, typer.Option("--ray", help="serve as Ray Serve replicas on the cluster at RAY_ADDRESS (local when unset)")
     ] = False,
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="with --ray: replicas, each with its model")] = 1,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch threads for the model (default: torch's, one a core)")
+    ] = None,
 ) -> None:
     """Serve the model and the registry's cartridges with the OpenAI API (chat, completions, models).
 
@@ -37,8 +40,7 @@ def serve_command(
     """
     import uvicorn
 
-    from cartridges.models import load_model
-    from cartridges.server import Limits, build_server, create_app
+    from cartridges.server import Limits, build_server, create_app, load_serving_model
 
     # An explicit --api-key "" would otherwise serve without any key; an empty variable counts as unset.
     key = api_key if api_key is not None else (os.environ.get("CARTRIDGES_API_KEY") or None)
@@ -55,10 +57,10 @@ def serve_command(
         console.print(f"serving on Ray: {replicas} replica(s), http://{host}:{port}/v1", soft_wrap=True)
         memory = cartridge_memory_mb << 20
         cpus = cpus_per_actor(replicas, None)
-        serve_on_ray(model, reg.url, limits, key, max_batch, memory, replicas, host, port, cpus)
+        serve_on_ray(model, reg.url, limits, key, max_batch, memory, replicas, host, port, cpus, threads)
         return
-    loaded = load_model(model)
-    server = build_server(loaded, reg, limits, key, max_batch, cartridge_memory_mb << 20)
+    loaded, decoder_threads = load_serving_model(model, threads)
+    server = build_server(loaded, reg, limits, key, max_batch, cartridge_memory_mb << 20, decoder_threads)
     console.print(
         f"serving {loaded.model_id} and the cartridges of {reg.url} on http://{host}:{port}/v1"
         f"{' (API key required)' if key else ''}",

@@ -121,12 +121,12 @@ def test_sampling_with_a_seed_repeats_and_temperature_changes_the_answer(lively,
     assert other != first or greedy != first
 
 
-def test_waiting_requests_are_prefilled_together_within_the_token_budget(lively, corpus_dir, tmp_path):
-    """Queued requests share one prefill pass; a budget smaller than any two rows prefills each alone.
-    The answers are the same tokens either way."""
+def test_prompts_are_prefilled_in_chunks_within_the_token_budget_while_others_decode(lively, corpus_dir, tmp_path):
+    """A budget of one prompt token a step prefills every prompt one token a step, beside the rows that
+    decode; a large one prefills all the queued prompts in one step. The answers are the same tokens."""
     cartridges = cartridges_of(lively, corpus_dir, tmp_path)
     cases, max_tokens = requests(lively, cartridges)
-    answers, passes = {}, {}
+    answers, decoders = {}, {}
     for budget in (1, 100_000):
         decoder = BatchDecoder(lively.model, kv_shape(lively.model.config), max_batch=16, prefill_tokens=budget)
         try:
@@ -135,11 +135,16 @@ def test_waiting_requests_are_prefilled_together_within_the_token_budget(lively,
             next(stream)  # the decoder is busy: the next ones queue up behind its current step
             together = [decoder.submit(Generation(p, q, Sampling(max_tokens), s)) for _, _, p, q, s in cases[1:]]
             answers[budget] = [list(g.tokens(timeout=120)) for g in together]
+            decoded_meanwhile = blocker._queue.qsize()
             blocker.cancel()
             list(stream)
-            passes[budget] = decoder.prefill_passes
+            decoders[budget] = decoder
         finally:
             decoder.close()
+        assert decoded_meanwhile >= min(399, decoder.prefill_steps) - 1  # every step decoded the blocker too
     assert answers[1] == answers[100_000]
-    assert passes[1] == len(cases)  # the blocker and every request alone
-    assert passes[100_000] < passes[1]
+    one_a_step = decoders[1]
+    assert one_a_step.prefill_steps == one_a_step.prompt_tokens_computed  # each carried exactly one prompt token
+    all_at_once = decoders[100_000]
+    assert all_at_once.prefill_steps <= 3  # the blocker's prompt, then the queued ones together (or in two)
+    assert all_at_once.prompt_tokens_computed == one_a_step.prompt_tokens_computed

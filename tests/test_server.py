@@ -1,6 +1,7 @@
 """The OpenAI-compatible server on 127.0.0.1 and a free port, driven by the official `openai` client."""
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import threading
@@ -356,11 +357,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(lively, registry):
     finished = []
 
     class SlowDecoder(BatchDecoder):
-        """Decode steps of 50 ms, as a big model would take, and a record of how each row ended."""
+        """Steps of 50 ms, as a big model would take, and a record of how each row ended."""
 
-        def _decode_step(self):
+        def _step(self):
             time.sleep(0.05)
-            super()._decode_step()
+            super()._step()
 
         def _finish(self, row, reason, error=None):
             finished.append(row.generation.finish_reason or reason)
@@ -382,3 +383,43 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(lively, registry):
             assert time.monotonic() - started < 2, "the row of a gone client was not freed"
             time.sleep(0.02)
     assert finished == ["cancelled"]
+
+
+def test_requests_on_one_cartridge_or_composition_share_one_copy_of_its_keys_and_values(lively, registry):
+    """The store hands out one tensor per version and per composition; the decoder holds one copy of each
+    prefix in use, whatever the number of rows, and each row only its own tokens."""
+    from cartridges.artifact import kv_shape
+    from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+    from cartridges.cartridge_store import CartridgeStore
+    from cartridges.layout import chat_token_ids
+
+    store = CartridgeStore(registry, lively)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # requests that arrive together for a new version
+        first_wave = list(pool.map(lambda _: store.prefix(["legal@1"])[1], range(8)))
+    legal = first_wave[0]
+    assert all(prefix is legal for prefix in first_wave)
+    _, composed = store.prefix(["legal@1", "tax@1"])
+    assert store.prefix(["legal@1", "tax@1"])[1] is composed and store.prefix(["legal"])[1] is not legal
+    assert store.prefix(["tax@1", "legal@1"])[1] is not composed
+    assert composed.shape[0] == 24 + 12
+    shape = kv_shape(lively.model.config)
+    layers, heads, dim = shape
+    token_bytes = 2 * layers * heads * dim * 4
+    decoder = BatchDecoder(lively.model, shape, max_batch=16)
+    prompt = chat_token_ids(lively.tokenizer, QUESTION)
+    try:
+        rows = [decoder.submit(Generation(p, prompt, Sampling(400), frozenset())) for p in [legal] * 6 + [composed] * 6]
+        streams = [row.tokens(timeout=60) for row in rows]
+        for stream in streams:
+            next(stream)  # every row has its prompt and a first token
+        assert decoder.prefix_bytes == (24 + 36) * token_bytes  # each prefix once, not once per row
+        assert decoder.held_bytes >= decoder.prefix_bytes + 12 * (len(prompt) + 1) * token_bytes
+        for row in rows:
+            row.cancel()
+        for stream in streams:
+            list(stream)
+        while decoder.running:
+            time.sleep(0.01)
+        assert decoder.held_bytes == 0 and not decoder._shared
+    finally:
+        decoder.close()
