@@ -219,18 +219,15 @@ class BatchDecoder:
         first = prefix_tokens if generation.first_position is None else generation.first_position
         reuse = self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
         known = 0 if reuse is None else reuse.tokens
+        generator = _generator(generation.sampling, self.model.device)
         shared = self._share(generation.prefix)
-        self._kv.add(None if reuse is None else reuse.keys, None if reuse is None else reuse.values)
+        try:
+            self._kv.add(None if reuse is None else reuse.keys, None if reuse is None else reuse.values)
+        except BaseException:
+            self._unshare(generation.prefix)
+            raise
         self.prompt_tokens_reused += known
-        self._rows.append(
-            _Row(
-                generation,
-                first,
-                list(generation.prompt_ids[known:]),
-                shared,
-                _generator(generation.sampling, self.model.device),
-            )
-        )
+        self._rows.append(_Row(generation, first, list(generation.prompt_ids[known:]), shared, generator))
 
     def _share(self, prefix: torch.Tensor | None) -> SharedPrefix | None:
         """The one `SharedPrefix` of this prefix tensor for all the rows that use it."""
@@ -363,13 +360,15 @@ class BatchDecoder:
     def _release(self, leaving: list[int]) -> None:
         """Take these rows out of the batch, and the shared prefixes no row uses any more."""
         for index in leaving:
-            prefix = self._rows[index].generation.prefix
-            if prefix is not None:
-                entry = self._shared[id(prefix)]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._shared[id(prefix)]
+            self._unshare(self._rows[index].generation.prefix)
         self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
+
+    def _unshare(self, prefix: torch.Tensor | None) -> None:
+        if prefix is not None:
+            entry = self._shared[id(prefix)]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._shared[id(prefix)]
 
 
 def _generator(sampling: Sampling, device) -> torch.Generator | None:
