@@ -5,29 +5,42 @@ cartridge store); Ray Serve's proxy spreads requests over the replicas. Nothing 
 the decoder knows about Ray: this module only wraps them.
 """
 
+from dataclasses import dataclass
+
 from cartridges.cluster import init_ray
 from cartridges.server import Limits
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What every replica builds its server from (the arguments of `cartridges serve`)."""
+
+    model: str | None
+    registry_url: str
+    limits: Limits
+    api_key: str | None
+    max_batch: int
+    memory: int
+    threads: int | None = None
 
 
 class CartridgeReplica:
     """One replica: the model, its decoder and cartridge store, and the app that serves them."""
 
-    def __init__(
-        self,
-        model: str | None,
-        registry_url: str,
-        limits: Limits,
-        api_key,
-        max_batch: int,
-        memory: int,
-        threads: int | None = None,
-    ):
+    def __init__(self, settings: ReplicaSettings):
         from cartridges.registry import Registry
         from cartridges.server import build_server, load_serving_model
 
-        loaded, decoder_threads = load_serving_model(model, threads)
-        registry = Registry(registry_url)
-        self.server = build_server(loaded, registry, limits, api_key, max_batch, memory, decoder_threads)
+        loaded, decoder_threads = load_serving_model(settings.model, settings.threads)
+        self.server = build_server(
+            loaded,
+            Registry(settings.registry_url),
+            settings.limits,
+            settings.api_key,
+            settings.max_batch,
+            settings.memory,
+            decoder_threads,
+        )
 
     def __serve_build_asgi_app__(self):  # Ray Serve asks for the app once the replica is constructed
         from cartridges.server import create_app
@@ -36,17 +49,11 @@ class CartridgeReplica:
 
 
 def serve_on_ray(
-    model: str | None,
-    registry_url: str,
-    limits: Limits,
-    api_key,
-    max_batch: int,
-    memory: int,
+    settings: ReplicaSettings,
     replicas: int,
     host: str,
     port: int,
     cpus_per_replica: float,
-    threads: int | None = None,
     blocking: bool = True,
 ) -> None:
     """Deploy `replicas` replicas on the cluster at RAY_ADDRESS (a local one when unset) behind one
@@ -61,5 +68,5 @@ def serve_on_ray(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
     )
-    app = deployment.bind(model, registry_url, limits, api_key, max_batch, memory, threads)
+    app = deployment.bind(settings)
     serve.run(app, name="cartridges", route_prefix="/", blocking=blocking)

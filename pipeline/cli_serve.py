@@ -50,14 +50,15 @@ def serve_command(
     limits = Limits(max_tokens=max_tokens)
     if ray:
         from cartridges.cluster import cpus_per_actor
-        from cartridges.serve_on_ray import serve_on_ray
+        from cartridges.serve_on_ray import ReplicaSettings, serve_on_ray
 
         if reg.is_transient:
             raise CartridgeError("--ray needs a registry every replica can read: a folder or an object store URL")
         console.print(f"serving on Ray: {replicas} replica(s), http://{host}:{port}/v1", soft_wrap=True)
         memory = cartridge_memory_mb << 20
         cpus = cpus_per_actor(replicas, None)
-        serve_on_ray(model, reg.url, limits, key, max_batch, memory, replicas, host, port, cpus, threads)
+        settings = ReplicaSettings(model, reg.url, limits, key, max_batch, memory, threads)
+        serve_on_ray(settings, replicas, host, port, cpus)
         return
     loaded, decoder_threads = load_serving_model(model, threads)
     server = build_server(loaded, reg, limits, key, max_batch, cartridge_memory_mb << 20, decoder_threads)
