@@ -220,9 +220,18 @@ def main() -> None:
     rows = []
     methods = args.method or BUDGET_METHODS
     storage = []
+    partial = args.out / "results.partial.json"  # each row as it is measured: a run cut short keeps them
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
     for corpus in corpora:
-        rows += [measure(loaded, corpus, m, None, args) for m in ("none", "icl", "ape")]
-        rows += [measure(loaded, corpus, method, budget, args) for budget in args.budget for method in methods]
+        for method in ("none", "icl", "ape"):
+            keep(measure(loaded, corpus, method, None, args))
+        for budget in args.budget:
+            for method in methods:
+                keep(measure(loaded, corpus, method, budget, args))
         if corpus.id in refs:
             rows.append(measure(loaded, corpus, "cartridge", None, args, (refs[corpus.id],), cartridges))
         if args.storage:
@@ -267,6 +276,7 @@ def main() -> None:
         "storage": storage,
     }
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
+    partial.unlink(missing_ok=True)
     table = markdown(rows, summary, args, storage)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out)
