@@ -271,14 +271,7 @@ class BatchDecoder:
         for chunk in chunks:
             after[chunk.slot] += chunk.count
         self._kv.make_room(max(after))
-        step = PackedStep(
-            self._kv,
-            decode_slots,
-            [lengths[slot] for slot in decode_slots],
-            chunks,
-            [r.prefix for r in self._rows],
-            after,
-        )
+        step = PackedStep(self._kv, decode_slots, chunks, [r.prefix for r in self._rows], after)
         device = self.model.device
         logits = self.model(
             input_ids=torch.tensor([ids], device=device),

@@ -41,12 +41,9 @@ class BatchKV:
         known = keys[0].shape[2] if keys else 0
         self._reserve(self.rows + 1, known)
         slot = self.rows
-        for layer in range(len(self.keys)):
-            self.keys[layer][slot] = 0
-            self.values[layer][slot] = 0
-            if known:
-                self.keys[layer][slot, :, :known] = keys[layer][0]
-                self.values[layer][slot, :, :known] = values[layer][0]
+        for layer in range(len(self.keys) if known else 0):  # past `known`, a slot's old values stay (finite)
+            self.keys[layer][slot, :, :known] = keys[layer][0]
+            self.values[layer][slot, :, :known] = values[layer][0]
         self.lengths.append(known)
         return slot
 

@@ -69,13 +69,12 @@ class Chunk:
 @dataclass
 class PackedStep:
     """What one packed forward pass computes: the packed sequence is the decoding rows' tokens (slot
-    `decode_slots[i]`'s next token is token i, written at its own column `decode_columns[i]`), then the
-    chunks in order. `prefixes[slot]` is each row's cartridge (None: the plain model); `lengths` each
+    `decode_slots[i]`'s next token is token i, written at its row's last column after this step), then
+    the chunks in order. `prefixes[slot]` is each row's cartridge (None: the plain model); `lengths` each
     row's own tokens after this step."""
 
     kv: BatchKV
     decode_slots: list[int]
-    decode_columns: list[int]
     chunks: list[Chunk]
     prefixes: list[SharedPrefix | None]
     lengths: list[int]
@@ -84,7 +83,7 @@ class PackedStep:
     def __post_init__(self):
         device = self.kv.device
         self._slots = torch.tensor(self.decode_slots, dtype=torch.long, device=device)
-        self._columns = torch.tensor(self.decode_columns, dtype=torch.long, device=device)
+        self._columns = torch.tensor([self.lengths[slot] - 1 for slot in self.decode_slots], device=device)
         self._every_row_decodes = self.decode_slots == list(range(self.kv.rows))
         self._width = max(self.lengths[slot] for slot in self.decode_slots) if self.decode_slots else 0
         lengths = torch.tensor(self.lengths, device=device)

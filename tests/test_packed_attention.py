@@ -41,7 +41,7 @@ def packed(model, kv, rows, work):
     for slot, tokens in work.items():
         after[slot] += len(tokens)
     kv.make_room(max(after))
-    step = PackedStep(kv, decode, [kv.lengths[s] for s in decode], chunks, [row["shared"] for row in rows], after)
+    step = PackedStep(kv, decode, chunks, [row["shared"] for row in rows], after)
     with torch.no_grad():
         logits = model(
             input_ids=torch.tensor([ids]),
