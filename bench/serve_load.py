@@ -87,13 +87,14 @@ async def run_all(url: str, jobs: list[tuple[str, list[dict]]], concurrency: int
                 except Exception as exc:  # counted, not raised: a lost request is a result
                     return {"error": f"{type(exc).__name__}: {exc}"}
 
-        before = await health(url)
-        started = time.perf_counter()
-        watching = asyncio.create_task(watch_memory(url, samples := []))
-        results = await asyncio.gather(*(job(m, q) for m, q in jobs))
-        watching.cancel()
-    wall = time.perf_counter() - started
-    after = await health(url)
+        async with httpx.AsyncClient(timeout=10) as http:
+            before = await health(http, url)
+            started = time.perf_counter()
+            watching = asyncio.create_task(watch_memory(http, url, samples := []))
+            results = await asyncio.gather(*(job(m, q) for m, q in jobs))
+            watching.cancel()
+            wall = time.perf_counter() - started
+            after = await health(http, url)
     done = [r for r in results if "error" not in r]
     busiest = max(samples, default={"running": 0, "kv_bytes": 0}, key=lambda s: (s["running"], s["kv_bytes"]))
     return {
@@ -120,21 +121,19 @@ async def run_all(url: str, jobs: list[tuple[str, list[dict]]], concurrency: int
     }
 
 
-async def health(url: str) -> dict:
-    async with httpx.AsyncClient(timeout=10) as http:
-        return (await http.get(url.removesuffix("/v1") + "/health")).json()
+async def health(http: httpx.AsyncClient, url: str) -> dict:
+    return (await http.get(url.removesuffix("/v1") + "/health")).json()
 
 
-async def watch_memory(url: str, samples: list[dict]) -> None:
+async def watch_memory(http: httpx.AsyncClient, url: str, samples: list[dict]) -> None:
     """The server's running rows and the keys and values they hold (its /health), every 0.25 s."""
-    async with httpx.AsyncClient(timeout=10) as http:
-        while True:
-            try:
-                health = (await http.get(url.removesuffix("/v1") + "/health")).json()
-                samples.append({"running": health["running"], "kv_bytes": health.get("kv_bytes", 0)})
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.25)
+    while True:
+        try:
+            state = await health(http, url)
+            samples.append({"running": state["running"], "kv_bytes": state.get("kv_bytes", 0)})
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.25)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -305,7 +304,8 @@ def cost(url: str, corpus, questions: list[str], args) -> list[dict]:
 
 
 def kv_bytes(corpus, tokens: int) -> dict:
-    """KV bytes a session holds: the cartridge's P tokens vs the article's tokens (icl), fp32."""
+    """KV bytes of the context: the cartridge's P tokens (one copy, shared by its sessions) vs the article's tokens
+    (icl, a copy per session), fp32."""
     from cartridges.artifact import kv_shape
     from cartridges.models import load_model
 
@@ -368,7 +368,8 @@ def write_report(results: dict, out: Path) -> None:
     kv = results["kv_bytes_per_session"]
     lines += [
         "",
-        f"KV per session: cartridge {kv['cartridge'] / 2**20:.1f} MiB, icl {kv['icl'] / 2**20:.1f} MiB ({kv['icl_tokens']} tokens)",
+        f"KV of the context: the cartridge {kv['cartridge'] / 2**20:.1f} MiB (one copy for all its sessions), "
+        f"the article {kv['icl'] / 2**20:.1f} MiB ({kv['icl_tokens']} tokens, a copy per icl session)",
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
