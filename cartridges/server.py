@@ -85,6 +85,8 @@ class Server:
                 raise ApiError(400, str(exc), "model") from None
         cartridge_tokens = 0 if prefix is None else prefix.shape[0]
         prompt = self.prompt_ids(request, with_prefix=prefix is not None)
+        if not prompt:
+            raise ApiError(400, "the prompt is empty: send some text to complete", "prompt")
         room = self.window - cartridge_tokens - len(prompt)
         if len(prompt) > self.limits.max_prompt_tokens or room < 1:
             raise ApiError(

@@ -201,6 +201,8 @@ def test_stop_strings_cut_the_answer_and_never_reach_the_client(running):
             "cartridges.0.source",
         ),
         (lambda c: c.chat.completions.create(model="legal", messages=QUESTION, temperature=-1), 400, "temperature"),
+        (lambda c: c.completions.create(model="legal", prompt=""), 400, "the prompt is empty"),
+        (lambda c: c.completions.create(model="default", prompt="", stream=True), 400, "the prompt is empty"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors_and_the_server_stays_up(running, call, status, message):
