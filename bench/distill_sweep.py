@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
+from baseline_rows import earlier_rows
 from safetensors.torch import load_file
 
 from cartridges.errors import run_script
@@ -42,17 +43,23 @@ class Trial:
     lr: float
     steps: int
     num_tokens: int
+    init: str = "first_tokens"
 
     @classmethod
     def parse(cls, spec: str) -> "Trial":
-        mix, lr, steps, tokens = spec.split("/")
+        mix, lr, steps, tokens, *init = spec.split("/")
         if mix not in MIXES:
             raise SystemExit(f"unknown mix {mix!r} in {spec!r}; known: {', '.join(MIXES)}")
-        return cls(mix, float(lr), int(steps), int(tokens))
+        return cls(mix, float(lr), int(steps), int(tokens), *init)
 
     @property
     def name(self) -> str:
-        return f"{self.mix}-lr{self.lr:g}-s{self.steps}-p{self.num_tokens}"
+        init = "" if self.init == "first_tokens" else f"-{self.init}"
+        return f"{self.mix}-lr{self.lr:g}-s{self.steps}-p{self.num_tokens}{init}"
+
+    @property
+    def init_name(self) -> str:
+        return f"init-p{self.num_tokens}" if self.init == "first_tokens" else f"init-{self.init}-p{self.num_tokens}"
 
 
 class CorpusSweep:
@@ -81,9 +88,12 @@ class CorpusSweep:
             )
         return self.scores[name]
 
-    def baselines(self) -> None:
-        self.score("none", None)
-        self.score("icl", corpus_kv(self.loaded, self.corpus.text))
+    def baselines(self, earlier: dict[tuple[str, str], dict]) -> None:
+        for method, prefix in (("none", lambda: None), ("icl", lambda: corpus_kv(self.loaded, self.corpus.text))):
+            if (self.corpus.id, method) in earlier:
+                self.scores[method] = earlier[(self.corpus.id, method)]
+            else:
+                self.score(method, prefix())
 
     def mix_run(self, mix: str) -> Path:
         """The run folder holding `mix`'s synthesis (made on first use)."""
@@ -122,6 +132,7 @@ class CorpusSweep:
                 getattr(folder, shared).symlink_to(getattr(source, shared).resolve())
         config = DistillConfig(
             num_tokens=trial.num_tokens,
+            init=trial.init,
             steps=trial.steps,
             lr=trial.lr,
             batch_size=self.args.batch_size,
@@ -132,7 +143,7 @@ class CorpusSweep:
         started = time.perf_counter()
         run_training(folder, self.loaded, config, DistillRunSettings(executor="local"))
         seconds = time.perf_counter() - started
-        init = self.score(f"init-p{trial.num_tokens}", load_file(str(folder.init_prefix))["prefix"])
+        init = self.score(trial.init_name, load_file(str(folder.init_prefix))["prefix"])
         trained = FixedContext(Context(load_file(str(folder.final_prefix))["prefix"]))
         distilled = asdict(
             score_corpus(
@@ -243,7 +254,17 @@ def main() -> None:
         "--qa", type=Path, action="append", default=None, help="QA file (repeatable; default: shared/data/qa)"
     )
     parser.add_argument(
-        "--trial", action="append", default=None, help="mix/lr/steps/P, e.g. corpus/2e-2/200/256 (repeatable)"
+        "--trial",
+        action="append",
+        default=None,
+        help="mix/lr/steps/P[/init], e.g. corpus/2e-2/200/256 or corpus/2e-3/96/256/select (repeatable)",
+    )
+    parser.add_argument(
+        "--baselines",
+        type=Path,
+        action="append",
+        default=[],
+        help="results.json of an earlier run (same questions): its none/icl scores are reused (repeatable)",
     )
     parser.add_argument(
         "--synthesis-run",
@@ -282,8 +303,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sweeps = [CorpusSweep(corpora[cid], loaded, args) for cid in wanted]
     rows: list[dict] = []
+    earlier = earlier_rows(args.baselines, args.distractors, args.answer_tokens)
     for sweep in sweeps:
-        sweep.baselines()
+        sweep.baselines(earlier)
     for trial in trials:
         for sweep in sweeps:
             if time.perf_counter() - started > args.deadline:

@@ -1,7 +1,8 @@
 """The storage baseline from CacheGen's idea (arXiv 2310.07240): keep the whole corpus's KV (icl) on
 disk instead of prefilling it per session, at fp32, fp16 and int8 (per-channel scales, dequantised
-on load), beside the cartridge's file. Reported: bytes on disk, load time against prefill time, and
-the gold NLL of the dequantised block (paired against fp32). Used by `bench/methods.py`.
+on load), and each given cartridge's prefix at the same precisions (cartridges/precision.py, what
+`distill.precision` publishes). Reported: bytes on disk, load time (against prefill time for the
+corpus KV), and the gold NLL of the read-back block paired against fp32. Used by `bench/methods.py`.
 """
 
 import tempfile
@@ -11,45 +12,37 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cartridges.precision import PRECISIONS, decode, encode
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluate import paired_gain, score_corpus
 
 
 def save_kv(kv: torch.Tensor, path: Path, precision: str) -> None:
-    if precision == "int8":
-        scale = kv.abs().amax(dim=0).clamp_min(1e-8) / 127.0  # one scale per channel (layer, K/V, head, dim)
-        save_file({"q": torch.round(kv / scale).to(torch.int8), "scale": scale.float()}, str(path))
-    else:
-        save_file({"kv": kv.to(getattr(torch, precision)).contiguous()}, str(path))
+    save_file(encode("kv", kv, precision), str(path))
 
 
 def load_kv(path: Path) -> torch.Tensor:
     """The fp32 KV, every byte read (safetensors maps the file; a dtype that already matches is not copied)."""
-    tensors = load_file(str(path))
-    if "q" in tensors:
-        return tensors["q"].float() * tensors["scale"]
-    return tensors["kv"].to(torch.float32, copy=True)
+    return decode("kv", load_file(str(path))).clone()
 
 
-def storage_rows(loaded, corpus, args, cartridge_bytes: int | None = None) -> list[dict]:
-    started = time.perf_counter()
-    kv = corpus_kv(loaded, corpus.text)
-    prefill_seconds = time.perf_counter() - started
+def precision_rows(loaded, corpus, label: str, prefix: torch.Tensor, args, prefill_seconds=None) -> list[dict]:
+    """`prefix` stored at each precision and read back: bytes, load time, gold NLL paired against float32."""
     rows, reference = [], None
     with tempfile.TemporaryDirectory() as folder:
-        for precision in ("float32", "float16", "int8"):
+        for precision in PRECISIONS:
             path = Path(folder) / f"{precision}.safetensors"
-            save_kv(kv, path, precision)
+            save_kv(prefix, path, precision)
             started = time.perf_counter()
-            loaded_kv = load_kv(path)
+            read = load_kv(path)
             load_seconds = time.perf_counter() - started
-            score = score_corpus(loaded, corpus, FixedContext(Context(loaded_kv)), f"icl {precision}", args.distractors)
+            score = score_corpus(loaded, corpus, FixedContext(Context(read)), f"{label} {precision}", args.distractors)
             reference = reference or score
             gain, se = paired_gain(reference.per_question_nll, score.per_question_nll)
             rows.append(
                 {
                     "corpus": corpus.id,
-                    "stored": f"icl KV {precision}",
+                    "stored": f"{label} {precision}",
                     "bytes_on_disk": path.stat().st_size,
                     "load_seconds": load_seconds,
                     "prefill_seconds": prefill_seconds,
@@ -58,8 +51,16 @@ def storage_rows(loaded, corpus, args, cartridge_bytes: int | None = None) -> li
                     "nll_vs_fp32_se": se,
                 }
             )
-    if cartridge_bytes is not None:
-        rows.append({"corpus": corpus.id, "stored": "cartridge (fp32 adapter)", "bytes_on_disk": cartridge_bytes})
+    return rows
+
+
+def storage_rows(loaded, corpus, args, cartridges: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """The corpus KV (against its prefill time) and each given cartridge prefix, at every precision."""
+    started = time.perf_counter()
+    kv = corpus_kv(loaded, corpus.text)
+    rows = precision_rows(loaded, corpus, "icl KV", kv, args, prefill_seconds=time.perf_counter() - started)
+    for label, prefix in (cartridges or {}).items():
+        rows += precision_rows(loaded, corpus, label, prefix, args)
     return rows
 
 
@@ -72,12 +73,10 @@ def storage_table(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if "nll" not in r:
-            lines.append(f"| {r['corpus']} | {r['stored']} | {r['bytes_on_disk'] / 1e6:.2f} | | | | |")
-            continue
+        prefill = "" if r["prefill_seconds"] is None else f"{r['prefill_seconds']:.1f}"
         lines.append(
             f"| {r['corpus']} | {r['stored']} | {r['bytes_on_disk'] / 1e6:.2f} | {r['load_seconds']:.3f} | "
-            f"{r['prefill_seconds']:.1f} | {r['nll']:.3f} | {r['nll_vs_fp32']:+.4f} ± {r['nll_vs_fp32_se']:.4f} |"
+            f"{prefill} | {r['nll']:.3f} | {r['nll_vs_fp32']:+.4f} ± {r['nll_vs_fp32_se']:.4f} |"
         )
     return lines
 
@@ -91,7 +90,7 @@ def load_times(loaded, corpus, repeats: int = 3) -> dict:
     kv = corpus_kv(loaded, corpus.text)
     out = {"corpus": corpus.id, "tokens": kv.shape[0], "prefill_seconds": time.perf_counter() - started}
     with tempfile.TemporaryDirectory() as folder:
-        for precision in ("float32", "float16", "int8"):
+        for precision in PRECISIONS:
             path = Path(folder) / f"{precision}.safetensors"
             save_kv(kv, path, precision)
             seconds = []

@@ -24,6 +24,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from baseline_rows import WHOLE_METHODS, earlier_rows
 from kv_storage import storage_rows
 from methods_report import BUDGET_METHODS, markdown, plot
 
@@ -85,6 +86,13 @@ def probe(spec: dict) -> None:
     )
     decode_tokens_per_second(loaded, context, corpus.questions[0].question, 16)
     print(json.dumps({"peak_rss_mb": peak_rss_of_this_process_mb()}))
+
+
+def reused_row(loaded, row: dict) -> dict:
+    """An earlier run's row with the cost fields of this report (its build time was not recorded there)."""
+    layers, heads, head_dim = kv_shape(loaded.model.config)
+    per_token = layers * 2 * heads * head_dim * loaded.model.dtype.itemsize
+    return {"kv_bytes": row["kv_tokens"] * per_token, "build_seconds": float("nan"), "prefill_per_question": 0} | row
 
 
 def peak_rss_of_this_process_mb() -> float:
@@ -199,6 +207,21 @@ def main() -> None:
     parser.add_argument(
         "--method", action="append", default=None, help="budget method to run (repeatable; default: all)"
     )
+    parser.add_argument(
+        "--whole-method",
+        action="append",
+        default=None,
+        choices=WHOLE_METHODS,
+        help="whole-corpus method to run (repeatable; default: none icl ape)",
+    )
+    parser.add_argument(
+        "--baselines",
+        type=Path,
+        action="append",
+        default=[],
+        help="results.json of an earlier run (methods.py or distill_sweep.py, same questions): its whole-corpus rows "
+        "are reused instead of measured again (repeatable)",
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one method's peak RSS, in a fresh process
     parser.add_argument("--model", default="default")
     parser.add_argument("--registry", default=None)
@@ -226,17 +249,23 @@ def main() -> None:
         rows.append(row)
         partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
 
+    reusable = earlier_rows(args.baselines, args.distractors, args.answer_tokens)
     for corpus in corpora:
-        for method in ("none", "icl", "ape"):
-            keep(measure(loaded, corpus, method, None, args))
+        for method in args.whole_method or WHOLE_METHODS:
+            earlier = reusable.get((corpus.id, method))
+            keep(reused_row(loaded, earlier) if earlier else measure(loaded, corpus, method, None, args))
         for budget in args.budget:
             for method in methods:
                 keep(measure(loaded, corpus, method, budget, args))
         if corpus.id in refs:
             rows.append(measure(loaded, corpus, "cartridge", None, args, (refs[corpus.id],), cartridges))
         if args.storage:
-            adapter = registry.local_path(refs[corpus.id]) / "adapter_model.safetensors" if corpus.id in refs else None
-            storage += storage_rows(loaded, corpus, args, adapter.stat().st_size if adapter else None)
+            mine = (
+                {f"cartridge {refs[corpus.id]}": cartridges[refs[corpus.id]].prompt_embeddings}
+                if corpus.id in refs
+                else {}
+            )
+            storage += storage_rows(loaded, corpus, args, mine)
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):

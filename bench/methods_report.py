@@ -4,7 +4,7 @@ from pathlib import Path
 
 from kv_storage import storage_table
 
-BUDGET_METHODS = ("truncated", "rag", "knorm", "streaming", "snapkv", "lingua")
+BUDGET_METHODS = ("truncated", "select", "rag", "knorm", "streaming", "snapkv", "lingua")
 
 
 def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = ()) -> str:

@@ -18,6 +18,7 @@ from cartridges.errors import CartridgeError
 from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, check_artifact
 from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, payload_checksums
 from cartridges.models import LoadedModel, model_spec_of
+from cartridges.precision import decode, encode
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,10 @@ def save_artifact(
     The manifest's identity (every field but name, version and files) is written into the
     safetensors header, so the payload checksum covers it: an edited manifest no longer matches.
     A prefix with NaN or infinite values is refused: it would answer nothing and spread by warm start.
+    The prefix is stored at the precision `manifest.dtype` names (cartridges/precision.py).
     """
     tensor = prompt_embeddings.detach().to("cpu").contiguous()
+    stored = encode(PROMPT_EMBEDDINGS_KEY, tensor, manifest.dtype)  # the manifest names the stored precision
     bad = non_finite_count(tensor)
     if bad:
         raise CartridgeError(
@@ -87,9 +90,7 @@ def save_artifact(
     def write(folder: Path) -> None:
         nonlocal final
         peft_config.save_pretrained(str(folder))
-        save_file(
-            {PROMPT_EMBEDDINGS_KEY: tensor}, str(folder / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest)
-        )
+        save_file(stored, str(folder / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest))
         final = manifest.model_copy(update={"files": payload_checksums(folder)})
         (folder / MANIFEST_FILE).write_text(final.to_json())
 
@@ -102,7 +103,7 @@ def load_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Cart
     """Check an artifact (`integrity.check_artifact`: checksums, shapes, bound manifest, finiteness;
     `expected`: its registry name and version), then read its tensor (safetensors only)."""
     manifest = check_artifact(folder, expected)
-    embeddings = load_file(str(folder / ADAPTER_WEIGHTS_FILE))[PROMPT_EMBEDDINGS_KEY]
+    embeddings = decode(PROMPT_EMBEDDINGS_KEY, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
     return Cartridge(manifest=manifest, prompt_embeddings=embeddings, path=folder)
 
 

@@ -23,8 +23,9 @@ from cartridges.manifest import (
 )
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
+SCALE_SUFFIX = "_scale"  # an int8 prefix keeps its per-channel scales under "<key>_scale" (cartridges/precision.py)
 BOUND_MANIFEST_KEY = "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8"}
 
 
 def check_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Manifest:
@@ -45,6 +46,8 @@ def check_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Man
         )
     if dtype != manifest.dtype:
         raise CartridgeError(f"{folder}: tensor dtype {dtype} does not match the manifest's {manifest.dtype}")
+    if dtype == "int8":
+        _check_scales(folder / ADAPTER_WEIGHTS_FILE, width)
     _check_bound_manifest(folder, manifest, bound)
     if non_finite:
         raise CartridgeError(
@@ -70,6 +73,17 @@ def _inspect_prefix(path: Path) -> tuple[str | None, tuple[int, ...], str, int, 
             return bound, shape, dtype, _non_finite_bfloat16(path), int(np.prod(shape))
         values = weights.get_tensor(PROMPT_EMBEDDINGS_KEY)
     return bound, shape, dtype, int((~np.isfinite(values)).sum()), int(values.size)
+
+
+def _check_scales(path: Path, width: int) -> None:
+    """An int8 prefix is only as good as its per-channel scales: one finite, positive scale per column."""
+    key = PROMPT_EMBEDDINGS_KEY + SCALE_SUFFIX
+    with safe_open(str(path), framework="numpy") as weights:
+        if key not in weights.keys():
+            raise CartridgeError(f"{path}: an int8 prefix without its {key!r} tensor cannot be read: rebuild it")
+        scales = weights.get_tensor(key)
+    if scales.shape != (width,) or not (np.isfinite(scales) & (scales > 0)).all():
+        raise CartridgeError(f"{path}: {key} must hold {width} finite positive scales: rebuild the cartridge")
 
 
 def _non_finite_bfloat16(path: Path) -> int:

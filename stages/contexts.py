@@ -2,7 +2,8 @@
 
 Every method is a KV prefix in PEFT's flattened layout `[tokens, layers * 2 * kv_heads * head_dim]`:
 `none` (no prefix), `icl` (the KV of the whole corpus), `truncated` (its first B tokens, = an
-`init` cartridge), `rag` (BM25-retrieved passages up to B tokens, per question), the presses
+`init` cartridge), `select` (the `select` init: the B tokens per layer and head that reconstructing
+the corpus attends to most, moved to positions 0..B-1), `rag` (BM25-retrieved passages up to B tokens, per question), the presses
 `knorm` and `streaming` (the whole corpus prefilled, then B tokens kept per layer and KV head), and
 `cartridge` (a trained prefix, several composed by concatenation).
 
@@ -135,7 +136,7 @@ class RetrievedContext:
         return self._cache[question.id]
 
 
-METHODS = ("none", "icl", "truncated", "rag", *PRESSES, "snapkv", "lingua", "ape", "cartridge")
+METHODS = ("none", "icl", "truncated", "select", "rag", *PRESSES, "snapkv", "lingua", "ape", "cartridge")
 WHOLE_CORPUS_METHODS = ("icl", "ape")  # no KV budget: every corpus token is in the block
 
 
@@ -161,6 +162,10 @@ def context_source(
         raise CartridgeError(f"method {method!r} needs a KV budget of at least 2 tokens (--budget)")
     if method == "truncated":
         return FixedContext(Context(corpus_kv(loaded, text, budget)))
+    if method == "select":
+        from cartridges.stages.kv_reconstruction import selected_prefix
+
+        return FixedContext(Context(selected_prefix(loaded, text, budget)))
     if method == "rag":
         return RetrievedContext(loaded, text, budget)
     if method == "snapkv":

@@ -28,6 +28,7 @@ from cartridges.home import runs_dir
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import ModelRef, default_device, model_on_this_node
+from cartridges.precision import Precision
 from cartridges.runtime import pad_token_id
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.answer_scoring import mean_answer_nll
@@ -46,10 +47,15 @@ class DistillConfig(BaseModel):
     model_config = STRICT_SETTINGS
 
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
-    init: Literal["first_tokens", "random_chunks", "random"] = Field(
-        "first_tokens", description="prefix initialisation"
+    init: Literal["first_tokens", "select", "random_chunks", "random"] = Field(
+        "first_tokens",
+        description="prefix initialisation: the first corpus tokens' KV, the corpus KV selected by reconstruction "
+        "attention (stages/kv_reconstruction.py), the KV of randomly chosen chunks, or random values",
     )
     steps: int = Field(200, ge=1)
+    precision: Precision = Field(
+        "float32", description="how the published prefix is stored: float32 (PEFT loads it), float16, int8"
+    )
     lr: float = Field(2e-3, gt=0, le=1, description="2e-3 beat 2e-2 on gold-answer NLL in the sweep (BENCHMARKS.md)")
     warmup_steps: int = Field(10, ge=0)
     batch_size: int = Field(4, ge=1, description="global batch (split across workers)")
@@ -260,12 +266,17 @@ def check_training_fits_window(config: DistillConfig, window: int) -> None:
 
 
 def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
-    """The prefix training starts from: KV of the first corpus tokens, of random chunks, or random."""
+    """The prefix training starts from: KV of the first corpus tokens, of the tokens reconstruction attends
+    to most, of random chunks, or random."""
     if config.init == "random":
         num_layers, num_kv_heads, head_dim = kv_shape(loaded.model.config)
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn(config.num_tokens, num_layers * 2 * num_kv_heads * head_dim, generator=generator)
     texts = pq.read_table(run.documents, columns=["text"]).column("text").to_pylist()
+    if config.init == "select":
+        from cartridges.stages.kv_reconstruction import selected_prefix
+
+        return selected_prefix(loaded, DOCUMENT_SEPARATOR.join(texts), config.num_tokens)
     if config.init == "first_tokens":
         ids = context_token_ids(loaded.tokenizer, DOCUMENT_SEPARATOR.join(texts), config.num_tokens)
     else:

@@ -5,7 +5,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from cartridges.artifact import cartridge_peft_config, describe_model, save_artifact
@@ -36,7 +35,7 @@ class TrainedRun:
     evaluation: dict[str, float] = field(default_factory=dict)
 
 
-def publishable_manifest(loaded, trained: TrainedRun, name: str, prefix: torch.Tensor) -> Manifest:
+def publishable_manifest(loaded, trained: TrainedRun, name: str) -> Manifest:
     """The manifest of a distilled cartridge: config, data fingerprint, init, final training metrics and any evaluation."""
     ingested, synthesis = trained.ingested, trained.synthesis
     return Manifest(
@@ -44,7 +43,7 @@ def publishable_manifest(loaded, trained: TrainedRun, name: str, prefix: torch.T
         **describe_model(loaded),
         num_tokens=trained.config.num_tokens,
         num_frozen_tokens=1,
-        dtype=str(prefix.dtype).removeprefix("torch."),
+        dtype=trained.config.precision,
         corpus=[
             CorpusInfo(
                 fingerprint=ingested.corpus_fingerprint,
@@ -70,7 +69,7 @@ def publishable_manifest(loaded, trained: TrainedRun, name: str, prefix: torch.T
 def save_distilled(loaded, trained: TrainedRun, name: str, destination: Path):
     """Write the trained prefix as a cartridge artifact (a PEFT adapter plus manifest)."""
     prefix = load_file(str(trained.run.final_prefix))["prefix"]
-    manifest = publishable_manifest(loaded, trained, name, prefix)
+    manifest = publishable_manifest(loaded, trained, name)
     return save_artifact(
         destination, prefix, cartridge_peft_config(loaded.model.config, trained.config.num_tokens, 1), manifest
     )

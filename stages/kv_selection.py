@@ -35,15 +35,18 @@ def eager_attention(model):
         model.set_attn_implementation(previous)
 
 
-def window_attention(loaded: LoadedModel, corpus: torch.Tensor, window: list[int]) -> torch.Tensor:
-    """[tokens, layers, kv_heads]: the attention the `window` tokens, placed after the corpus KV, pay
-    each corpus position, summed over the window and over the query heads of each KV head."""
+def attention_to_prefix(
+    loaded: LoadedModel, prefix: torch.Tensor, window: list[int], reduce: str = "sum", first_query: int = 0
+) -> torch.Tensor:
+    """[tokens, layers, kv_heads]: the attention the `window` tokens (from `first_query` on), placed after
+    the prefix KV, pay each prefix position, summed (or maxed) over those queries and over the query heads
+    of each KV head."""
     model, shape = loaded.model, kv_shape(loaded.model.config)
-    tokens = corpus.shape[0]
+    tokens = prefix.shape[0]
     input_ids = torch.tensor([window], device=model.device)
     positions = torch.arange(tokens, tokens + len(window), device=model.device)[None]
     mask = torch.ones(1, tokens + len(window), dtype=torch.long, device=model.device)
-    cache = prefix_cache(corpus.to(model.device), *shape, batch_size=1)
+    cache = prefix_cache(prefix.to(model.device), *shape, batch_size=1)
     with torch.no_grad(), eager_attention(model):
         out = model(
             input_ids=input_ids,
@@ -56,8 +59,9 @@ def window_attention(loaded: LoadedModel, corpus: torch.Tensor, window: list[int
     _, kv_heads, _ = shape
     per_layer = []
     for attention in out.attentions:  # [1, query_heads, window, tokens + window]
-        paid = attention[0, :, :, :tokens].float().sum(dim=1)  # [query_heads, tokens]
-        per_layer.append(paid.view(kv_heads, -1, tokens).sum(dim=1))  # query heads grouped by KV head (GQA)
+        paid = attention[0, :, first_query:, :tokens].float()  # [query_heads, queries, tokens]
+        grouped = paid.reshape(kv_heads, -1, tokens)  # query heads grouped by KV head (GQA), queries folded in
+        per_layer.append(grouped.sum(dim=1) if reduce == "sum" else grouped.amax(dim=1))
     return torch.stack(per_layer).permute(2, 0, 1)  # [tokens, layers, kv_heads]
 
 
@@ -84,6 +88,6 @@ class QuestionSelectedContext:
                 self.corpus,
                 kv_shape(self.loaded.model.config),
                 self.budget,
-                lambda: pooled(window_attention(self.loaded, self.corpus, window)),
+                lambda: pooled(attention_to_prefix(self.loaded, self.corpus, window)),
             )
         return self._cache[question.id]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from attention_helpers import layer_zero_attention
 
 from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
@@ -116,28 +117,10 @@ def test_context_source_errors_name_the_fix(tiny, method, budget, message):
 
 
 def layer_zero_window_attention(loaded, corpus: torch.Tensor, window: list[int]) -> torch.Tensor:
-    """[tokens, kv_heads] attention the window pays the corpus in layer 0, from the weights by hand."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    model, (layers, kv_heads, head_dim) = loaded.model, kv_shape(loaded.model.config)
-    tokens = corpus.shape[0]
-    attention = model.model.layers[0].self_attn
-    with torch.no_grad():
-        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([window])))
-        positions = torch.arange(tokens, tokens + len(window))[None]
-        cos, sin = model.model.rotary_emb(hidden, positions)
-        queries = attention.q_proj(hidden).view(1, len(window), -1, head_dim).transpose(1, 2)
-        own_keys = attention.k_proj(hidden).view(1, len(window), kv_heads, head_dim).transpose(1, 2)
-        queries, own_keys = apply_rotary_pos_emb(queries, own_keys, cos, sin)
-        cached = corpus.view(tokens, layers, 2, kv_heads, head_dim)[:, 0, 0].permute(1, 0, 2)[None]  # [1, kv, T, D]
-        keys = torch.cat([cached, own_keys], dim=2)
-        group = queries.shape[1] // kv_heads
-        keys = keys.repeat_interleave(group, dim=1)
-        logits = queries @ keys.transpose(-1, -2) / head_dim**0.5  # [1, q_heads, W, T + W]
-        causal = torch.ones(len(window), len(window), dtype=torch.bool).tril()
-        logits[..., tokens:] = logits[..., tokens:].masked_fill(~causal, float("-inf"))
-        paid = logits.softmax(dim=-1)[0, :, :, :tokens].sum(dim=1)  # [q_heads, T]
-    return paid.view(kv_heads, group, tokens).sum(dim=1).T
+    """[tokens, kv_heads] attention the window pays the corpus in layer 0, summed over queries and group."""
+    paid = layer_zero_attention(loaded, corpus, window)  # [q_heads, W, T]
+    kv_heads = kv_shape(loaded.model.config)[1]
+    return paid.sum(dim=1).view(kv_heads, -1, corpus.shape[0]).sum(dim=1).T
 
 
 def test_snapkv_keeps_the_positions_the_question_attends_to_most(lively):

@@ -185,6 +185,21 @@ def test_published_artifact_loads_in_peft_like_in_our_runtime(tiny, synthesized_
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
+def test_the_published_prefix_is_stored_at_the_configured_precision(tiny, synthesized_run, tmp_path):
+    run_training(synthesized_run, tiny, config(steps=1, precision="int8"), LOCAL)
+    trained = TrainedRun(
+        synthesized_run,
+        read_record(synthesized_run.ingest_record, IngestRecord),
+        read_record(synthesized_run.synthesis_summary, SynthesisSummary),
+        config(steps=1, precision="int8"),
+    )
+    manifest = save_distilled(tiny, trained, "legal", tmp_path / "artifact")
+    prefix = load_file(str(synthesized_run.final_prefix))["prefix"]
+    loaded = load_artifact(tmp_path / "artifact").prompt_embeddings
+    assert manifest.dtype == "int8" and not torch.equal(loaded, prefix)
+    assert ((loaded - prefix).abs() <= prefix.abs().amax(dim=0) / 254 + 1e-6).all()
+
+
 def test_two_ray_workers_match_one_local_worker(tiny, synthesized_run, tmp_path):
     import shutil
 

@@ -1,0 +1,35 @@
+"""How an artifact stores its prefix on disk: float32 (the default, what PEFT loads as is), float16,
+or int8 with one scale per channel (a column of the flattened prefix: one layer's K or V, one head,
+one dimension), dequantised on load. The manifest's `dtype` names the precision; whatever it is,
+a loaded cartridge's prefix is float32 and the runtime casts it to the model's dtype.
+"""
+
+from typing import Literal
+
+import torch
+
+from cartridges.errors import CartridgeError
+from cartridges.integrity import SCALE_SUFFIX
+
+Precision = Literal["float32", "float16", "int8"]
+PRECISIONS: tuple[str, ...] = ("float32", "float16", "int8")
+
+
+def encode(key: str, prefix: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
+    """The tensors that store `prefix` [tokens, channels] under `key` at `precision`."""
+    if precision not in PRECISIONS:
+        raise CartridgeError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    prefix = prefix.detach().to("cpu", torch.float32)
+    if precision == "int8":
+        scale = prefix.abs().amax(dim=0).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        quantized = torch.round(prefix / scale).clamp(-127, 127).to(torch.int8)
+        return {key: quantized.contiguous(), key + SCALE_SUFFIX: scale.contiguous()}
+    return {key: prefix.to(getattr(torch, precision)).contiguous()}
+
+
+def decode(key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 prefix that `encode` stored."""
+    stored = tensors[key]
+    if stored.dtype == torch.int8:
+        return stored.float() * tensors[key + SCALE_SUFFIX]
+    return stored.to(torch.float32)
