@@ -45,6 +45,7 @@ class Generation:
     first_position: int | None = None  # of the prompt's first token; None: right after the prefix. A
     # compressed prefix (a KV press) is read as the text it was compressed from, so it passes that length.
     finish_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens) or "cancelled"
+    stop_token: int | None = None  # the stop token that ended it (not among `tokens()`)
     error: BaseException | None = None
     _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -121,6 +122,7 @@ class BatchDecoder:
         prefill_tokens: int = 512,
         prompt_cache_entries: int = 64,
         threads: int | None = None,
+        thread: bool = True,
     ):
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be at least 1, not {prefill_tokens}")
@@ -141,6 +143,9 @@ class BatchDecoder:
         self._shared: dict[int, list] = {}  # id(prefix tensor) -> [SharedPrefix, rows using it]
         self._stopping = threading.Event()
         self._threads_set = threading.Event()
+        self._thread = None
+        if not thread:  # batch work: `run` steps in the caller's thread
+            return
         self._thread = threading.Thread(target=self._loop, args=(threads,), name="cartridges-decoder", daemon=True)
         self._thread.start()
         if threads is not None:
@@ -155,8 +160,24 @@ class BatchDecoder:
 
     def close(self) -> None:
         self._stopping.set()
-        self._waiting.put(None)  # wakes the loop if it waits
-        self._thread.join()
+        if self._thread is not None:
+            self._waiting.put(None)  # wakes the loop if it waits
+            self._thread.join()
+
+    def run(self, generations: list[Generation]) -> None:
+        """Run `generations` to their end in the calling thread, on a decoder made with `thread=False`:
+        batch work (synthesis) gets the packed steps and shared prefixes without a second thread, whose
+        OpenMP team would slow every operation of the first on a small CPU. A failed step raises."""
+        if self._thread is not None:
+            raise RuntimeError("run() is for a decoder made with thread=False; submit() to a threaded one")
+        for generation in generations:
+            self.submit(generation)
+        while self._rows or not self._waiting.empty():
+            self._admit(block=False)
+            if self._rows:
+                started = time.perf_counter()
+                self._step()
+                self.step_seconds += time.perf_counter() - started
 
     @property
     def running(self) -> int:
@@ -324,7 +345,7 @@ class BatchDecoder:
         generation = row.generation
         row.last_token, row.produced = token, row.produced + 1
         if token in generation.stop_ids:
-            generation.finish_reason = "stop"
+            generation.finish_reason, generation.stop_token = "stop", token
             return
         generation._put(token)
         if row.produced >= generation.sampling.max_tokens:

@@ -13,7 +13,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, T
 
 from cartridges.artifact import Cartridge, check_compatible
 from cartridges.errors import CartridgeError
-from cartridges.kv_prefix import prefix_layers
+from cartridges.kv_prefix import prefix_cache
 from cartridges.layout import DEFAULT_SYSTEM_PROMPT, chat_token_ids
 from cartridges.models import LoadedModel
 
@@ -34,18 +34,6 @@ def concat_prefixes(cartridges: Sequence[Cartridge]) -> torch.Tensor:
     """Compose cartridges: their flattened KV prefixes, concatenated in the given order."""
     check_same_model(cartridges)
     return torch.cat([c.prompt_embeddings for c in cartridges], dim=0)
-
-
-def prefix_cache(
-    prompt_embeddings: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int, batch_size: int = 1
-) -> DynamicCache:
-    """A fresh cache holding the prefix (forward passes append to the cache object they get)."""
-    keys, values = prefix_layers(prompt_embeddings, (num_layers, num_kv_heads, head_dim))
-    layers = [
-        (k.expand(batch_size, -1, -1, -1).contiguous(), v.expand(batch_size, -1, -1, -1).contiguous())
-        for k, v in zip(keys, values, strict=True)
-    ]
-    return DynamicCache(ddp_cache_data=layers)
 
 
 def prefix_logits(

@@ -17,6 +17,7 @@ from cartridges.batching import pad_batch
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.models import default_device
 from cartridges.runtime import prefix_cache
+from cartridges.stages.seed_prompts import CORPUS_ANSWERED
 
 EngineName = Literal["auto", "vllm", "hf"]
 SMALL_MACHINE_CORES = 4
@@ -140,6 +141,7 @@ class HFEngine:
         self.pad_token_id = pad_token_id
         self._prefix_ids: list[int] | None = None
         self._prefix: torch.Tensor | None = None
+        self._decoder = None  # the packed decoder, made on the first generation without top-k
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad_batch(sequences, self.pad_token_id, side="left")
@@ -149,33 +151,83 @@ class HFEngine:
     def generate(
         self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None
     ) -> list[Completion]:
-        completions: list[Completion] = []
-        for batch in _batches(list(zip(prompts, seeds)), self.batch_size):
-            torch.manual_seed(batch[0][1])  # HF samples per batch: the first seed fixes the whole batch
-            ids, mask = self._left_pad([prompt for prompt, _ in batch])
-            sample = (
-                {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-                if sampling.temperature > 0
-                else {"do_sample": False}
+        """Prompts of one chunk are batched together and their common beginning runs once, as a KV
+        prefix. Without `top_k` the batch runs on the packed decoder (`cartridges.batch_decoder`): every
+        row reads the one copy of the chunk's keys and values, which on a CPU is several times faster
+        than HF `generate` over a copy per row; with `top_k`, HF `generate` records each step's logits."""
+        completions: list[Completion | None] = [None] * len(prompts)
+        for batch in _sharing_batches(prompts, self.batch_size):
+            shared = min(_common_length([prompts[i] for i in batch]), min(len(prompts[i]) for i in batch) - 1)
+            made = (
+                self._generate_packed(prompts, batch, shared, sampling, seeds)
+                if top_k is None
+                else self._generate_hf(prompts, batch, shared, sampling, seeds, top_k)
             )
-            output = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=sampling.max_tokens,
-                eos_token_id=list(sampling.stop_token_ids),
-                pad_token_id=self.pad_token_id,
-                top_k=None,
-                return_dict_in_generate=True,
-                output_logits=top_k is not None,  # raw logits, before temperature and top-p
-                **sample,
+            for index, completion in zip(batch, made, strict=True):
+                completions[index] = completion
+        return completions
+
+    def _generate_packed(self, prompts, batch, shared, sampling: SamplingConfig, seeds) -> list[Completion]:
+        from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+
+        if self._decoder is None:
+            self._decoder = BatchDecoder(
+                self.model, kv_shape(self.model.config), max_batch=self.batch_size, thread=False
             )
-            for row, generated in enumerate(output.sequences[:, ids.shape[1] :].tolist()):
-                tokens = _cut_after_stop(generated, sampling.stop_token_ids)
-                scores = None
-                if top_k is not None:
-                    logits = torch.stack([step[row] for step in output.logits[: len(tokens)]])
-                    scores = _scores_from_logprobs(torch.log_softmax(logits.float(), dim=-1), tokens, top_k)
-                completions.append(Completion(tokens, scores))
+        prefix = self._shared_prefix(prompts[batch[0]][:shared]) if shared else None
+        generations = [
+            Generation(
+                prefix,
+                prompts[i][shared:],
+                Sampling(sampling.max_tokens, sampling.temperature, sampling.top_p, seeds[i]),
+                frozenset(sampling.stop_token_ids),
+            )
+            for i in batch
+        ]
+        self._decoder.run(generations)
+        completions = []
+        for generation in generations:
+            tokens = list(generation.tokens(timeout=0))
+            completions.append(
+                Completion(tokens + ([generation.stop_token] if generation.stop_token is not None else []), None)
+            )
+        return completions
+
+    def _generate_hf(self, prompts, batch, shared, sampling: SamplingConfig, seeds, top_k: int) -> list[Completion]:
+        torch.manual_seed(seeds[batch[0]])  # HF samples per batch: the first seed fixes the whole batch
+        ids, mask = self._left_pad([prompts[i][shared:] for i in batch])
+        inputs = {}
+        if shared:  # the rows' own tails are left-padded after the prefix; positions follow the attention mask
+            head = torch.tensor([prompts[batch[0]][:shared]], device=self.device).expand(len(batch), -1)
+            ids = torch.cat([head, ids], dim=1)
+            mask = torch.cat([torch.ones_like(head, dtype=mask.dtype), mask], dim=1)
+            inputs["past_key_values"] = prefix_cache(
+                self._shared_prefix(prompts[batch[0]][:shared]), *kv_shape(self.model.config), batch_size=len(batch)
+            )
+        sample = (
+            {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            if sampling.temperature > 0
+            else {"do_sample": False}
+        )
+        output = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_tokens,
+            eos_token_id=list(sampling.stop_token_ids),
+            pad_token_id=self.pad_token_id,
+            top_k=None,
+            return_dict_in_generate=True,
+            output_logits=True,  # raw logits, before temperature and top-p
+            **inputs,
+            **sample,
+        )
+        completions = []
+        for row, generated in enumerate(output.sequences[:, ids.shape[1] :].tolist()):
+            tokens = _cut_after_stop(generated, sampling.stop_token_ids)
+            logits = torch.stack([step[row] for step in output.logits[: len(tokens)]])
+            completions.append(
+                Completion(tokens, _scores_from_logprobs(torch.log_softmax(logits.float(), dim=-1), tokens, top_k))
+            )
         return completions
 
     @torch.no_grad()
@@ -205,13 +257,19 @@ class HFEngine:
         return results
 
     def _shared_prefix(self, token_ids: list[int]) -> torch.Tensor:
-        """The KV of `token_ids` (PEFT's flattened prefix layout), recomputed only when they change."""
-        if self._prefix_ids != token_ids:
-            self._prefix, self._prefix_ids = kv_prefix_of_tokens(self.model, token_ids), token_ids
+        """The KV of `token_ids` (PEFT's flattened prefix layout). Only what the last one computed does
+        not already cover runs: a chunk's message prompts and its scoring prompts begin the same."""
+        known = _common_length([self._prefix_ids, token_ids]) if self._prefix_ids else 0
+        if known == len(token_ids):
+            return self._prefix if known == self._prefix.shape[0] else self._prefix[:known]
+        start = self._prefix[:known] if known else None
+        self._prefix, self._prefix_ids = kv_prefix_of_tokens(self.model, token_ids, start), token_ids
         return self._prefix
 
     def close(self) -> None:
-        self.model = self._prefix = None
+        if self._decoder is not None:
+            self._decoder.close()
+        self.model = self._prefix = self._decoder = None
 
 
 class VLLMEngine:
@@ -296,6 +354,16 @@ def vllm_available() -> bool:
     except Exception:  # vLLM can fail at import for many environment reasons; all mean "not here"
         return False
     return True
+
+
+def resolved_engine(name: EngineName, kinds: dict[str, float]) -> EngineName:
+    """`auto` on a CPU with a mix of corpus-answered kinds only is the HF engine: it runs each chunk once
+    for all its samples and vLLM-CPU cannot (BENCHMARKS.md, "Corpus-answered kinds"); anything else is
+    left to `make_engine` (vLLM when it starts, else HF)."""
+    corpus_answered = all(kind in CORPUS_ANSWERED for kind, weight in kinds.items() if weight > 0)
+    if name == "auto" and corpus_answered and default_device().type == "cpu":
+        return "hf"
+    return name
 
 
 def make_engine(

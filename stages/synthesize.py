@@ -30,7 +30,7 @@ from cartridges.errors import CartridgeError
 from cartridges.models import ModelRef, model_on_this_node
 from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
-from cartridges.stages.engines import make_engine
+from cartridges.stages.engines import make_engine, resolved_engine
 from cartridges.stages.ingest import Chunk, read_chunks, read_titles
 from cartridges.stages.records import IngestRecord, ShardStats, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
@@ -80,7 +80,7 @@ class SynthesisWorker:
         path = str(model_on_this_node(model))
         tokenizer = AutoTokenizer.from_pretrained(path)
         engine = make_engine(
-            settings.engine,
+            resolved_engine(settings.engine, config.kinds),
             path,
             max_model_len=max_prompt_tokens(config) + config.max_answer_tokens + 8,
             top_k=config.top_k,

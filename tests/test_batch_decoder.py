@@ -1,5 +1,6 @@
 """Continuous batching over mixed cartridges gives each request the tokens it gets alone."""
 
+import pytest
 import torch
 
 from cartridges.artifact import kv_shape, load_artifact
@@ -148,3 +149,34 @@ def test_prompts_are_prefilled_in_chunks_within_the_token_budget_while_others_de
     all_at_once = decoders[100_000]
     assert all_at_once.prefill_steps <= 3  # the blocker's prompt, then the queued ones together (or in two)
     assert all_at_once.prompt_tokens_computed == one_a_step.prompt_tokens_computed
+
+
+def test_run_in_the_callers_thread_gives_the_tokens_of_the_threaded_decoder(lively, corpus_dir, tmp_path):
+    """Synthesis steps the decoder in its own thread (`thread=False`, `run`): the same tokens, sampled
+    with per-row seeds too, and the stop token that ended a generation is kept."""
+    cartridges = cartridges_of(lively, corpus_dir, tmp_path)
+    cases, max_tokens = requests(lively, cartridges)
+    samplings = [Sampling(max_tokens), Sampling(max_tokens, temperature=0.9, top_p=0.8, seed=7)]
+    threaded = BatchDecoder(lively.model, kv_shape(lively.model.config), max_batch=4)
+    try:
+        _, _, prefix, prompt, stops = cases[0]
+        stop = list(run(threaded, prefix, prompt, stops, samplings[0])[1])[3]  # a token greedy decoding makes
+        cases = [(*case[:4], case[4] | {stop}) for case in cases]
+        expected = [
+            list(run(threaded, prefix, prompt, stops, sampling)[1])
+            for _, _, prefix, prompt, stops in cases
+            for sampling in samplings
+        ]
+        with pytest.raises(RuntimeError, match="thread=False"):
+            threaded.run([])
+    finally:
+        threaded.close()
+    inline = BatchDecoder(lively.model, kv_shape(lively.model.config), max_batch=4, thread=False)
+    generations = [
+        Generation(prefix, prompt, sampling, stops) for _, _, prefix, prompt, stops in cases for sampling in samplings
+    ]
+    inline.run(generations)
+    assert [list(g.tokens(timeout=0)) for g in generations] == expected
+    stopped = [g for g in generations if g.finish_reason == "stop"]
+    assert stopped and all(g.stop_token == stop for g in stopped)
+    assert all(g.stop_token is None for g in generations if g.finish_reason == "length")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cartridges.errors import CartridgeError
-from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches
+from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches, resolved_engine
 from cartridges.stages.ingest import ingest
 from cartridges.stages.quality import is_repetitive, message_problem
 from cartridges.stages.run_dir import RunDir
@@ -26,12 +26,12 @@ CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
 SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 16}
 
 
-def run_synthesis(tiny, corpus, folder, executor="local", reuse_from=None, **config):
+def run_synthesis(tiny, corpus, folder, executor="local", reuse_from=None, engine="hf", **config):
     run = RunDir(folder)
     ingested = ingest(
         corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"]
     )
-    settings = SynthesisRunSettings(engine="hf", executor=executor, batch_size=4)
+    settings = SynthesisRunSettings(engine=engine, executor=executor, batch_size=4)
     previous = RunDir(reuse_from) if reuse_from else None
     return synthesize(run, ingested, tiny.ref, SynthesisConfig(**(SMALL | config)), settings, previous)
 
@@ -260,3 +260,56 @@ def test_samples_of_other_settings_are_not_reused(tiny, long_corpus, tmp_path):
     assert summary.reused == 0 and summary.reuse_refused == "other settings (top_k)"
     with pytest.raises(CartridgeError, match="holds no synthesis.*--out folder"):
         run_synthesis(tiny, long_corpus, tmp_path / "third", reuse_from=tmp_path / "nowhere", **config)
+
+
+def test_hf_generation_with_a_shared_beginning_equals_each_prompt_alone(lively):
+    """Prompts of one chunk share their beginning as one KV prefix; greedy tokens equal `generate` on
+    each whole prompt alone, for rows whose own tails differ in length (left padding after the prefix)."""
+    engine = HFEngine(str(lively.path), batch_size=4, pad_token_id=lively.tokenizer.pad_token_id)
+    sampling = SamplingConfig(max_tokens=8, temperature=0.0, top_p=1.0, stop_token_ids=(lively.tokenizer.eos_token_id,))
+    chunk = list(range(40, 90))
+    prompts = [chunk + [7, 8, 9], [13, 14, 15], chunk + [21], chunk + [5, 6, 30, 31, 32]]
+    got = engine.generate(prompts, sampling, seeds=[0, 1, 2, 3])
+    for prompt, completion in zip(prompts, got):
+        with torch.no_grad():
+            alone = lively.model.generate(
+                torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[lively.tokenizer.eos_token_id]
+            )[0, len(prompt) :].tolist()
+        assert completion.token_ids == alone
+    assert len({tuple(c.token_ids) for c in got}) > 1  # the tails matter: equal answers would prove nothing
+
+
+def test_auto_takes_the_hf_engine_on_cpu_for_corpus_answered_kinds_only(tiny, corpus_dir, tmp_path):
+    summary = run_synthesis(tiny, corpus_dir, tmp_path / "run", engine="auto", samples=4, kinds={"continuation": 1})
+    assert summary.engines == ["hf"]
+    assert resolved_engine("auto", {"quote": 1, "fill_span": 2, "question": 0}) == "hf"
+    assert resolved_engine("auto", {"quote": 1, "question": 1}) == "auto"  # vLLM when it starts
+    assert resolved_engine("vllm", {"quote": 1}) == "vllm"  # asked for by name
+
+
+def test_a_prefix_extends_the_kv_of_its_beginning_and_the_engine_reuses_it(lively, monkeypatch):
+    """The KV of a prompt's beginning is the first rows of the prompt's KV: the engine computes only
+    the part a new shared beginning adds to the last one."""
+    from cartridges import kv_prefix
+    from cartridges.stages import engines
+
+    ids = list(range(40, 100))
+    whole = kv_prefix.kv_prefix_of_tokens(lively.model, ids)
+    extended = kv_prefix.kv_prefix_of_tokens(lively.model, ids, known=whole[:35])
+    torch.testing.assert_close(extended, whole, atol=1e-5, rtol=0)
+    engine = HFEngine(str(lively.path), batch_size=4, pad_token_id=lively.tokenizer.pad_token_id)
+    computed = []
+    real = engines.kv_prefix_of_tokens
+    monkeypatch.setattr(
+        engines,
+        "kv_prefix_of_tokens",
+        lambda model, token_ids, known=None: (
+            computed.append(len(token_ids) - (0 if known is None else len(known))) or real(model, token_ids, known)
+        ),
+    )
+    torch.testing.assert_close(engine._shared_prefix(ids[:50]), whole[:50], atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine._shared_prefix(ids[:30]), whole[:30], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        engine._shared_prefix(ids[:30] + [7, 8]), real(lively.model, ids[:30] + [7, 8]), atol=1e-5, rtol=0
+    )
+    assert computed == [50, 2]  # the first, nothing for a beginning it knows, two tokens past the common 30
