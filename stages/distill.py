@@ -52,6 +52,9 @@ class DistillConfig(BaseModel):
         description="prefix initialisation: the first corpus tokens' KV, the corpus KV selected by reconstruction "
         "attention (stages/kv_reconstruction.py), the KV of randomly chosen chunks, or random values",
     )
+    select_max_tokens: int = Field(
+        32768, ge=1, description="init 'select' reads at most about this many corpus tokens (evenly spaced segments)"
+    )
     steps: int = Field(200, ge=1)
     precision: Precision = Field(
         "float32", description="how the published prefix is stored: float32 (PEFT loads it), float16, int8"
@@ -276,7 +279,7 @@ def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
     if config.init == "select":
         from cartridges.stages.kv_reconstruction import selected_prefix
 
-        return selected_prefix(loaded, DOCUMENT_SEPARATOR.join(texts), config.num_tokens)
+        return selected_prefix(loaded, DOCUMENT_SEPARATOR.join(texts), config.num_tokens, config.select_max_tokens)
     if config.init == "first_tokens":
         ids = context_token_ids(loaded.tokenizer, DOCUMENT_SEPARATOR.join(texts), config.num_tokens)
     else:

@@ -356,12 +356,18 @@ def vllm_available() -> bool:
     return True
 
 
-def resolved_engine(name: EngineName, kinds: dict[str, float]) -> EngineName:
-    """`auto` on a CPU with a mix of corpus-answered kinds only is the HF engine: it runs each chunk once
-    for all its samples and vLLM-CPU cannot (BENCHMARKS.md, "Corpus-answered kinds"); anything else is
-    left to `make_engine` (vLLM when it starts, else HF)."""
+SHARED_CHUNK_SAMPLES = 2.0  # planned samples per chunk from which HF's one pass per chunk pays on a CPU
+
+
+def resolved_engine(name: EngineName, kinds: dict[str, float], samples_per_chunk: float) -> EngineName:
+    """`auto` on a CPU is the HF engine when every kind is corpus-answered and chunks are shared by
+    several samples: HF runs each chunk once for all its samples, vLLM-CPU prefills it for each
+    (BENCHMARKS.md, "Corpus-answered kinds": x1.7 on 3 chunks; with about one sample per chunk
+    nothing is shared and vLLM was x3.7 faster). Anything else is left to `make_engine` (vLLM when it
+    starts, else HF)."""
     corpus_answered = all(kind in CORPUS_ANSWERED for kind, weight in kinds.items() if weight > 0)
-    if name == "auto" and corpus_answered and default_device().type == "cpu":
+    shared = samples_per_chunk >= SHARED_CHUNK_SAMPLES
+    if name == "auto" and corpus_answered and shared and default_device().type == "cpu":
         return "hf"
     return name
 

@@ -9,7 +9,8 @@ in corpus order. Their keys carry the rotary positions they were computed at; a 
 at positions 0..P-1 with the chat after it, so each kept key is rotated by (new - old) position
 (RoPE rotations compose, so this is exact up to float rounding) and the result loads and trains
 like the `first_tokens` prefix. A corpus longer than the model's window is scored in segments,
-each prefilled from position 0 (its first token is never kept: it acts as that segment's sink).
+each prefilled from position 0 (its first token is never kept: it acts as that segment's sink);
+`distill.select_max_tokens` bounds how many corpus tokens are read (evenly spaced segments).
 """
 
 import inspect
@@ -50,8 +51,19 @@ def reconstruction_scores(loaded: LoadedModel, prefix: torch.Tensor, body: list[
     return scores
 
 
-def select_tokens(loaded: LoadedModel, text: str, budget: int) -> Selection:
-    """The `budget` corpus positions per layer and KV head with the highest reconstruction scores."""
+def evenly_spaced(count: int, keep: int) -> list[int]:
+    """`keep` of `count` indices, the first and the last among them, spread evenly."""
+    if keep >= count:
+        return list(range(count))
+    if keep <= 1:
+        return [0]
+    return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
+
+
+def select_tokens(loaded: LoadedModel, text: str, budget: int, max_tokens: int | None = None) -> Selection:
+    """The `budget` corpus positions per layer and KV head with the highest reconstruction scores.
+    `max_tokens`: a longer corpus is read in evenly spaced segments holding about that many tokens
+    (the cost is two passes over every token read)."""
     tokenizer, window = loaded.tokenizer, loaded.model.config.max_position_embeddings
     head = context_token_ids(tokenizer, "")  # the tokenizer's BOS, if any
     body = context_token_ids(tokenizer, text)[len(head) :]
@@ -59,8 +71,11 @@ def select_tokens(loaded: LoadedModel, text: str, budget: int) -> Selection:
     segment = window - len(request) - CHUNK_TOKENS - len(head)
     if segment < CHUNK_TOKENS:
         raise CartridgeError(f"init 'select' needs a model window above {2 * CHUNK_TOKENS} tokens; use first_tokens")
+    starts = list(range(0, len(body), segment))
+    if max_tokens is not None:
+        starts = [starts[i] for i in evenly_spaced(len(starts), max(1, max_tokens // segment))]
     rows, scores, positions = [], [], []
-    for start in range(0, len(body), segment):
+    for start in starts:
         ids = head + body[start : start + segment]
         kv = kv_prefix_of_tokens(loaded.model, ids)
         score = reconstruction_scores(loaded, kv, ids[len(head) :]).float().cpu()
@@ -107,11 +122,11 @@ def move_keys(model, prefix: torch.Tensor, positions: torch.Tensor, to_positions
     return kv.reshape(tokens, -1)
 
 
-def selected_prefix(loaded: LoadedModel, text: str, num_tokens: int) -> torch.Tensor:
+def selected_prefix(loaded: LoadedModel, text: str, num_tokens: int, max_tokens: int | None = None) -> torch.Tensor:
     """The `select` prefix of `num_tokens` tokens, read at positions 0..P-1 (the whole corpus if it is shorter)."""
     ids = context_token_ids(loaded.tokenizer, text)
     if len(ids) <= num_tokens:
         return kv_prefix_of_tokens(loaded.model, ids)
-    selection = select_tokens(loaded, text, num_tokens)
+    selection = select_tokens(loaded, text, num_tokens, max_tokens)
     target = torch.arange(num_tokens, device=selection.positions.device)[:, None, None].expand_as(selection.positions)
     return move_keys(loaded.model, selection.prefix, selection.positions, target)

@@ -80,7 +80,7 @@ class SynthesisWorker:
         path = str(model_on_this_node(model))
         tokenizer = AutoTokenizer.from_pretrained(path)
         engine = make_engine(
-            resolved_engine(settings.engine, config.kinds),
+            resolved_engine(settings.engine, config.kinds, config.samples / max(len(inputs.chunks), 1)),
             path,
             max_model_len=max_prompt_tokens(config) + config.max_answer_tokens + 8,
             top_k=config.top_k,

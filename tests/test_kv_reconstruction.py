@@ -118,3 +118,26 @@ def test_the_select_init_of_a_run_is_the_selection_of_its_documents(lively, tmp_
     pq.write_table(pa.table({"text": [TEXT]}), run.documents)
     config = DistillConfig(num_tokens=12, init="select")
     assert torch.equal(initial_prefix(lively, run, config), selected_prefix(lively, TEXT, 12))
+
+
+def test_a_cap_on_the_tokens_read_keeps_evenly_spaced_segments(lively, monkeypatch):
+    """With room for two of four segments, the first and the last are read; nothing of the others is kept."""
+    assert kv_reconstruction.evenly_spaced(4, 2) == [0, 3] and kv_reconstruction.evenly_spaced(5, 3) == [0, 2, 4]
+    assert kv_reconstruction.evenly_spaced(3, 9) == [0, 1, 2] and kv_reconstruction.evenly_spaced(3, 0) == [0]
+    monkeypatch.setattr(kv_reconstruction, "CHUNK_TOKENS", 16)
+    request = chat_token_ids(lively.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
+    segment = 30
+    lively.model.config.max_position_embeddings = segment + len(request) + 16
+    ids = context_token_ids(lively.tokenizer, TEXT)
+    count = -(-len(ids) // segment)
+    assert count >= 4
+    read = [ids[i * segment : (i + 1) * segment] for i in kv_reconstruction.evenly_spaced(count, 2)]
+    rows = torch.cat([kv_prefix_of_tokens(lively.model, part) for part in read])
+    selection = select_tokens(lively, TEXT, 12, max_tokens=2 * segment)
+    layers, heads, head_dim = kv_shape(lively.model.config)
+    kept = selection.prefix.view(12, layers, 2, heads, head_dim)
+    every = rows.view(-1, layers, 2, heads, head_dim)
+    for layer in range(layers):
+        for head in range(heads):
+            for row in kept[:, layer, :, head]:
+                assert any(torch.equal(row, every[i, layer, :, head]) for i in range(every.shape[0]))
