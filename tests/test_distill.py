@@ -5,12 +5,10 @@ import os
 
 import pytest
 import torch
-from peft import PeftModel
+from peft_check import ours_and_peft_logits
 from safetensors.torch import load_file
 
 from cartridges.artifact import load_artifact
-from cartridges.models import load_model
-from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.distill import (
     DistillConfig,
     _student,
@@ -177,11 +175,7 @@ def test_published_artifact_loads_in_peft_like_in_our_runtime(tiny, synthesized_
     assert manifest.method == "distilled" and "eval_topk_kl" in manifest.metrics
     assert manifest.method_config["data_fingerprint"] and manifest.method_config["init"] == "first_tokens"
     cartridge = load_artifact(tmp_path / "artifact")
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    ours = CartridgeRuntime(tiny, [cartridge]).logits(ids)[0]
-    peft_model = PeftModel.from_pretrained(load_model(str(tiny.path)).model, str(cartridge.path))
-    with torch.no_grad():
-        theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    ours, theirs = ours_and_peft_logits(tiny, cartridge)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 

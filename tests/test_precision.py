@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft_check import IDS, ours_and_peft_logits
 from registry_helpers import MODEL_CONFIG, fake_manifest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -15,7 +15,6 @@ from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_file
 from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
 from cartridges.manifest import ADAPTER_WEIGHTS_FILE
-from cartridges.models import load_model
 from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.ingest import read_corpus
 from cartridges.stages.initialize import init_cartridge
@@ -55,13 +54,9 @@ def test_peft_loads_a_float16_cartridge_like_our_runtime(tiny, corpus_dir, tmp_p
     config = cartridge_peft_config(tiny.model.config, 16)
     save_artifact(tmp_path / "fp16", fp32.prompt_embeddings, config, manifest)
     cartridge = load_artifact(tmp_path / "fp16")
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    ours = CartridgeRuntime(tiny, [cartridge]).logits(ids)[0]
-    peft_model = PeftModel.from_pretrained(load_model(str(tiny.path)).model, str(cartridge.path))
-    with torch.no_grad():
-        theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    ours, theirs = ours_and_peft_logits(tiny, cartridge)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
-    full = CartridgeRuntime(tiny, [fp32]).logits(ids)[0]
+    full = CartridgeRuntime(tiny, [fp32]).logits(IDS)[0]
     torch.testing.assert_close(ours, full, atol=1e-2, rtol=0)
 
 
