@@ -91,13 +91,21 @@ def keep_top_scored(
     tokens = prefix.shape[0]
     if tokens <= budget:
         return Context(prefix)
-    layers, heads, head_dim = shape
-    kv = prefix.view(tokens, layers, 2, heads, head_dim)
     ranked = scores().clone()
     ranked[:SINK_TOKENS] = float("inf")
-    keep = ranked.topk(budget, dim=0).indices.sort(dim=0).values  # [budget, layers, heads], in corpus order
+    return Context(top_rows(prefix, shape, ranked, budget)[0], start_position=tokens)
+
+
+def top_rows(
+    prefix: torch.Tensor, shape: tuple[int, int, int], scores: torch.Tensor, budget: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `budget` rows of highest `scores` ([tokens, layers, kv_heads]) per layer and KV head, in
+    prefix order: the kept prefix [budget, layers*2*kv_heads*head_dim] and the kept row indices
+    [budget, layers, kv_heads]."""
+    layers, heads, head_dim = shape
+    keep = scores.topk(budget, dim=0).indices.sort(dim=0).values.to(prefix.device)
     index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim)
-    return Context(kv.gather(0, index).reshape(budget, -1), start_position=tokens)
+    return prefix.view(-1, layers, 2, heads, head_dim).gather(0, index).reshape(budget, -1), keep
 
 
 class RetrievedContext:

@@ -23,7 +23,7 @@ from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.contexts import SINK_TOKENS
+from cartridges.stages.contexts import SINK_TOKENS, top_rows
 from cartridges.stages.kv_selection import attention_to_prefix
 
 REPEAT_REQUEST = "Repeat the previous context exactly."
@@ -86,10 +86,7 @@ def select_tokens(loaded: LoadedModel, text: str, budget: int, max_tokens: int |
     kv, score, position = torch.cat(rows), torch.cat(scores), torch.cat(positions)
     if budget >= kv.shape[0]:
         raise CartridgeError(f"the corpus has {kv.shape[0]} tokens, not more than the {budget} to select")
-    layers, heads, head_dim = kv_shape(loaded.model.config)
-    keep = score.topk(budget, dim=0).indices.sort(dim=0).values.to(kv.device)  # [budget, layers, heads], corpus order
-    index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim)
-    kept = kv.view(-1, layers, 2, heads, head_dim).gather(0, index).reshape(budget, -1)
+    kept, keep = top_rows(kv, kv_shape(loaded.model.config), score, budget)
     return Selection(kept, position.to(kv.device)[keep])
 
 
