@@ -75,13 +75,13 @@ def save_artifact(
     The prefix is stored at the precision `manifest.dtype` names (cartridges/precision.py).
     """
     tensor = prompt_embeddings.detach().to("cpu").contiguous()
-    stored = encode(PROMPT_EMBEDDINGS_KEY, tensor, manifest.dtype)  # the manifest names the stored precision
     bad = non_finite_count(tensor)
     if bad:
         raise CartridgeError(
             f"refusing to save cartridge {manifest.name}: {bad} of {tensor.numel()} prefix values are NaN or infinite "
             "(training diverged); lower distill.lr or start from another prefix"
         )
+    stored = encode(PROMPT_EMBEDDINGS_KEY, tensor, manifest.dtype)  # the manifest names the stored precision
     exists = CartridgeError(f"{destination} already exists: choose another output folder or remove it")
     if destination.exists():
         raise exists

@@ -9,6 +9,8 @@ import torch
 from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
 from transformers import DynamicCache
 
+from cartridges.artifact import kv_shape
+
 
 @torch.no_grad()
 def kv_prefix_of_tokens(model, token_ids: list[int], known: torch.Tensor | None = None) -> torch.Tensor:
@@ -20,8 +22,6 @@ def kv_prefix_of_tokens(model, token_ids: list[int], known: torch.Tensor | None 
     if start == 0:
         out = model(input_ids=input_ids, use_cache=True)
     else:
-        from cartridges.artifact import kv_shape
-
         positions = torch.arange(start, len(token_ids), device=model.device)[None]
         cache = prefix_cache(known.to(model.device), *kv_shape(model.config))
         out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True)
