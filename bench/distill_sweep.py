@@ -105,7 +105,11 @@ class CorpusSweep:
         run = self.root / f"mix-{mix}"
         if mix not in self.synthesis:
             config = SynthesisConfig(
-                samples=self.args.samples, kinds=MIXES[mix], shard_size=self.args.shard_size, seed=self.args.seed
+                samples=self.args.samples,
+                kinds=MIXES[mix],
+                shard_size=self.args.shard_size,
+                seed=self.args.seed,
+                teacher_context=self.args.teacher_context,
             )
             ingested = ingest(
                 self.corpus_dir,
@@ -168,7 +172,8 @@ class CorpusSweep:
 
 def report(result: dict) -> str:
     """results.md from results.json's content (so a finished sweep can be re-rendered)."""
-    lines = [f"Distillation sweep, batch {result['args']['batch_size']}", ""]
+    teacher = result["args"].get("teacher_context", "chunk")
+    lines = [f"Distillation sweep, batch {result['args']['batch_size']}, the teacher reads its {teacher}", ""]
     for corpus_id, scores in result["baselines"].items():
         none, icl = scores.get("none"), scores.get("icl")
         if none is None or icl is None:
@@ -274,6 +279,12 @@ def main() -> None:
         help="train on DIR's synthesis (a build's run folder) instead of synthesizing that corpus's mix (repeatable)",
     )
     parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
+    parser.add_argument(
+        "--teacher-context",
+        choices=["chunk", "window"],
+        default="chunk",
+        help="what the teacher reads: the sample's chunk, or the corpus up to the model's window",
+    )
     parser.add_argument("--engine", default="hf")
     parser.add_argument("--engine-batch", type=int, default=16, help="HF engine batch size")
     parser.add_argument("--shard-size", type=int, default=32)

@@ -14,6 +14,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -155,13 +156,15 @@ def main() -> None:
     args = parser.parse_args()
 
     corpus = find_corpus(args.qa, args.corpus_id)
-    corpus_dir = args.out / "corpus"
-    corpus_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="synthesis-bench-"))  # corpus copy and run folders: not results
+    corpus_dir = scratch / "corpus"
+    corpus_dir.mkdir()
     (corpus_dir / f"{corpus.id}.txt").write_text(corpus.text)
     rows = []
     for engine in args.engines.split(","):
         print(f"running {engine}...", flush=True)
-        rows.append(run_engine(engine, corpus_dir, args.out / f"run-{engine}", args))
+        rows.append(run_engine(engine, corpus_dir, scratch / f"run-{engine}", args))
         print(json.dumps(rows[-1], indent=1), flush=True)
     (args.out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
@@ -172,8 +175,9 @@ def main() -> None:
     print(table)
     for row in rows:
         if row["ok"]:
-            preview = sample_preview(args.out / f"run-{row['engine']}", 5, args.seed)
+            preview = sample_preview(scratch / f"run-{row['engine']}", 5, args.seed)
             (args.out / f"samples-{row['engine']}.json").write_text(json.dumps(preview, indent=2))
+    shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":

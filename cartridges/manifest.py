@@ -78,9 +78,10 @@ class Manifest(BaseModel):
 
     @property
     def kv_bytes(self) -> int:
-        """Memory of the prefix when loaded: tokens x layers x (K and V) x heads x head_dim x element size."""
-        element = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)
-        return self.num_tokens * self.num_layers * 2 * self.num_kv_heads * self.head_dim * element
+        """Memory of the prefix when loaded: tokens x layers x (K and V) x heads x head_dim x 4. Every
+        stored precision (`dtype`: float16, int8 with scales) is loaded as float32, so this is not the
+        size on disk (a model that runs in 16 bits halves it when it reads the prefix)."""
+        return self.num_tokens * self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
 
     def to_json(self) -> str:
         """Strict JSON (no NaN/Infinity literals: jq and JavaScript reject them)."""

@@ -225,3 +225,37 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 def use_packed_attention(model) -> None:
     """Switch a model to `packed_attention` (transformers' `sdpa` when a forward pass is not packed)."""
     model.set_attn_implementation(NAME)
+
+
+@torch.no_grad()
+def packed_logits(
+    model, kv_shape: tuple[int, int, int], prefix: torch.Tensor | None, rows: list[list[int]], keep: list[int]
+) -> list[torch.Tensor]:
+    """One packed forward pass of several rows after one shared prefix (PEFT's flat layout, or None):
+    each row is read from position `prefix tokens` on, attends to the prefix's one copy and causally to
+    itself, and gives the logits of its last `keep[i]` tokens. Unlike a padded batch over a prefix
+    copied per row, no padding is computed and the prefix is not copied (teacher scoring in synthesis).
+    The model must use `packed_attention`."""
+    shared = None if prefix is None else SharedPrefix.of(prefix, kv_shape)
+    first = _tokens(shared)
+    kv = BatchKV(kv_shape, model.dtype, model.device)
+    for _ in rows:
+        kv.add()
+    kv.make_room(max(len(row) for row in rows))
+    chunks, ids, positions, kept = [], [], [], []
+    for slot, row in enumerate(rows):
+        chunks.append(Chunk(slot, len(ids), len(row), 0, shared))
+        ids.extend(row)
+        positions.extend(range(first, first + len(row)))
+        kept.extend(range(len(ids) - keep[slot], len(ids)))
+    step = PackedStep(kv, [], chunks, [shared] * len(rows), [len(row) for row in rows])
+    device = model.device
+    logits = model(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.tensor([positions], device=device),
+        attention_mask=NO_MASK.to(device),
+        use_cache=False,
+        logits_to_keep=torch.tensor(kept, dtype=torch.long, device=device),
+        **{STEP_ARGUMENT: step},
+    ).logits[0]
+    return list(logits.split(keep))

@@ -16,6 +16,7 @@ from cartridges.artifact import kv_shape
 from cartridges.batching import pad_batch
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.models import default_device
+from cartridges.packed_attention import packed_logits, use_packed_attention
 from cartridges.runtime import prefix_cache
 from cartridges.stages.seed_prompts import CORPUS_ANSWERED
 
@@ -137,6 +138,7 @@ class HFEngine:
         self.device = default_device()
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        use_packed_attention(self.model)  # scoring packs its rows; other passes run transformers' sdpa
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self._prefix_ids: list[int] | None = None
@@ -233,27 +235,20 @@ class HFEngine:
     @torch.no_grad()
     def score(self, prompts: list[list[int]], answers: list[list[int]], top_k: int) -> list[TokenScores]:
         """Samples of one chunk share the prompt's beginning: they are batched together and that
-        beginning runs once, as a KV prefix (kept for the next batch)."""
+        beginning runs once, as a KV prefix (kept for the next batch) that the batch's rows read in one
+        packed pass (`packed_logits`: one copy of the prefix, no padding)."""
         results: list[TokenScores | None] = [None] * len(prompts)
         for batch in _sharing_batches(prompts, self.batch_size):
             shared = min(_common_length([prompts[i] for i in batch]), min(len(prompts[i]) for i in batch) - 1)
-            suffixes = [prompts[i][shared:] + answers[i] for i in batch]
-            ids, mask = self._left_pad(suffixes)
-            keep = max(len(answers[i]) for i in batch) + 1
-            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
-            inputs = {"input_ids": ids, "position_ids": positions, "logits_to_keep": keep}
-            if shared:
-                cache = prefix_cache(
-                    self._shared_prefix(prompts[batch[0]][:shared]), *kv_shape(self.model.config), batch_size=len(batch)
-                )
-                mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype, device=mask.device), mask], dim=1)
-                inputs |= {"past_key_values": cache, "use_cache": True}
-            logprobs = torch.log_softmax(self.model(attention_mask=mask, **inputs).logits.float(), dim=-1)
-            for row, i in enumerate(batch):
-                # kept logits cover the last `keep` positions; answer token j is predicted one position earlier
-                results[i] = _scores_from_logprobs(
-                    logprobs[row, keep - len(answers[i]) - 1 : keep - 1], answers[i], top_k
-                )
+            prefix = self._shared_prefix(prompts[batch[0]][:shared]) if shared else None
+            rows = [prompts[i][shared:] + answers[i] for i in batch]
+            # each row's last len(answer) + 1 logits: answer token j is predicted one position before it
+            logits = packed_logits(
+                self.model, kv_shape(self.model.config), prefix, rows, [len(answers[i]) + 1 for i in batch]
+            )
+            for i, row_logits in zip(batch, logits, strict=True):
+                logprobs = torch.log_softmax(row_logits[:-1].float(), dim=-1)
+                results[i] = _scores_from_logprobs(logprobs, answers[i], top_k)
         return results
 
     def _shared_prefix(self, token_ids: list[int]) -> torch.Tensor:

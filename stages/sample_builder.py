@@ -51,10 +51,14 @@ class SampleBuilder:
         config: SynthesisConfig,
         chunks: list[Chunk],
         titles: list[str],
+        teacher_texts: list[str],
         model_fingerprint: str,
     ):
+        """`teacher_texts`: what the teacher reads for each chunk id (`teacher_context.teacher_texts`)."""
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.chunks, self.titles, self.model_fingerprint = chunks, titles, model_fingerprint
+        self.teacher_texts = teacher_texts
+        self._context_ids: dict[str, list[int]] = {}  # a block's tokens, shared by its chunks' samples
         self.description = config.corpus_description or f"a corpus of {len(titles)} documents"
         stops = {tokenizer.eos_token_id, *_as_list(getattr(tokenizer, "eos_token_ids", None))}
         self.stop_ids = tuple(sorted(t for t in stops if t is not None))
@@ -101,7 +105,7 @@ class SampleBuilder:
         generated = self._write_messages([d for d in drafts if d.message is None], attempt, failed)
         drafts = [d for d in drafts if d.message is not None]
         for draft in drafts:
-            context = context_token_ids(self.tokenizer, f"{draft.title}\n\n{draft.chunk.text}")
+            context = self._teacher_context_ids(draft.chunk.chunk_id)
             draft.prompt = context + chat_token_ids(self.tokenizer, [{"role": "user", "content": draft.message}])
         generated += self._write_answers(drafts, attempt)
         kept = []
@@ -119,6 +123,12 @@ class SampleBuilder:
             ):
                 draft.scores = scores
         return [self._row(d) for d in kept], failed, generated
+
+    def _teacher_context_ids(self, chunk_id: int) -> list[int]:
+        text = self.teacher_texts[chunk_id]
+        if text not in self._context_ids:
+            self._context_ids[text] = context_token_ids(self.tokenizer, text)
+        return self._context_ids[text]
 
     def _seeds(self, drafts: list[Draft], attempt: int, turn: int) -> list[int]:
         return [(d.planned.seed + attempt * ATTEMPT_SEED_STRIDE + turn) % 2**31 for d in drafts]
@@ -150,8 +160,8 @@ class SampleBuilder:
         return sum(len(t) for t in outputs)
 
     def _write_answers(self, drafts: list[Draft], attempt: int) -> int:
-        """Turn B: the teacher answers with the chunk in context (its top-k recorded while it generates),
-        or the answer is the corpus text (scored later in one pass)."""
+        """Turn B: the teacher answers with its context (the chunk, or its block) in view, its top-k
+        recorded while it generates; or the answer is the corpus text (scored later in one pass)."""
         for draft in drafts:
             if draft.corpus_text is not None:
                 tokens = self.tokenizer(draft.corpus_text, add_special_tokens=False)["input_ids"]

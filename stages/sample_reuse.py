@@ -1,6 +1,7 @@
 """Reuse the synthesized samples of chunks that did not change since an earlier run.
 
-A sample depends only on its chunk's title and text, its seed kind and seed, the teacher model and
+A sample depends only on its chunk's title and text (with `teacher_context: window`, also on the
+text of the chunk's block, which the teacher reads), its seed kind and seed, the teacher model and
 the sampling settings. The sample plan keeps untouched chunks' samples in place when a corpus is
 edited (`sample_plan`), so a planned sample whose previous namesake (same sample id) was drawn
 from the same chunk content with the same kind and seed is the sample a fresh run would make: it is
@@ -22,6 +23,7 @@ from cartridges.stages.sample_plan import PlannedSample
 SOURCE_KEY = b"cartridges.reused_from"
 # Settings a reused sample must share with the new run; seed and kinds are checked per sample.
 SAMPLE_SHAPING = (
+    "teacher_context",
     "top_k",
     "max_message_tokens",
     "max_answer_tokens",
@@ -30,13 +32,16 @@ SAMPLE_SHAPING = (
     "corpus_description",
     "max_attempts",
 )
+# Settings added after runs were recorded: a record without one was made with this value.
+ADDED_SETTING_DEFAULTS = {"teacher_context": "chunk"}
 
 
 def incompatibility(previous_record: dict, config: dict, model_fingerprint: str) -> str | None:
     """Why the previous run's samples cannot stand in for this run's, or None when they can."""
     if previous_record.get("model_fingerprint") != model_fingerprint:
         return "another model"
-    changed = [k for k in SAMPLE_SHAPING if previous_record.get("config", {}).get(k) != config.get(k)]
+    previous = ADDED_SETTING_DEFAULTS | previous_record.get("config", {})
+    changed = [k for k in SAMPLE_SHAPING if previous.get(k) != config.get(k)]
     return f"other settings ({', '.join(changed)})" if changed else None
 
 
@@ -47,7 +52,8 @@ def assign_reused(
     previous_rows: list[dict],
     previous_keys: list[str],
 ) -> list[dict]:
-    """The previous rows that are exactly the planned samples, renumbered for this run's chunks."""
+    """The previous rows that are exactly the planned samples, renumbered for this run's chunks.
+    `keys`, `previous_keys`: per chunk id, what its samples depend on (`teacher_context.teacher_keys`)."""
     previous = {row["sample_id"]: row for row in previous_rows}
     reused = []
     for sample in planned:

@@ -47,6 +47,11 @@ class SynthesisConfig(BaseModel):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     chunk_min_tokens: int = Field(512, ge=1)
     chunk_max_tokens: int = Field(2048, ge=2)
+    teacher_context: Literal["chunk", "window"] = Field(
+        "chunk",
+        description="what the teacher reads: the sample's chunk, or the window: consecutive chunks packed up to the "
+        "model's window less the sample's budget (the whole corpus when it fits, as icl reads it)",
+    )
     corpus_description: str | None = Field(
         None, description="one line about the corpus; default: 'a corpus of N documents'"
     )
@@ -80,15 +85,24 @@ class SynthesisRunSettings(BaseModel):
     executor: Literal["ray", "local"] = "ray"
 
 
-def max_prompt_tokens(config: SynthesisConfig) -> int:
-    """Upper bound of a teacher prompt: chunk, title, chat template and the user message."""
-    return config.chunk_max_tokens + PROMPT_OVERHEAD_TOKENS + config.max_message_tokens
+def teacher_context_tokens(config: SynthesisConfig, window: int) -> int:
+    """Tokens of corpus text the teacher reads at most: a chunk, or the window less the sample's budget."""
+    if config.teacher_context == "chunk":
+        return config.chunk_max_tokens
+    return window - PROMPT_OVERHEAD_TOKENS - config.max_message_tokens - config.max_answer_tokens
+
+
+def max_prompt_tokens(config: SynthesisConfig, window: int) -> int:
+    """Upper bound of a teacher prompt: its corpus text, title(s), chat template and the user message."""
+    return teacher_context_tokens(config, window) + PROMPT_OVERHEAD_TOKENS + config.max_message_tokens
 
 
 def check_fits_window(config: SynthesisConfig, window: int) -> None:
-    needed = max_prompt_tokens(config) + config.max_answer_tokens
-    if needed > window:
+    """A chunk, and every prompt with its answer, must fit the model's window."""
+    budget = window - PROMPT_OVERHEAD_TOKENS - config.max_message_tokens - config.max_answer_tokens
+    if config.chunk_max_tokens > budget:
+        needed = config.chunk_max_tokens + window - budget
         raise CartridgeError(
             f"chunk_max_tokens={config.chunk_max_tokens} plus prompt and answer needs {needed} tokens, more than "
-            f"the model's window of {window}: lower chunk_max_tokens to {window - needed + config.chunk_max_tokens} or less"
+            f"the model's window of {window}: lower chunk_max_tokens to {budget} or less"
         )

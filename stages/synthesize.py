@@ -36,10 +36,16 @@ from cartridges.stages.records import IngestRecord, ShardStats, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
 from cartridges.stages.sample_builder import SampleBuilder
-from cartridges.stages.sample_plan import PlannedSample, chunk_keys, keys_of, plan_samples
+from cartridges.stages.sample_plan import PlannedSample, keys_of, plan_samples
 from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
 from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards, read_shard_stats, shard_bytes, write_shard
-from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings, max_prompt_tokens
+from cartridges.stages.synthesis_config import (
+    SynthesisConfig,
+    SynthesisRunSettings,
+    max_prompt_tokens,
+    teacher_context_tokens,
+)
+from cartridges.stages.teacher_context import teacher_keys, teacher_texts
 
 ENGINE_START_TIMEOUT_S = 900  # a cold vLLM engine on a large model takes minutes; an autoscaler adds nodes in minutes
 
@@ -79,17 +85,21 @@ class SynthesisWorker:
         settings = SynthesisRunSettings.model_validate_json(settings_json)
         path = str(model_on_this_node(model))
         tokenizer = AutoTokenizer.from_pretrained(path)
+        window = model_window(path)
+        texts = teacher_texts(
+            inputs.chunks, inputs.titles, tokenizer, config.teacher_context, teacher_context_tokens(config, window)
+        )
         engine = make_engine(
             resolved_engine(settings.engine, config.kinds, config.samples / max(len(inputs.chunks), 1)),
             path,
-            max_model_len=max_prompt_tokens(config) + config.max_answer_tokens + 8,
+            max_model_len=min(max_prompt_tokens(config, window) + config.max_answer_tokens + 8, window),
             top_k=config.top_k,
             batch_size=settings.batch_size,
             pad_token_id=pad_token_id(tokenizer),
             threads=settings.threads,
             seed=config.seed,
         )
-        self.builder = SampleBuilder(engine, tokenizer, config, inputs.chunks, inputs.titles, model.fingerprint)
+        self.builder = SampleBuilder(engine, tokenizer, config, inputs.chunks, inputs.titles, texts, model.fingerprint)
         self.plan = plan_run(config, keys_of(inputs.chunks, inputs.titles))
         self.shard_size = config.shard_size
         self.reused = inputs.reused
@@ -117,6 +127,26 @@ class SynthesisWorker:
     def __call__(self, batch: dict) -> dict:
         made = [self.make_shard(int(shard)) for shard in batch["shard"]]
         return {"stats": [stats.model_dump_json() for stats, _ in made], "parquet": [data for _, data in made]}
+
+
+def model_window(path: str) -> int:
+    """The positions the model reads (its config, without loading weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).max_position_embeddings
+
+
+def run_teacher_keys(run: RunDir, config: SynthesisConfig, model: ModelRef) -> list[str]:
+    """Per chunk id of the run folder, the content its samples depend on (`teacher_context.teacher_keys`)."""
+    chunks, titles = read_chunks(run), read_titles(run)
+    tokenizer, max_tokens = None, 0
+    if config.teacher_context != "chunk":  # blocks are packed by the tokenizer to the model's window
+        from transformers import AutoTokenizer
+
+        path = str(model_on_this_node(model))
+        tokenizer, max_tokens = AutoTokenizer.from_pretrained(path), teacher_context_tokens(config, model_window(path))
+    texts = teacher_texts(chunks, titles, tokenizer, config.teacher_context, max_tokens)
+    return teacher_keys(chunks, titles, texts, config.teacher_context)
 
 
 def _check_run_config(run: RunDir, record: dict) -> None:
@@ -185,7 +215,7 @@ def _run_shards(pending: list[int], worker_args: dict, settings: SynthesisRunSet
         ) from None
 
 
-def prepare_reuse(run: RunDir, previous: RunDir, config: SynthesisConfig, model_fingerprint: str) -> str | None:
+def prepare_reuse(run: RunDir, previous: RunDir, config: SynthesisConfig, model: ModelRef) -> str | None:
     """Pick the previous run's samples that stand in for planned ones (once per run); returns why none could be."""
     if run.reused_samples.is_file():
         return None
@@ -195,14 +225,15 @@ def prepare_reuse(run: RunDir, previous: RunDir, config: SynthesisConfig, model_
             "pass the --out folder of an earlier run"
         )
     record = json.loads(previous.synthesis_config.read_text())
-    refused = incompatibility(record, config.model_dump(), model_fingerprint)
+    refused = incompatibility(record, config.model_dump(), model.fingerprint)
     rows: list[dict] = []
     if refused is None:
         shards = sorted(previous.shards.glob("shard-*.parquet"))
         previous_rows = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
         chunks = read_chunks(run)
-        keys = keys_of(chunks, read_titles(run))
-        rows = assign_reused(plan_run(config, keys), keys, chunks, previous_rows, chunk_keys(previous))
+        planned = plan_run(config, keys_of(chunks, read_titles(run)))
+        keys, previous_keys = (run_teacher_keys(folder, config, model) for folder in (run, previous))
+        rows = assign_reused(planned, keys, chunks, previous_rows, previous_keys)
     write_reused(run.reused_samples, rows, SAMPLE_SCHEMA, previous.root)
     return refused
 
@@ -228,7 +259,7 @@ def synthesize(
         "model_fingerprint": model.fingerprint,
     }
     _check_run_config(run, record | {"reuse_from": str(reuse_from.root) if reuse_from else None})
-    reuse_refused = prepare_reuse(run, reuse_from, config, model.fingerprint) if reuse_from else None
+    reuse_refused = prepare_reuse(run, reuse_from, config, model) if reuse_from else None
     pending = [s for s in range(num_shards(config)) if not run.shard(s).is_file()]
     started = time.perf_counter()
     if pending:

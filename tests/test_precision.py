@@ -34,6 +34,7 @@ def test_each_precision_round_trips_within_its_own_rounding(tmp_path):
         folder = saved(tmp_path / precision, prefix, precision)
         loaded = load_artifact(folder)
         assert loaded.manifest.dtype == precision and loaded.prompt_embeddings.dtype == torch.float32
+        assert loaded.manifest.kv_bytes == loaded.prompt_embeddings.numel() * 4  # loaded memory, not disk
         sizes[precision] = (folder / ADAPTER_WEIGHTS_FILE).stat().st_size
         if precision == "float32":
             assert torch.equal(loaded.prompt_embeddings, prefix)
