@@ -200,7 +200,46 @@ def report(result: dict) -> str:
                 f"{row['train_metrics'].get('eval_topk_kl', float('nan')):.3f} | {row['train_seconds']:.0f} |"
             )
         lines.append("")
+    if result.get("against"):
+        lines += [
+            f"Paired against the trials of the same name in {result['args']['against']}:",
+            "",
+            "| corpus | trial | init NLL earlier / here | distilled NLL earlier / here | here - earlier (paired) | rank acc earlier / here |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in result["against"]:
+            lines.append(
+                f"| {c['corpus']} | {c['name']} | {c['init'][0]:.3f} / {c['init'][1]:.3f} | {c['nll'][0]:.3f} / {c['nll'][1]:.3f} | "
+                f"{c['difference']:+.3f} ± {c['difference_se']:.3f} | {c['rank_accuracy'][0]:.2f} / {c['rank_accuracy'][1]:.2f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
+
+
+def compared(rows: list[dict], against: Path | None) -> list[dict]:
+    """Each trial beside the earlier sweep's trial of the same corpus and name, paired per question."""
+    if against is None:
+        return []
+    earlier = {(r["corpus"], r["name"]): r for r in json.loads(against.read_text())["rows"]}
+    out = []
+    for row in rows:
+        before = earlier.get((row["corpus"], row["name"]))
+        if before is None:
+            continue
+        here, there = row["distilled"], before["distilled"]
+        difference, se = paired_gain(there["per_question_nll"], here["per_question_nll"])  # there minus here
+        out.append(
+            {
+                "corpus": row["corpus"],
+                "name": row["name"],
+                "init": (before["init"]["nll"], row["init"]["nll"]),
+                "nll": (there["nll"], here["nll"]),
+                "difference": -difference,
+                "difference_se": se,
+                "rank_accuracy": (there["rank_accuracy"], here["rank_accuracy"]),
+            }
+        )
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -278,6 +317,13 @@ def main() -> None:
         metavar="CORPUS_ID=MIX=DIR",
         help="train on DIR's synthesis (a build's run folder) instead of synthesizing that corpus's mix (repeatable)",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="results.json of an earlier sweep on the same questions: each trial is paired with the earlier trial of "
+        "the same name (e.g. the same recipe with another --teacher-context)",
+    )
     parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
     parser.add_argument(
         "--teacher-context",
@@ -326,6 +372,7 @@ def main() -> None:
             result = {
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "rows": rows,
+                "against": compared(rows, args.against),
                 "baselines": {s.corpus.id: s.scores for s in sweeps},
                 "synthesis": {s.corpus.id: s.synthesis for s in sweeps},
                 "elapsed_seconds": time.perf_counter() - started,

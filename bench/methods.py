@@ -306,7 +306,7 @@ def main() -> None:
     }
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
     partial.unlink(missing_ok=True)
-    table = markdown(rows, summary, args, storage)
+    table = markdown(rows, summary, args, storage, {c.id: c.questions for c in corpora})
     (args.out / "results.md").write_text(table)
     plot(rows, args.out)
     print(table)

@@ -4,10 +4,13 @@ from pathlib import Path
 
 from kv_storage import storage_table
 
+from cartridges.stages.answer_quality import score_answer
+from cartridges.stages.evaluate import mean_and_se
+
 BUDGET_METHODS = ("truncated", "select", "rag", "knorm", "streaming", "snapkv", "lingua")
 
 
-def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = ()) -> str:
+def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = (), questions: dict | None = None) -> str:
     eligible = [c for c, v in corpora.items() if v["eligible"]]
     lines = [
         f"Methods at KV budgets {args.budget}, distractors {args.distractors}; {len(eligible)} of {len(corpora)} corpora have headroom above 2 paired SE.",
@@ -33,33 +36,55 @@ def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = ()) ->
             f"{r.get('peak_rss_mb', float('nan')):.0f} |"
         )
     if args.answer_tokens:
-        lines += answer_tables(rows)
+        lines += answer_tables(rows, questions)
     if storage:
         lines += storage_table(storage)
     return "\n".join(lines) + "\n"
 
 
-def answer_tables(rows: list[dict], shown_questions: int = 5) -> list[str]:
-    """What a user reads: answer F1 / exact match / containment per method, and five questions'
-    answers side by side (none, icl, rag, cartridges) per corpus."""
-    lines = ["", "| corpus | method | B | answer F1 | exact | contains |", "|---|---|---|---|---|---|"]
+def answer_tables(rows: list[dict], questions: dict[str, list] | None = None, shown_questions: int = 5) -> list[str]:
+    """What a user reads: answer F1 / exact match / containment per method, each method's difference
+    from `icl` on the same questions (paired, ± SE), and five questions' answers side by side.
+    `questions`: corpus id -> its QA questions (for the side-by-side table's question and gold answer)."""
+    lines = [
+        "",
+        "| corpus | method | B | answer F1 | F1 - icl (paired) | contains | contains - icl (paired) | exact |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    icl = {r["corpus"]: r for r in rows if r["method"] == "icl" and r.get("answers")}
     for r in rows:
+        if not r.get("answers"):
+            continue
+        against = icl.get(r["corpus"])
+        f1_gap = contains_gap = ""
+        if against is not None and r is not against and questions and r["corpus"] in questions:
+            golds = [[q.answer, *q.alt_answers] for q in questions[r["corpus"]]]
+            mine, theirs = (
+                [score_answer(a, g) for a, g in zip(row["answers"], golds, strict=True)] for row in (r, against)
+            )
+            f1_gap = "{:+.3f} ± {:.3f}".format(*mean_and_se([m.f1 - t.f1 for m, t in zip(mine, theirs)]))
+            contains_gap = "{:+.2f} ± {:.2f}".format(
+                *mean_and_se([float(m.contains) - float(t.contains) for m, t in zip(mine, theirs)])
+            )
         lines.append(
-            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['answer_f1']:.3f} | "
-            f"{r['exact_match']:.2f} | {r['answer_contains']:.2f} |"
+            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['answer_f1']:.3f} | {f1_gap} | "
+            f"{r['answer_contains']:.2f} | {contains_gap} | {r['exact_match']:.2f} |"
         )
-    for corpus in dict.fromkeys(r["corpus"] for r in rows):
-        side = [
-            r
-            for r in rows
-            if r["corpus"] == corpus and (r["method"] in ("none", "icl", "rag") or r["method"].startswith("cartridge"))
-        ]
-        lines += ["", f"Answers on {corpus}:", "", "| question | " + " | ".join(r["method"] for r in side) + " |"]
+    for corpus in dict.fromkeys(r["corpus"] for r in rows if r.get("answers")):
+        side = [r for r in rows if r["corpus"] == corpus and r.get("answers")]
+        names = [f"{r['method']} {r['budget'] or ''}".strip() for r in side]
+        lines += ["", f"Answers on {corpus}:", "", "| question (gold) | " + " | ".join(names) + " |"]
         lines.append("|---" * (len(side) + 1) + "|")
+        asked = (questions or {}).get(corpus)
         for i in range(min(shown_questions, len(side[0]["answers"]))):
-            cells = [r["answers"][i].replace("|", "/").replace("\n", " ")[:80] for r in side]
-            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+            question = f"{asked[i].question} ({asked[i].answer})" if asked else str(i + 1)
+            cells = [_cell(question, 160), *(_cell(r["answers"][i]) for r in side)]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _cell(text: str, width: int = 80) -> str:
+    return text.replace("|", "/").replace("\n", " ")[:width]
 
 
 def plot(rows: list[dict], out: Path) -> None:
