@@ -229,15 +229,23 @@ def use_packed_attention(model) -> None:
 
 @torch.no_grad()
 def packed_logits(
-    model, kv_shape: tuple[int, int, int], prefix: torch.Tensor | None, rows: list[list[int]], keep: list[int]
+    model,
+    kv_shape: tuple[int, int, int],
+    prefix: torch.Tensor | None,
+    rows: list[list[int]],
+    keep: list[int],
+    start_position: int | None = None,
 ) -> list[torch.Tensor]:
     """One packed forward pass of several rows after one shared prefix (PEFT's flat layout, or None):
-    each row is read from position `prefix tokens` on, attends to the prefix's one copy and causally to
-    itself, and gives the logits of its last `keep[i]` tokens. Unlike a padded batch over a prefix
-    copied per row, no padding is computed and the prefix is not copied (teacher scoring in synthesis).
-    The model must use `packed_attention`."""
-    shared = None if prefix is None else SharedPrefix.of(prefix, kv_shape)
-    first = _tokens(shared)
+    each row is read from position `start_position` on (default: the prefix's length), attends to the
+    prefix's one copy and causally to itself, and gives the logits of its last `keep[i]` tokens. Unlike
+    a padded batch over a prefix copied per row, no padding is computed and the prefix is not copied
+    (teacher scoring in synthesis, gold-answer scoring in evaluation). The model must use
+    `packed_attention`."""
+    if prefix is not None and prefix.shape[0] == 0:
+        prefix = None
+    shared = None if prefix is None else SharedPrefix.of(prefix.to(model.device, model.dtype), kv_shape)
+    first = _tokens(shared) if start_position is None else start_position
     kv = BatchKV(kv_shape, model.dtype, model.device)
     for _ in rows:
         kv.add()

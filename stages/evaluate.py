@@ -13,8 +13,8 @@ import torch
 
 from cartridges.artifact import kv_shape
 from cartridges.models import LoadedModel
+from cartridges.packed_attention import packed_logits, use_packed_attention
 from cartridges.qa import QACorpus, Question
-from cartridges.runtime import prefix_logits
 from cartridges.stages.answer_scoring import Forward, mean_answer_nll
 from cartridges.stages.contexts import Context, ContextSource
 
@@ -78,13 +78,20 @@ def paired_gain(baseline: Sequence[float], method: Sequence[float]) -> tuple[flo
 
 
 def _forward(loaded: LoadedModel, context: Context) -> Forward:
-    shape = kv_shape(loaded.model.config)
-    device = loaded.model.device
+    """Logits of right-padded rows after the context block, computed in one packed pass: the block's
+    keys and values are read from one copy (a padded batch copies the block per row: 1.3 GB for 8
+    rows after a 3.5k-token article with SmolLM2) and padding is not computed."""
+    model, shape = loaded.model, kv_shape(loaded.model.config)
+    use_packed_attention(model)
 
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return prefix_logits(
-            loaded.model, context.prefix, shape, ids.to(device), mask.to(device), context.start_position
-        )
+        lengths = mask.sum(dim=-1).tolist()
+        rows = [ids[row, :length].tolist() for row, length in enumerate(lengths)]
+        per_row = packed_logits(model, shape, context.prefix, rows, lengths, context.start_position)
+        logits = per_row[0].new_zeros(*ids.shape, per_row[0].shape[-1])
+        for row, values in enumerate(per_row):
+            logits[row, : values.shape[0]] = values
+        return logits
 
     return forward
 

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
+from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids
 from cartridges.qa import QACorpus, Question, find_corpus, load_qa_file, load_qa_files
+from cartridges.runtime import prefix_cache
 from cartridges.stages.answer_scoring import answer_token_ids, mean_answer_nll
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluate import mean_and_se, paired_gain, rank_candidates, score_corpus
@@ -127,3 +129,43 @@ def test_load_qa_files_selects_corpora_and_names_missing_ones(tmp_path):
     empty.write_text(json.dumps({"corpora": [{"id": "e", "text": "  ", "questions": [question]}]}))
     with pytest.raises(CartridgeError, match="corpus text is empty"):
         load_qa_files([empty])
+
+
+def test_gold_nll_after_a_context_block_equals_one_plain_forward_pass(lively):
+    """The packed scoring pass against the model run once over corpus, chat and answer (icl), and
+    over the full corpus cache with the dropped positions masked (a compressed block read at the
+    corpus's positions); rows of different lengths share a batch, so padding is exercised too."""
+    tokenizer = lively.tokenizer
+    text = "Section 4. A tenant may cure a default in rent within ten days of notice. " * 3
+    questions = tuple(
+        Question(id=str(i), question=q, answer=a, answer_type="other")
+        for i, (q, a) in enumerate(
+            [("How long to cure?", "ten days"), ("Who may cure a default in rent?", "a tenant"), ("What?", "rent")]
+        )
+    )
+    corpus = QACorpus(id="c", title="", text=text, questions=questions)
+    full = corpus_kv(lively, text)
+    tokens = full.shape[0]
+    kept = torch.cat([full[:1], full[tokens - 10 :]])  # a streaming-style block: the sink and the last 10
+    mask_dropped = torch.ones(tokens, dtype=torch.long)
+    mask_dropped[1 : tokens - 10] = 0
+    for context, corpus_mask in (
+        (Context(full), torch.ones(tokens, dtype=torch.long)),
+        (Context(kept, tokens), mask_dropped),
+    ):
+        got = score_corpus(lively, corpus, FixedContext(context), "m", distractors=0, batch_size=2).per_question_nll
+        for question, value in zip(questions, got, strict=True):
+            chat = chat_token_ids(tokenizer, [{"role": "user", "content": question.question}])
+            answer = answer_token_ids(tokenizer, question.answer)
+            ids = torch.tensor([chat + answer])
+            with torch.no_grad():
+                logits = lively.model(
+                    input_ids=ids,
+                    attention_mask=torch.cat([corpus_mask, torch.ones(ids.shape[1], dtype=torch.long)])[None],
+                    position_ids=torch.arange(tokens, tokens + ids.shape[1])[None],
+                    past_key_values=prefix_cache(full, *kv_shape(lively.model.config)),
+                    use_cache=True,
+                ).logits[0]
+            predicted = torch.log_softmax(logits[len(chat) - 1 : -1], dim=-1)
+            expected = -predicted[range(len(answer)), answer].mean().item()
+            assert value == pytest.approx(expected, abs=1e-4)
