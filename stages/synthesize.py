@@ -86,9 +86,7 @@ class SynthesisWorker:
         path = str(model_on_this_node(model))
         tokenizer = AutoTokenizer.from_pretrained(path)
         window = model_window(path)
-        texts = teacher_texts(
-            inputs.chunks, inputs.titles, tokenizer, config.teacher_context, teacher_context_tokens(config, window)
-        )
+        texts = teacher_texts_of(inputs.chunks, inputs.titles, config, path, tokenizer)
         engine = make_engine(
             resolved_engine(settings.engine, config.kinds, config.samples / max(len(inputs.chunks), 1)),
             path,
@@ -136,17 +134,25 @@ def model_window(path: str) -> int:
     return AutoConfig.from_pretrained(path).max_position_embeddings
 
 
+def teacher_texts_of(chunks: list[Chunk], titles: list[str], config: SynthesisConfig, path: str, tokenizer=None):
+    """What the teacher reads for each chunk id (`teacher_context`); a window is packed by the model's
+    tokenizer to the model's window."""
+    if config.teacher_context == "chunk":
+        return teacher_texts(chunks, titles, None, "chunk", 0)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return teacher_texts(
+        chunks, titles, tokenizer, config.teacher_context, teacher_context_tokens(config, model_window(path))
+    )
+
+
 def run_teacher_keys(run: RunDir, config: SynthesisConfig, model: ModelRef) -> list[str]:
     """Per chunk id of the run folder, the content its samples depend on (`teacher_context.teacher_keys`)."""
     chunks, titles = read_chunks(run), read_titles(run)
-    tokenizer, max_tokens = None, 0
-    if config.teacher_context != "chunk":  # blocks are packed by the tokenizer to the model's window
-        from transformers import AutoTokenizer
-
-        path = str(model_on_this_node(model))
-        tokenizer, max_tokens = AutoTokenizer.from_pretrained(path), teacher_context_tokens(config, model_window(path))
-    texts = teacher_texts(chunks, titles, tokenizer, config.teacher_context, max_tokens)
-    return teacher_keys(chunks, titles, texts, config.teacher_context)
+    path = str(model_on_this_node(model)) if config.teacher_context != "chunk" else ""
+    return teacher_keys(chunks, titles, teacher_texts_of(chunks, titles, config, path), config.teacher_context)
 
 
 def _check_run_config(run: RunDir, record: dict) -> None:
