@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,21 @@ def ask_in_fresh_process(home: Path, registry: str, model: Path) -> subprocess.C
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_ask_from_a_fresh_process_reads_the_cartridge_from_s3(cli, s3_bucket, corpus_dir, lively_model_dir, tmp_path):
+class FrozenClock(datetime):
+    """The manifest's `created_at` (bound into the payload's checksum) the same for both builds, which
+    on a slow machine can fall into different seconds."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime(2026, 1, 1, tzinfo=tz)
+
+
+def test_ask_from_a_fresh_process_reads_the_cartridge_from_s3(
+    cli, s3_bucket, corpus_dir, lively_model_dir, tmp_path, monkeypatch
+):
     """Published to s3:// by one process, answered by another whose home holds nothing: the answer is the
     one the same artifact gives from a local registry, and the fresh home now caches it by digest."""
+    monkeypatch.setattr("cartridges.manifest.datetime", FrozenClock)
     remote = f"{s3_bucket}/registry"
     code, _, err = cli("init", "--corpus", str(corpus_dir), "--model", str(lively_model_dir), "--tokens", "16")
     assert code == 0, err
