@@ -27,6 +27,7 @@ import torch
 from baseline_rows import WHOLE_METHODS, earlier_rows
 from kv_storage import storage_rows
 from methods_report import BUDGET_METHODS, markdown, plot
+from safetensors.torch import load_file
 
 from cartridges.artifact import kv_shape
 from cartridges.errors import run_script
@@ -166,8 +167,17 @@ def summarize(rows: list[dict]) -> dict:
     """Headroom per corpus (paired SE), and recovery of every row on corpora whose headroom is > 2 SE."""
     corpora = {}
     for corpus in dict.fromkeys(r["corpus"] for r in rows):
-        none = next(r for r in rows if r["corpus"] == corpus and r["method"] == "none")
-        icl = next(r for r in rows if r["corpus"] == corpus and r["method"] == "icl")
+        none = next((r for r in rows if r["corpus"] == corpus and r["method"] == "none"), None)
+        icl = next((r for r in rows if r["corpus"] == corpus and r["method"] == "icl"), None)
+        if none is None or icl is None:  # run without them (--whole-method): no recovery
+            corpora[corpus] = {
+                "none": float("nan"),
+                "icl": float("nan"),
+                "headroom": float("nan"),
+                "headroom_se": float("nan"),
+                "eligible": False,
+            }
+            continue
         headroom, se = paired_gain(none["per_question_nll"], icl["per_question_nll"])
         corpora[corpus] = {
             "none": none["nll"],
@@ -205,7 +215,18 @@ def main() -> None:
     parser.add_argument("--skip-decode", action="store_true", help="no decode throughput and memory measurement")
     parser.add_argument("--storage", action="store_true", help="also the corpus KV stored at fp32/fp16/int8")
     parser.add_argument(
-        "--method", action="append", default=None, help="budget method to run (repeatable; default: all)"
+        "--method",
+        action="append",
+        default=None,
+        help="budget method to run (repeatable; default: all; --method '' runs none of them)",
+    )
+    parser.add_argument(
+        "--prefix",
+        action="append",
+        default=[],
+        metavar="CORPUS_ID=LABEL=FILE",
+        help="a trained or initial prefix file of a run (distill/final_prefix.safetensors, init_prefix.safetensors), "
+        "scored as method LABEL on that corpus (repeatable)",
     )
     parser.add_argument(
         "--whole-method",
@@ -241,7 +262,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = []
-    methods = args.method or BUDGET_METHODS
+    methods = BUDGET_METHODS if args.method is None else [m for m in args.method if m]
+    prefixes: dict[str, list[tuple[str, Path]]] = {}
+    for spec in args.prefix:
+        corpus_id, label, file = spec.split("=", 2)
+        prefixes.setdefault(corpus_id, []).append((label, Path(file)))
     storage = []
     partial = args.out / "results.partial.json"  # each row as it is measured: a run cut short keeps them
 
@@ -259,6 +284,19 @@ def main() -> None:
                 keep(measure(loaded, corpus, method, budget, args))
         if corpus.id in refs:
             rows.append(measure(loaded, corpus, "cartridge", None, args, (refs[corpus.id],), cartridges))
+        for label, file in prefixes.get(corpus.id, []):
+            prefix = load_file(str(file))["prefix"]
+            keep(
+                measure(
+                    loaded,
+                    corpus,
+                    label,
+                    None,
+                    args,
+                    label=label,
+                    make_source=lambda p=prefix: FixedContext(Context(p)),
+                )
+            )
         if args.storage:
             mine = (
                 {f"cartridge {refs[corpus.id]}": cartridges[refs[corpus.id]].prompt_embeddings}
