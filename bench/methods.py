@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from baseline_rows import WHOLE_METHODS, earlier_rows
 from kv_storage import storage_rows
-from methods_report import BUDGET_METHODS, markdown, plot
+from methods_report import BUDGET_METHODS, markdown, plot, summarize
 from safetensors.torch import load_file
 
 from cartridges.artifact import kv_shape
@@ -39,7 +39,7 @@ from cartridges.qa import load_qa_files
 from cartridges.registry import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
 from cartridges.stages.contexts import Context, FixedContext, context_source, corpus_kv
-from cartridges.stages.evaluate import paired_gain, score_corpus
+from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR
 from cartridges.stages.parallel_encoding import parallel_context
 
@@ -161,35 +161,6 @@ def measure(
         flush=True,
     )
     return row
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Headroom per corpus (paired SE), and recovery of every row on corpora whose headroom is > 2 SE."""
-    corpora = {}
-    for corpus in dict.fromkeys(r["corpus"] for r in rows):
-        none = next((r for r in rows if r["corpus"] == corpus and r["method"] == "none"), None)
-        icl = next((r for r in rows if r["corpus"] == corpus and r["method"] == "icl"), None)
-        if none is None or icl is None:  # run without them (--whole-method): no recovery
-            corpora[corpus] = {
-                "none": float("nan"),
-                "icl": float("nan"),
-                "headroom": float("nan"),
-                "headroom_se": float("nan"),
-                "eligible": False,
-            }
-            continue
-        headroom, se = paired_gain(none["per_question_nll"], icl["per_question_nll"])
-        corpora[corpus] = {
-            "none": none["nll"],
-            "icl": icl["nll"],
-            "headroom": headroom,
-            "headroom_se": se,
-            "eligible": headroom > 2 * se,
-        }
-    for row in rows:
-        c = corpora[row["corpus"]]
-        row["recovery"] = (c["none"] - row["nll"]) / (c["none"] - c["icl"]) if c["eligible"] else None
-    return corpora
 
 
 def main() -> None:

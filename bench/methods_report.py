@@ -1,13 +1,52 @@
-"""Tables and plots of `bench/methods.py`: recovery per method, what a user reads, cost."""
+"""Tables and plots of `bench/methods.py`: recovery per method, what a user reads, cost.
 
+Also merges runs: a grid split across runs (each fits a session) is reported as one, later runs'
+rows replacing earlier ones of the same corpus, method and budget:
+
+    python bench/methods_report.py RUN1/results.json RUN2/results.partial.json --out MERGED
+"""
+
+import argparse
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from kv_storage import storage_table
 
+from cartridges.qa import load_qa_files
 from cartridges.stages.answer_quality import score_answer
-from cartridges.stages.evaluate import mean_and_se
+from cartridges.stages.evaluate import mean_and_se, paired_gain
 
 BUDGET_METHODS = ("truncated", "select", "rag", "knorm", "streaming", "snapkv", "lingua")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Headroom per corpus (paired SE), and recovery of every row on corpora whose headroom is > 2 SE."""
+    corpora = {}
+    for corpus in dict.fromkeys(r["corpus"] for r in rows):
+        none = next((r for r in rows if r["corpus"] == corpus and r["method"] == "none"), None)
+        icl = next((r for r in rows if r["corpus"] == corpus and r["method"] == "icl"), None)
+        if none is None or icl is None:  # run without them (--whole-method): no recovery
+            corpora[corpus] = {
+                "none": float("nan"),
+                "icl": float("nan"),
+                "headroom": float("nan"),
+                "headroom_se": float("nan"),
+                "eligible": False,
+            }
+            continue
+        headroom, se = paired_gain(none["per_question_nll"], icl["per_question_nll"])
+        corpora[corpus] = {
+            "none": none["nll"],
+            "icl": icl["nll"],
+            "headroom": headroom,
+            "headroom_se": se,
+            "eligible": headroom > 2 * se,
+        }
+    for row in rows:
+        c = corpora[row["corpus"]]
+        row["recovery"] = (c["none"] - row["nll"]) / (c["none"] - c["icl"]) if c["eligible"] else None
+    return corpora
 
 
 def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = (), questions: dict | None = None) -> str:
@@ -131,3 +170,44 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(out / "cost.png", dpi=120)
+
+
+def merged_rows(paths: list[Path]) -> list[dict]:
+    """Rows of several runs; a later run's row replaces an earlier one of the same corpus, method and budget."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        for row in json.loads(path.read_text())["rows"]:
+            rows[(row["corpus"], row["method"], row["budget"])] = row
+    return list(rows.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "results", type=Path, nargs="+", help="results.json (or results.partial.json) of bench/methods.py"
+    )
+    parser.add_argument("--qa", type=Path, action="append", default=None, help="QA files (default: shared/data/qa)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rows = merged_rows(args.results)
+    first = json.loads(args.results[0].read_text())["args"]
+    settings = SimpleNamespace(
+        budget=sorted({r["budget"] for r in rows if r["budget"]}),
+        distractors=int(first.get("distractors", 4)),
+        answer_tokens=max(int(json.loads(p.read_text())["args"].get("answer_tokens", 0)) for p in args.results),
+    )
+    corpora = summarize(rows)
+    questions = {c.id: c.questions for c in load_qa_files(args.qa, list(corpora))}
+    args.out.mkdir(parents=True, exist_ok=True)
+    sources = [str(p) for p in args.results]
+    (args.out / "results.json").write_text(
+        json.dumps({"merged_from": sources, "corpora": corpora, "rows": rows}, indent=2)
+    )
+    table = markdown(rows, corpora, settings, questions=questions)
+    (args.out / "results.md").write_text(table)
+    plot(rows, args.out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
