@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cartridges.batch_kv import BatchKV
-from cartridges.packed_attention import NO_MASK, STEP_ARGUMENT, Chunk, PackedStep, SharedPrefix, use_packed_attention
+from cartridges.packed_attention import Chunk, PackedStep, SharedPrefix, packed_forward, use_packed_attention
 from cartridges.prompt_cache import PromptCache
 
 FINISHED = None  # the last item of a generation's token queue
@@ -293,15 +293,7 @@ class BatchDecoder:
             after[chunk.slot] += chunk.count
         self._kv.make_room(max(after))
         step = PackedStep(self._kv, decode_slots, chunks, [r.prefix for r in self._rows], after)
-        device = self.model.device
-        logits = self.model(
-            input_ids=torch.tensor([ids], device=device),
-            position_ids=torch.tensor([positions], device=device),
-            attention_mask=NO_MASK.to(device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
-            **{STEP_ARGUMENT: step},
-        ).logits[0]
+        logits = packed_forward(self.model, step, ids, positions, keep)
         self._kv.lengths = after
         self.steps += 1
         if chunks:

@@ -257,13 +257,17 @@ def packed_logits(
         positions.extend(range(first, first + len(row)))
         kept.extend(range(len(ids) - keep[slot], len(ids)))
     step = PackedStep(kv, [], chunks, [shared] * len(rows), [len(row) for row in rows])
+    return list(packed_forward(model, step, ids, positions, kept).split(keep))
+
+
+def packed_forward(model, step: PackedStep, ids: list[int], positions: list[int], keep: list[int]) -> torch.Tensor:
+    """The model's forward pass over a packed sequence: logits [len(keep), vocab] of the tokens at `keep`."""
     device = model.device
-    logits = model(
+    return model(
         input_ids=torch.tensor([ids], device=device),
         position_ids=torch.tensor([positions], device=device),
         attention_mask=NO_MASK.to(device),
         use_cache=False,
-        logits_to_keep=torch.tensor(kept, dtype=torch.long, device=device),
+        logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
         **{STEP_ARGUMENT: step},
     ).logits[0]
-    return list(logits.split(keep))
