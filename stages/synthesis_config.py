@@ -85,11 +85,16 @@ class SynthesisRunSettings(BaseModel):
     executor: Literal["ray", "local"] = "ray"
 
 
+def room_for_corpus_text(config: SynthesisConfig, window: int) -> int:
+    """Tokens of corpus text that fit in the window beside one sample's chat, message and answer."""
+    return window - PROMPT_OVERHEAD_TOKENS - config.max_message_tokens - config.max_answer_tokens
+
+
 def teacher_context_tokens(config: SynthesisConfig, window: int) -> int:
-    """Tokens of corpus text the teacher reads at most: a chunk, or the window less the sample's budget."""
+    """Tokens of corpus text the teacher reads at most: a chunk, or all the room in the window."""
     if config.teacher_context == "chunk":
         return config.chunk_max_tokens
-    return window - PROMPT_OVERHEAD_TOKENS - config.max_message_tokens - config.max_answer_tokens
+    return room_for_corpus_text(config, window)
 
 
 def max_prompt_tokens(config: SynthesisConfig, window: int) -> int:
@@ -99,7 +104,7 @@ def max_prompt_tokens(config: SynthesisConfig, window: int) -> int:
 
 def check_fits_window(config: SynthesisConfig, window: int) -> None:
     """A chunk, and every prompt with its answer, must fit the model's window."""
-    budget = window - PROMPT_OVERHEAD_TOKENS - config.max_message_tokens - config.max_answer_tokens
+    budget = room_for_corpus_text(config, window)
     if config.chunk_max_tokens > budget:
         needed = config.chunk_max_tokens + window - budget
         raise CartridgeError(
