@@ -86,7 +86,7 @@ class SynthesisWorker:
         path = str(model_on_this_node(model))
         tokenizer = AutoTokenizer.from_pretrained(path)
         window = model_window(path)
-        texts = teacher_texts_of(inputs.chunks, inputs.titles, config, path, tokenizer)
+        texts = teacher_texts_of(inputs.chunks, inputs.titles, config, tokenizer, window)
         engine = make_engine(
             # samples per teacher context: a chunk, or a block of them that all its samples share
             resolved_engine(settings.engine, config.kinds, config.samples / max(len(set(texts)), 1)),
@@ -135,25 +135,17 @@ def model_window(path: str) -> int:
     return AutoConfig.from_pretrained(path).max_position_embeddings
 
 
-def teacher_texts_of(chunks: list[Chunk], titles: list[str], config: SynthesisConfig, path: str, tokenizer=None):
-    """What the teacher reads for each chunk id (`teacher_context`); a window is packed by the model's
-    tokenizer to the model's window."""
-    if config.teacher_context == "chunk":
-        return teacher_texts(chunks, titles, None, "chunk", 0)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return teacher_texts(
-        chunks, titles, tokenizer, config.teacher_context, teacher_context_tokens(config, model_window(path))
-    )
+def teacher_texts_of(chunks: list[Chunk], titles: list[str], config: SynthesisConfig, tokenizer, window: int):
+    """What the teacher reads for each chunk id (`teacher_context`); a window's blocks are packed with
+    the model's tokenizer to its window (neither is read for `chunk`)."""
+    return teacher_texts(chunks, titles, tokenizer, config.teacher_context, teacher_context_tokens(config, window))
 
 
-def run_teacher_keys(run: RunDir, config: SynthesisConfig, model: ModelRef) -> list[str]:
+def run_teacher_keys(run: RunDir, config: SynthesisConfig, tokenizer, window: int) -> list[str]:
     """Per chunk id of the run folder, the content its samples depend on (`teacher_context.teacher_keys`)."""
     chunks, titles = read_chunks(run), read_titles(run)
-    path = str(model_on_this_node(model)) if config.teacher_context != "chunk" else ""
-    return teacher_keys(chunks, titles, teacher_texts_of(chunks, titles, config, path), config.teacher_context)
+    texts = teacher_texts_of(chunks, titles, config, tokenizer, window)
+    return teacher_keys(chunks, titles, texts, config.teacher_context)
 
 
 def _check_run_config(run: RunDir, record: dict) -> None:
@@ -239,7 +231,13 @@ def prepare_reuse(run: RunDir, previous: RunDir, config: SynthesisConfig, model:
         previous_rows = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
         chunks = read_chunks(run)
         planned = plan_run(config, keys_of(chunks, read_titles(run)))
-        keys, previous_keys = (run_teacher_keys(folder, config, model) for folder in (run, previous))
+        tokenizer, window = None, 0
+        if config.teacher_context != "chunk":  # blocks are packed with the model's tokenizer to its window
+            from transformers import AutoTokenizer
+
+            path = str(model_on_this_node(model))
+            tokenizer, window = AutoTokenizer.from_pretrained(path), model_window(path)
+        keys, previous_keys = (run_teacher_keys(folder, config, tokenizer, window) for folder in (run, previous))
         rows = assign_reused(planned, keys, chunks, previous_rows, previous_keys)
     write_reused(run.reused_samples, rows, SAMPLE_SCHEMA, previous.root)
     return refused
