@@ -227,14 +227,14 @@ def compared(rows: list[dict], against: Path | None) -> list[dict]:
         if before is None:
             continue
         here, there = row["distilled"], before["distilled"]
-        difference, se = paired_gain(there["per_question_nll"], here["per_question_nll"])  # there minus here
+        difference, se = paired_gain(here["per_question_nll"], there["per_question_nll"])  # here minus there
         out.append(
             {
                 "corpus": row["corpus"],
                 "name": row["name"],
                 "init": (before["init"]["nll"], row["init"]["nll"]),
                 "nll": (there["nll"], here["nll"]),
-                "difference": -difference,
+                "difference": difference,
                 "difference_se": se,
                 "rank_accuracy": (there["rank_accuracy"], here["rank_accuracy"]),
             }

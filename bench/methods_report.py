@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 from kv_storage import storage_table
 
+from cartridges.errors import run_script
 from cartridges.qa import load_qa_files
 from cartridges.stages.answer_quality import score_answer
 from cartridges.stages.evaluate import mean_and_se, paired_gain
@@ -172,11 +173,11 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out / "cost.png", dpi=120)
 
 
-def merged_rows(paths: list[Path]) -> list[dict]:
+def merged_rows(records: list[dict]) -> list[dict]:
     """Rows of several runs; a later run's row replaces an earlier one of the same corpus, method and budget."""
     rows: dict[tuple, dict] = {}
-    for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
+    for record in records:
+        for row in record["rows"]:
             rows[(row["corpus"], row["method"], row["budget"])] = row
     return list(rows.values())
 
@@ -189,12 +190,16 @@ def main() -> None:
     parser.add_argument("--qa", type=Path, action="append", default=None, help="QA files (default: shared/data/qa)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = merged_rows(args.results)
-    first = json.loads(args.results[0].read_text())["args"]
+    records = [json.loads(path.read_text()) for path in args.results]
+    scored = {(int(r["args"].get("distractors", 4)), int(r["args"].get("answer_tokens", 0))) for r in records}
+    if len(scored) > 1:
+        raise SystemExit(
+            f"the runs were scored differently (distractors, answer tokens: {sorted(scored)}): merge runs scored alike"
+        )
+    ((distractors, answer_tokens),) = scored
+    rows = merged_rows(records)
     settings = SimpleNamespace(
-        budget=sorted({r["budget"] for r in rows if r["budget"]}),
-        distractors=int(first.get("distractors", 4)),
-        answer_tokens=max(int(json.loads(p.read_text())["args"].get("answer_tokens", 0)) for p in args.results),
+        budget=sorted({r["budget"] for r in rows if r["budget"]}), distractors=distractors, answer_tokens=answer_tokens
     )
     corpora = summarize(rows)
     questions = {c.id: c.questions for c in load_qa_files(args.qa, list(corpora))}
@@ -210,4 +215,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
