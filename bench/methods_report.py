@@ -206,7 +206,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sources = [str(p) for p in args.results]
     (args.out / "results.json").write_text(
-        json.dumps({"merged_from": sources, "corpora": corpora, "rows": rows}, indent=2)
+        json.dumps(
+            {
+                # how every merged row was scored, so a merged file is itself a --baselines or merge input
+                "args": {"distractors": distractors, "answer_tokens": answer_tokens},
+                "merged_from": sources,
+                "corpora": corpora,
+                "rows": rows,
+            },
+            indent=2,
+        )
     )
     table = markdown(rows, corpora, settings, questions=questions)
     (args.out / "results.md").write_text(table)
