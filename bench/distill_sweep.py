@@ -200,6 +200,7 @@ def report(result: dict) -> str:
                 f"{row['train_metrics'].get('eval_topk_kl', float('nan')):.3f} | {row['train_seconds']:.0f} |"
             )
         lines.append("")
+        lines += answer_lines(result, corpus_id, icl)
     if result.get("against"):
         lines += [
             f"Paired against the trials of the same name in {result['args']['against']}:",
@@ -214,6 +215,30 @@ def report(result: dict) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def answer_lines(result: dict, corpus_id: str, icl: dict) -> list[str]:
+    """With --answer-tokens: what a user reads from each trial (greedy answers' token F1 and containment),
+    paired per question with its init and with `icl` (F1; containment as means)."""
+    rows = [r for r in result["rows"] if r["corpus"] == corpus_id and r["distilled"].get("per_question_f1")]
+    if not rows or not icl.get("per_question_f1"):
+        return []
+    lines = [
+        f"Answers of up to {result['args']['answer_tokens']} tokens on `{corpus_id}`: icl F1 {icl['answer_f1']:.3f}, "
+        f"contains {icl['answer_contains']:.2f}",
+        "",
+        "| trial | F1 init / distilled | F1 distilled - init (paired) | F1 distilled - icl (paired) | contains init / distilled |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        init, dist = row["init"], row["distilled"]
+        gain = "{:+.3f} ± {:.3f}".format(*paired_gain(dist["per_question_f1"], init["per_question_f1"]))  # dist - init
+        gap = "{:+.3f} ± {:.3f}".format(*paired_gain(dist["per_question_f1"], icl["per_question_f1"]))  # dist - icl
+        lines.append(
+            f"| {row['name']} | {init['answer_f1']:.3f} / {dist['answer_f1']:.3f} | {gain} | {gap} | "
+            f"{init['answer_contains']:.2f} / {dist['answer_contains']:.2f} |"
+        )
+    return [*lines, ""]
 
 
 def compared(rows: list[dict], against: Path | None) -> list[dict]:
