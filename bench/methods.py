@@ -7,8 +7,9 @@ prompt compression `lingua`, and the given cartridges, all scored with the share
 time to build the context block (prefill of the corpus part), tokens prefilled per question (rag's
 passages; snapkv's whole corpus), decode tokens/s at batch 1 and 16. With cartridges of two corpora,
 questions of each are also asked with both composed (A+B, B+A), with both corpora in one context
-(icl) and with both encoded in parallel (ape). `--storage`: the corpus KV stored at fp32/fp16/int8
-instead (bench/kv_storage.py). Writes results.json, results.md and PNG plots under --out.
+(icl) and with both encoded in parallel (ape). `--storage`: the corpus KV, each cartridge and each
+--prefix stored at fp32/fp16/int8 and read back (bench/kv_storage.py; `--storage cartridges`: not the
+corpus KV). Writes results.json, results.md and PNG plots under --out.
 
     python bench/methods.py --corpus-id "squad2-Sky_(United_Kingdom)" --budget 256
     python bench/methods.py --corpus-id A --corpus-id B --cartridge A=a@1 --cartridge B=b@1
@@ -184,7 +185,14 @@ def main() -> None:
         "--answer-tokens", type=int, default=0, help="also score each method's greedy answer (token F1, exact match)"
     )
     parser.add_argument("--skip-decode", action="store_true", help="no decode throughput and memory measurement")
-    parser.add_argument("--storage", action="store_true", help="also the corpus KV stored at fp32/fp16/int8")
+    parser.add_argument(
+        "--storage",
+        nargs="?",
+        const="all",
+        choices=["all", "cartridges"],
+        help="also store at fp32/fp16/int8 and read back: the corpus KV and every cartridge and --prefix (all), "
+        "or the cartridges and --prefix files only (cartridges)",
+    )
     parser.add_argument(
         "--method",
         action="append",
@@ -274,7 +282,8 @@ def main() -> None:
                 if corpus.id in refs
                 else {}
             )
-            storage += storage_rows(loaded, corpus, args, mine)
+            mine |= {label: load_file(str(file))["prefix"] for label, file in prefixes.get(corpus.id, [])}
+            storage += storage_rows(loaded, corpus, args, mine, corpus_kv_too=args.storage == "all")
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):
