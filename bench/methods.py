@@ -263,8 +263,8 @@ def main() -> None:
                 keep(measure(loaded, corpus, method, budget, args))
         if corpus.id in refs:
             rows.append(measure(loaded, corpus, "cartridge", None, args, (refs[corpus.id],), cartridges))
-        for label, file in prefixes.get(corpus.id, []):
-            prefix = load_file(str(file))["prefix"]
+        given = {label: load_file(str(file))["prefix"] for label, file in prefixes.get(corpus.id, [])}
+        for label, prefix in given.items():
             keep(
                 measure(
                     loaded,
@@ -282,7 +282,7 @@ def main() -> None:
                 if corpus.id in refs
                 else {}
             )
-            mine |= {label: load_file(str(file))["prefix"] for label, file in prefixes.get(corpus.id, [])}
+            mine |= given
             storage += storage_rows(loaded, corpus, args, mine, corpus_kv_too=args.storage == "all")
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
