@@ -91,7 +91,7 @@ bench-distill: setup-vllm
 CONFIG ?= default
 QA ?=
 QA_CORPUS ?=
-cartridge: setup-vllm
+cartridge: setup
 	$(BIN)/cartridges build $(if $(CORPUS),'$(CORPUS)') --name '$(NAME)' --config '$(CONFIG)' $(if $(QA),--qa '$(QA)') $(if $(QA_CORPUS),--qa-corpus '$(QA_CORPUS)')
 
 chat: setup

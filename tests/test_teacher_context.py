@@ -148,29 +148,3 @@ def test_a_chunk_that_leaves_no_room_for_the_sample_is_refused_in_either_mode():
         with pytest.raises(CartridgeError, match=r"lower chunk_max_tokens to 608 or less"):
             check_fits_window(config, TINY_WINDOW)
     assert teacher_context_tokens(SynthesisConfig(teacher_context="window"), 8192) == 8192 - 256 - 96 - 192
-
-
-def test_auto_counts_samples_per_teacher_context_so_a_shared_window_takes_the_hf_engine(
-    tiny, corpus_dir, tmp_path, monkeypatch
-):
-    """Fewer samples than chunks, but every sample reads the one block of the whole corpus: the KV
-    that the HF engine shares is the block's, so `auto` decides on samples per block."""
-    import cartridges.stages.synthesize as synthesize_module
-
-    asked = []
-    decide = synthesize_module.resolved_engine
-    monkeypatch.setattr(synthesize_module, "resolved_engine", lambda *args: asked.append(args[2]) or decide(*args))
-    summary = run_synthesis(
-        tiny,
-        corpus_dir,
-        tmp_path / "w",
-        engine="auto",
-        samples=4,
-        shard_size=4,
-        kinds=CORPUS_KINDS,
-        teacher_context="window",
-    )
-    chunks = read_chunks(RunDir(tmp_path / "w"))
-    assert len(chunks) > 4 and asked == [4.0] and summary.engines == ["hf"]
-    run_synthesis(tiny, corpus_dir, tmp_path / "c", engine="hf", samples=4, shard_size=4, kinds=CORPUS_KINDS)
-    assert asked[-1] == 4 / len(chunks)  # the chunk as context: samples per chunk
