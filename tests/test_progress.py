@@ -29,6 +29,20 @@ def test_plain_lines_when_the_output_is_not_a_terminal(monkeypatch):
     assert lines[-1].endswith("ETA 0:00:00")
 
 
+def test_the_eta_follows_the_rate_after_the_first_unit_not_the_start_up(monkeypatch):
+    """Start-up 90 s, then 10 s per item: after 3 of 10 items the remaining 7 take 70 s, where the
+    average over the whole elapsed time (3 items in 120 s) would say 280 s."""
+    now = [0.0]
+    monkeypatch.setattr("cartridges.progress.time.perf_counter", lambda: now[0])
+    monkeypatch.setenv("CARTRIDGES_PROGRESS_SECONDS", "3600")
+    progress = ThroughputProgress("synthesize", total=10, console=Console(file=io.StringIO(), force_terminal=False))
+    for finished_at in (100.0, 110.0, 120.0):
+        now[0] = finished_at
+        progress.advance(1)
+    line = progress.plain_line()
+    assert line.endswith("elapsed 0:02:00, ETA 0:01:10"), line
+
+
 def test_plain_lines_come_at_the_interval_not_at_every_step(monkeypatch):
     monkeypatch.setenv("CARTRIDGES_PROGRESS_SECONDS", "3600")
     out = io.StringIO()
