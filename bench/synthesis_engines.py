@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cartridges.errors import run_script
-from cartridges.qa import DEFAULT_QA_DIR, find_corpus
+from cartridges.errors import CartridgeError, run_script
+from cartridges.qa import DEFAULT_QA_DIR, QACorpus, find_corpus
 from cartridges.stages.synthesis_config import EVERY_KIND
 
 # Every seed kind, model-written and corpus-answered, so generation speed is measured on real chat turns.
@@ -139,20 +139,18 @@ def sample_preview(run_dir: Path, count: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, min(count, len(rows)))
 
 
-def corpus_folder(args, scratch: Path) -> Path:
-    """The folder both engines read: --corpus as given, the default corpus, or a QA set's corpus text."""
+def corpus_source(args) -> Path | QACorpus:
+    """What both engines read: --corpus as a folder, the default corpus, or a QA set's corpus (written
+    to the scratch folder later). Bad input fails here, before anything is written."""
     if args.corpus == "default":
         from cartridges.default_corpus import gather_license_corpus
 
         return gather_license_corpus()
     if args.corpus:
+        if not Path(args.corpus).is_dir():
+            raise CartridgeError(f"--corpus {args.corpus}: not a folder; pass a corpus folder or 'default'")
         return Path(args.corpus)
-    corpus = find_corpus(args.qa, args.corpus_id)
-    args.corpus_id = corpus.id
-    corpus_dir = scratch / "corpus"
-    corpus_dir.mkdir()
-    (corpus_dir / f"{corpus.id}.txt").write_text(corpus.text)
-    return corpus_dir
+    return find_corpus(args.qa, args.corpus_id)
 
 
 def main() -> None:
@@ -175,9 +173,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "synthesis")
     args = parser.parse_args()
 
+    source = corpus_source(args)
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="synthesis-bench-"))  # corpus copy and run folders: not results
-    corpus_dir = corpus_folder(args, scratch)
+    corpus_dir = source if isinstance(source, Path) else scratch / "corpus"
+    if isinstance(source, QACorpus):
+        corpus_dir.mkdir()
+        (corpus_dir / f"{source.id}.txt").write_text(source.text)
     rows = []
     for engine in args.engines.split(","):
         print(f"running {engine}...", flush=True)
