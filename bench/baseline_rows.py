@@ -11,10 +11,11 @@ from pathlib import Path
 WHOLE_METHODS = ("none", "icl", "ape")
 
 
-def earlier_rows(paths: list[Path], distractors: int, answer_tokens: int) -> dict[tuple[str, str], dict]:
-    """(corpus, method) -> a whole-corpus row of an earlier run. Only rows scored as this run scores
-    (same distractors, same answer length) are taken; decode and memory cost are not carried over."""
-    found = {}
+def scored_rows(paths: list[Path], distractors: int, answer_tokens: int) -> list[dict]:
+    """Every scored row of earlier runs (methods.py rows, distill_sweep.py baselines), each with its corpus
+    and budget (None for a whole-corpus row). Only runs scored as this run scores (same distractors, same
+    answer length) are read; decode and memory cost are not carried over."""
+    found = []
     for path in paths:
         record = json.loads(path.read_text())
         earlier = record.get("args", {})
@@ -23,10 +24,29 @@ def earlier_rows(paths: list[Path], distractors: int, answer_tokens: int) -> dic
         rows = list(record.get("rows", []))  # methods.py
         for corpus, methods in record.get("baselines", {}).items():  # distill_sweep.py
             rows += [{**row, "corpus": corpus, "budget": None} for row in methods.values()]
-        for row in rows:
-            if row.get("budget") is None and row.get("method") in WHOLE_METHODS:
-                found[(row["corpus"], row["method"])] = {
-                    **{k: v for k, v in row.items() if not k.startswith(("decode_tps", "peak_rss"))},
-                    "reused_from": str(path),
-                }
+        found += [
+            {**{k: v for k, v in row.items() if not k.startswith(("decode_tps", "peak_rss"))}, "reused_from": str(path)}
+            for row in rows
+            if "method" in row
+        ]
     return found
+
+
+def earlier_rows(paths: list[Path], distractors: int, answer_tokens: int) -> dict[tuple[str, str], dict]:
+    """(corpus, method) -> a whole-corpus row (none, icl, ape) of an earlier run."""
+    return {
+        (row["corpus"], row["method"]): row
+        for row in scored_rows(paths, distractors, answer_tokens)
+        if row.get("budget") is None and row["method"] in WHOLE_METHODS
+    }
+
+
+def earlier_truncated(paths: list[Path], distractors: int, answer_tokens: int) -> dict[tuple[str, int], dict]:
+    """(corpus, budget) -> an earlier `truncated` row: the KV of the corpus's first B tokens, which is also
+    the `first_tokens` initialisation of a B-token cartridge (the same tokens, layout and positions), so a
+    sweep can take its init scores from it instead of scoring them again."""
+    return {
+        (row["corpus"], int(row["budget"])): row
+        for row in scored_rows(paths, distractors, answer_tokens)
+        if row["method"] == "truncated" and row.get("budget") is not None
+    }

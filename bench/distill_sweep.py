@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
-from baseline_rows import earlier_rows
+from baseline_rows import earlier_rows, earlier_truncated
 from safetensors.torch import load_file
 
 from cartridges.errors import run_script
@@ -59,7 +59,12 @@ class Trial:
 
     @property
     def init_name(self) -> str:
-        return f"init-p{self.num_tokens}" if self.init == "first_tokens" else f"init-{self.init}-p{self.num_tokens}"
+        return init_name(self.init, self.num_tokens)
+
+
+def init_name(init: str, num_tokens: int) -> str:
+    """The score's name of an untrained cartridge (an init) of `num_tokens` tokens."""
+    return f"init-p{num_tokens}" if init == "first_tokens" else f"init-{init}-p{num_tokens}"
 
 
 class CorpusSweep:
@@ -88,7 +93,11 @@ class CorpusSweep:
             )
         return self.scores[name]
 
-    def baselines(self, earlier: dict[tuple[str, str], dict]) -> None:
+    def baselines(self, earlier: dict[tuple[str, str], dict], truncated: dict[tuple[str, int], dict]) -> None:
+        """none and icl, and the first_tokens inits (`truncated` rows), from earlier runs where given."""
+        for (corpus_id, budget), row in truncated.items():
+            if corpus_id == self.corpus.id:
+                self.scores[init_name("first_tokens", budget)] = row
         for method, prefix in (("none", lambda: None), ("icl", lambda: corpus_kv(self.loaded, self.corpus.text))):
             if (self.corpus.id, method) in earlier:
                 self.scores[method] = earlier[(self.corpus.id, method)]
@@ -110,6 +119,7 @@ class CorpusSweep:
                 shard_size=self.args.shard_size,
                 seed=self.args.seed,
                 teacher_context=self.args.teacher_context,
+                chunk_max_tokens=self.args.chunk_max_tokens,
             )
             ingested = ingest(
                 self.corpus_dir,
@@ -241,14 +251,15 @@ def answer_lines(result: dict, corpus_id: str, icl: dict) -> list[str]:
     return [*lines, ""]
 
 
-def compared(rows: list[dict], against: Path | None) -> list[dict]:
-    """Each trial beside the earlier sweep's trial of the same corpus and name, paired per question."""
+def compared(rows: list[dict], against: Path | None, against_trial: str | None = None) -> list[dict]:
+    """Each trial beside the earlier sweep's trial of the same corpus and name (or named `against_trial`,
+    e.g. today's default recipe against a cheaper one), paired per question."""
     if against is None:
         return []
     earlier = {(r["corpus"], r["name"]): r for r in json.loads(against.read_text())["rows"]}
     out = []
     for row in rows:
-        before = earlier.get((row["corpus"], row["name"]))
+        before = earlier.get((row["corpus"], against_trial or row["name"]))
         if before is None:
             continue
         here, there = row["distilled"], before["distilled"]
@@ -256,7 +267,7 @@ def compared(rows: list[dict], against: Path | None) -> list[dict]:
         out.append(
             {
                 "corpus": row["corpus"],
-                "name": row["name"],
+                "name": row["name"] if before["name"] == row["name"] else f"{before['name']} -> {row['name']}",
                 "init": (before["init"]["nll"], row["init"]["nll"]),
                 "nll": (there["nll"], here["nll"]),
                 "difference": difference,
@@ -333,7 +344,8 @@ def main() -> None:
         type=Path,
         action="append",
         default=[],
-        help="results.json of an earlier run (same questions): its none/icl scores are reused (repeatable)",
+        help="results.json of an earlier run (same questions): its none/icl scores, and its truncated rows as the "
+        "first_tokens inits of the same P, are reused (repeatable)",
     )
     parser.add_argument(
         "--synthesis-run",
@@ -349,12 +361,24 @@ def main() -> None:
         help="results.json of an earlier sweep on the same questions: each trial is paired with the earlier trial of "
         "the same name (e.g. the same recipe with another --teacher-context)",
     )
+    parser.add_argument(
+        "--against-trial",
+        default=None,
+        metavar="NAME",
+        help="with --against: pair every trial with the earlier trial of this name (e.g. corpus-lr0.002-s96-p256)",
+    )
     parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
     parser.add_argument(
         "--teacher-context",
         choices=["chunk", "window"],
         default="chunk",
         help="what the teacher reads: the sample's chunk, or the corpus up to the model's window",
+    )
+    parser.add_argument(
+        "--chunk-max-tokens",
+        type=int,
+        default=SynthesisConfig.model_fields["chunk_max_tokens"].default,
+        help="largest chunk the corpus is cut into (the teacher's context with --teacher-context chunk)",
     )
     parser.add_argument("--engine", default="hf")
     parser.add_argument("--engine-batch", type=int, default=16, help="HF engine batch size")
@@ -386,8 +410,9 @@ def main() -> None:
     sweeps = [CorpusSweep(corpora[cid], loaded, args) for cid in wanted]
     rows: list[dict] = []
     earlier = earlier_rows(args.baselines, args.distractors, args.answer_tokens)
+    truncated = earlier_truncated(args.baselines, args.distractors, args.answer_tokens)
     for sweep in sweeps:
-        sweep.baselines(earlier)
+        sweep.baselines(earlier, truncated)
     for trial in trials:
         for sweep in sweeps:
             if time.perf_counter() - started > args.deadline:
@@ -397,7 +422,7 @@ def main() -> None:
             result = {
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "rows": rows,
-                "against": compared(rows, args.against),
+                "against": compared(rows, args.against, args.against_trial),
                 "baselines": {s.corpus.id: s.scores for s in sweeps},
                 "synthesis": {s.corpus.id: s.synthesis for s in sweeps},
                 "elapsed_seconds": time.perf_counter() - started,

@@ -68,11 +68,17 @@ def rendezvous_chunks(keys: list[str], seed: int, samples: int) -> np.ndarray:
     )
 
 
-def plan_samples(samples: int, seed: int, kinds: dict[str, float], keys: list[str]) -> list[PlannedSample]:
+def plan_samples(
+    samples: int, seed: int, kinds: dict[str, float], keys: list[str], per_chunk: int = 1
+) -> list[PlannedSample]:
+    """`per_chunk` consecutive samples share one chunk (group g = i // per_chunk takes the chunk that
+    rendezvous hashing gives sample g): the teacher prefills that chunk once for the group, where a
+    corpus with more chunks than samples would otherwise cost one chunk prefill per sample."""
     rng = random.Random(seed)
     names = sorted(k for k, w in kinds.items() if w > 0)
     weights = [kinds[k] for k in names]
-    chunks = rendezvous_chunks(keys, seed, samples)
+    chunks = rendezvous_chunks(keys, seed, -(-samples // per_chunk))
     return [
-        PlannedSample(i, int(chunks[i]), rng.choices(names, weights)[0], rng.getrandbits(31)) for i in range(samples)
+        PlannedSample(i, int(chunks[i // per_chunk]), rng.choices(names, weights)[0], rng.getrandbits(31))
+        for i in range(samples)
     ]

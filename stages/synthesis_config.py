@@ -45,6 +45,12 @@ class SynthesisConfig(BaseModel):
     max_answer_tokens: int = Field(192, ge=8)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    samples_per_chunk: int = Field(
+        1,
+        ge=1,
+        description="consecutive samples that share one chunk: the teacher reads each chunk once per group, so a "
+        "corpus of more chunks than samples costs less per sample, and covers fewer chunks",
+    )
     chunk_min_tokens: int = Field(512, ge=1)
     chunk_max_tokens: int = Field(2048, ge=2)
     teacher_context: Literal["chunk", "window"] = Field(

@@ -51,7 +51,7 @@ ENGINE_START_TIMEOUT_S = 900  # a cold vLLM engine on a large model takes minute
 
 
 def plan_run(config: SynthesisConfig, keys: list[str]) -> list[PlannedSample]:
-    return plan_samples(config.samples, config.seed, config.kinds, keys)
+    return plan_samples(config.samples, config.seed, config.kinds, keys, config.samples_per_chunk)
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,17 @@ def test_rendezvous_plan_is_uniform_and_moves_only_samples_of_changed_chunks():
     )
 
 
+def test_samples_per_chunk_puts_consecutive_samples_on_the_chunk_of_their_group():
+    keys = [f"{i:064x}" for i in range(1, 41)]
+    kinds = {"quote": 1.0, "continuation": 2.0}
+    single = plan_samples(102, 3, kinds, keys)
+    grouped = plan_samples(102, 3, kinds, keys, per_chunk=4)
+    # group g (samples 4g..4g+3; the last group holds 2) reads the chunk that the ungrouped plan gives sample g
+    assert [p.chunk_id for p in grouped] == [single[i // 4].chunk_id for i in range(102)]
+    assert [(p.sample_id, p.kind, p.seed) for p in grouped] == [(p.sample_id, p.kind, p.seed) for p in single]
+    assert len({p.chunk_id for p in grouped}) <= 26 < len({p.chunk_id for p in single})
+
+
 def test_rebuild_of_an_edited_corpus_reuses_unchanged_chunks_and_equals_a_fresh_run(tiny, long_corpus, tmp_path):
     (long_corpus / "rules.txt").write_text(
         " ".join(f"Rule {i}. Repairs in room {i} are due within {i + 2} days." for i in range(30))
