@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from cartridges.atomic import write_parquet_atomically
 from cartridges.stages.ingest import Chunk
 from cartridges.stages.sample_plan import PlannedSample
+from cartridges.stages.synthesis_config import with_added_defaults
 
 SOURCE_KEY = b"cartridges.reused_from"
 # Settings a reused sample must share with the new run; seed and kinds are checked per sample.
@@ -32,15 +33,13 @@ SAMPLE_SHAPING = (
     "corpus_description",
     "max_attempts",
 )
-# Settings added after runs were recorded: a record without one was made with this value.
-ADDED_SETTING_DEFAULTS = {"teacher_context": "chunk"}
 
 
 def incompatibility(previous_record: dict, config: dict, model_fingerprint: str) -> str | None:
     """Why the previous run's samples cannot stand in for this run's, or None when they can."""
     if previous_record.get("model_fingerprint") != model_fingerprint:
         return "another model"
-    previous = ADDED_SETTING_DEFAULTS | previous_record.get("config", {})
+    previous = with_added_defaults(previous_record.get("config", {}))
     changed = [k for k in SAMPLE_SHAPING if previous.get(k) != config.get(k)]
     return f"other settings ({', '.join(changed)})" if changed else None
 

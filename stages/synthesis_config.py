@@ -75,6 +75,16 @@ class SynthesisConfig(BaseModel):
         return kinds
 
 
+# Settings added after runs were recorded: a record without one was made with this value.
+ADDED_SETTING_DEFAULTS = {"teacher_context": "chunk", "samples_per_chunk": 1}
+
+
+def with_added_defaults(recorded: dict) -> dict:
+    """A recorded synthesis config as today's code writes it: settings added since get the value the
+    record was made with, so an older run folder still resumes and its samples can still be reused."""
+    return ADDED_SETTING_DEFAULTS | recorded
+
+
 class SynthesisRunSettings(BaseModel):
     """How the work runs; does not change which samples are made (except HF batching, see docs)."""
 

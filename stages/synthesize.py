@@ -44,6 +44,7 @@ from cartridges.stages.synthesis_config import (
     SynthesisRunSettings,
     max_prompt_tokens,
     teacher_context_tokens,
+    with_added_defaults,
 )
 from cartridges.stages.teacher_context import teacher_keys, teacher_texts
 
@@ -152,6 +153,7 @@ def _check_run_config(run: RunDir, record: dict) -> None:
     path = run.synthesis_config
     if path.is_file():
         previous = json.loads(path.read_text())
+        previous["config"] = with_added_defaults(previous.get("config", {}))
         changed = sorted(k for k in record.keys() | previous.keys() if record.get(k) != previous.get(k))
         if changed:
             raise CartridgeError(

@@ -1,5 +1,6 @@
 """Synthesis mechanics on the tiny model: teacher scores, schema, determinism, resume, Ray."""
 
+import json
 import subprocess
 import sys
 import time
@@ -136,6 +137,22 @@ def test_changed_settings_are_refused_on_resume(tiny, long_corpus, tmp_path):
     run_synthesis(tiny, long_corpus, tmp_path / "run", samples=4, shard_size=4, kinds=CORPUS_KINDS)
     with pytest.raises(CartridgeError, match="other settings.*config"):
         run_synthesis(tiny, long_corpus, tmp_path / "run", samples=4, shard_size=4, kinds=CORPUS_KINDS, seed=3)
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_as_made_with_its_value(tiny, long_corpus, tmp_path):
+    run = RunDir(tmp_path / "run")
+    run_synthesis(tiny, long_corpus, run.root, samples=8, shard_size=4, kinds=CORPUS_KINDS)
+    columns = ["sample_id", "chunk_id", "messages", "answer_ids", "topk_ids"]
+    first = pq.read_table(run.shard(1), columns=columns).to_pylist()
+    record = json.loads(run.synthesis_config.read_text())
+    for added in ("samples_per_chunk", "teacher_context"):  # what an older version wrote
+        del record["config"][added]
+    run.synthesis_config.write_text(json.dumps(record))
+    run.shard(1).unlink()
+    run_synthesis(tiny, long_corpus, run.root, samples=8, shard_size=4, kinds=CORPUS_KINDS)
+    assert pq.read_table(run.shard(1), columns=columns).to_pylist() == first
+    with pytest.raises(CartridgeError, match="other settings.*config"):  # another value is still another plan
+        run_synthesis(tiny, long_corpus, run.root, samples=8, shard_size=4, kinds=CORPUS_KINDS, samples_per_chunk=2)
 
 
 def test_unknown_kind_is_rejected():
