@@ -14,7 +14,7 @@ def test_shipped_configs_validate():
     for path in sorted(CONFIGS_DIR.glob("*.yaml")):
         load_build_config(str(path))
     default = load_build_config("default")
-    assert default.distill.lr == pytest.approx(2e-3) and set(default.synthesis.kinds) == {
+    assert default.distill.lr == pytest.approx(6e-3) and set(default.synthesis.kinds) == {
         "quote",
         "continuation",
         "fill_span",
