@@ -32,21 +32,21 @@ def scored_rows(paths: list[Path], distractors: int, answer_tokens: int) -> list
     return found
 
 
-def earlier_rows(paths: list[Path], distractors: int, answer_tokens: int) -> dict[tuple[str, str], dict]:
-    """(corpus, method) -> a whole-corpus row (none, icl, ape) of an earlier run."""
+def earlier_rows(scored: list[dict]) -> dict[tuple[str, str], dict]:
+    """(corpus, method) -> a whole-corpus row (none, icl, ape) among `scored_rows`."""
     return {
         (row["corpus"], row["method"]): row
-        for row in scored_rows(paths, distractors, answer_tokens)
+        for row in scored
         if row.get("budget") is None and row["method"] in WHOLE_METHODS
     }
 
 
-def earlier_truncated(paths: list[Path], distractors: int, answer_tokens: int) -> dict[tuple[str, int], dict]:
-    """(corpus, budget) -> an earlier `truncated` row: the KV of the corpus's first B tokens, which is also
+def earlier_truncated(scored: list[dict]) -> dict[tuple[str, int], dict]:
+    """(corpus, budget) -> a `truncated` row among `scored_rows`: the KV of the corpus's first B tokens, which is also
     the `first_tokens` initialisation of a B-token cartridge (the same tokens, layout and positions), so a
     sweep can take its init scores from it instead of scoring them again."""
     return {
         (row["corpus"], int(row["budget"])): row
-        for row in scored_rows(paths, distractors, answer_tokens)
+        for row in scored
         if row["method"] == "truncated" and row.get("budget") is not None
     }

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
-from baseline_rows import earlier_rows, earlier_truncated
+from baseline_rows import earlier_rows, earlier_truncated, scored_rows
 from safetensors.torch import load_file
 
 from cartridges.errors import run_script
@@ -409,8 +409,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sweeps = [CorpusSweep(corpora[cid], loaded, args) for cid in wanted]
     rows: list[dict] = []
-    earlier = earlier_rows(args.baselines, args.distractors, args.answer_tokens)
-    truncated = earlier_truncated(args.baselines, args.distractors, args.answer_tokens)
+    scored = scored_rows(args.baselines, args.distractors, args.answer_tokens)
+    earlier, truncated = earlier_rows(scored), earlier_truncated(scored)
     for sweep in sweeps:
         sweep.baselines(earlier, truncated)
     for trial in trials:

@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from baseline_rows import WHOLE_METHODS, earlier_rows
+from baseline_rows import WHOLE_METHODS, earlier_rows, scored_rows
 from kv_storage import storage_rows
 from methods_report import BUDGET_METHODS, markdown, plot, summarize
 from safetensors.torch import load_file
@@ -253,7 +253,7 @@ def main() -> None:
         rows.append(row)
         partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
 
-    reusable = earlier_rows(args.baselines, args.distractors, args.answer_tokens)
+    reusable = earlier_rows(scored_rows(args.baselines, args.distractors, args.answer_tokens))
     for corpus in corpora:
         for method in args.whole_method or WHOLE_METHODS:
             earlier = reusable.get((corpus.id, method))

@@ -176,10 +176,12 @@ def main() -> None:
     source = corpus_source(args)
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="synthesis-bench-"))  # corpus copy and run folders: not results
-    corpus_dir = source if isinstance(source, Path) else scratch / "corpus"
     if isinstance(source, QACorpus):
+        corpus_dir = scratch / "corpus"
         corpus_dir.mkdir()
         (corpus_dir / f"{source.id}.txt").write_text(source.text)
+    else:
+        corpus_dir = source
     rows = []
     for engine in args.engines.split(","):
         print(f"running {engine}...", flush=True)
