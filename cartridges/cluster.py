@@ -1,11 +1,31 @@
 """Connect to Ray: the cluster at `RAY_ADDRESS` when set, else a local one; what every actor gets of it."""
 
 import os
+import sys
+from typing import Literal
+
+Executor = Literal["auto", "ray", "local"]
 
 
 def on_local_ray() -> bool:
     """No `RAY_ADDRESS`: a Ray started by this command, for it alone, on this machine."""
     return not os.environ.get("RAY_ADDRESS")
+
+
+def runs_on_ray(executor: Executor, actors: int) -> bool:
+    """Whether a stage's work goes to Ray. `auto`: when there is a cluster to use (`RAY_ADDRESS`, or this
+    process already runs in Ray, as a scheduled build does) or more than one engine or worker to run;
+    otherwise in this process, because on one small box Ray's own processes take cores from the work:
+    the default build's training ran at 81 tokens/s under Ray Train and 107 in-process, and its synthesis
+    12% slower (BENCHMARKS.md, "Ray or in-process on one box")."""
+    if executor == "auto":
+        return not on_local_ray() or _connected_to_ray() or actors > 1
+    return executor == "ray"
+
+
+def _connected_to_ray() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not connected (and importing it costs seconds)
+    return ray is not None and ray.is_initialized()
 
 
 def node_label() -> str:

@@ -90,7 +90,7 @@ def distill_command(
 ) -> None:
     """Train the cartridge on a run's synthetic conversations and publish it (resumes an interrupted run).
 
-    Uses the config's `distill` (what is trained) and `training` (how: executor, workers) sections.
+    Uses the config's `distill` (what is trained) and `distill_run` (how: executor, workers) sections.
     Example: cartridges distill runs/legal --name legal --set distill.num_tokens=256 --set distill.steps=200
     """
     from cartridges.models import load_model

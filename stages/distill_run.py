@@ -8,14 +8,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 
 from cartridges.atomic import write_atomically
-from cartridges.cluster import cpus_per_actor, init_ray
+from cartridges.cluster import Executor, cpus_per_actor, init_ray, runs_on_ray
 from cartridges.errors import CartridgeError
 from cartridges.progress import ThroughputProgress
 from cartridges.settings import STRICT_SETTINGS
@@ -30,7 +29,7 @@ class DistillRunSettings(BaseModel):
 
     model_config = STRICT_SETTINGS
 
-    executor: Literal["ray", "local"] = "ray"
+    executor: Executor = Field("auto", description="ray, local, or auto: Ray with RAY_ADDRESS or workers > 1")
     workers: int = Field(1, ge=1, description="Ray Train workers (gloo on CPU)")
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
     cpus_per_worker: float | None = Field(
@@ -82,18 +81,19 @@ def run_training(
     if not run.init_prefix.is_file():
         prefix = start_from if start_from is not None else initial_prefix(loaded, run, config)
         write_atomically(run.init_prefix, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
+    on_ray = runs_on_ray(settings.executor, settings.workers)
     loop_config = {
         "config": config.model_dump(),
         "run_dir": str(run.root),
         "model": dataclasses.asdict(loaded.ref),
         "qa_pairs": [list(p) for p in qa_pairs],
-        "threads": settings.threads if settings.executor == "local" else settings.worker_threads(),
+        "threads": settings.worker_threads() if on_ray else settings.threads,
         "run_url": mirror.url,
     }
     done = latest_checkpoint(run.checkpoints)
     first = int(done.name.split("-")[1]) if done else 0
     with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
-        if settings.executor == "local":
+        if not on_ray:
             train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
         else:
             mirror.push(run.distill)  # the training's config and initial prefix, for workers on other nodes

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from cartridges.cluster import Executor
 from cartridges.errors import CartridgeError
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.engines import EngineName
@@ -98,7 +99,7 @@ class SynthesisRunSettings(BaseModel):
         None, gt=0, description="Ray CPUs per engine actor (default: this machine's cores / engines)"
     )
     gpus_per_engine: float = Field(0, ge=0, description="Ray GPUs per engine actor (1 on GPU nodes with vLLM)")
-    executor: Literal["ray", "local"] = "ray"
+    executor: Executor = Field("auto", description="ray, local, or auto: Ray with RAY_ADDRESS or engines > 1")
 
 
 def room_for_corpus_text(config: SynthesisConfig, window: int) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 
 from cartridges.atomic import write_text_atomically
-from cartridges.cluster import cpus_per_actor, init_ray, node_label, on_local_ray
+from cartridges.cluster import cpus_per_actor, init_ray, node_label, on_local_ray, runs_on_ray
 from cartridges.errors import CartridgeError
 from cartridges.models import ModelRef, model_on_this_node
 from cartridges.progress import ThroughputProgress
@@ -166,7 +166,7 @@ def _check_run_config(run: RunDir, record: dict) -> None:
 
 def _run_shards(pending: list[int], worker_args: dict, settings: SynthesisRunSettings, on_done) -> None:
     """Make the pending shards; `on_done(stats, parquet_bytes)` as each arrives (in this process)."""
-    if settings.executor == "local":
+    if not runs_on_ray(settings.executor, settings.engines):
         worker = SynthesisWorker(**worker_args)
         try:
             for shard in pending:

@@ -9,6 +9,7 @@ from peft_check import ours_and_peft_logits
 from safetensors.torch import load_file
 
 from cartridges.artifact import load_artifact
+from cartridges.cluster import runs_on_ray
 from cartridges.stages.distill import (
     DistillConfig,
     _student,
@@ -225,6 +226,26 @@ def test_a_ray_worker_trains_with_all_its_cpus(tiny, synthesized_run):
     record = json.loads(synthesized_run.metrics.read_text().splitlines()[-1])
     assert settings.worker_threads() == max(1, os.cpu_count() // 1)
     assert record["threads"] == settings.worker_threads()
+
+
+def test_auto_executor_trains_in_this_process_unless_a_cluster_or_more_workers_ask_for_ray(
+    tiny, synthesized_run, monkeypatch
+):
+    """On one box Ray's processes cost a quarter of the training speed (BENCHMARKS.md): `auto` starts no Ray
+    for one worker, and goes to Ray for a cluster (`RAY_ADDRESS`, or a process already in Ray) or N workers."""
+    import ray
+
+    ray.shutdown()  # a local Ray that an earlier test started in this process
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_training(synthesized_run, tiny, config(steps=1), DistillRunSettings())
+    assert synthesized_run.final_prefix.is_file() and not ray.is_initialized()
+    assert not runs_on_ray("auto", 1) and runs_on_ray("auto", 2)
+    assert runs_on_ray("ray", 1) and not runs_on_ray("local", 2)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # a build run by the scheduler's Ray actor
+    assert runs_on_ray("auto", 1)
+    monkeypatch.undo()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert runs_on_ray("auto", 1)
 
 
 # ---- issue 14: training stops on non-finite values -------------------------------------------
