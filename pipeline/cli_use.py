@@ -1,5 +1,6 @@
 """Commands that use cartridges: chat, ask, eval."""
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,10 @@ def chat(
     from cartridges.chat import chat_session
     from cartridges.loading import load
 
+    # A process started with SIGINT ignored (by a parent that ignores it: a job runner, nohup, a test
+    # harness that ran training in-process) inherits that, and Python then installs no Ctrl-C handler:
+    # an answer could not be stopped. A chat is interactive, so it takes Ctrl-C back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     runtime = load(refs, open_registry(registry), model)
     chat_session(runtime, lambda: console.input("[bold green]you> [/bold green]"), console, max_new_tokens, temperature)
 
