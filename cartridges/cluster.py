@@ -16,8 +16,8 @@ def runs_on_ray(executor: Executor, actors: int) -> bool:
     """Whether a stage's work goes to Ray. `auto`: when there is a cluster to use (`RAY_ADDRESS`, or this
     process already runs in Ray, as a scheduled build does) or more than one engine or worker to run;
     otherwise in this process, because on one small box Ray's own processes take cores from the work:
-    the default build's training ran at 81 tokens/s under Ray Train and 107 in-process, and its synthesis
-    12% slower (BENCHMARKS.md, "Ray or in-process on one box")."""
+    the default build's training ran at 75-81 tokens/s under Ray Train and 107-108 in-process, and its
+    synthesis 18% slower under Ray Data (BENCHMARKS.md, "Ray or in-process on one box")."""
     if executor == "auto":
         return not on_local_ray() or _connected_to_ray() or actors > 1
     return executor == "ray"
