@@ -36,6 +36,8 @@ from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, sa
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
+from cartridges.stages.sampled_init import sampled_token_ids
+from cartridges.stages.summary_init import summary_token_ids
 from cartridges.stages.training_data import collate, distillation_loss, load_examples
 
 
@@ -47,13 +49,19 @@ class DistillConfig(BaseModel):
     model_config = STRICT_SETTINGS
 
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
-    init: Literal["first_tokens", "select", "random_chunks", "random"] = Field(
+    init: Literal["first_tokens", "select", "sampled", "summary", "random"] = Field(
         "first_tokens",
         description="prefix initialisation: the first corpus tokens' KV, the corpus KV selected by reconstruction "
-        "attention (stages/kv_reconstruction.py), the KV of randomly chosen chunks, or random values",
+        "attention (stages/kv_reconstruction.py), the KV of spans sampled across the corpus "
+        "(stages/sampled_init.py), the KV of the model's summaries of chunks across the corpus "
+        "(stages/summary_init.py), or random values",
     )
     select_max_tokens: int = Field(
         32768, ge=1, description="init 'select' reads at most about this many corpus tokens (evenly spaced segments)"
+    )
+    sample_span_tokens: int = Field(64, ge=1, description="init 'sampled' takes spans of this many corpus tokens")
+    summary_tokens: int = Field(
+        64, ge=1, description="init 'summary' writes one summary of at least this many tokens per summarised chunk"
     )
     steps: int = Field(96, ge=1, description="optimizer steps; 96 = one epoch of 384 samples at batch 4")
     precision: Precision = Field(
@@ -270,25 +278,21 @@ def check_training_fits_window(config: DistillConfig, window: int) -> None:
 
 def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
     """The prefix training starts from: KV of the first corpus tokens, of the tokens reconstruction attends
-    to most, of random chunks, or random."""
+    to most, of spans sampled across the corpus, of the model's summaries of chunks across it, or random."""
     if config.init == "random":
         num_layers, num_kv_heads, head_dim = kv_shape(loaded.model.config)
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn(config.num_tokens, num_layers * 2 * num_kv_heads * head_dim, generator=generator)
-    texts = pq.read_table(run.documents, columns=["text"]).column("text").to_pylist()
+    text = DOCUMENT_SEPARATOR.join(pq.read_table(run.documents, columns=["text"]).column("text").to_pylist())
     if config.init == "select":
         from cartridges.stages.kv_reconstruction import selected_prefix
 
-        return selected_prefix(loaded, DOCUMENT_SEPARATOR.join(texts), config.num_tokens, config.select_max_tokens)
-    if config.init == "first_tokens":
-        ids = context_token_ids(loaded.tokenizer, DOCUMENT_SEPARATOR.join(texts), config.num_tokens)
+        return selected_prefix(loaded, text, config.num_tokens, config.select_max_tokens)
+    if config.init == "sampled":
+        ids = sampled_token_ids(loaded.tokenizer, text, config.num_tokens, config.sample_span_tokens, config.seed)
+    elif config.init == "summary":
+        chunks = [chunk.text for chunk in read_chunks(run)]
+        ids = summary_token_ids(loaded, chunks, config.num_tokens, config.summary_tokens)
     else:
-        chunks = read_chunks(run)
-        rng = random.Random(config.seed)
-        ids = context_token_ids(loaded.tokenizer, "", None)  # BOS, if the tokenizer has one
-        while len(ids) < config.num_tokens:
-            ids += loaded.tokenizer(rng.choice(chunks).text, add_special_tokens=False)["input_ids"][
-                : config.num_tokens // 4
-            ]
-        ids = ids[: config.num_tokens]
+        ids = context_token_ids(loaded.tokenizer, text, config.num_tokens)
     return kv_prefix_of_tokens(loaded.model, ids)
