@@ -213,7 +213,7 @@ def report(result: dict) -> str:
         lines += answer_lines(result, corpus_id, icl)
     if result.get("against"):
         lines += [
-            f"Paired against the trials of the same name in {result['args']['against']}:",
+            f"Paired against the earlier trials in {', '.join(result.get('against_files') or [result['args']['against']])}:",
             "",
             "| corpus | trial | init NLL earlier / here | distilled NLL earlier / here | here - earlier (paired) | rank acc earlier / here |",
             "|---|---|---|---|---|---|",
@@ -251,12 +251,11 @@ def answer_lines(result: dict, corpus_id: str, icl: dict) -> list[str]:
     return [*lines, ""]
 
 
-def compared(rows: list[dict], against: Path | None, against_trial: str | None = None) -> list[dict]:
-    """Each trial beside the earlier sweep's trial of the same corpus and name (or named `against_trial`,
-    e.g. today's default recipe against a cheaper one), paired per question."""
-    if against is None:
-        return []
-    earlier = {(r["corpus"], r["name"]): r for r in json.loads(against.read_text())["rows"]}
+def compared(rows: list[dict], against: list[Path], against_trial: str | None = None) -> list[dict]:
+    """Each trial beside the earlier sweeps' trial of the same corpus and name (or named `against_trial`,
+    e.g. today's default recipe against a cheaper one), paired per question; a later file's trial of the
+    same corpus and name stands in for an earlier file's."""
+    earlier = {(r["corpus"], r["name"]): r for path in against for r in json.loads(path.read_text())["rows"]}
     out = []
     for row in rows:
         before = earlier.get((row["corpus"], against_trial or row["name"]))
@@ -357,9 +356,10 @@ def main() -> None:
     parser.add_argument(
         "--against",
         type=Path,
-        default=None,
+        action="append",
+        default=[],
         help="results.json of an earlier sweep on the same questions: each trial is paired with the earlier trial of "
-        "the same name (e.g. the same recipe with another --teacher-context)",
+        "the same name (e.g. the same recipe with another --teacher-context); repeatable (one file per few corpora)",
     )
     parser.add_argument(
         "--against-trial",
@@ -423,6 +423,7 @@ def main() -> None:
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "rows": rows,
                 "against": compared(rows, args.against, args.against_trial),
+                "against_files": [str(path) for path in args.against],
                 "baselines": {s.corpus.id: s.scores for s in sweeps},
                 "synthesis": {s.corpus.id: s.synthesis for s in sweeps},
                 "elapsed_seconds": time.perf_counter() - started,
