@@ -17,6 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
+from cartridges.runtime import pad_token_id
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR
 
 SUMMARY_REQUEST = (
@@ -68,9 +69,7 @@ def greedy_summary(loaded: LoadedModel, chunk: str, num_tokens: int) -> list[int
         do_sample=False,
         suppress_tokens=list(loaded.tokenizer.all_special_ids),
         logits_processor=LogitsProcessorList([NoRepeatInGenerated(len(prompt), REPEAT_NGRAM)]),
-        pad_token_id=loaded.tokenizer.pad_token_id
-        if loaded.tokenizer.pad_token_id is not None
-        else loaded.tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(loaded.tokenizer),
     )
     return output[0, len(prompt) :].tolist()
 
