@@ -173,6 +173,7 @@ class CorpusSweep:
             "corpus": self.corpus.id,
             **asdict(trial),
             "name": trial.name,
+            "init_method": trial.init,  # asdict's "init" is replaced by the init's score below
             "train_seconds": seconds,
             "train_metrics": final_metrics(folder),
             "init": init,

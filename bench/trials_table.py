@@ -3,10 +3,12 @@
 Each run trained some trials on some corpora; this puts every named trial of every corpus in one
 table: its init alone and trained (gold NLL, recovery of the none-to-icl gap, rank accuracy, answer
 F1), each paired per question with the reference trial's init and trained prefix, and the trained
-answers paired with `icl`'s. A trial found in several files is taken from the last one given.
+answers paired with `icl`'s. A trial found in several files is taken from the last one given; a run
+whose teacher read more than its chunk names its trials with `-teacher-window`. `--methods` adds
+bench/methods.py rows (`--method rag/256`) as trials without an init, paired the same way.
 
     python bench/trials_table.py --result A/results.json --result B/results.json \
-        --reference corpus-lr0.006-s32-p256 --trial corpus-lr0.006-s32-p256-sampled --out /tmp/table
+        --reference corpus-lr0.006-s32-p256 --trial corpus-lr0.006-s32-p256-sampled --methods M/results.json --method rag/256 --out /tmp/table
 """
 
 import argparse
@@ -18,16 +20,29 @@ from cartridges.stages.evaluate import paired_gain
 
 
 def collected(paths: list[Path]) -> tuple[dict[tuple[str, str], dict], dict[str, dict]]:
-    """(corpus, trial name) -> row, and corpus -> its none/icl scores, over all files."""
+    """(corpus, trial name) -> row, and corpus -> its none/icl scores, over all files: the first scores that
+    carry icl's answers (a run scored without answers has none to pair F1 with), else the first found."""
     rows, baselines = {}, {}
     for path in paths:
         result = json.loads(path.read_text())
         for row in result["rows"]:
-            rows[(row["corpus"], row["name"])] = row
+            rows[(row["corpus"], row["name"] + teacher_suffix(result["args"]))] = row
         for corpus, scores in result["baselines"].items():
-            if "none" in scores and "icl" in scores:
-                baselines.setdefault(corpus, scores)
+            if "none" in scores and "icl" in scores and not has_answers(baselines.get(corpus)):
+                if corpus not in baselines or has_answers(scores):
+                    baselines[corpus] = scores
     return rows, baselines
+
+
+def has_answers(scores: dict | None) -> bool:
+    return scores is not None and "per_question_f1" in scores["icl"]
+
+
+def teacher_suffix(args: dict) -> str:
+    """The same recipe with another teacher context is another trial: `-teacher-window` names it (a run's
+    trial names leave the teacher out, as the sweep pairs such runs by name)."""
+    teacher = args.get("teacher_context", "chunk")
+    return "" if teacher == "chunk" else f"-teacher-{teacher}"
 
 
 def paired(here: dict, there: dict, key: str) -> str:
@@ -37,13 +52,15 @@ def paired(here: dict, there: dict, key: str) -> str:
 
 
 def table(rows: dict, baselines: dict, reference: str, trials: list[str]) -> str:
+    """One line per corpus and trial; a method's row (from --methods) has no init, so its init columns stay empty."""
     lines = [
         f"Paired columns: this trial minus `{reference}` per question (init with init, trained with trained); "
-        "F1 - icl: trained answers minus icl's.",
+        "F1 columns: trained answers minus the reference's or icl's.",
         "",
         "| corpus | trial | init NLL | trained NLL ± SE | init - ref init | trained - ref trained | recovery init / trained "
-        "| rank acc init / trained | F1 init / trained | F1 trained - icl | contains init / trained | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rank acc init / trained | F1 init / trained | F1 trained - ref trained | F1 trained - icl | contains init / trained "
+        "| train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for corpus in sorted({c for c, _ in rows}):
         if corpus not in baselines:
@@ -55,20 +72,38 @@ def table(rows: dict, baselines: dict, reference: str, trials: list[str]) -> str
             if row is None:
                 continue
             init, dist = row["init"], row["distilled"]
-            recovery = [(none["nll"] - s["nll"]) / (none["nll"] - icl["nll"]) for s in (init, dist)]
-            f1 = " / ".join(f"{s['answer_f1']:.3f}" if s.get("answer_f1") is not None else "-" for s in (init, dist))
-            contains = " / ".join(
-                f"{s['answer_contains']:.2f}" if s.get("answer_contains") is not None else "-" for s in (init, dist)
-            )
             versus = ref is not None and name != reference
+            scores = (init or {}, dist)
+
+            def both(key: str, form: str, scores=scores) -> str:
+                return " / ".join(form.format(s[key]) if s.get(key) is not None else "-" for s in scores)
+
+            recovery = " / ".join(
+                f"{(none['nll'] - s['nll']) / (none['nll'] - icl['nll']):.2f}" if s else "-" for s in scores
+            )
+            seconds = "" if row.get("train_seconds") is None else f"{row['train_seconds']:.0f}"
             lines.append(
-                f"| {corpus.removeprefix('squad2-')} | {name} | {init['nll']:.3f} | {dist['nll']:.3f} ± {dist['nll_se']:.3f} | "
-                f"{paired(init, ref['init'], 'per_question_nll') if versus else ''} | "
+                f"| {corpus.removeprefix('squad2-')} | {name} | {format(init['nll'], '.3f') if init else ''} | "
+                f"{dist['nll']:.3f} ± {dist['nll_se']:.3f} | "
+                f"{paired(init, ref['init'], 'per_question_nll') if versus and init else ''} | "
                 f"{paired(dist, ref['distilled'], 'per_question_nll') if versus else ''} | "
-                f"{recovery[0]:.2f} / {recovery[1]:.2f} | {init['rank_accuracy']:.2f} / {dist['rank_accuracy']:.2f} | "
-                f"{f1} | {paired(dist, icl, 'per_question_f1')} | {contains} | {row['train_seconds']:.0f} |"
+                f"{recovery} | {both('rank_accuracy', '{:.2f}')} | "
+                f"{both('answer_f1', '{:.3f}')} | {paired(dist, ref['distilled'], 'per_question_f1') if versus else ''} | "
+                f"{paired(dist, icl, 'per_question_f1')} | {both('answer_contains', '{:.2f}')} | {seconds} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def method_rows(paths: list[Path], wanted: list[str]) -> dict[tuple[str, str], dict]:
+    """(corpus, "METHOD B") -> a trial-shaped row (no init) from bench/methods.py results, for `METHOD/B` in `wanted`
+    (`icl`, `rag/256`, ...): the other blocks a user could choose, in the same table."""
+    out = {}
+    for path in paths:
+        for row in json.loads(path.read_text())["rows"]:
+            spec = row["method"] if row["budget"] is None else f"{row['method']}/{row['budget']}"
+            if spec in wanted:
+                out[(row["corpus"], spec.replace("/", " "))] = {"init": None, "distilled": row, "train_seconds": None}
+    return out
 
 
 def main() -> None:
@@ -76,9 +111,15 @@ def main() -> None:
     parser.add_argument("--result", type=Path, action="append", required=True, help="distill_sweep results.json")
     parser.add_argument("--reference", required=True, help="trial name every other trial is paired with")
     parser.add_argument("--trial", action="append", default=[], help="trial name to show (repeatable)")
+    parser.add_argument(
+        "--methods", type=Path, action="append", default=[], help="bench/methods.py results.json with --method rows"
+    )
+    parser.add_argument(
+        "--method", action="append", default=[], help="METHOD/BUDGET (or a whole-corpus METHOD) to show from --methods"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    for path in args.result:
+    for path in [*args.result, *args.methods]:
         if not path.is_file():
             raise SystemExit(f"--result {path}: no such file (a bench/distill_sweep.py results.json)")
     rows, baselines = collected(args.result)
@@ -86,7 +127,12 @@ def main() -> None:
     missing = [name for name in [args.reference, *args.trial] if name not in names]
     if missing:
         raise SystemExit(f"no trial named {', '.join(missing)} in --result; found: {', '.join(sorted(names))}")
-    text = table(rows, baselines, args.reference, args.trial)
+    methods = method_rows(args.methods, args.method)
+    absent = [m for m in args.method if m.replace("/", " ") not in {name for _, name in methods}]
+    if absent:
+        raise SystemExit(f"no row {', '.join(absent)} in --methods (METHOD/BUDGET, e.g. rag/256, or icl)")
+    rows |= methods
+    text = table(rows, baselines, args.reference, [*args.trial, *dict.fromkeys(n for _, n in methods)])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "trials.md").write_text(text)
     print(text)

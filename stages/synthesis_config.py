@@ -17,7 +17,8 @@ PROMPT_OVERHEAD_TOKENS = 256  # title, chat template and system instruction arou
 
 # Measured with SmolLM2-135M as teacher (BENCHMARKS.md, distillation sweep): cartridges trained on the
 # corpus-answered kinds alone beat those trained on every kind; a stronger teacher may profit from
-# adding model-written kinds (--kinds question=2,use_case=1,quote=1,...).
+# adding model-written kinds (--set 'synthesis.kinds={question: 2, use_case: 1, quote: 1}'); at lr 6e-3 the
+# `EVERY_KIND` mix was measured worse again on all four issue-17 articles (BENCHMARKS.md, lever 4).
 DEFAULT_KINDS = {"quote": 1.0, "continuation": 1.0, "fill_span": 1.0}
 # Every kind, model-written and corpus-answered (the default before that sweep; the benchmarks' `all` mix).
 EVERY_KIND = {
