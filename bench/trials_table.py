@@ -28,14 +28,18 @@ def collected(paths: list[Path]) -> tuple[dict[tuple[str, str], dict], dict[str,
         for row in result["rows"]:
             rows[(row["corpus"], row["name"] + teacher_suffix(result["args"]))] = row
         for corpus, scores in result["baselines"].items():
-            if "none" in scores and "icl" in scores and not has_answers(baselines.get(corpus)):
-                if corpus not in baselines or has_answers(scores):
-                    baselines[corpus] = scores
+            earlier = baselines.get(corpus)
+            if (
+                "none" in scores
+                and "icl" in scores
+                and (earlier is None or (has_answers(scores) and not has_answers(earlier)))
+            ):
+                baselines[corpus] = scores
     return rows, baselines
 
 
-def has_answers(scores: dict | None) -> bool:
-    return scores is not None and "per_question_f1" in scores["icl"]
+def has_answers(scores: dict) -> bool:
+    return "per_question_f1" in scores["icl"]
 
 
 def teacher_suffix(args: dict) -> str:
@@ -102,8 +106,13 @@ def method_rows(paths: list[Path], wanted: list[str]) -> dict[tuple[str, str], d
         for row in json.loads(path.read_text())["rows"]:
             spec = row["method"] if row["budget"] is None else f"{row['method']}/{row['budget']}"
             if spec in wanted:
-                out[(row["corpus"], spec.replace("/", " "))] = {"init": None, "distilled": row, "train_seconds": None}
+                out[(row["corpus"], method_name(spec))] = {"init": None, "distilled": row, "train_seconds": None}
     return out
+
+
+def method_name(spec: str) -> str:
+    """`rag/256` -> the row's trial name, `rag 256`."""
+    return spec.replace("/", " ")
 
 
 def main() -> None:
@@ -119,20 +128,22 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    for path in [*args.result, *args.methods]:
-        if not path.is_file():
-            raise SystemExit(f"--result {path}: no such file (a bench/distill_sweep.py results.json)")
+    for flag, paths, script in (("--result", args.result, "distill_sweep"), ("--methods", args.methods, "methods")):
+        for path in paths:
+            if not path.is_file():
+                raise SystemExit(f"{flag} {path}: no such file (a bench/{script}.py results.json)")
     rows, baselines = collected(args.result)
     names = {name for _, name in rows}
     missing = [name for name in [args.reference, *args.trial] if name not in names]
     if missing:
         raise SystemExit(f"no trial named {', '.join(missing)} in --result; found: {', '.join(sorted(names))}")
     methods = method_rows(args.methods, args.method)
-    absent = [m for m in args.method if m.replace("/", " ") not in {name for _, name in methods}]
+    method_names = list(dict.fromkeys(name for _, name in methods))
+    absent = [m for m in args.method if method_name(m) not in method_names]
     if absent:
         raise SystemExit(f"no row {', '.join(absent)} in --methods (METHOD/BUDGET, e.g. rag/256, or icl)")
     rows |= methods
-    text = table(rows, baselines, args.reference, [*args.trial, *dict.fromkeys(n for _, n in methods)])
+    text = table(rows, baselines, args.reference, [*args.trial, *method_names])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "trials.md").write_text(text)
     print(text)
