@@ -9,23 +9,32 @@ import json
 from pathlib import Path
 
 WHOLE_METHODS = ("none", "icl", "ape")
+# What a run with --answer-tokens adds to a row (stages/evaluate.py CorpusScore)
+ANSWER_FIELDS = ("answer_f1", "exact_match", "answer_contains", "per_question_f1", "answers")
 
 
 def scored_rows(paths: list[Path], distractors: int, answer_tokens: int) -> list[dict]:
     """Every scored row of earlier runs (methods.py rows, distill_sweep.py baselines), each with its corpus
     and budget (None for a whole-corpus row). Only runs scored as this run scores (same distractors, same
-    answer length) are read; decode and memory cost are not carried over."""
+    answer length) are read; decode and memory cost are not carried over. A run that scores no answers also
+    takes the rows of a run that did, without their answer fields: gold NLL and rank accuracy are computed
+    before and apart from the greedy answers, so they do not depend on the answer length."""
     found = []
     for path in paths:
         record = json.loads(path.read_text())
         earlier = record.get("args", {})
-        if int(earlier.get("distractors", 4)) != distractors or int(earlier.get("answer_tokens", 0)) != answer_tokens:
+        answers_differ = answer_tokens not in (0, int(earlier.get("answer_tokens", 0)))
+        if int(earlier.get("distractors", 4)) != distractors or answers_differ:
             raise SystemExit(f"{path} was scored with other --distractors/--answer-tokens: run without it")
+        dropped = ANSWER_FIELDS if answer_tokens == 0 else ()
         rows = list(record.get("rows", []))  # methods.py
         for corpus, methods in record.get("baselines", {}).items():  # distill_sweep.py
             rows += [{**row, "corpus": corpus, "budget": None} for row in methods.values()]
         found += [
-            {**{k: v for k, v in row.items() if not k.startswith(("decode_tps", "peak_rss"))}, "reused_from": str(path)}
+            {
+                **{k: v for k, v in row.items() if not k.startswith(("decode_tps", "peak_rss")) and k not in dropped},
+                "reused_from": str(path),
+            }
             for row in rows
             if "method" in row
         ]
