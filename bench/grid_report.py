@@ -223,7 +223,7 @@ def plot_recovery(rows: list[dict], corpora: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_cost(rows: list[dict], corpora: list[str], budgets: list[int], out: Path) -> None:
+def plot_cost(rows: list[dict], budgets: list[int], out: Path) -> None:
     """Mean recovery over the corpora where the method has a row at that budget (the count is in the label),
     against the seconds to build its block once and the tokens it prefills for each question."""
     import matplotlib
@@ -292,7 +292,7 @@ def main() -> None:
         json.dumps({"sources": sources, "corpora": corpora, "rows": kept, "winners": won}, indent=2)
     )
     plot_recovery(rows, list(corpora), args.out)
-    plot_cost(rows, list(corpora), budgets, args.out)
+    plot_cost(rows, budgets, args.out)
     print(table)
 
 
