@@ -117,8 +117,13 @@ def test_synthesis_shards_come_from_two_nodes_and_equal_a_one_process_run(on_clu
 def test_a_node_lost_mid_synthesis_costs_no_shard_and_changes_no_sample(on_cluster, tiny, long_corpus, tmp_path):
     """Remove the node of a running engine after the first shards arrive: Ray replaces the engine on the
     node that is left (and one added meanwhile), finished shards are kept, the result equals a run that
-    was never interrupted."""
-    config = SYNTHESIS.model_copy(update={"samples": 32})
+    was never interrupted.
+
+    128 shards: once the engines have started, the tiny model makes shards faster than the test polls (11 of
+    128 were written before the first poll saw one on an idle box; with 16 shards, all 16 were twice written
+    before it under the full suite's load, and the node was lost after the work). Ray's start-up dominates,
+    so the 112 extra shards cost about 4 s here."""
+    config = SYNTHESIS.model_copy(update={"samples": 256})
     run, record = ingested_run(tiny, long_corpus, tmp_path / "cluster-run")
     settings = SynthesisRunSettings(engine="hf", executor="ray", engines=2, cpus_per_engine=1, batch_size=2)
     on_cluster.add_node(f"spare-{time.monotonic_ns()}")  # the lost node's engine needs somewhere to go
