@@ -68,10 +68,13 @@ def cartridge_rows(paths: list[Path], trials: list[str]) -> list[dict]:
     return list(found.values())
 
 
-def paired_text(here: dict, there: dict) -> str:
-    if here is there:
-        return "0"
-    return "{:+.3f} ± {:.3f}".format(*paired_gain(here["per_question_nll"], there["per_question_nll"]))
+def versus(here: dict | None, there: dict | None) -> tuple[float, float] | None:
+    """here minus there in gold NLL, paired per question (mean, SE); None when either row is missing."""
+    return paired_gain(here["per_question_nll"], there["per_question_nll"]) if here and there else None
+
+
+def gain_text(gain: tuple[float, float] | None) -> str:
+    return "" if gain is None else "{:+.3f} ± {:.3f}".format(*gain)
 
 
 def cell(value: float | None, digits: int = 2) -> str:
@@ -108,22 +111,12 @@ def winners(rows: list[dict], corpora: list[str], budgets: list[int]) -> list[di
                     "cartridge_place": ranked.index(cartridge) + 1 if cartridge else None,
                     "cartridge_recovery": cartridge["recovery"] if cartridge else None,
                     "best_other_blind": rival["method"] if rival else None,
-                    "cartridge_minus_other_blind": paired_gain(cartridge["per_question_nll"], rival["per_question_nll"])
-                    if cartridge and rival
-                    else None,
-                    "cartridge_minus_rag": paired_gain(cartridge["per_question_nll"], rag["per_question_nll"])
-                    if cartridge and rag
-                    else None,
-                    "cartridge_minus_icl": paired_gain(cartridge["per_question_nll"], icl["per_question_nll"])
-                    if cartridge and icl
-                    else None,
+                    "cartridge_minus_other_blind": versus(cartridge, rival),
+                    "cartridge_minus_rag": versus(cartridge, rag),
+                    "cartridge_minus_icl": versus(cartridge, icl),
                 }
             )
     return found
-
-
-def gain_text(gain: tuple[float, float] | None) -> str:
-    return "" if gain is None else "{:+.3f} ± {:.3f}".format(*gain)
 
 
 def markdown(rows: list[dict], corpora: dict, budgets: list[int], won: list[dict]) -> str:
@@ -153,10 +146,10 @@ def markdown(rows: list[dict], corpora: dict, budgets: list[int], won: list[dict
             cartridge = next((r for r in ranked if r["method"] == CARTRIDGE), None)
             for r in ranked:
                 name = f"**{r['method']}**" if r["method"] == CARTRIDGE else r["method"]
-                versus = paired_text(cartridge, r) if cartridge else ""
+                difference = "0" if r is cartridge else gain_text(versus(cartridge, r))
                 lines.append(
                     f"| {corpus} | {budget} | {name} | {r['nll']:.3f} ± {r['nll_se']:.3f} | {cell(r['recovery'])} | "
-                    f"{cell(r['rank_accuracy'])} | {versus} | {cell(r.get('build_seconds'), 1)} | "
+                    f"{cell(r['rank_accuracy'])} | {difference} | {cell(r.get('build_seconds'), 1)} | "
                     f"{r.get('prefill_per_question', 0)} |"
                 )
     lines += [
