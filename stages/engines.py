@@ -253,7 +253,13 @@ class HFEngine:
 
     def _shared_prefix(self, token_ids: list[int]) -> torch.Tensor:
         """The KV of `token_ids` (PEFT's flattened prefix layout). Only what the last one computed does
-        not already cover runs: a chunk's message prompts and its scoring prompts begin the same."""
+        not already cover runs: a chunk's message prompts and its scoring prompts begin the same.
+        KV extended from a cached beginning differs from KV computed in one pass in float32's last bits
+        (the matmuls have other shapes), so what an engine made before moves a sample's teacher
+        log-probs by up to about 1e-6 (tokens and top-k ids stayed equal in every shard measured:
+        tests/sample_helpers.py).
+        Recomputing every prefix would buy bit-identical shards across engines and resumes at the cost
+        of prefilling each chunk again for every prompt."""
         known = _common_length([self._prefix_ids, token_ids]) if self._prefix_ids else 0
         if known == len(token_ids):
             return self._prefix if known == self._prefix.shape[0] else self._prefix[:known]

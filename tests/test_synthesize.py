@@ -1,6 +1,8 @@
 """Synthesis mechanics on the tiny model: teacher scores, schema, determinism, resume, Ray."""
 
+import io
 import json
+import random
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sample_helpers import assert_same_samples
 
 from cartridges.errors import CartridgeError
 from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches, resolved_engine
@@ -20,7 +23,7 @@ from cartridges.stages.sample_plan import chunk_keys, plan_samples, rendezvous_c
 from cartridges.stages.seed_prompts import corpus_answer, sentences
 from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards
 from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
-from cartridges.stages.synthesize import synthesize
+from cartridges.stages.synthesize import ShardInputs, SynthesisWorker, synthesize
 from cartridges.stages.training_data import data_fingerprint
 
 CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
@@ -214,11 +217,41 @@ def test_ray_data_executor_writes_the_same_samples(tiny, long_corpus, tmp_path, 
     for line in ["Progress bars disabled", "constructor arguments in the object store", "execution finished"]:
         assert line not in noise
     assert on_ray.samples == local.samples == 6
-    columns = ["sample_id", "messages", "answer_ids", "topk_ids"]
-    assert (
-        pq.read_table(RunDir(tmp_path / "ray").shards, columns=columns).sort_by("sample_id").to_pylist()
-        == pq.read_table(RunDir(tmp_path / "local").shards, columns=columns).sort_by("sample_id").to_pylist()
+    assert_same_samples(
+        pq.read_table(RunDir(tmp_path / "ray").shards).sort_by("sample_id"),
+        pq.read_table(RunDir(tmp_path / "local").shards).sort_by("sample_id"),
     )
+
+
+def test_a_shard_holds_the_same_samples_whichever_shards_its_engine_made_before(tiny, long_corpus, tmp_path):
+    """Engines on a cluster, and a resumed run, make shards in an order of their own, and an engine reuses
+    the KV prefix it computed last: one making the shards shuffled makes the samples one making them in
+    order does (the teacher's log-probs to float rounding, `sample_helpers`)."""
+    run = RunDir(tmp_path / "run")
+    ingest(
+        long_corpus,
+        run,
+        tiny.tokenizer,
+        tiny.tokenizer_fingerprint,
+        SMALL["chunk_min_tokens"],
+        SMALL["chunk_max_tokens"],
+    )
+    config = SynthesisConfig(**SMALL, samples=48, shard_size=2, kinds=CORPUS_KINDS)
+    settings = SynthesisRunSettings(engine="hf", executor="local", batch_size=2)
+    worker_args = {
+        "inputs": ShardInputs.of(run),
+        "model": tiny.ref,
+        "config_json": config.model_dump_json(),
+        "settings_json": settings.model_dump_json(),
+    }
+    shards = list(range(num_shards(config)))
+    in_order, shuffled = SynthesisWorker(**worker_args), SynthesisWorker(**worker_args)
+    made = {shard: in_order.make_shard(shard)[1] for shard in shards}
+    random.Random(0).shuffle(shards)
+    for shard in shards:
+        assert_same_samples(
+            pq.read_table(io.BytesIO(shuffled.make_shard(shard)[1])), pq.read_table(io.BytesIO(made[shard]))
+        )
 
 
 def _rows_by_sample(run) -> dict[int, dict]:
