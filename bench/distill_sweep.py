@@ -17,6 +17,7 @@ from datetime import date
 from pathlib import Path
 
 from baseline_rows import earlier_rows, earlier_truncated, scored_rows
+from run_record import record_header
 from safetensors.torch import load_file
 
 from cartridges.errors import run_script
@@ -403,6 +404,7 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
+    header = record_header(args)
     wanted = list(dict.fromkeys(args.corpus_id or ["squad2-Sky_(United_Kingdom)", "squad2-Normans"]))
     corpora = {c.id: c for c in load_qa_files(args.qa, wanted)}
     trials = [Trial.parse(spec) for spec in args.trial or DEFAULT_TRIALS]
@@ -421,7 +423,7 @@ def main() -> None:
                 continue
             rows.append(sweep.run_trial(trial))
             result = {
-                "args": {k: str(v) for k, v in vars(args).items()},
+                **header,
                 "rows": rows,
                 "against": compared(rows, args.against, args.against_trial),
                 "against_files": [str(path) for path in args.against],

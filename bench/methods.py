@@ -28,6 +28,7 @@ import torch
 from baseline_rows import WHOLE_METHODS, earlier_rows, scored_rows
 from kv_storage import storage_rows
 from methods_report import BUDGET_METHODS, markdown, plot, summarize
+from run_record import record_header
 from safetensors.torch import load_file
 
 from cartridges.artifact import kv_shape
@@ -248,10 +249,11 @@ def main() -> None:
         prefixes.setdefault(corpus_id, []).append((label, Path(file)))
     storage = []
     partial = args.out / "results.partial.json"  # each row as it is measured: a run cut short keeps them
+    header = record_header(args)
 
     def keep(row: dict) -> None:
         rows.append(row)
-        partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+        partial.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
     reusable = earlier_rows(scored_rows(args.baselines, args.distractors, args.answer_tokens))
     for corpus in corpora:
@@ -316,7 +318,7 @@ def main() -> None:
         )
     summary = summarize(rows)
     record = {
-        "args": {k: str(v) for k, v in vars(args).items()},
+        **header,
         "seconds": time.perf_counter() - started,
         "corpora": summary,
         "rows": rows,

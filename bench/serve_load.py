@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from run_record import record_header
 
 from cartridges.errors import run_script
 from cartridges.qa import find_corpus
@@ -246,7 +247,7 @@ def main() -> None:
         wait_for(url, server)
         questions = [q.question for q in corpus.questions]
         jobs = [("bench", [{"role": "user", "content": questions[i % len(questions)]}]) for i in range(args.requests)]
-        results = {"cartridge": label, "corpus": corpus.id, "args": {k: str(v) for k, v in vars(args).items()}}
+        results = {"cartridge": label, "corpus": corpus.id, **record_header(args)}
         phases = {
             "fuzz": lambda: fuzz(url, args.fuzz, args.seed),
             "concurrent": lambda: asyncio.run(run_all(url, jobs, args.concurrency, args.max_tokens)),
@@ -256,7 +257,7 @@ def main() -> None:
         }
         previous = args.out / "results.json"
         if args.phase and previous.is_file():  # measure some phases again, keep the others
-            results = json.loads(previous.read_text()) | {"args": results["args"]}
+            results = json.loads(previous.read_text()) | {k: results[k] for k in ("args", "machine")}
         for phase, measure in phases.items():  # saved after each phase: a cut-off run keeps what it measured
             if args.phase and phase not in args.phase:
                 continue

@@ -20,6 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from run_record import record_header
 
 from cartridges.errors import CartridgeError, run_script
 from cartridges.qa import DEFAULT_QA_DIR, QACorpus, find_corpus
@@ -187,9 +188,7 @@ def main() -> None:
         print(f"running {engine}...", flush=True)
         rows.append(run_engine(engine, corpus_dir, scratch / f"run-{engine}", args))
         print(json.dumps(rows[-1], indent=1), flush=True)
-    (args.out / "results.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
-    )
+    (args.out / "results.json").write_text(json.dumps({**record_header(args), "rows": rows}, indent=2))
     table = markdown(rows, args)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out / "synthesis_engines.png")

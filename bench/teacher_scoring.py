@@ -25,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from run_record import record_header
 
 from cartridges.artifact import kv_shape
 from cartridges.batching import pad_batch
@@ -163,9 +164,7 @@ def main() -> None:
             results.append(measure(loaded, corpus, context, args))
             print(markdown(results[-1:]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
-    )
+    (args.out / "results.json").write_text(json.dumps({**record_header(args), "results": results}, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     plot(results, args.out / "teacher_scoring.png")
     print(markdown(results))

@@ -1,0 +1,43 @@
+"""What every benchmark's results.json opens with: the command's arguments and the box it ran on.
+
+Seconds measured on one CPU do not compare with another's: the same commit built the default cartridge
+in 791 s on a 2-core AMD EPYC (AVX2) and in 445 s on a 2-core Intel Xeon (AVX-512, AMX) (BENCHMARKS.md,
+"The default build on two 2-core boxes"), and results of earlier runs did not say which box made them."""
+
+import argparse
+import os
+import platform
+from pathlib import Path
+
+# The instruction sets that decide CPU matmul speed here (torch picks its kernels by them).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "amx_tile")
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def machine() -> dict:
+    """The CPU (model, cores this process may use, speed-relevant flags), torch, and the GPU if any."""
+    import torch  # here: a client-only benchmark (serve_load) need not load it to import this module
+
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return {
+        "cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def record_header(args: argparse.Namespace) -> dict:
+    """`args` (values as text, as earlier results have them) and `machine`."""
+    return {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine()}
