@@ -13,24 +13,26 @@ from pathlib import Path
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "amx_tile")
 
 
-def _cpuinfo_field(name: str) -> str | None:
+def _first_cpu() -> dict[str, str]:
+    """The fields /proc/cpuinfo gives the first CPU (empty where there is no such file)."""
     cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return None
-    for line in cpuinfo.read_text().splitlines():
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if not line.strip():
+            break
         key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return None
+        fields[key.strip()] = value.strip()
+    return fields
 
 
 def machine() -> dict:
     """The CPU (model, cores this process may use, speed-relevant flags), torch, and the GPU if any."""
     import torch  # here: a client-only benchmark (serve_load) need not load it to import this module
 
-    flags = set((_cpuinfo_field("flags") or "").split())
+    cpu = _first_cpu()
+    flags = set(cpu.get("flags", "").split())
     return {
-        "cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
+        "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
         "torch": torch.__version__,

@@ -30,11 +30,16 @@ CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
 SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 16}
 
 
-def run_synthesis(tiny, corpus, folder, executor="local", reuse_from=None, engine="hf", **config):
+def ingested_run(tiny, corpus, folder) -> tuple[RunDir, object]:
     run = RunDir(folder)
-    ingested = ingest(
+    record = ingest(
         corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, SMALL["chunk_min_tokens"], SMALL["chunk_max_tokens"]
     )
+    return run, record
+
+
+def run_synthesis(tiny, corpus, folder, executor="local", reuse_from=None, engine="hf", **config):
+    run, ingested = ingested_run(tiny, corpus, folder)
     settings = SynthesisRunSettings(engine=engine, executor=executor, batch_size=4)
     previous = RunDir(reuse_from) if reuse_from else None
     return synthesize(run, ingested, tiny.ref, SynthesisConfig(**(SMALL | config)), settings, previous)
@@ -227,15 +232,7 @@ def test_a_shard_holds_the_same_samples_whichever_shards_its_engine_made_before(
     """Engines on a cluster, and a resumed run, make shards in an order of their own, and an engine reuses
     the KV prefix it computed last: one making the shards shuffled makes the samples one making them in
     order does (the teacher's log-probs to float rounding, `sample_helpers`)."""
-    run = RunDir(tmp_path / "run")
-    ingest(
-        long_corpus,
-        run,
-        tiny.tokenizer,
-        tiny.tokenizer_fingerprint,
-        SMALL["chunk_min_tokens"],
-        SMALL["chunk_max_tokens"],
-    )
+    run, _ = ingested_run(tiny, long_corpus, tmp_path / "run")
     config = SynthesisConfig(**SMALL, samples=48, shard_size=2, kinds=CORPUS_KINDS)
     settings = SynthesisRunSettings(engine="hf", executor="local", batch_size=2)
     worker_args = {
