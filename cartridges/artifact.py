@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from peft import CartridgeConfig
 from peft.utils.other import _prepare_prompt_learning_config
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cartridges.atomic import write_folder_atomically
 from cartridges.errors import CartridgeError
-from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, check_artifact
+from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, inspect_artifact
 from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, payload_checksums
 from cartridges.models import LoadedModel, model_spec_of
-from cartridges.precision import decode, encode
+from cartridges.precision import encode
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,32 @@ def kv_shape(model_config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) as PEFT lays out the prefix."""
     config = _prepare_prompt_learning_config(CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), model_config)
     return config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads
+
+
+def check_kv_shape(manifest: Manifest, model_config, label: str) -> None:
+    """The prefix's (layers, KV heads, head dim) must be the model's: a manifest that claims another
+    shape (matching fingerprints, edited fields) would index past the model's layers."""
+    claimed = (manifest.num_layers, manifest.num_kv_heads, manifest.head_dim)
+    actual = kv_shape(model_config)
+    if claimed != actual:
+        raise CartridgeError(
+            f"{label} holds keys and values for {claimed[0]} layers x {claimed[1]} KV heads x {claimed[2]} dims, but "
+            f"{manifest.model_id} has {actual[0]} x {actual[1]} x {actual[2]}: the manifest does not describe this "
+            "model; the artifact is damaged: remove it and rebuild"
+        )
+
+
+def to_model_dtype(prefix: torch.Tensor, loaded: LoadedModel, label: str) -> torch.Tensor:
+    """The prefix on the model's device and in its dtype, refused when a value does not fit that dtype
+    (a float32 value past float16's 65,504 is infinite in a half-precision model)."""
+    converted = prefix.to(loaded.model.device, loaded.model.dtype)
+    bad = non_finite_count(converted)
+    if bad:
+        raise CartridgeError(
+            f"{label}: {bad} of {converted.numel()} prefix values are out of the range of {loaded.model.dtype} "
+            f"(the model's dtype); load the model in float32 or rebuild the cartridge for it"
+        )
+    return converted
 
 
 def describe_model(loaded: LoadedModel) -> dict:
@@ -100,24 +126,57 @@ def save_artifact(
 
 
 def load_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Cartridge:
-    """Check an artifact (`integrity.check_artifact`: checksums, shapes, bound manifest, finiteness;
-    `expected`: its registry name and version), then read its tensor (safetensors only)."""
-    manifest = check_artifact(folder, expected)
-    embeddings = decode(PROMPT_EMBEDDINGS_KEY, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
-    return Cartridge(manifest=manifest, prompt_embeddings=embeddings, path=folder)
+    """Check an artifact and read its tensor as checked (`integrity.inspect_artifact`: checksums, shapes,
+    bound manifest, finiteness of the float32 values; `expected`: its registry name and version)."""
+    manifest, prefix = inspect_artifact(folder, expected)
+    return Cartridge(manifest=manifest, prompt_embeddings=torch.from_numpy(prefix), path=folder)
 
 
 def check_compatible(cartridge: Cartridge, loaded: LoadedModel) -> None:
-    """Refuse a cartridge built for another model or tokenizer, naming both sides."""
+    """Refuse a cartridge built for another model or tokenizer, or whose KV shape is not the model's, naming both sides."""
     m = cartridge.manifest
-    label = f"cartridge {m.name}" + (f"@{m.version}" if m.version else "")
-    if m.model_fingerprint != loaded.fingerprint:
+    _check_model_identity(
+        m, loaded.model_id, loaded.fingerprint, loaded.tokenizer_fingerprint, loaded.model.config, _label(m)
+    )
+
+
+def check_against_model_files(manifest: Manifest) -> str | None:
+    """What `verify` checks of the model a manifest names without loading its weights: the fingerprints
+    and the KV shape, as a load would. None when done; else why it could not be (the model is not on
+    this machine: nothing is downloaded to verify)."""
+    from transformers import AutoConfig
+
+    from cartridges.models import is_default_model, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+
+    spec = model_spec_of(manifest.model_id)
+    if not is_default_model(spec) and not Path(spec).expanduser().is_dir():
+        return f"model {manifest.model_id} is not on this machine, so the fingerprints and KV shape were not checked against it"
+    path = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CartridgeError(f"cannot read the config of model {path}: {' '.join(str(exc).split())[:200]}") from None
+    _check_model_identity(
+        manifest, manifest.model_id, model_fingerprint(path), tokenizer_fingerprint(path), config, _label(manifest)
+    )
+    return None
+
+
+def _label(m: Manifest) -> str:
+    return f"cartridge {m.name}" + (f"@{m.version}" if m.version else "")
+
+
+def _check_model_identity(
+    m: Manifest, model_id: str, fingerprint: str, tokenizer_print: str, model_config, label: str
+) -> None:
+    if m.model_fingerprint != fingerprint:
         raise CartridgeError(
             f"{label} was built for model {m.model_id} (fingerprint {m.model_fingerprint[:12]}), but the loaded model is "
-            f"{loaded.model_id} (fingerprint {loaded.fingerprint[:12]}): load it with --model {model_spec_of(m.model_id)}"
+            f"{model_id} (fingerprint {fingerprint[:12]}): load it with --model {model_spec_of(m.model_id)}"
         )
-    if m.tokenizer_fingerprint != loaded.tokenizer_fingerprint:
+    if m.tokenizer_fingerprint != tokenizer_print:
         raise CartridgeError(
-            f"{label} was built with tokenizer {m.tokenizer_fingerprint[:12]}, but {loaded.model_id} uses tokenizer "
-            f"{loaded.tokenizer_fingerprint[:12]}: use the model and tokenizer it was built with"
+            f"{label} was built with tokenizer {m.tokenizer_fingerprint[:12]}, but {model_id} uses tokenizer "
+            f"{tokenizer_print[:12]}: use the model and tokenizer it was built with"
         )
+    check_kv_shape(m, model_config, label)

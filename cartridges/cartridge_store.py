@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from cartridges.artifact import check_compatible, load_artifact
+from cartridges.artifact import check_compatible, load_artifact, to_model_dtype
+from cartridges.errors import CartridgeError, NotFound
 from cartridges.models import LoadedModel
 from cartridges.names import Ref, parse_ref
 from cartridges.registry import Registry
@@ -54,6 +55,13 @@ class CartridgeStore:
             self._evict()
         return labels, composed
 
+    def _still_live(self, label: str) -> bool:
+        name, _, version = label.partition("@")
+        try:
+            return int(version) in self.registry.versions(name)
+        except (CartridgeError, OSError):
+            return False
+
     @property
     def held_bytes(self) -> int:
         with self._lock:
@@ -80,10 +88,17 @@ class CartridgeStore:
                 if label in self._held:
                     self._held.move_to_end(label)
                     return self._held[label]
-            where, path = self.registry.locate(label)
-            cartridge = load_artifact(path, expected=where)  # checksums, shapes, bound manifest, finiteness
+            try:
+                where, path = self.registry.locate(label)
+                cartridge = load_artifact(path, expected=where)  # checksums, shapes, bound manifest, finiteness
+            except (CartridgeError, OSError) as exc:
+                if not self._still_live(label):  # `cartridges rm` took it away while it was being read
+                    raise NotFound(f"{label} was removed") from None
+                if isinstance(exc, CartridgeError):
+                    raise
+                raise CartridgeError(f"{label}: cannot be read ({exc.strerror or type(exc).__name__})") from None
             check_compatible(cartridge, self.loaded)  # another model or tokenizer: refused, naming both
-            prefix = cartridge.prompt_embeddings.to(self.loaded.model.device, self.loaded.model.dtype)
+            prefix = to_model_dtype(cartridge.prompt_embeddings, self.loaded, label)
             with self._lock:
                 self._held[label] = (cartridge, prefix)
                 self._loading.pop(label, None)

@@ -4,8 +4,20 @@ The CLI turns a `CartridgeError` into a single line on stderr and exit code 2; a
 bug and keeps its traceback.
 """
 
+import reprlib
 import sys
 from collections.abc import Callable
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
+_SHORT.maxdict = _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = 4
+
+
+def short_repr(value) -> str:
+    """`repr` of at most about 80 characters, built without the repr of the whole value (which, for a
+    huge or deeply nested input, costs as much as the input)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class CartridgeError(Exception):
@@ -19,8 +31,7 @@ class NotFound(CartridgeError):
 def first_problem(exc) -> tuple[str, str, str]:
     """(dotted key, pydantic's message, the value given, shortened) of a ValidationError's first problem."""
     first = exc.errors()[0]
-    given = repr(first.get("input"))
-    return ".".join(str(part) for part in first["loc"]), first["msg"], given if len(given) <= 80 else given[:77] + "..."
+    return ".".join(str(part) for part in first["loc"]), first["msg"], short_repr(first.get("input"))
 
 
 def invalid_settings(exc, source: str, what: str = "setting") -> CartridgeError:

@@ -3,19 +3,22 @@
 Used on load, on publish and by `cartridges verify`, so all three check the same things: the
 manifest's format, its name and version against where it sits, the payload checksums, the adapter
 config and the tensor's shape and dtype against the manifest, the manifest against the identity
-bound into the payload when it was saved (format 2), and that every prefix value is finite.
+bound into the payload when it was saved (format 2), and that every prefix value is finite as the
+runtime will read it (float32, int8 dequantised: `inspect_artifact`, which `load_artifact` takes its
+tensor from, so what is checked is what is used).
 Kept free of torch (numpy reads the tensor) so that `verify` and `publish` start in a fraction of a second.
 """
 
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from cartridges.errors import CartridgeError
 from cartridges.manifest import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    PRECISIONS,
     Manifest,
     parse_strict_json,
     strict_json,
@@ -25,11 +28,20 @@ from cartridges.manifest import (
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 SCALE_SUFFIX = "_scale"  # an int8 prefix keeps its per-channel scales under "<key>_scale" (cartridges/precision.py)
 BOUND_MANIFEST_KEY = "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8"}
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "I8": "int8"}  # the stored dtypes the format defines
 
 
 def check_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Manifest:
     """Raise a CartridgeError naming the first problem; `expected`: (name, version) of its registry location."""
+    return inspect_artifact(folder, expected)[0]
+
+
+def inspect_artifact(folder: Path, expected: tuple[str, int] | None = None) -> tuple[Manifest, np.ndarray]:
+    """`check_artifact`, and the prefix as the runtime will use it: float32, an int8 prefix dequantised.
+
+    Finiteness is checked on those values, not on the stored ones: an int8 value times a scale near
+    float32's largest, or a stored value beyond float32's range, is infinite once loaded.
+    """
     manifest = Manifest.read(folder)
     if expected is not None and (manifest.name, manifest.version) != expected:
         raise CartridgeError(
@@ -38,22 +50,22 @@ def check_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Man
         )
     verify_payload(folder, manifest)
     _check_adapter_config(folder, manifest)
-    bound, shape, dtype, non_finite, size = _inspect_prefix(folder / ADAPTER_WEIGHTS_FILE)
-    width = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim
-    if shape != (manifest.num_tokens, width):
+    path = folder / ADAPTER_WEIGHTS_FILE
+    try:
+        bound, prefix = _read_prefix(path, manifest)
+    except SafetensorError as exc:  # a pickle, a truncated file, a damaged header (checksums fixed to match)
         raise CartridgeError(
-            f"{folder}: tensor shape {shape} does not match the manifest ({manifest.num_tokens}, {width})"
-        )
-    if dtype != manifest.dtype:
-        raise CartridgeError(f"{folder}: tensor dtype {dtype} does not match the manifest's {manifest.dtype}")
-    if dtype == "int8":
-        _check_scales(folder / ADAPTER_WEIGHTS_FILE, width)
+            f"{path}: not a readable safetensors file ({' '.join(str(exc).split())[:120]}); "
+            "the artifact is damaged: remove it and rebuild"
+        ) from None
     _check_bound_manifest(folder, manifest, bound)
+    non_finite = int((~np.isfinite(prefix)).sum())
     if non_finite:
         raise CartridgeError(
-            f"{folder}: {non_finite} of {size} prefix values are NaN or infinite; the cartridge is unusable: remove it and rebuild"
+            f"{folder}: {non_finite} of {prefix.size} prefix values are NaN or infinite as loaded (float32"
+            f"{', after dequantisation' if manifest.dtype == 'int8' else ''}); the cartridge is unusable: remove it and rebuild"
         )
-    return manifest
+    return manifest, prefix
 
 
 def bound_metadata(manifest: Manifest) -> dict[str, str]:
@@ -61,37 +73,53 @@ def bound_metadata(manifest: Manifest) -> dict[str, str]:
     return {BOUND_MANIFEST_KEY: strict_json(manifest.bound_fields())}
 
 
-def _inspect_prefix(path: Path) -> tuple[str | None, tuple[int, ...], str, int, int]:
-    """(bound manifest, shape, dtype, non-finite count, size) of the prefix tensor."""
+def _read_prefix(path: Path, manifest: Manifest) -> tuple[str | None, np.ndarray]:
+    """(bound manifest, float32 prefix) of a payload whose tensors match the manifest's shape and dtype."""
+    width = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim
     with safe_open(str(path), framework="numpy") as weights:
         if PROMPT_EMBEDDINGS_KEY not in weights.keys():
             raise CartridgeError(f"{path}: no {PROMPT_EMBEDDINGS_KEY!r} tensor")
         bound = (weights.metadata() or {}).get(BOUND_MANIFEST_KEY)
-        tensor = weights.get_slice(PROMPT_EMBEDDINGS_KEY)
-        shape, dtype = tuple(tensor.get_shape()), SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype())
-        if dtype == "bfloat16":
-            return bound, shape, dtype, _non_finite_bfloat16(path), int(np.prod(shape))
+        stored = weights.get_slice(PROMPT_EMBEDDINGS_KEY)
+        shape, dtype = tuple(stored.get_shape()), SAFETENSORS_DTYPES.get(stored.get_dtype())
+        if dtype is None:
+            raise CartridgeError(
+                f"{path}: the prefix is stored as {stored.get_dtype()}, which the format does not define "
+                f"({', '.join(PRECISIONS)}): rebuild or re-save it at one of those"
+            )
+        if shape != (manifest.num_tokens, width):
+            raise CartridgeError(
+                f"{path}: tensor shape {shape} does not match the manifest ({manifest.num_tokens}, {width})"
+            )
+        if dtype != manifest.dtype:
+            raise CartridgeError(f"{path}: tensor dtype {dtype} does not match the manifest's {manifest.dtype}")
         values = weights.get_tensor(PROMPT_EMBEDDINGS_KEY)
-    return bound, shape, dtype, int((~np.isfinite(values)).sum()), int(values.size)
+        scales = _read_scales(path, weights, width) if dtype == "int8" else None
+    return bound, dequantize(values, scales)
 
 
-def _check_scales(path: Path, width: int) -> None:
-    """An int8 prefix is only as good as its per-channel scales: one finite, positive scale per column."""
+def dequantize(values: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """The float32 prefix of stored values: int8 times its column's scale, other dtypes converted."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf, which the caller counts
+        if scales is None:
+            return values.astype(np.float32)
+        return values.astype(np.float32) * scales.astype(np.float32)
+
+
+def _read_scales(path: Path, weights, width: int) -> np.ndarray:
+    """An int8 prefix is only as good as its per-channel scales: one finite, positive float32 scale per column."""
     key = PROMPT_EMBEDDINGS_KEY + SCALE_SUFFIX
-    with safe_open(str(path), framework="numpy") as weights:
-        if key not in weights.keys():
-            raise CartridgeError(f"{path}: an int8 prefix without its {key!r} tensor cannot be read: rebuild it")
-        scales = weights.get_tensor(key)
-    if scales.shape != (width,) or not (np.isfinite(scales) & (scales > 0)).all():
+    if key not in weights.keys():
+        raise CartridgeError(f"{path}: an int8 prefix without its {key!r} tensor cannot be read: rebuild it")
+    stored = weights.get_slice(key)
+    if stored.get_dtype() != "F32" or tuple(stored.get_shape()) != (width,):
+        raise CartridgeError(
+            f"{path}: {key} must be {width} float32 scales, not {stored.get_dtype()} {tuple(stored.get_shape())}"
+        )
+    scales = weights.get_tensor(key)
+    if not (np.isfinite(scales) & (scales > 0)).all():
         raise CartridgeError(f"{path}: {key} must hold {width} finite positive scales: rebuild the cartridge")
-
-
-def _non_finite_bfloat16(path: Path) -> int:
-    """numpy has no bfloat16; such a prefix (not written by this tool today) is read with torch."""
-    import torch
-
-    with safe_open(str(path), framework="pt") as weights:
-        return int((~torch.isfinite(weights.get_tensor(PROMPT_EMBEDDINGS_KEY))).sum())
+    return scales
 
 
 def _check_adapter_config(folder: Path, manifest: Manifest) -> None:

@@ -6,9 +6,9 @@ Kept free of torch so that the registry can list and verify artifacts cheaply.
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cartridges.errors import CartridgeError, invalid_settings
 
@@ -19,6 +19,8 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PAYLOAD_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 
 Method = Literal["init", "distilled", "composed"]
+Precision = Literal["float32", "float16", "int8"]  # how a prefix may be stored (cartridges/precision.py)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def tool_version() -> str:
@@ -50,19 +52,21 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
-    format_version: int = FORMAT_VERSION
+    format_version: int = Field(default=FORMAT_VERSION, ge=1)
     name: str
-    version: int | None = Field(default=None, description="assigned by the registry on publish")
+    version: int | None = Field(default=None, ge=1, description="assigned by the registry on publish")
     created_at: str = Field(default_factory=utc_now)
     model_id: str
     model_fingerprint: str
     tokenizer_fingerprint: str
-    num_tokens: int = Field(description="length of the KV prefix in tokens")
-    num_frozen_tokens: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
+    num_tokens: int = Field(ge=1, description="length of the KV prefix in tokens")
+    num_frozen_tokens: int = Field(
+        ge=0, description="leading tokens not trained (the attention sink); at most num_tokens"
+    )
+    num_layers: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    dtype: Precision
     corpus: list[CorpusInfo] = Field(description="one entry per corpus; several for composed cartridges")
     method: Method
     method_config: dict[str, Any] = Field(default_factory=dict)
@@ -70,6 +74,12 @@ class Manifest(BaseModel):
     parent: str | None = Field(default=None, description="the reference this one was derived from, if any")
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of each payload file")
     tool_version: str = Field(default_factory=tool_version)
+
+    @model_validator(mode="after")
+    def _frozen_within_prefix(self) -> "Manifest":
+        if self.num_frozen_tokens > self.num_tokens:
+            raise ValueError(f"num_frozen_tokens {self.num_frozen_tokens} is more than num_tokens {self.num_tokens}")
+        return self
 
     @property
     def label(self) -> str:
@@ -110,10 +120,12 @@ class Manifest(BaseModel):
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
+        from cartridges.regular_files import read_regular
+
         path = folder / MANIFEST_FILE
-        if not path.is_file():
+        if not path.exists():
             raise CartridgeError(f"{folder} is not a cartridge: {MANIFEST_FILE} is missing")
-        return cls.from_json(path.read_bytes(), str(path))
+        return cls.from_json(read_regular(path), str(path))
 
 
 def strict_json(data: Any, indent: int | None = None) -> str:
@@ -151,14 +163,16 @@ def payload_checksums(folder: Path) -> dict[str, str]:
 def verify_payload(folder: Path, manifest: Manifest) -> None:
     """Raise if a payload file is missing or its sha256 differs from the manifest's."""
     from cartridges.hashing import sha256_file
+    from cartridges.regular_files import require_regular
 
     for name in PAYLOAD_FILES:
         expected = manifest.files.get(name)
         path = folder / name
         if expected is None:
             raise CartridgeError(f"{folder}: manifest has no checksum for {name}; the artifact is damaged")
-        if not path.is_file():
+        if not path.exists():
             raise CartridgeError(f"{folder}: {name} is missing; the artifact is incomplete")
+        require_regular(path)  # a device or a pipe would be hashed forever
         if sha256_file(path) != expected:
             raise CartridgeError(
                 f"{path}: checksum mismatch (file changed or corrupted since publish); re-publish or restore it"

@@ -8,7 +8,14 @@ from cartridges.errors import CartridgeError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_PATTERN = NAME_PATTERN
+VERSION_PATTERN = re.compile(r"^[0-9]{1,18}$")  # ASCII digits only: `str.isdigit` takes '²' and other scripts' digits
 LATEST = "latest"
+RESERVED_NAMES = frozenset({"default"})  # the server's id for the bare model
+
+
+def is_version(text: str) -> bool:
+    """A version number as written in a reference or a registry folder name: 1-18 ASCII digits."""
+    return VERSION_PATTERN.fullmatch(text) is not None
 
 
 def validate_name(name: str, what: str = "name") -> str:
@@ -17,6 +24,16 @@ def validate_name(name: str, what: str = "name") -> str:
         raise CartridgeError(
             f"invalid cartridge {what} {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', '..' or spaces)"
+        )
+    return name
+
+
+def validate_new_name(name: str) -> str:
+    """A name to publish under: valid, and not one the tools reserve (`default` is the bare model on the server)."""
+    validate_name(name)
+    if name in RESERVED_NAMES:
+        raise CartridgeError(
+            f"the cartridge name {name!r} is reserved (the server's id for the bare model): choose another"
         )
     return name
 
@@ -37,7 +54,7 @@ def parse_ref(text: str) -> Ref:
     validate_name(name)
     if not selector:
         return Ref(name)
-    if not (selector.isdigit() or ALIAS_PATTERN.fullmatch(selector)):
+    if not (is_version(selector) or ALIAS_PATTERN.fullmatch(selector)):
         raise CartridgeError(f"invalid reference {text!r}: expected NAME, NAME@VERSION, NAME@latest or NAME@ALIAS")
     return Ref(name, selector)
 

@@ -10,6 +10,7 @@ so a store not known to do it on the server is refused with a clear error instea
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import fsspec
@@ -36,6 +37,29 @@ def open_store(url: str, what: str):
         ) from None
 
 
+def storage_problem(exc: BaseException) -> str | None:
+    """One line for a failure to reach or use a store (nothing listening, no credentials, access denied),
+    looking through the exceptions it was raised from; None when `exc` is not one (a bug keeps its traceback)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        said = " ".join(str(exc).split())[:200]
+        if kinds & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+            return (
+                f"no credentials for the object store ({said}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE), or use a local folder"
+            )
+        if kinds & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"}:
+            return f"cannot reach the object store ({said}): check AWS_ENDPOINT_URL and that the store is up"
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+            return f"cannot reach the store ({exc.strerror or said}): check the URL and that its server is up, or use a local folder"
+        if isinstance(exc, PermissionError):
+            return f"permission denied ({said}): check the credentials or the folder's permissions"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def protocols(fs) -> set[str]:
     return set(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else {fs.protocol}
 
@@ -49,6 +73,19 @@ def require_conditional_writes(fs, url: str, what: str) -> None:
         f"cannot {what} in {url}: {scheme}:// offers no conditional writes (S3 If-None-Match, GCS generation "
         "preconditions), so two publishers could take the same version; use s3://, gs:// or a local folder"
     )
+
+
+def require_bucket(fs, root: str, url: str, what: str) -> None:
+    """Writing never creates a bucket (s3fs's `makedirs` would): a mistyped bucket name is one line, not
+    a new bucket holding what was meant for another."""
+    if not protocols(fs) & CONDITIONAL_WRITE_PROTOCOLS:
+        return
+    bucket = root.strip("/").split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise CartridgeError(
+            f"{what} {url}: bucket {bucket!r} does not exist (or this account cannot see it); "
+            "create it first (e.g. `aws s3 mb s3://" + bucket + "`) or fix the URL"
+        )
 
 
 def create_exclusively(fs, path: str, data: bytes) -> bool:

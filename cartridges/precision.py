@@ -4,15 +4,13 @@ one dimension), dequantised on load. The manifest's `dtype` names the precision;
 a loaded cartridge's prefix is float32 and the runtime casts it to the model's dtype.
 """
 
-from typing import Literal
-
 import torch
 
 from cartridges.errors import CartridgeError
-from cartridges.integrity import SCALE_SUFFIX
+from cartridges.integrity import SCALE_SUFFIX, dequantize
+from cartridges.manifest import PRECISIONS, Precision
 
-Precision = Literal["float32", "float16", "int8"]
-PRECISIONS: tuple[str, ...] = ("float32", "float16", "int8")
+__all__ = ["PRECISIONS", "Precision", "decode", "encode"]
 
 
 def encode(key: str, prefix: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
@@ -28,8 +26,7 @@ def encode(key: str, prefix: torch.Tensor, precision: str) -> dict[str, torch.Te
 
 
 def decode(key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The float32 prefix that `encode` stored."""
+    """The float32 prefix that `encode` stored (the dequantisation `integrity` checks on load)."""
     stored = tensors[key]
-    if stored.dtype == torch.int8:
-        return stored.float() * tensors[key + SCALE_SUFFIX]
-    return stored.to(torch.float32)
+    scales = tensors[key + SCALE_SUFFIX].numpy() if stored.dtype == torch.int8 else None
+    return torch.from_numpy(dequantize(stored.numpy(), scales))

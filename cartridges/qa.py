@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cartridges.errors import CartridgeError
+from cartridges.regular_files import MIB, read_regular_text
+
+QA_FILE_LIMIT = 256 * MIB
 
 DEFAULT_QA_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "qa"
 
@@ -38,7 +41,7 @@ def load_qa_file(path: Path) -> list[QACorpus]:
     if not path.is_file():
         raise CartridgeError(f"QA file {path} does not exist: pass --qa with a JSON file in the shared/data/qa format")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular_text(path, QA_FILE_LIMIT, "QA file"))
     except json.JSONDecodeError as exc:
         raise CartridgeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     corpora = []

@@ -45,8 +45,9 @@ from cartridges.manifest import (
     strict_json,
     utc_now,
 )
-from cartridges.names import LATEST, NAME_PATTERN, Ref, parse_ref, validate_name
-from cartridges.object_store import create_exclusively, open_store, require_conditional_writes
+from cartridges.names import LATEST, NAME_PATTERN, Ref, is_version, parse_ref, validate_name, validate_new_name
+from cartridges.object_store import create_exclusively, open_store, require_bucket, require_conditional_writes
+from cartridges.regular_files import SMALL_FILE_LIMIT, UnreadableFile, read_regular
 
 if TYPE_CHECKING:
     from cartridges.registry_listing import Listing
@@ -79,7 +80,8 @@ class Registry:
 
     @contextmanager
     def writing(self, what: str) -> Iterator[None]:
-        """A registry that cannot be written (read-only, no space) is one line naming the registry."""
+        """A registry that cannot be written (read-only, no space, no such bucket) is one line naming the registry."""
+        require_bucket(self.fs, self.root, self.url, "registry")
         try:
             yield
         except OSError as exc:
@@ -98,11 +100,11 @@ class Registry:
     def numbered(self, name: str) -> dict[int, str]:
         """Every version folder of `name` (live, retired or damaged) by number."""
         folders = self.children(self.path(validate_name(name)))
-        return {int(n): self.path(name, n) for n, kind in folders if kind == "directory" and n.isdigit()}
+        return {int(n): self.path(name, n) for n, kind in folders if kind == "directory" and is_version(n)}
 
     def _with_file(self, name: str, file: str) -> set[int]:
         found = self.fs.glob(self.path(name, "*", file))
-        return {int(parts[-2]) for parts in (p.split("/") for p in found) if parts[-2].isdigit()}
+        return {int(parts[-2]) for parts in (p.split("/") for p in found) if is_version(parts[-2])}
 
     def versions(self, name: str) -> list[int]:
         """Live versions: complete (manifest present) and not removed."""
@@ -129,9 +131,19 @@ class Registry:
             if kind == "directory" and NAME_PATTERN.fullmatch(n) and ".." not in n
         )
 
+    def read_small_file(self, path: str) -> bytes:
+        """A manifest, alias or state file: a regular file of at most `SMALL_FILE_LIMIT` bytes (a link to
+        a device or a pipe in a local registry is refused, not read forever)."""
+        if self.is_local:
+            return read_regular(path, SMALL_FILE_LIMIT)
+        size = self.fs.size(path)
+        if size is not None and size > SMALL_FILE_LIMIT:
+            raise UnreadableFile(path, f"{size:,} bytes, over the limit of {SMALL_FILE_LIMIT:,}")
+        return self.fs.cat_file(path)
+
     def _read_json(self, path: str) -> dict:
         try:
-            data = parse_strict_json(self.fs.cat_file(path))
+            data = parse_strict_json(self.read_small_file(path))
         except ValueError as exc:
             raise CartridgeError(f"{path} is damaged ({exc}): fix or delete it") from None
         if not isinstance(data, dict):
@@ -165,11 +177,11 @@ class Registry:
                 raise NotFound(
                     f"{parsed.name} has no versions left: {_listed(retired)} removed (numbers are never reused); publish a new one"
                 )
-            known = ", ".join(self.names()) or "none"
+            known = _numbers(self.names()) or "none"
             raise NotFound(f"no cartridge named {parsed.name!r} in {self.url} (available: {known})")
         if parsed.selector == LATEST:
             return parsed.name, versions[-1]
-        if parsed.selector.isdigit():
+        if is_version(parsed.selector):
             return parsed.name, self._live(parsed.name, int(parsed.selector), versions)
         aliases = self.aliases(parsed.name)
         if parsed.selector not in aliases:
@@ -187,11 +199,11 @@ class Registry:
         if version in versions:
             return version
         if version in self.retired(name):
-            raise NotFound(f"{name}@{version} was removed (versions: {', '.join(map(str, versions))})")
-        raise NotFound(f"{name} has no version {version} (versions: {', '.join(map(str, versions))})")
+            raise NotFound(f"{name}@{version} was removed (versions: {_numbers(versions)})")
+        raise NotFound(f"{name} has no version {version} (versions: {_numbers(versions)})")
 
     def manifest_bytes(self, name: str, version: int) -> bytes:
-        return self.fs.cat_file(self.path(name, version, MANIFEST_FILE))
+        return self.read_small_file(self.path(name, version, MANIFEST_FILE))
 
     def stored_manifest(self, name: str, version: int) -> Manifest:
         return Manifest.from_json(self.manifest_bytes(name, version), f"{self.url}/{name}/{version}")
@@ -233,7 +245,7 @@ class Registry:
         The artifact is checked as a load would check it (checksums, shapes, finiteness) before
         anything is written, so a refused artifact leaves the registry as it was.
         """
-        validate_name(name)
+        validate_new_name(name)
         manifest = check_artifact(folder)
         if not self.is_local:
             require_conditional_writes(self.fs, self.url, f"publish {name}")
@@ -280,7 +292,7 @@ class Registry:
     def set_alias(self, ref: str | Ref, alias: str) -> tuple[str, int]:
         """Point `alias` (e.g. `stable`) at the version `ref` resolves to (one file per alias, replaced atomically)."""
         validate_name(alias, "alias")
-        if alias == LATEST or alias.isdigit():
+        if alias == LATEST or alias.isdigit():  # aliases are ASCII (validate_name)
             raise CartridgeError(f"alias {alias!r} is reserved: 'latest' and numbers always mean versions")
         name, version = self.resolve(ref)
         with self.writing(f"set alias {name}@{alias}"):
@@ -345,4 +357,13 @@ class Registry:
 
 
 def _listed(versions: list[int]) -> str:
-    return ", ".join(f"@{v}" for v in versions) + (" was" if len(versions) == 1 else " were")
+    return _numbers([f"@{v}" for v in versions]) + (" was" if len(versions) == 1 else " were")
+
+
+def _numbers(items: list, shown: int = 6) -> str:
+    """A list for a one-line message: the first and last few, and how many between."""
+    texts = [str(item) for item in items]
+    if len(texts) <= shown:
+        return ", ".join(texts)
+    half = shown // 2
+    return f"{', '.join(texts[:half])}, ... ({len(texts) - shown} more) ..., {', '.join(texts[-half:])}"

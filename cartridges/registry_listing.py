@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from cartridges.errors import CartridgeError
 from cartridges.manifest import MANIFEST_FILE, Manifest
-from cartridges.registry import ALIASES_DIR, Registry
+from cartridges.names import is_version
+from cartridges.registry import ALIASES_DIR, LEGACY_ALIASES_FILE, Registry
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ def list_registry(registry: Registry) -> Listing:
         except CartridgeError as exc:
             skipped.append(Skipped(f"{name}/{ALIASES_DIR}", str(exc)))
             by_version = {}
+        for child, _ in registry.children(registry.path(name)):
+            if not (is_version(child) or child.startswith(".") or child in (ALIASES_DIR, LEGACY_ALIASES_FILE)):
+                skipped.append(Skipped(f"{name}/{child}", "not a version (versions are numbers of ASCII digits)"))
         live, retired = set(registry.versions(name)), set(registry.retired(name))
         claimed = set(registry.claimed(name)) if not registry.is_local else set()
         for version in sorted(registry.numbered(name)):
@@ -71,6 +75,8 @@ def list_registry(registry: Registry) -> Listing:
                 continue
             try:
                 manifest = registry.stored_manifest(name, version)
+            except FileNotFoundError:  # removed since it was listed
+                continue
             except CartridgeError as exc:
                 skipped.append(Skipped(f"{name}/{version}", str(exc)))
                 continue

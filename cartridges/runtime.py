@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from cartridges.artifact import Cartridge, check_compatible
+from cartridges.artifact import Cartridge, check_compatible, to_model_dtype
 from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import prefix_cache
 from cartridges.layout import DEFAULT_SYSTEM_PROMPT, chat_token_ids
@@ -75,7 +75,8 @@ class CartridgeRuntime:
         self.loaded = loaded
         self.cartridges = list(cartridges)
         self.system_prompt = system_prompt
-        self.prefix = concat_prefixes(self.cartridges).to(loaded.model.device, loaded.model.dtype)
+        labels = ", ".join(c.manifest.label for c in self.cartridges)
+        self.prefix = to_model_dtype(concat_prefixes(self.cartridges), loaded, labels)
         if self.num_tokens >= self.window:
             raise CartridgeError(
                 f"the cartridges hold {self.num_tokens} tokens, but {loaded.model_id} reads at most {self.window} positions: "

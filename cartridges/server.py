@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.requests import ClientDisconnect
 
 from cartridges.artifact import kv_shape
 from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
@@ -23,6 +24,7 @@ from cartridges.cartridge_store import CartridgeStore
 from cartridges.errors import CartridgeError, NotFound
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
+from cartridges.object_store import storage_problem
 from cartridges.runtime import stop_token_ids
 from cartridges.server_api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, parse_request
 from cartridges.text_stream import TextStream
@@ -33,6 +35,9 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 8192
     max_tokens: int = 1024
+    body_seconds: float = 30.0  # a request body must arrive within this (a stalled upload holds a connection)
+    send_seconds: float = 60.0  # a streaming client that takes nothing for this long is cut
+    keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
 
 
 @dataclass
@@ -66,11 +71,21 @@ class Server:
     async def read(self, request: Request, kind: type[GenerationRequest]) -> GenerationRequest:
         self.check_key(request)
         body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > self.limits.max_body_bytes:
-                raise ApiError(413, f"the request body is over {self.limits.max_body_bytes} bytes")
+        try:
+            async with asyncio.timeout(self.limits.body_seconds):
+                async for piece in request.stream():
+                    body += piece
+                    if len(body) > self.limits.max_body_bytes:
+                        raise ApiError(413, f"the request body is over {self.limits.max_body_bytes} bytes")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.limits.body_seconds:g} s") from None
+        except ClientDisconnect:  # nobody reads the answer; an ApiError keeps it out of the log as a traceback
+            raise ApiError(400, "the client disconnected before sending the whole body") from None
         return parse_request(kind, bytes(body))
+
+    def public(self, message: str) -> str:
+        """An error message as a client may see it: the registry's own location (a server path) left out."""
+        return message.replace(self.store.registry.root.rstrip("/"), "registry:").replace("registry:/", "registry:")
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         references = [] if request.model in self.base_names() else [request.model]
@@ -80,9 +95,9 @@ class Server:
             try:
                 labels, prefix = self.store.prefix(references)
             except NotFound as exc:
-                raise ApiError(404, str(exc), "model", "model_not_found") from None
+                raise ApiError(404, self.public(str(exc)), "model", "model_not_found") from None
             except CartridgeError as exc:  # a bad name, another model's cartridge, a damaged artifact
-                raise ApiError(400, str(exc), "model") from None
+                raise ApiError(400, self.public(str(exc)), "model") from None
         cartridge_tokens = 0 if prefix is None else prefix.shape[0]
         prompt = self.prompt_ids(request, with_prefix=prefix is not None)
         if not prompt:
@@ -124,6 +139,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: answered, logged, server up
+        problem = storage_problem(exc)  # the registry's store is down or refuses: the server's side, said in words
+        if problem is not None:
+            return JSONResponse(ApiError(503, server.public(problem)).body(), status_code=503)
         return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
 
     @app.exception_handler(404)
@@ -241,7 +259,7 @@ async def respond(server: Server, prepared: Prepared, chat: bool):
             yield json.dumps({**meta, "object": kind, "choices": [], "usage": usage()})
         yield "[DONE]"
 
-    return EventSourceResponse(events(), ping=15)
+    return EventSourceResponse(events(), ping=15, send_timeout=server.limits.send_seconds)
 
 
 def load_serving_model(spec: str | None, threads: int | None) -> tuple[LoadedModel, int]:

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from cartridges.errors import CartridgeError, first_problem, invalid_settings
 from cartridges.hashing import sha256_bytes
+from cartridges.regular_files import read_regular
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distill import DistillConfig
 from cartridges.stages.distill_run import DistillRunSettings
@@ -82,7 +83,7 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
     """Read a config and apply `key.sub=value` overrides (values parsed as YAML); errors name the key."""
     path = resolve_config_path(spec)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(read_regular(path).decode("utf-8")) or {}
     except UnicodeDecodeError:
         raise CartridgeError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as exc:
@@ -96,7 +97,7 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
         if not sep or not key:
             raise CartridgeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.steps=100")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = parse_yaml(value)
         except yaml.YAMLError as exc:
             raise CartridgeError(
                 f"--set {item!r}: the value is not valid YAML ({_one_line(exc)}); quote text values, e.g. key='[a'"
@@ -108,6 +109,24 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
         where = first_problem(exc)[0]
         given = [key for key in keys if where == key or where.startswith(key + ".") or key.startswith(where + ".")]
         raise invalid_settings(exc, f"--set {given[-1]}" if given else str(path)) from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a few lines of nested aliases expand to billions of values
+    (a "billion laughs"), and a config never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a config: write the value out", mark
+            )
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """A config or `--set` value: YAML's safe subset, without aliases."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _one_line(exc: Exception) -> str:

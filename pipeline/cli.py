@@ -3,7 +3,10 @@
 import os
 import sys
 
+import typer
+
 from cartridges.errors import CartridgeError
+from cartridges.object_store import storage_problem
 from cartridges.pipeline import cli_build, cli_registry, cli_schedule, cli_serve, cli_use  # noqa: F401  (they register the commands)
 from cartridges.pipeline.cli_app import app, errors
 
@@ -21,13 +24,32 @@ def main() -> None:
 
     transformers_logging.disable_progress_bar()  # sub-second weight loading; the bars only add noise
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors come here as exceptions, said in one line below
+    except typer.TyperException as exc:  # a mistyped option, a value out of range, a missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `cartridges` or a group alone: its help, as before
+            errors.print(exc.ctx.get_help() if exc.ctx else exc.format_message(), highlight=False)
+            sys.exit(2)
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "cartridges"
+        message = " ".join(exc.format_message().split())
+        errors.print(f"[bold red]error:[/bold red] {message} (see `{command} --help`)", highlight=False)
+        sys.exit(2)
+    except typer.Abort:
+        errors.print("interrupted", highlight=False)
+        sys.exit(130)
     except CartridgeError as exc:
         errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted", highlight=False)
         sys.exit(130)
+    except Exception as exc:  # a store that cannot be reached or used is the user's to fix; anything else is a bug
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        errors.print(f"[bold red]error:[/bold red] {problem}", highlight=False)
+        sys.exit(2)
+    if isinstance(code, int) and code:  # typer.Exit(code) and --help come back as a code
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ def synthesize_command(
     config = _build_config(config_spec, overrides, model)
     synthesis = config.synthesis
     documents = read_corpus(corpus)  # a bad folder fails before the model loads
+    run = RunDir(out)
     loaded = load_model(config.model)
     check_fits_window(synthesis, loaded.model.config.max_position_embeddings)
-    run = RunDir(out)
     ingested = ingest(
         documents,
         run,
@@ -94,7 +94,7 @@ def distill_command(
     Example: cartridges distill runs/legal --name legal --set distill.num_tokens=256 --set distill.steps=200
     """
     from cartridges.models import load_model
-    from cartridges.names import validate_name
+    from cartridges.names import validate_new_name
     from cartridges.pipeline.runs import scratch_folder
     from cartridges.stages.distill import check_training_fits_window
     from cartridges.stages.distill_artifact import TrainedRun, save_distilled
@@ -102,7 +102,7 @@ def distill_command(
     from cartridges.stages.records import IngestRecord, SynthesisSummary, read_record
     from cartridges.stages.run_dir import RunDir
 
-    validate_name(name)
+    validate_new_name(name)
     reg = open_registry(registry, writing=True)
     config = _build_config(config_spec, overrides, model)
     run = RunDir(run_folder)
@@ -153,10 +153,10 @@ def build_command(
     Example: cartridges build legal/ --name legal --set distill.steps=100
     """
     from cartridges.default_corpus import gather_license_corpus
-    from cartridges.names import validate_name
+    from cartridges.names import validate_new_name
     from cartridges.pipeline.build import build
 
-    validate_name(name)
+    validate_new_name(name)
     reg = open_registry(registry, writing=True)
     config = _build_config(config_spec, overrides, None)
     questions = _qa_corpus(qa, qa_corpus)

@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from cartridges.errors import CartridgeError
 from cartridges.pipeline.cli_app import (
     ModelOption,
     RegistryOption,
@@ -47,12 +48,12 @@ def init(
     """
     from cartridges.default_corpus import gather_license_corpus
     from cartridges.models import load_model
-    from cartridges.names import validate_name
+    from cartridges.names import validate_new_name
     from cartridges.pipeline.runs import scratch_folder
     from cartridges.stages.ingest import read_corpus
     from cartridges.stages.initialize import init_cartridge
 
-    validate_name(name)
+    validate_new_name(name)
     reg = open_registry(registry, writing=True)
     documents = read_corpus(corpus or gather_license_corpus())
     report_skipped(documents.skipped)
@@ -116,23 +117,31 @@ def verify(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, NAME@ALIAS, or a folder (./dir, path:dir)")],
     registry: RegistryOption = None,
 ) -> None:
-    """Check a cartridge as loading does: checksums, shapes, manifest, name and version, finite values (exit 2 on a problem).
+    """Check a cartridge as loading does: checksums, shapes, manifest, name and version, finite values, and
+    the model it names (fingerprints, KV shape) when that model is on this machine (exit 2 on a problem).
 
     Example: cartridges verify legal@3
     """
+    from cartridges.artifact import check_against_model_files
     from cartridges.integrity import check_artifact
     from cartridges.names import folder_of
 
     folder = folder_of(ref)
     manifest = check_artifact(folder) if folder else open_registry(registry).verify(ref)
+    unchecked = check_against_model_files(manifest)
     bound = (
         "manifest bound to the payload"
         if manifest.format_version >= 2
         else "format 1: manifest not bound to the payload"
     )
+    model = "the model's fingerprints and KV shape" if unchecked is None else "model not checked"
     console.print(
-        f"{manifest.label if manifest.version else folder}: OK ({len(manifest.files)} files, shapes, {bound}, finite values)"
+        f"{manifest.label if manifest.version else folder}: OK ({len(manifest.files)} files, shapes, {bound}, "
+        f"finite values, {model})",
+        soft_wrap=True,
     )
+    if unchecked is not None:
+        errors.print(f"[yellow]note: {unchecked}[/yellow]", highlight=False)
 
 
 @app.command("alias")
@@ -159,12 +168,18 @@ def alias(
 def remove(
     ref: Annotated[str, typer.Argument(help="the version to delete, e.g. legal@2")],
     force: Annotated[bool, typer.Option("--force", help="Also delete aliases pointing at it.")] = False,
+    latest: Annotated[bool, typer.Option("--latest", help="With a bare NAME: delete its newest version.")] = False,
     registry: RegistryOption = None,
 ) -> None:
-    """Delete one version (refused while an alias points at it, unless --force).
+    """Delete one version, named explicitly (refused while an alias points at it, unless --force).
 
     Example: cartridges rm legal@2
     """
+    from cartridges.names import folder_of, parse_ref
+
+    if folder_of(ref) is None and "@" not in ref and not latest:
+        parse_ref(ref)  # a bad name is named first
+        raise CartridgeError(f"rm needs the version to delete: {ref}@N (or {ref} --latest for its newest version)")
     name, version = open_registry(registry, writing=True).remove(ref, force=force)
     console.print(f"removed {name}@{version}")
 
@@ -181,10 +196,10 @@ def compose_command(
     """
     from cartridges.compose import compose
     from cartridges.loading import open_cartridge
-    from cartridges.names import validate_name
+    from cartridges.names import validate_new_name
     from cartridges.pipeline.runs import scratch_folder
 
-    validate_name(name)
+    validate_new_name(name)
     reg = open_registry(registry, writing=True)
     sources = [open_cartridge(ref, reg) for ref in refs]
     with scratch_folder(name) as scratch:

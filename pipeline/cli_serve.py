@@ -1,6 +1,7 @@
 """`cartridges serve`: the OpenAI-compatible server on this machine."""
 
 import os
+import socket
 from typing import Annotated
 
 import typer
@@ -42,10 +43,12 @@ def serve_command(
 
     from cartridges.server import Limits, build_server, create_app, load_serving_model
 
-    # An explicit --api-key "" would otherwise serve without any key; an empty variable counts as unset.
-    key = api_key if api_key is not None else (os.environ.get("CARTRIDGES_API_KEY") or None)
+    # An empty or blank key (--api-key "", CARTRIDGES_API_KEY="") would serve without any key: a mistake
+    # in a deployment's secret, not a wish for an open server. Unset is the way to serve without one.
+    given = "--api-key" if api_key is not None else "CARTRIDGES_API_KEY"
+    key = api_key if api_key is not None else os.environ.get("CARTRIDGES_API_KEY")
     if key is not None and not key.strip():
-        raise CartridgeError("--api-key is empty: pass a key, or leave it out to serve without one")
+        raise CartridgeError(f"{given} is empty: pass a key, or unset it to serve without one")
     reg = open_registry(registry)
     limits = Limits(max_tokens=max_tokens)
     if ray:
@@ -60,6 +63,7 @@ def serve_command(
         settings = ReplicaSettings(model, reg.url, limits, key, max_batch, memory, threads)
         serve_on_ray(settings, replicas, host, port, cpus)
         return
+    listening = bind_listening_socket(host, port)  # a port in use is one line before the model loads
     loaded, decoder_threads = load_serving_model(model, threads)
     server = build_server(loaded, reg, limits, key, max_batch, cartridge_memory_mb << 20, decoder_threads)
     console.print(
@@ -67,7 +71,30 @@ def serve_command(
         f"{' (API key required)' if key else ''}",
         soft_wrap=True,
     )
+    config = uvicorn.Config(create_app(server), log_level="warning", timeout_keep_alive=limits.keep_alive_seconds)
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+        uvicorn.Server(config).run(sockets=[listening])
     finally:
         server.decoder.close()
+        listening.close()
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn, or one line saying why it cannot be (in use, no such address)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise CartridgeError(
+            f"--host {host!r}: not an address of this machine ({exc.strerror}); use 127.0.0.1"
+        ) from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        raise CartridgeError(
+            f"cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port or stop what uses it"
+        ) from None
+    listening.set_inheritable(True)
+    return listening

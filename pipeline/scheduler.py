@@ -16,7 +16,7 @@ from croniter import croniter
 from pydantic import BaseModel
 
 from cartridges.errors import CartridgeError
-from cartridges.names import validate_name
+from cartridges.names import validate_new_name
 from cartridges.registry import Registry
 
 STATE_FILE = "schedules.json"
@@ -69,7 +69,7 @@ class Scheduler:
         self.registry.write_state(STATE_FILE, state)
 
     def add(self, name: str, corpus: str, cron: str, config: str = "default", overrides: list[str] = ()) -> Schedule:
-        validate_name(name)
+        validate_new_name(name)
         schedule = Schedule(
             name=name,
             corpus=corpus,

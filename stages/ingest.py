@@ -16,12 +16,15 @@ from transformers import PreTrainedTokenizerBase
 from cartridges.atomic import write_parquet_atomically
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes, sha256_of_named_hashes
+from cartridges.regular_files import MIB, UnreadableFile, read_regular
 from cartridges.stages.readers import READERS
 from cartridges.stages.records import IngestRecord, Skipped, read_record
 from cartridges.stages.run_dir import RunDir
 from cartridges.tokenizing import token_offsets
 
 DOCUMENT_SEPARATOR = "\n\n"
+MAX_FILE_BYTES = 256 * MIB  # a corpus file larger than this is listed as skipped, never read
+LINK_REASON = "symbolic link: links are not followed (copy the file or folder into the corpus)"
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def _title(given: str | None, relative: str, text: str) -> str:
 
 
 def _corpus_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
-    """Every non-hidden file under `folder`, sorted; folders that cannot be listed go to `skipped`."""
+    """Every non-hidden entry under `folder` that is not a folder, sorted; folders that cannot be listed
+    and links to folders go to `skipped` (links to files are skipped when read: links are never followed)."""
 
     def unlisted(error: OSError) -> None:
         where = Path(error.filename).relative_to(folder).as_posix() if error.filename else "."
@@ -91,20 +95,28 @@ def _corpus_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
 
     files = []
     for root, folders, names in os.walk(folder, onerror=unlisted):
-        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        linked = [f for f in folders if not f.startswith(".") and os.path.islink(os.path.join(root, f))]
+        skipped.extend(
+            Skipped(path=(Path(root) / f).relative_to(folder).as_posix() + "/", reason=LINK_REASON) for f in linked
+        )
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and f not in linked)
         files += [Path(root) / name for name in names if not name.startswith(".")]
     return sorted(files)
 
 
 def _read_records(path: Path) -> tuple[list | None, str]:
-    """(records, reason if none): the file's (title, text) records by its format."""
+    """(records, reason if none): the file's (title, text) records by its format. Only regular files of
+    at most `MAX_FILE_BYTES` are read: a link, a device, a pipe or a socket is a reason, not a hang."""
+    if path.is_symlink():
+        return None, LINK_REASON
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         return None, f"unsupported file type {path.suffix or '(none)'}"
     try:
-        records = reader(path)
-    except OSError as exc:
-        return None, f"cannot read: {exc.strerror or exc}"
+        data = read_regular(path, MAX_FILE_BYTES, follow_links=False)
+    except UnreadableFile as exc:
+        return None, exc.reason
+    records = reader(data)
     return records, "" if records is not None else f"not readable as {path.suffix.lower()} (binary, damaged or no text)"
 
 

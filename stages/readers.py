@@ -1,10 +1,11 @@
-"""Text extraction per file format. Each reader returns (title or None, text) records, or None
-when the file cannot be read as that format."""
+"""Text extraction per file format. Each reader takes a file's bytes (read by `ingest` through
+`regular_files`, so never a device or a pipe) and returns (title or None, text) records, or None when
+they cannot be read as that format."""
 
 import codecs
+import io
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 from charset_normalizer import from_bytes
 
@@ -48,15 +49,15 @@ def decode_bytes(data: bytes) -> str | None:
     return str(western if western is not None and western.chaos <= best.chaos else best)
 
 
-def read_plain(path: Path) -> list[Record] | None:
-    text = decode_bytes(path.read_bytes())
+def read_plain(data: bytes) -> list[Record] | None:
+    text = decode_bytes(data)
     return None if text is None else [(None, text)]
 
 
-def read_html(path: Path) -> list[Record] | None:
+def read_html(data: bytes) -> list[Record] | None:
     from bs4 import BeautifulSoup
 
-    markup = decode_bytes(path.read_bytes())
+    markup = decode_bytes(data)
     if markup is None:
         return None
     soup = BeautifulSoup(markup, "html.parser")
@@ -67,12 +68,12 @@ def read_html(path: Path) -> list[Record] | None:
     return [(title or None, body.get_text("\n"))]
 
 
-def read_pdf(path: Path) -> list[Record] | None:
+def read_pdf(data: bytes) -> list[Record] | None:
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
     try:
-        reader = PdfReader(path)
+        reader = PdfReader(io.BytesIO(data))
         text = "\n\n".join(page.extract_text() or "" for page in reader.pages)
         title = reader.metadata.title if reader.metadata else None
     except (PdfReadError, ValueError, OSError):
@@ -87,9 +88,9 @@ def _text_record(item: object) -> Record | None:
     return None
 
 
-def read_json(path: Path) -> list[Record] | None:
+def read_json(data: bytes) -> list[Record] | None:
     """A JSON object with `text`, or a list of such objects."""
-    text = decode_bytes(path.read_bytes())
+    text = decode_bytes(data)
     try:
         data = json.loads(text) if text is not None else None
     except json.JSONDecodeError:
@@ -99,9 +100,9 @@ def read_json(path: Path) -> list[Record] | None:
     return records or None
 
 
-def read_jsonl(path: Path) -> list[Record] | None:
+def read_jsonl(data: bytes) -> list[Record] | None:
     """One JSON object with a `text` field per line."""
-    text = decode_bytes(path.read_bytes())
+    text = decode_bytes(data)
     if text is None:
         return None
     records = []
@@ -117,7 +118,7 @@ def read_jsonl(path: Path) -> list[Record] | None:
     return records or None
 
 
-READERS: dict[str, Callable[[Path], list[Record] | None]] = {
+READERS: dict[str, Callable[[bytes], list[Record] | None]] = {
     ".txt": read_plain,
     ".md": read_plain,
     ".markdown": read_plain,

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cartridges.object_store import open_store
+from cartridges.errors import CartridgeError
+from cartridges.object_store import open_store, protocols, require_bucket, storage_problem
 from cartridges.stages.checkpoints import STATE_FILE
 from cartridges.stages.run_dir import RunDir
 
@@ -48,6 +51,18 @@ class RunMirror:
     def _store(self):
         return open_store(self.url, "runs root")
 
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A runs root that cannot be read or written (a file, a read-only folder, no space) is one line."""
+        try:
+            yield
+        except OSError as exc:
+            if storage_problem(exc) is not None and not isinstance(exc, PermissionError):
+                raise  # an unreachable store or missing credentials: the CLI says it in its words
+            raise CartridgeError(
+                f"runs root {self.url}: {exc.strerror or type(exc).__name__}; pass a writable folder or bucket as runs_root"
+            ) from None
+
     def _remote_sizes(self, fs, root: str, under: str = "") -> dict[str, int]:
         """Size of every stored file under `under` (a folder or one file), by its path relative to the run."""
         base = "/".join(p for p in (root, under) if p)
@@ -58,6 +73,10 @@ class RunMirror:
         """Copy the store's files (under `under`, relative to the run) that this copy lacks or holds less of; returns how many."""
         if not self.remote:
             return 0
+        with self._errors():
+            return self._pull(under)
+
+    def _pull(self, under: str) -> int:
         fs, root = self._store()
         root = root.rstrip("/")
         copied = 0
@@ -81,7 +100,12 @@ class RunMirror:
         """Copy local files (or every file under local folders) that the store lacks or holds less of; returns how many."""
         if not self.remote:
             return 0
+        with self._errors():
+            return self._push(paths)
+
+    def _push(self, paths: tuple[Path, ...]) -> int:
         fs, root = self._store()
+        require_bucket(fs, root, self.url, "runs root")
         files = [f for path in paths for f in ([path] if path.is_file() else sorted(path.rglob("*"))) if f.is_file()]
         relatives = [f.relative_to(self.local.root).as_posix() for f in files]
         wanted = [r for r in relatives if not r.startswith(KEPT_LOCAL) and not r.rsplit("/", 1)[-1].startswith(".")]
@@ -95,6 +119,8 @@ class RunMirror:
             )
             if stored >= local.stat().st_size:
                 continue
+            if "file" in protocols(fs):  # a folder (a shared mount) needs its subfolders; a bucket has none
+                fs.makedirs(f"{root.rstrip('/')}/{relative}".rsplit("/", 1)[0], exist_ok=True)
             fs.put_file(str(local), f"{root.rstrip('/')}/{relative}")
             copied += 1
         return copied

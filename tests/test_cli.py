@@ -303,7 +303,9 @@ def test_ls_lists_what_is_valid_and_reports_the_rest(cli, published, cartridges_
 
 def test_verify_says_what_it_checked(cli, published):
     code, out, _ = cli("verify", "legal@1")
-    assert code == 0 and out.startswith("legal@1: OK (2 files, shapes, manifest bound to the payload, finite values)")
+    assert code == 0 and out.startswith(
+        "legal@1: OK (2 files, shapes, manifest bound to the payload, finite values, the model's fingerprints and KV shape)"
+    )
 
 
 def test_a_folder_in_the_current_directory_never_replaces_a_registry_name(

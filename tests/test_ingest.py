@@ -198,19 +198,19 @@ def test_unreadable_files_and_folders_are_reported_as_root_sees_them(tmp_path, m
     (tmp_path / "secret.txt").write_text("Hidden by permissions.")
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked" / "inside.txt").write_text("Never listed.")
-    real_read_bytes, real_scandir = Path.read_bytes, os.scandir
+    real_open, real_scandir = os.open, os.scandir
 
-    def read_bytes(path):
-        if path.name == "secret.txt":
+    def open_file(path, flags, *args):
+        if Path(path).name == "secret.txt":
             raise PermissionError(13, "Permission denied", str(path))
-        return real_read_bytes(path)
+        return real_open(path, flags, *args)
 
     def scandir(path="."):
         if Path(path).name == "locked":
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "open", open_file)
     monkeypatch.setattr(os, "scandir", scandir)
     corpus = read_corpus(tmp_path)
     assert [d.path for d in corpus.documents] == ["ok.txt"]
@@ -223,7 +223,7 @@ def test_unreadable_files_and_folders_are_reported_as_root_sees_them(tmp_path, m
 def test_an_unreadable_only_file_is_one_line_naming_it(tmp_path, monkeypatch):
     (tmp_path / "secret.txt").write_text("x")
     monkeypatch.setattr(
-        Path, "read_bytes", lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path)))
+        os, "open", lambda path, *_: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path)))
     )
     with pytest.raises(CartridgeError, match=r"no readable text.*secret\.txt \(cannot read: Permission denied\)"):
         read_corpus(tmp_path)
