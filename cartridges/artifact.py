@@ -18,7 +18,7 @@ from cartridges.errors import CartridgeError
 from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, inspect_artifact
 from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, payload_checksums
 from cartridges.models import LoadedModel, model_spec_of
-from cartridges.precision import encode
+from cartridges.precision import decode, encode
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,12 @@ def save_artifact(
             "(training diverged); lower distill.lr or start from another prefix"
         )
     stored = encode(PROMPT_EMBEDDINGS_KEY, tensor, manifest.dtype)  # the manifest names the stored precision
+    out_of_range = non_finite_count(decode(PROMPT_EMBEDDINGS_KEY, stored))  # as a load will read it back
+    if out_of_range:
+        raise CartridgeError(
+            f"refusing to save cartridge {manifest.name}: {out_of_range} prefix values do not fit {manifest.dtype} "
+            "(they would load as infinite); save it at float32"
+        )
     exists = CartridgeError(f"{destination} already exists: choose another output folder or remove it")
     if destination.exists():
         raise exists

@@ -82,3 +82,10 @@ def require_regular(path: Path | str) -> None:
     """Raise `UnreadableFile` unless `path` (through links) is a regular file; opens it without blocking."""
     descriptor, _ = _open_regular(path, follow_links=True)
     os.close(descriptor)
+
+
+def require_folder_possible(folder: Path, what: str) -> None:
+    """Raise unless `folder` is a folder or could be made one (no file is there or above it)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CartridgeError(f"{what} {folder}: {existing} is a file, not a folder; pass another folder")

@@ -26,18 +26,10 @@ from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.object_store import storage_problem
 from cartridges.runtime import stop_token_ids
-from cartridges.server_api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, parse_request
+from cartridges.server_api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, Limits, parse_request
 from cartridges.text_stream import TextStream
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int = 8192
-    max_tokens: int = 1024
-    body_seconds: float = 30.0  # a request body must arrive within this (a stalled upload holds a connection)
-    send_seconds: float = 60.0  # a streaming client that takes nothing for this long is cut
-    keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
+__all__ = ["Limits", "Server", "build_server", "create_app", "load_serving_model"]
 
 
 @dataclass
@@ -279,5 +271,7 @@ def build_server(
 ):
     """The server's parts on one model: the cartridge store and the decoder (computing with `threads` torch
     threads, the rest of the process with one; None: torch's settings as they are)."""
-    decoder = BatchDecoder(loaded.model, kv_shape(loaded.model.config), max_batch, threads=threads)
+    decoder = BatchDecoder(
+        loaded.model, kv_shape(loaded.model.config), max_batch, prefill_tokens=limits.prefill_tokens, threads=threads
+    )
     return Server(loaded, CartridgeStore(registry, loaded, memory_bytes), decoder, limits, api_key)

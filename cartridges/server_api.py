@@ -4,11 +4,27 @@ Parameters outside these models are refused by name (a 400), never ignored: a cl
 `logprobs` or `tools` learns at once that it gets neither.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cartridges.errors import first_problem
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 1024
+    body_seconds: float = 30.0  # a request body must arrive within this (a stalled upload holds a connection)
+    send_seconds: float = 60.0  # a streaming client that takes nothing for this long is cut
+    keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
+    # Prompt tokens computed a step. Every running request waits for each step, so a step's length is what a
+    # short request waits behind a long prompt: 512 kept a 39-token request 2.2 s behind a 6k-token prompt
+    # (47 decode steps), 64 keeps it 0.39 s (9), for 11% more time to the long prompt's first token
+    # (BENCHMARKS.md, "A long prompt beside short requests").
+    prefill_tokens: int = 64
 
 
 class ApiError(Exception):

@@ -164,6 +164,7 @@ def build(
     run = build_run_dir(name, corpus.fingerprint(loaded.tokenizer_fingerprint), config)
     runs_url = config.runs_url()
     mirror = RunMirror(run, f"{runs_url.rstrip('/')}/{run.root.name}" if runs_url else None)
+    mirror.check()  # a runs root that cannot be one is a line before any work
     run.root.mkdir(parents=True, exist_ok=True)
     try:
         with building_alone(run, name):

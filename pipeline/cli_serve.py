@@ -8,6 +8,7 @@ import typer
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.cli_app import ModelOption, RegistryOption, app, console, open_registry
+from cartridges.server_api import Limits
 
 
 @app.command("serve")
@@ -26,6 +27,20 @@ def serve_command(
         int, typer.Option("--cartridge-memory-mb", min=1, help="loaded cartridges kept in memory (LRU)")
     ] = 1024,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="largest max_tokens a request may ask")] = 1024,
+    prefill_tokens: Annotated[
+        int,
+        typer.Option(
+            "--prefill-tokens",
+            min=1,
+            help="prompt tokens computed a step: lower, a short request waits less beside a long prompt",
+        ),
+    ] = Limits.prefill_tokens,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", min=0.1, help="seconds a client may take to send its body, or to take a streamed token"
+        ),
+    ] = Limits.send_seconds,
     ray: Annotated[
         bool, typer.Option("--ray", help="serve as Ray Serve replicas on the cluster at RAY_ADDRESS (local when unset)")
     ] = False,
@@ -41,7 +56,7 @@ def serve_command(
     """
     import uvicorn
 
-    from cartridges.server import Limits, build_server, create_app, load_serving_model
+    from cartridges.server import build_server, create_app, load_serving_model
 
     # An empty or blank key (--api-key "", CARTRIDGES_API_KEY="") would serve without any key: a mistake
     # in a deployment's secret, not a wish for an open server. Unset is the way to serve without one.
@@ -50,7 +65,7 @@ def serve_command(
     if key is not None and not key.strip():
         raise CartridgeError(f"{given} is empty: pass a key, or unset it to serve without one")
     reg = open_registry(registry)
-    limits = Limits(max_tokens=max_tokens)
+    limits = Limits(max_tokens=max_tokens, prefill_tokens=prefill_tokens, body_seconds=timeout, send_seconds=timeout)
     if ray:
         from cartridges.cluster import cpus_per_actor
         from cartridges.serve_on_ray import ReplicaSettings, serve_on_ray

@@ -7,7 +7,7 @@ docs/format.md lists the same layout, and a test holds the two (and a real build
 from dataclasses import dataclass
 from pathlib import Path
 
-from cartridges.errors import CartridgeError
+from cartridges.regular_files import require_folder_possible
 
 SHARD_NAME = "shard-{:05d}.parquet"
 
@@ -18,9 +18,7 @@ class RunDir:
 
     def __post_init__(self) -> None:
         """A run folder that cannot be one (a file is there, or above it) is one line before any work."""
-        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise CartridgeError(f"run folder {self.root}: {existing} is a file, not a folder; pass another folder")
+        require_folder_possible(self.root, "run folder")
 
     # ingest
     @property

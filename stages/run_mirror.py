@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cartridges.errors import CartridgeError
 from cartridges.object_store import open_store, protocols, require_bucket, storage_problem
+from cartridges.regular_files import require_folder_possible
 from cartridges.stages.checkpoints import STATE_FILE
 from cartridges.stages.run_dir import RunDir
 
@@ -68,6 +69,16 @@ class RunMirror:
         base = "/".join(p for p in (root, under) if p)
         found = fs.find(base, detail=True) if fs.exists(base) else {}
         return {path[len(root) :].lstrip("/"): info["size"] for path, info in found.items() if info["type"] == "file"}
+
+    def check(self) -> None:
+        """Before any work: the runs root can be a folder (nothing is a file there) or its bucket exists."""
+        if not self.remote:
+            return
+        with self._errors():
+            fs, root = self._store()
+            require_bucket(fs, root, self.url, "runs root")
+            if "file" in protocols(fs):
+                require_folder_possible(Path(root), "runs root")
 
     def pull(self, under: str = "") -> int:
         """Copy the store's files (under `under`, relative to the run) that this copy lacks or holds less of; returns how many."""

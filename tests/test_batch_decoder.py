@@ -180,3 +180,40 @@ def test_run_in_the_callers_thread_gives_the_tokens_of_the_threaded_decoder(live
     stopped = [g for g in generations if g.finish_reason == "stop"]
     assert stopped and all(g.stop_token == stop for g in stopped)
     assert all(g.stop_token is None for g in generations if g.finish_reason == "length")
+
+
+def steps_at_first_token(decoder: BatchDecoder, generation: Generation) -> list[int]:
+    """Record the decoder's step count each time `generation` gets a token (on the decoder's thread)."""
+    seen: list[int] = []
+    put = generation._put
+
+    def recording(item) -> None:
+        seen.append(decoder.steps)
+        put(item)
+
+    generation._put = recording
+    return seen
+
+
+@pytest.mark.parametrize("order", ["shortest", "arrival"])
+def test_a_short_prompt_is_not_held_behind_a_long_ones_prefill(lively, order):
+    """Issue 36: a 3-token request waited 34 s behind a 6k-token prompt, which took every step's prefill
+    budget first. Shortest remaining prompt first: the short one's first token comes from the first step
+    (the long one's chunk shares it); first come first served: after all of the long prompt's chunks."""
+    tokenizer = lively.tokenizer
+    long_prompt = tokenizer("The tenant shall pay the rent on the first day of each month. " * 40)["input_ids"][:320]
+    short_prompt = tokenizer("Notice?")["input_ids"]
+    decoder = BatchDecoder(
+        lively.model, kv_shape(lively.model.config), max_batch=4, prefill_tokens=32, prefill_order=order, thread=False
+    )
+    long_run = Generation(None, long_prompt, Sampling(2), frozenset())
+    short_run = Generation(None, short_prompt, Sampling(2), frozenset())
+    long_steps, short_steps = steps_at_first_token(decoder, long_run), steps_at_first_token(decoder, short_run)
+    decoder.run([long_run, short_run])
+    chunks_of_long, chunks_of_short = -(-len(long_prompt) // 32), -(-len(short_prompt) // 32)
+    assert len(short_prompt) < 32 and chunks_of_short == 1
+    if order == "shortest":
+        assert short_steps[0] == chunks_of_short  # its own chunks only, the long one's taking what is left
+        assert long_steps[0] <= chunks_of_long + chunks_of_short  # and the long one still gets through
+    else:
+        assert long_steps[0] == chunks_of_long and short_steps[0] > chunks_of_long, (short_steps, long_steps)

@@ -4,6 +4,7 @@ no traceback, and nothing written (the registry, run folders and scratch folders
 import importlib.util
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -94,6 +95,22 @@ BAD_INPUTS = [
     ("schedule remove nope", "no schedule named 'nope'"),
     ("schedule run-now nope", "no schedule named 'nope'"),
     ("gc --older-than soon", "--older-than 'soon': expected a number"),
+    # issue 36: references with digits of other scripts, usage mistakes, reserved names, stores, files in the way
+    ("show legal@²", "invalid reference 'legal@²'"),
+    ("show legal@١", "invalid reference 'legal@١'"),  # an Arabic-Indic one: not version 1
+    ("verify legal@𝟏", "invalid reference"),
+    ("rm legal", "rm needs the version to delete: legal@N (or legal --latest"),
+    ("init --corpus {corpus} --name default --model {tiny}", "the cartridge name 'default' is reserved"),
+    ("init --corpus {corpus} --tokens 1 --model {tiny}", "Invalid value for '--tokens'"),
+    ("show", "Missing argument 'ref'"),
+    ("ls --bogus", "No such option: --bogus"),
+    ("build {corpus} --config {bomb_config}", "aliases (*name) are not allowed in a config"),
+    ("build {corpus} --config tiny --set model={tiny} --set distill.steps=[&a,*a]", "aliases (*name) are not allowed"),
+    ("synthesize {corpus} --out {a_file} --model {tiny}", "is a file, not a folder"),
+    ("synthesize {corpus} --out {a_file}/run --model {tiny}", "is a file, not a folder"),
+    ("build {corpus} --config tiny --set model={tiny} --set runs_root={a_file}/runs", "runs root"),
+    ("ls --registry ftp://127.0.0.1:1/x", "cannot reach the store"),
+    ("serve --port {busy_port} --model {tiny}", "cannot serve on 127.0.0.1:"),
 ]
 if importlib.util.find_spec("s3fs") is None:
     BAD_INPUTS.append(("init --corpus {corpus} --model {tiny} --registry s3://bucket/reg", "Install s3fs to access S3"))
@@ -121,6 +138,13 @@ def world(tmp_path_factory, tiny_model_dir, other_tiny_model_dir) -> dict:
     garbage = build_tiny_model(root / "garbage-model")
     (garbage / "model.safetensors").write_bytes(b"not weights")
     (root / "latin1.yaml").write_bytes("distill:\n  steps: 2  # préavis\n".encode("latin-1"))
+    laughs = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
+    (root / "bomb.yaml").write_text("\n".join(laughs) + "\n")  # 9^9 values once expanded
+    (root / "a-file").write_text("not a folder")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     assert load_artifact(root / "registry" / "legal" / "1").manifest.version == 1
     return {
         "root": root,
@@ -132,6 +156,10 @@ def world(tmp_path_factory, tiny_model_dir, other_tiny_model_dir) -> dict:
         "other": other_tiny_model_dir,
         "garbage": garbage,
         "latin1_config": root / "latin1.yaml",
+        "bomb_config": root / "bomb.yaml",
+        "a_file": root / "a-file",
+        "busy_port": busy.getsockname()[1],
+        "busy_socket": busy,
         "long_question": "notice " * 3000,
     }
 

@@ -252,3 +252,52 @@ def test_a_one_line_corpus_is_chunked_like_whole_text_tokenization(tiny, tmp_pat
         tokenizing.PIECE_CHARS = tokenizing_piece
     assert pieces == whole
     assert all(c.char_start == offsets[c.token_start][0] and c.char_end == offsets[c.token_end - 1][1] for c in whole)
+
+
+def read_within(folder: Path, seconds: float = 20.0):
+    """`read_corpus(folder)`, failing the test if it has not returned within `seconds` (a FIFO read blocks forever)."""
+    import threading
+
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("corpus", read_corpus(folder)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"read_corpus still running after {seconds} s"
+    return outcome["corpus"]
+
+
+def test_only_regular_files_are_read_and_every_link_device_and_pipe_is_listed(tmp_path):
+    """The rule: regular files only, links never followed (to a file or a folder, inside or outside the
+    corpus); each thing not read is listed with its reason. /dev/zero behind a link was read until memory
+    ran out, and a FIFO named *.txt blocked forever."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("A file outside the corpus.")
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "ok.txt").write_text("Section 1. Readable text.")
+    (corpus / "sub" / "inner.md").write_text("Section 2. Also read.")
+    (corpus / "zero.txt").symlink_to("/dev/zero")
+    (corpus / "random.md").symlink_to("/dev/urandom")
+    os.mkfifo(corpus / "pipe.txt")
+    (corpus / "leak.txt").symlink_to(outside / "secret.txt")
+    (corpus / "inside-link.txt").symlink_to(corpus / "ok.txt")
+    (corpus / "linked-folder").symlink_to(outside)
+    (corpus / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")
+    read = read_within(corpus)
+    assert [d.path for d in read.documents] == ["ok.txt", "sub/inner.md"]
+    reasons = {s.path: s.reason for s in read.skipped}
+    links = ["dangling.txt", "inside-link.txt", "leak.txt", "linked-folder/", "random.md", "zero.txt"]
+    assert all("symbolic link: links are not followed" in reasons.pop(path) for path in links), reasons
+    assert reasons == {"pipe.txt": "a named pipe (FIFO), not a regular file"}
+
+
+def test_a_file_over_the_size_bound_is_listed_not_read(tmp_path, monkeypatch):
+    from cartridges.stages import ingest
+
+    monkeypatch.setattr(ingest, "MAX_FILE_BYTES", 100)
+    (tmp_path / "small.txt").write_text("Short enough.")
+    (tmp_path / "big.txt").write_text("x" * 101)
+    read = read_corpus(tmp_path)
+    assert [d.path for d in read.documents] == ["small.txt"]
+    assert [str(s) for s in read.skipped] == ["big.txt (101 bytes, over the limit of 100)"]

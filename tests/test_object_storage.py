@@ -157,3 +157,46 @@ def test_gc_clears_the_files_of_an_unfinished_publish_on_s3_and_keeps_its_number
     assert registry.fs.find(registry.path("legal", 2)) == [registry.path("legal", 2, "claim.json")]
     assert registry.publish(fake_artifact(tmp_path / "c"), "legal").version == 3  # 2 stays taken
     assert [s.path for s in registry.list().skipped] == ["legal/2"]
+
+
+def test_a_writing_command_never_creates_a_bucket(cli, s3_bucket, corpus_dir, tiny_model_dir):
+    """`init --registry s3://<mistyped bucket>/reg` created the bucket and published into it."""
+    import s3fs
+
+    typo = s3_bucket.removeprefix("s3://") + "-typo"
+    code, _, err = cli(
+        "init",
+        "--corpus",
+        str(corpus_dir),
+        "--model",
+        str(tiny_model_dir),
+        "--tokens",
+        "8",
+        "--registry",
+        f"s3://{typo}/reg",
+    )
+    assert code == 2 and f"bucket '{typo}' does not exist" in err and "Traceback" not in err
+    assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(typo)
+
+
+@pytest.mark.parametrize(
+    "environment, message",
+    [
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}, "cannot reach the object store"),
+        ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no credentials for the object store"),
+    ],
+    ids=["endpoint-down", "no-credentials"],
+)
+def test_a_store_that_cannot_be_reached_or_used_is_one_line(tmp_path, environment, message):
+    """In a fresh process (s3fs keeps clients per process): a 60-line NoCredentialsError traceback before."""
+    from s3_server import S3_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | S3_ENV
+    env |= {"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    env = {k: v for k, v in (env | environment).items() if v is not None}
+    command = [sys.executable, "-m", "cartridges.pipeline.cli", "ls", "--registry", "s3://some-bucket/reg"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+        done.stderr
+    )

@@ -400,6 +400,41 @@ def test_one_bad_entry_does_not_break_the_listing(tmp_path):
     assert "format v99 is newer" in reasons["newer/1"] and "its manifest names tax@1, not tax@2" in reasons["tax/2"]
 
 
+def test_folders_named_with_other_scripts_digits_are_listed_as_skipped_not_versions(tmp_path):
+    """`str.isdigit` took '²' and '١' for versions: `int('²')` broke ls, show, verify and init."""
+    reg = Registry(tmp_path / "reg")
+    reg.publish(fake_artifact(tmp_path / "a"), "legal")
+    for odd in ("²", "١", "𝟏", "007x"):
+        shutil.copytree(tmp_path / "reg" / "legal" / "1", tmp_path / "reg" / "legal" / odd)
+    listing = reg.list()
+    assert [(e.name, e.version) for e in listing.entries] == [("legal", 1)]
+    assert {s.path: s.reason for s in listing.skipped} == {
+        f"legal/{odd}": "not a version (versions are numbers of ASCII digits)" for odd in ("²", "١", "𝟏", "007x")
+    }
+    assert reg.resolve("legal") == ("legal", 1) and reg.verify("legal@1").version == 1
+    assert reg.publish(fake_artifact(tmp_path / "b"), "legal").version == 2
+
+
+def test_the_name_default_is_reserved_for_the_bare_model(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(CartridgeError, match="'default' is reserved"):
+        reg.publish(fake_artifact(tmp_path / "a"), "default")
+    assert not (tmp_path / "reg" / "default").exists()
+
+
+def test_messages_about_many_versions_stay_one_short_line(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    for version in range(1, 41):
+        (tmp_path / "reg" / "legal" / str(version)).mkdir(parents=True)
+        (tmp_path / "reg" / "legal" / str(version) / "retired.json").write_text(json.dumps({"version": version}))
+    with pytest.raises(CartridgeError) as raised:
+        reg.resolve("legal")
+    assert str(raised.value) == (
+        "legal has no versions left: @1, @2, @3, ... (34 more) ..., @38, @39, @40 were removed "
+        "(numbers are never reused); publish a new one"
+    )
+
+
 def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):
     """The cache is keyed by the manifest's digest, and the remote manifest is read on every resolve."""
     from cartridges.manifest import manifest_digest

@@ -425,3 +425,97 @@ def test_requests_on_one_cartridge_or_composition_share_one_copy_of_its_keys_and
         assert decoder.held_bytes == 0 and not decoder._shared
     finally:
         decoder.close()
+
+
+@pytest.fixture
+def uvicorn_errors():
+    """What uvicorn logs as errors while the test runs (a traceback of the app is logged there)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def raw_exchange(port: int, request: bytes, wait: float = 30.0) -> bytes:
+    """Send `request` on a fresh connection and read until the server closes it or `wait` seconds pass."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as conn:
+        conn.sendall(request)
+        received = b""
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+                conn.settimeout(1.0)  # the answer has begun: the rest comes at once, or the connection stays open
+        except TimeoutError:
+            pass
+        return received
+
+
+def test_a_reference_with_digits_of_another_script_is_a_400_and_the_connection_keeps_serving(running):
+    """`legal@²` was a 500 and reset the next request on the same keep-alive connection."""
+    url = running.url + "/chat/completions"
+    with httpx.Client(timeout=60) as http:
+        for model in ("legal@²", "legal@١", "legal@𝟏"):
+            response = http.post(url, json={"model": model, "messages": QUESTION, "max_tokens": 2})
+            assert response.status_code == 400 and "invalid reference" in response.json()["error"]["message"]
+        after = http.post(url, json={"model": "legal@1", "messages": QUESTION, "max_tokens": 2})
+        assert after.status_code == 200 and after.json()["usage"]["cartridges"] == ["legal@1"]
+
+
+def test_errors_name_cartridges_not_the_servers_paths(running, registry):
+    client = running.client()
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    weights = registry.root + "/tax/1/adapter_model.safetensors"
+    with open(weights, "r+b") as damaged:  # the checksum no longer matches: a 400 that names the file
+        damaged.seek(-4, 2)
+        damaged.write(b"\0\0\0\1")
+    with pytest.raises(openai.BadRequestError) as damaged_error:
+        client.chat.completions.create(model="tax", messages=QUESTION)
+    for message in (raised.value.body["message"], damaged_error.value.body["message"]):
+        assert registry.root not in message and str(registry.root).lstrip("/") not in message
+    assert "registry:tax/1/adapter_model.safetensors: checksum mismatch" in damaged_error.value.body["message"]
+
+
+def test_a_version_removed_while_a_request_loads_it_is_a_404(lively, registry, monkeypatch):
+    """`rm` racing requests gave four 500s (FileNotFoundError) in 320: removed between resolving and reading."""
+    real_locate = registry.locate
+
+    def locate_then_lose(reference):
+        found = real_locate(reference)
+        registry.remove(reference)
+        return found
+
+    monkeypatch.setattr(registry, "locate", locate_then_lose)
+    with Running(build_server(lively, registry, Limits(max_tokens=8))) as server:
+        with pytest.raises(openai.NotFoundError, match="tax@1 was removed"):
+            server.client().chat.completions.create(model="tax@1", messages=QUESTION)
+        monkeypatch.setattr(registry, "locate", real_locate)
+        assert server.client().chat.completions.create(model="legal@1", messages=QUESTION, max_tokens=2).choices
+
+
+def test_a_client_gone_mid_body_leaves_no_traceback_and_a_stalled_body_is_cut(lively, registry, uvicorn_errors):
+    limits = Limits(max_tokens=8, body_seconds=1.0)
+    with Running(build_server(lively, registry, limits)) as server:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        partial = (head + "content-length: 1000\r\n\r\n").encode() + b'{"model": "legal",'
+        for _ in range(20):  # each client leaves with 982 bytes unsent
+            with socket.create_connection(("127.0.0.1", server.port)) as conn:
+                conn.sendall(partial)
+        started = time.monotonic()
+        answer = raw_exchange(server.port, partial, wait=30)  # stays: cut after body_seconds
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
+        assert time.monotonic() - started < 15
+        assert server.client().chat.completions.create(model="legal", messages=QUESTION, max_tokens=2).choices
+    assert [record.getMessage() for record in uvicorn_errors] == []
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_api_key_variable_is_refused(cli, monkeypatch, value):
+    monkeypatch.setenv("CARTRIDGES_API_KEY", value)
+    code, _, err = cli("serve", "--port", str(free_port()))
+    assert code == 2 and "CARTRIDGES_API_KEY is empty" in err and "Traceback" not in err
