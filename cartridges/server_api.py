@@ -17,7 +17,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 8192
     max_tokens: int = 1024
-    body_seconds: float = 30.0  # a request body must arrive within this (a stalled upload holds a connection)
+    body_seconds: float = 60.0  # a request body must arrive within this (a stalled upload holds a connection)
     send_seconds: float = 60.0  # a streaming client that takes nothing for this long is cut
     keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
     # Prompt tokens computed a step. Every running request waits for each step, so a step's length is what a

@@ -48,8 +48,7 @@ def main() -> None:
             raise
         errors.print(f"[bold red]error:[/bold red] {problem}", highlight=False)
         sys.exit(2)
-    if isinstance(code, int) and code:  # typer.Exit(code) and --help come back as a code
-        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) and --help come back as a code
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def greedy_answers(
     """Each question's greedy answer after its context block, decoded together in batches of `batch`."""
     model = loaded.model
     stops = stop_token_ids(loaded)
-    decoder = BatchDecoder(model, kv_shape(model.config), max_batch=batch)
+    decoder = BatchDecoder(model, kv_shape(model.config), max_batch=batch, prefill_order="arrival")  # as scored before
     try:
         generations = [
             decoder.submit(

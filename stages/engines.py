@@ -173,8 +173,14 @@ class HFEngine:
         from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
 
         if self._decoder is None:
+            # Batch work: first come first served packs each step as earlier builds did, so samples stay
+            # bit-identical to theirs (a step's packing moves float32's last bits); only latency needs `shortest`.
             self._decoder = BatchDecoder(
-                self.model, kv_shape(self.model.config), max_batch=self.batch_size, thread=False
+                self.model,
+                kv_shape(self.model.config),
+                max_batch=self.batch_size,
+                thread=False,
+                prefill_order="arrival",
             )
         prefix = self._shared_prefix(prompts[batch[0]][:shared]) if shared else None
         generations = [
