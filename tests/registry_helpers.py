@@ -1,12 +1,23 @@
 """Real artifact folders without a model: a random prefix of the declared KV shape (2 layers, 2 KV heads, head_dim 16)."""
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from cartridges.artifact import cartridge_peft_config, save_artifact
-from cartridges.manifest import CorpusInfo, Manifest
+from cartridges.hashing import sha256_file
+from cartridges.integrity import BOUND_MANIFEST_KEY
+from cartridges.manifest import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    CorpusInfo,
+    Manifest,
+    strict_json,
+)
 
 MODEL_CONFIG = LlamaConfig(
     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=32, head_dim=16, vocab_size=16
@@ -39,4 +50,33 @@ def fake_artifact(
         prefix = torch.randn(max(2, payload_bytes // (WIDTH * 4)), WIDTH)
     config = cartridge_peft_config(MODEL_CONFIG, prefix.shape[0])
     save_artifact(folder, prefix, config, fake_manifest(name, prefix.shape[0]))
+    return folder
+
+
+def forge(folder: Path, tensors: dict | None = None, raw: bytes | None = None, **changes) -> Path:
+    """Rewrite an artifact as a faulty writer would: new tensors (or raw bytes) and manifest fields, with
+    the adapter config, the manifest bound into the payload and every checksum made to agree."""
+    manifest = json.loads((folder / MANIFEST_FILE).read_text()) | changes
+    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    config.update(
+        {
+            key: manifest[field]
+            for key, field in (
+                ("num_virtual_tokens", "num_tokens"),
+                ("num_frozen_tokens", "num_frozen_tokens"),
+                ("num_layers", "num_layers"),
+                ("num_attention_heads", "num_kv_heads"),
+            )
+        }
+        | {"token_dim": manifest["num_kv_heads"] * manifest["head_dim"]}
+    )
+    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config))
+    weights = folder / ADAPTER_WEIGHTS_FILE
+    if raw is not None:
+        weights.write_bytes(raw)
+    else:
+        bound = {k: v for k, v in manifest.items() if k not in ("name", "version", "files")}
+        save_file(tensors or load_file(str(weights)), str(weights), metadata={BOUND_MANIFEST_KEY: strict_json(bound)})
+    manifest["files"] = {name: sha256_file(folder / name) for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     return folder

@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from registry_helpers import MODEL_CONFIG, WIDTH, fake_manifest
+from registry_helpers import MODEL_CONFIG, WIDTH, fake_manifest, forge
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cartridges.artifact import cartridge_peft_config, load_artifact, save_artifact
 from cartridges.errors import CartridgeError
-from cartridges.hashing import sha256_file
-from cartridges.integrity import BOUND_MANIFEST_KEY, PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
-from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, strict_json
+from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
+from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
 from cartridges.models import load_model
 from cartridges.registry import Registry
 from cartridges.runtime import CartridgeRuntime
@@ -32,35 +31,6 @@ KEY, SCALES = PROMPT_EMBEDDINGS_KEY, PROMPT_EMBEDDINGS_KEY + SCALE_SUFFIX
 def saved(folder: Path, prefix: torch.Tensor, precision: str = "float32") -> Path:
     manifest = fake_manifest(num_tokens=prefix.shape[0]).model_copy(update={"dtype": precision})
     save_artifact(folder, prefix, cartridge_peft_config(MODEL_CONFIG, prefix.shape[0]), manifest)
-    return folder
-
-
-def forge(folder: Path, tensors: dict | None = None, raw: bytes | None = None, **changes) -> Path:
-    """Rewrite an artifact as a faulty writer would: new tensors (or raw bytes) and manifest fields, with
-    the adapter config, the manifest bound into the payload and every checksum made to agree."""
-    manifest = json.loads((folder / MANIFEST_FILE).read_text()) | changes
-    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
-    config.update(
-        {
-            key: manifest[field]
-            for key, field in (
-                ("num_virtual_tokens", "num_tokens"),
-                ("num_frozen_tokens", "num_frozen_tokens"),
-                ("num_layers", "num_layers"),
-                ("num_attention_heads", "num_kv_heads"),
-            )
-        }
-        | {"token_dim": manifest["num_kv_heads"] * manifest["head_dim"]}
-    )
-    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config))
-    weights = folder / ADAPTER_WEIGHTS_FILE
-    if raw is not None:
-        weights.write_bytes(raw)
-    else:
-        bound = {k: v for k, v in manifest.items() if k not in ("name", "version", "files")}
-        save_file(tensors or load_file(str(weights)), str(weights), metadata={BOUND_MANIFEST_KEY: strict_json(bound)})
-    manifest["files"] = {name: sha256_file(folder / name) for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)}
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     return folder
 
 

@@ -6,10 +6,12 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from cartridges.registry import Registry
@@ -203,6 +205,15 @@ def test_stop_strings_cut_the_answer_and_never_reach_the_client(running):
         (lambda c: c.chat.completions.create(model="legal", messages=QUESTION, temperature=-1), 400, "temperature"),
         (lambda c: c.completions.create(model="legal", prompt=""), 400, "the prompt is empty"),
         (lambda c: c.completions.create(model="default", prompt="", stream=True), 400, "the prompt is empty"),
+        (lambda c: c.chat.completions.create(model="legal@²", messages=QUESTION), 400, "invalid reference"),
+        (lambda c: c.chat.completions.create(model="legal@١", messages=QUESTION), 400, "invalid reference"),
+        (
+            lambda c: c.chat.completions.create(
+                model="legal", messages=QUESTION, extra_body={"cartridges": [{"id": "x@𝟏"}]}
+            ),
+            400,
+            "invalid reference",
+        ),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors_and_the_server_stays_up(running, call, status, message):
@@ -519,3 +530,47 @@ def test_an_empty_api_key_variable_is_refused(cli, monkeypatch, value):
     monkeypatch.setenv("CARTRIDGES_API_KEY", value)
     code, _, err = cli("serve", "--port", str(free_port()))
     assert code == 2 and "CARTRIDGES_API_KEY is empty" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "another-layer-count", "int8-scale-3e38"])
+def test_a_damaged_or_forged_artifact_is_a_400_and_the_server_keeps_serving(running, registry, damage):
+    """Checksums and the bound manifest made to agree, as a faulty writer would: each was a 500 (or empty
+    answers with a 200 for the infinite prefix) before issue 36."""
+    import io
+
+    from registry_helpers import forge
+    from safetensors.torch import load_file
+
+    folder = Path(registry.root) / "tax" / "1"
+    weights = load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
+    if damage == "pickle":
+        buffer = io.BytesIO()
+        torch.save({"prompt_embeddings": weights}, buffer)
+        forge(folder, raw=buffer.getvalue())
+    elif damage == "truncated":
+        forge(folder, raw=(folder / "adapter_model.safetensors").read_bytes()[:100])
+    elif damage == "another-layer-count":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        forge(
+            folder,
+            {"prompt_embeddings": weights[:, : weights.shape[1] // manifest["num_layers"]].contiguous()},
+            num_layers=1,
+        )
+    else:
+        values = torch.full_like(weights, 127, dtype=torch.int8)
+        forge(
+            folder,
+            {"prompt_embeddings": values, "prompt_embeddings_scale": torch.full(weights.shape[1:], 3e38)},
+            dtype="int8",
+        )
+    client = running.client()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tax@1", messages=QUESTION, max_tokens=2)
+    expected = {
+        "pickle": "registry:tax/1/adapter_model.safetensors: not a readable safetensors file",
+        "truncated": "registry:tax/1/adapter_model.safetensors: not a readable safetensors file",
+        "another-layer-count": "cartridge tax@1 holds keys and values for 1 layers",
+        "int8-scale-3e38": "registry:tax/1: 1536 of 1536 prefix values are NaN or infinite as loaded",
+    }[damage]
+    assert raised.value.body["message"].startswith(expected), raised.value.body
+    assert client.chat.completions.create(model="legal@1", messages=QUESTION, max_tokens=2).choices
