@@ -13,7 +13,9 @@ from cartridges.pipeline.cli_app import app, errors
 # `cartridges --help` lists the commands in the order a newcomer uses them.
 HELP_ORDER = ["build", "ask", "chat", "serve", "ls", "show", "verify", "alias", "rm", "compose", "init", "eval"]
 HELP_ORDER += ["synthesize", "distill", "gc"]
-app.registered_commands.sort(key=lambda command: HELP_ORDER.index(command.name))
+app.registered_commands.sort(  # a command not listed goes last rather than breaking the CLI at import
+    key=lambda command: HELP_ORDER.index(command.name) if command.name in HELP_ORDER else len(HELP_ORDER)
+)
 
 
 def main() -> None:

@@ -19,6 +19,9 @@ app = typer.Typer(
 model_app = typer.Typer(help="Manage the embedded default model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
+config_app = typer.Typer(help="Build configurations: what a build would use.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
 schedule_app = typer.Typer(
     help="Nightly rebuilds on Ray; schedules and history live in the registry.", no_args_is_help=True
 )

@@ -12,6 +12,7 @@ from cartridges.pipeline.cli_app import (
     RegistryOption,
     SetOption,
     app,
+    config_app,
     console,
     open_registry,
     report_skipped,
@@ -24,6 +25,24 @@ def _build_config(spec: str, overrides: list[str] | None, model: str | None):
     from cartridges.pipeline.build_config import load_build_config
 
     return load_build_config(spec, [*(overrides or []), *([f"model={model}"] if model else [])])
+
+
+@config_app.command("show")
+def config_show(
+    config_spec: ConfigOption = "default",
+    overrides: SetOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Print the effective build config as YAML: the code defaults, the config file over them, then --set.
+
+    Example: cartridges config show --config my.yaml --set distill.steps=64
+    """
+    import yaml
+
+    config = _build_config(config_spec, overrides, model)
+    console.print(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip(), highlight=False, markup=False
+    )
 
 
 @app.command("synthesize")

@@ -39,7 +39,9 @@ class SynthesisConfig(BaseModel):
 
     model_config = STRICT_SETTINGS
 
-    samples: int = Field(256, ge=1, description="number of samples to write")
+    samples: int = Field(
+        128, ge=1, description="number of samples to write (128: the 15-minute default build on a 2-core CPU)"
+    )
     seed: int = Field(0, description="seed of the sample plan (chunks, kinds, sampling seeds)")
     kinds: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KINDS), description="seed kind -> weight")
     top_k: int = Field(20, ge=1, le=100, description="teacher log-probabilities kept per answer token")
@@ -54,7 +56,9 @@ class SynthesisConfig(BaseModel):
         "corpus of more chunks than samples costs less per sample, and covers fewer chunks",
     )
     chunk_min_tokens: int = Field(512, ge=1)
-    chunk_max_tokens: int = Field(2048, ge=2)
+    chunk_max_tokens: int = Field(
+        1024, ge=2, description="the default recipe's chunks (BENCHMARKS.md, 'A 15-minute default build')"
+    )
     teacher_context: Literal["chunk", "window"] = Field(
         "chunk",
         description="what the teacher reads: the sample's chunk, or the window: consecutive chunks packed up to the "

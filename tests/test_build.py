@@ -21,6 +21,24 @@ def test_shipped_configs_validate():
     }
 
 
+def test_the_code_defaults_are_the_default_config():
+    """Defaults are defined once: `configs/default.yaml` states them for a reader, it changes nothing."""
+    from cartridges.pipeline.build_config import BuildConfig
+
+    assert BuildConfig() == load_build_config("default")
+    assert BuildConfig().fingerprint() == load_build_config("default").fingerprint()
+
+
+def test_a_users_yaml_of_one_key_changes_that_key_only(tmp_path):
+    """Issue 37: `--config my.yaml` took the code defaults of the old recipe for every key it did not set
+    (96 steps at 2e-3, 256 samples, 2,048-token chunks) instead of the default build's."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("distill:\n  num_tokens: 512\n")
+    default, changed = load_build_config("default").model_dump(), load_build_config(str(mine)).model_dump()
+    assert changed["distill"].pop("num_tokens") == 512 and default["distill"].pop("num_tokens") == 256
+    assert changed == default
+
+
 def test_overrides_apply_and_only_decisive_settings_change_the_fingerprint():
     base = load_build_config("tiny")
     assert load_build_config("tiny", ["distill.steps=7"]).distill.steps == 7
@@ -351,3 +369,15 @@ def test_the_build_summary_reports_skipped_files_with_the_reason(cli, tiny_model
         "skipped 2 file(s) or folder(s): scan.png (unsupported file type .png); statute.txt (same text as copy.txt)"
         in err
     )
+
+
+def test_config_show_prints_what_a_build_with_those_flags_uses(cli, tmp_path):
+    import yaml
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("distill:\n  num_tokens: 512\n")
+    code, out, err = cli("config", "show", "--config", str(mine), "--set", "distill.steps=64")
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown == load_build_config(str(mine), ["distill.steps=64"]).model_dump(mode="json")
+    assert (shown["distill"]["num_tokens"], shown["distill"]["steps"], shown["distill"]["lr"]) == (512, 64, 0.006)
