@@ -30,7 +30,10 @@ class Cartridge:
     path: Path
 
 
-def cartridge_peft_config(model_config, num_tokens: int, num_frozen_tokens: int = 1) -> CartridgeConfig:
+NUM_FROZEN_TOKENS = 1  # the first prefix token stays as initialised: the attention sink (arXiv 2506.06266)
+
+
+def cartridge_peft_config(model_config, num_tokens: int, num_frozen_tokens: int = NUM_FROZEN_TOKENS) -> CartridgeConfig:
     """PEFT's config for a prefix of `num_tokens`, with the KV shape filled in from the model config."""
     config = CartridgeConfig(
         task_type="CAUSAL_LM",

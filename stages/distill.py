@@ -91,7 +91,7 @@ def split_examples(examples: list, eval_samples: int, seed: int) -> tuple[list, 
     """Hold out `eval_samples` (at most a fifth of the data) for KL to the teacher."""
     if not examples:
         raise CartridgeError(
-            "no synthetic samples to train on: synthesize more (--samples) or check the filters' summary"
+            "no synthetic samples to train on: synthesize more (--set synthesis.samples=N) or check the filters' summary"
         )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -114,7 +114,7 @@ def batch_for_step(train: list, step: int, micro: int, config: DistillConfig, ra
 def _student(model_path: str, num_tokens: int, init_prefix: torch.Tensor, device: torch.device | None = None):
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     base.requires_grad_(False)
-    model = get_peft_model(base, cartridge_peft_config(base.config, num_tokens, num_frozen_tokens=1))
+    model = get_peft_model(base, cartridge_peft_config(base.config, num_tokens))
     model.prompt_encoder["default"].load_prompt_embeddings(init_prefix)
     return model.to(device or default_device())
 

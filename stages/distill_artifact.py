@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from cartridges.artifact import cartridge_peft_config, describe_model, save_artifact
+from cartridges.artifact import NUM_FROZEN_TOKENS, cartridge_peft_config, describe_model, save_artifact
 from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.stages.distill import DistillConfig
 from cartridges.stages.records import IngestRecord, SynthesisSummary
@@ -42,7 +42,7 @@ def publishable_manifest(loaded, trained: TrainedRun, name: str) -> Manifest:
         name=name,
         **describe_model(loaded),
         num_tokens=trained.config.num_tokens,
-        num_frozen_tokens=1,
+        num_frozen_tokens=NUM_FROZEN_TOKENS,
         dtype=trained.config.precision,
         corpus=[
             CorpusInfo(

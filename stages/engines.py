@@ -396,7 +396,9 @@ def make_engine(
             if name == "vllm":
                 from cartridges.errors import CartridgeError
 
-                raise CartridgeError(f"vLLM engine could not start: {exc}; use --engine hf") from None
+                raise CartridgeError(
+                    f"vLLM engine could not start: {exc}; use the HF engine: --set synthesis_run.engine=hf"
+                ) from None
             print(
                 f"notice: vLLM unavailable ({type(exc).__name__}: {str(exc)[:160]}); using the HF engine",
                 file=sys.stderr,

@@ -6,7 +6,7 @@ prefix it reproduces the logits of the model with those tokens in context.
 
 from pathlib import Path
 
-from cartridges.artifact import cartridge_peft_config, describe_model, save_artifact
+from cartridges.artifact import NUM_FROZEN_TOKENS, cartridge_peft_config, describe_model, save_artifact
 from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
@@ -14,8 +14,6 @@ from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.models import LoadedModel
 from cartridges.stages.ingest import Corpus
 from cartridges.tokenizing import count_tokens
-
-NUM_FROZEN_TOKENS = 1
 
 
 def corpus_info(loaded: LoadedModel, corpus: Corpus, corpus_token_count: int) -> CorpusInfo:
