@@ -40,7 +40,8 @@ from cartridges.models import load_model
 from cartridges.qa import load_qa_files
 from cartridges.registry import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
-from cartridges.stages.contexts import Context, FixedContext, context_source, corpus_kv
+from cartridges.stages.context_methods import context_source
+from cartridges.stages.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR
 from cartridges.stages.parallel_encoding import parallel_context

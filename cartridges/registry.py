@@ -47,17 +47,19 @@ from cartridges.manifest import (
 )
 from cartridges.names import LATEST, NAME_PATTERN, Ref, is_version, parse_ref, validate_name, validate_new_name
 from cartridges.object_store import create_exclusively, open_store, require_bucket, require_conditional_writes
+from cartridges.registry_layout import (
+    ALIASES_DIR,
+    CLAIM_FILE,
+    LEGACY_ALIASES_FILE,
+    RETIRED_FILE,
+    STAGING,
+    STATE,
+)
 from cartridges.regular_files import SMALL_FILE_LIMIT, UnreadableFile, read_regular
 
 if TYPE_CHECKING:
     from cartridges.registry_listing import Listing
 
-ALIASES_DIR = "aliases"
-LEGACY_ALIASES_FILE = "aliases.json"  # format of registries written before one file per alias
-RETIRED_FILE = "retired.json"
-STAGING = ".staging"
-STATE = ".state"  # service state kept with the registry (schedules, build history)
-CLAIM_FILE = "claim.json"  # object stores: written exclusively by the publisher that takes the number
 MAX_PUBLISH_ATTEMPTS = 1000
 
 

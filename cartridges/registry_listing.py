@@ -2,12 +2,18 @@
 usable (a `lost+found`, a numbered folder without manifest, a manifest of a newer format), reported
 with the reason instead of failing the whole listing."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cartridges.errors import CartridgeError
 from cartridges.manifest import MANIFEST_FILE, Manifest
 from cartridges.names import is_version
-from cartridges.registry import ALIASES_DIR, LEGACY_ALIASES_FILE, Registry
+from cartridges.registry_layout import ALIASES_DIR, LEGACY_ALIASES_FILE
+
+if TYPE_CHECKING:
+    from cartridges.registry import Registry
 
 
 @dataclass(frozen=True)

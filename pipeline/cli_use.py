@@ -111,7 +111,7 @@ def eval_command(
 
     from cartridges.atomic import write_text_atomically
     from cartridges.qa import load_qa_files
-    from cartridges.stages.contexts import METHODS, context_source
+    from cartridges.stages.context_methods import METHODS, context_source
     from cartridges.stages.evaluate import score_corpus
 
     if method not in METHODS:

@@ -19,7 +19,6 @@ from typing import Protocol
 
 import torch
 
-from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
@@ -142,46 +141,3 @@ class RetrievedContext:
             ids = context_token_ids(self.loaded.tokenizer, "\n".join(chosen), self.budget)
             self._cache[question.id] = Context(kv_prefix_of_tokens(self.loaded.model, ids))
         return self._cache[question.id]
-
-
-METHODS = ("none", "icl", "truncated", "select", "rag", *PRESSES, "snapkv", "lingua", "ape", "cartridge")
-WHOLE_CORPUS_METHODS = ("icl", "ape")  # no KV budget: every corpus token is in the block
-
-
-def context_source(
-    loaded: LoadedModel, method: str, text: str, budget: int | None, cartridge: torch.Tensor | None = None
-) -> ContextSource:
-    """The context source of `method` over corpus `text` at a KV budget of `budget` tokens."""
-    if method not in METHODS:
-        raise CartridgeError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    if method == "none":
-        return FixedContext(Context(None))
-    if method == "icl":
-        return FixedContext(Context(corpus_kv(loaded, text)))
-    if method == "ape":
-        from cartridges.stages.parallel_encoding import documents_of, parallel_context
-
-        return FixedContext(parallel_context(loaded, documents_of(text)))
-    if method == "cartridge":
-        if cartridge is None:
-            raise CartridgeError("method 'cartridge' needs a cartridge: pass --cartridge NAME[@VERSION]")
-        return FixedContext(Context(cartridge))
-    if budget is None or budget < 2:
-        raise CartridgeError(f"method {method!r} needs a KV budget of at least 2 tokens (--budget)")
-    if method == "truncated":
-        return FixedContext(Context(corpus_kv(loaded, text, budget)))
-    if method == "select":
-        from cartridges.stages.kv_reconstruction import selected_prefix
-
-        return FixedContext(Context(selected_prefix(loaded, text, budget)))
-    if method == "rag":
-        return RetrievedContext(loaded, text, budget)
-    if method == "snapkv":
-        from cartridges.stages.kv_selection import QuestionSelectedContext
-
-        return QuestionSelectedContext(loaded, text, budget)
-    if method == "lingua":
-        from cartridges.stages.prompt_compression import compressed_context
-
-        return FixedContext(compressed_context(loaded, text, budget))
-    return FixedContext(compress(corpus_kv(loaded, text), kv_shape(loaded.model.config), budget, method))

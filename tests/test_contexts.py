@@ -9,14 +9,8 @@ from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.qa import Question
 from cartridges.runtime import prefix_cache, prefix_logits
-from cartridges.stages.contexts import (
-    METHODS,
-    WHOLE_CORPUS_METHODS,
-    RetrievedContext,
-    compress,
-    context_source,
-    corpus_kv,
-)
+from cartridges.stages.context_methods import METHODS, WHOLE_CORPUS_METHODS, context_source
+from cartridges.stages.contexts import RetrievedContext, compress, corpus_kv
 
 TEXT = (
     "Section 1. A landlord shall give written notice to vacate three days before filing suit. "
