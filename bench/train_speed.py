@@ -15,6 +15,8 @@ from pathlib import Path
 from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.stages.distill import DistillConfig
+from cartridges.stages.distill_run import DistillRunSettings, run_training
+from cartridges.stages.run_dir import RunDir
 
 
 def main() -> None:
@@ -30,15 +32,7 @@ def main() -> None:
         (shutil.copytree if (args.run / item).is_dir() else shutil.copy)(args.run / item, args.scratch / item)
     loaded = load_model()
     config = DistillConfig(num_tokens=256, steps=args.steps, checkpoint_every=1000, eval_every=1000, eval_samples=16)
-    try:
-        from cartridges.stages.distill_run import DistillRunSettings, run_training
-        from cartridges.stages.run_dir import RunDir
-
-        run, settings = RunDir(args.scratch), DistillRunSettings(executor="local", threads=args.threads)
-    except ImportError:  # commits before the run-folder refactoring (c1d7bad and earlier)
-        from cartridges.stages.distill import TrainSettings, run_training
-
-        run, settings = args.scratch, TrainSettings(executor="local", threads=args.threads)
+    run, settings = RunDir(args.scratch), DistillRunSettings(executor="local", threads=args.threads)
     started = time.perf_counter()
     run_training(run, loaded, config, settings)
     records = [json.loads(line) for line in (args.scratch / "distill" / "metrics.jsonl").read_text().splitlines()]
