@@ -21,8 +21,9 @@ from pathlib import Path
 from run_record import record_header
 
 from cartridges.artifact import kv_shape
-from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+from cartridges.batch_decoder import BatchDecoder
 from cartridges.errors import run_script
+from cartridges.generation import Generation, Sampling
 from cartridges.layout import chat_token_ids
 from cartridges.qa import load_qa_file
 from cartridges.server import load_serving_model

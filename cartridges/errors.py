@@ -28,6 +28,15 @@ class NotFound(CartridgeError):
     """A reference names no live version: no such name, version or alias (a server answers 404)."""
 
 
+def short_list(items: list, shown: int = 6) -> str:
+    """A list for a one-line message: the first and last few, and how many between."""
+    texts = [str(item) for item in items]
+    if len(texts) <= shown:
+        return ", ".join(texts)
+    half = shown // 2
+    return f"{', '.join(texts[:half])}, ... ({len(texts) - shown} more) ..., {', '.join(texts[-half:])}"
+
+
 def first_problem(exc) -> tuple[str, str, str]:
     """(dotted key, pydantic's message, the value given, shortened) of a ValidationError's first problem."""
     first = exc.errors()[0]

@@ -1,16 +1,6 @@
 """A registry of immutable, versioned cartridges on a local folder or any fsspec URL.
 
-Layout (readable without this code)::
-
-    <root>/<name>/<version>/{manifest.json, adapter_config.json, adapter_model.safetensors}
-    <root>/<name>/<version>/retired.json   a removed version: its number is never given out again
-    <root>/<name>/aliases/<alias>.json     {"version": 3}, one file per alias
-    <root>/.staging/<uuid>/                uploads in progress (never listed; `cartridges gc` clears old ones)
-    <root>/.state/<file>.json              service state (the scheduler's schedules and history)
-
-    <root>/<name>/<version>/claim.json     object stores: the publisher that took the number
-
-A version becomes visible in one step. On a local filesystem the complete staging folder is
+Its layout, readable without this code, is in `registry_layout`. A version becomes visible in one step. On a local filesystem the complete staging folder is
 renamed to `<name>/<N>`: the rename is atomic and fails when `<N>` exists, so a crash never leaves
 a half version and concurrent publishers get distinct versions. Object stores have no folder
 rename: there the publisher first creates `<name>/<N>/claim.json` with a conditional write (S3
@@ -35,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cartridges.artifact_cache import cached_copy, download
 from cartridges.atomic import rename_unless_exists, write_atomically
-from cartridges.errors import CartridgeError, NotFound
+from cartridges.errors import CartridgeError, NotFound, short_list
 from cartridges.integrity import check_artifact
 from cartridges.manifest import (
     MANIFEST_FILE,
@@ -176,10 +166,11 @@ class Registry:
         if not versions:
             retired = self.retired(parsed.name)
             if retired:
+                were = short_list([f"@{v}" for v in retired]) + (" was" if len(retired) == 1 else " were")
                 raise NotFound(
-                    f"{parsed.name} has no versions left: {_listed(retired)} removed (numbers are never reused); publish a new one"
+                    f"{parsed.name} has no versions left: {were} removed (numbers are never reused); publish a new one"
                 )
-            known = _numbers(self.names()) or "none"
+            known = short_list(self.names()) or "none"
             raise NotFound(f"no cartridge named {parsed.name!r} in {self.url} (available: {known})")
         if parsed.selector == LATEST:
             return parsed.name, versions[-1]
@@ -201,8 +192,8 @@ class Registry:
         if version in versions:
             return version
         if version in self.retired(name):
-            raise NotFound(f"{name}@{version} was removed (versions: {_numbers(versions)})")
-        raise NotFound(f"{name} has no version {version} (versions: {_numbers(versions)})")
+            raise NotFound(f"{name}@{version} was removed (versions: {short_list(versions)})")
+        raise NotFound(f"{name} has no version {version} (versions: {short_list(versions)})")
 
     def manifest_bytes(self, name: str, version: int) -> bytes:
         return self.read_small_file(self.path(name, version, MANIFEST_FILE))
@@ -356,16 +347,3 @@ class Registry:
             write_atomically(Path(path), lambda tmp: tmp.write_bytes(payload))
         else:
             self.fs.pipe_file(path, payload)
-
-
-def _listed(versions: list[int]) -> str:
-    return _numbers([f"@{v}" for v in versions]) + (" was" if len(versions) == 1 else " were")
-
-
-def _numbers(items: list, shown: int = 6) -> str:
-    """A list for a one-line message: the first and last few, and how many between."""
-    texts = [str(item) for item in items]
-    if len(texts) <= shown:
-        return ", ".join(texts)
-    half = shown // 2
-    return f"{', '.join(texts[:half])}, ... ({len(texts) - shown} more) ..., {', '.join(texts[-half:])}"

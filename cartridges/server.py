@@ -19,9 +19,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect
 
 from cartridges.artifact import kv_shape
-from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+from cartridges.batch_decoder import BatchDecoder
 from cartridges.cartridge_store import CartridgeStore
 from cartridges.errors import CartridgeError, NotFound
+from cartridges.generation import Generation, Sampling
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.object_store import storage_problem

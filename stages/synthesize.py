@@ -30,7 +30,7 @@ from cartridges.errors import CartridgeError
 from cartridges.models import ModelRef, model_on_this_node
 from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
-from cartridges.stages.engines import make_engine, resolved_engine
+from cartridges.stages.engine_choice import make_engine, resolved_engine
 from cartridges.stages.ingest import Chunk, read_chunks, read_titles
 from cartridges.stages.records import IngestRecord, ShardStats, SynthesisSummary
 from cartridges.stages.run_dir import RunDir

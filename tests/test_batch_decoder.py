@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cartridges.artifact import kv_shape, load_artifact
-from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+from cartridges.batch_decoder import BatchDecoder
+from cartridges.generation import Generation, Sampling
 from cartridges.layout import chat_token_ids
 from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.ingest import read_corpus

@@ -1,7 +1,7 @@
-"""The import graph of the package has no loop: no module imports, at its top or inside a function, one
-that imports it back (directly or through others). Imports under `if TYPE_CHECKING:` only name types and
-do not count. A loop hides which module is the lower one, and a lazy import that closes a loop is a
-loop that only shows at run time."""
+"""The shape of the package: no module over 350 lines, and no import loop: no module imports, at its top
+or inside a function, one that imports it back (directly or through others). Imports under `if
+TYPE_CHECKING:` only name types and do not count. A loop hides which module is the lower one, and a lazy
+import that closes a loop is a loop that only shows at run time."""
 
 import ast
 from pathlib import Path
@@ -88,3 +88,9 @@ def test_the_import_graph_has_no_loop():
 def test_the_loop_finder_finds_a_lazy_loop():
     """It can fail: a function-level import back is a loop."""
     assert loops({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_is_over_350_lines():
+    """Small modules with one job: past 350 lines a module has grown a second one (split it)."""
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert {name: lines for name, lines in sizes.items() if lines > 350} == {}

@@ -402,8 +402,9 @@ def test_requests_on_one_cartridge_or_composition_share_one_copy_of_its_keys_and
     """The store hands out one tensor per version and per composition; the decoder holds one copy of each
     prefix in use, whatever the number of rows, and each row only its own tokens."""
     from cartridges.artifact import kv_shape
-    from cartridges.batch_decoder import BatchDecoder, Generation, Sampling
+    from cartridges.batch_decoder import BatchDecoder
     from cartridges.cartridge_store import CartridgeStore
+    from cartridges.generation import Generation, Sampling
     from cartridges.layout import chat_token_ids
 
     store = CartridgeStore(registry, lively)

@@ -15,7 +15,8 @@ import torch
 from sample_helpers import assert_same_samples
 
 from cartridges.errors import CartridgeError
-from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches, resolved_engine
+from cartridges.stages.engine_choice import resolved_engine
+from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches
 from cartridges.stages.ingest import ingest, read_chunks
 from cartridges.stages.quality import is_repetitive, message_problem
 from cartridges.stages.run_dir import RunDir
