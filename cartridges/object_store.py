@@ -53,7 +53,7 @@ def storage_problem(exc: BaseException) -> str | None:
         if kinds & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"}:
             return f"cannot reach the object store ({said}): check AWS_ENDPOINT_URL and that the store is up"
         if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
-            return f"cannot reach the store ({exc.strerror or said}): check the URL and that its server is up, or use a local folder"
+            return f"cannot connect ({exc.strerror or said}): check the address (a store's URL, RAY_ADDRESS) and that its server is up"
         if isinstance(exc, PermissionError):
             return f"permission denied ({said}): check the credentials or the folder's permissions"
         exc = exc.__cause__ or exc.__context__

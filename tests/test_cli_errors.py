@@ -109,7 +109,7 @@ BAD_INPUTS = [
     ("synthesize {corpus} --out {a_file} --model {tiny}", "is a file, not a folder"),
     ("synthesize {corpus} --out {a_file}/run --model {tiny}", "is a file, not a folder"),
     ("build {corpus} --config tiny --set model={tiny} --set runs_root={a_file}/runs", "runs root"),
-    ("ls --registry ftp://127.0.0.1:1/x", "cannot reach the store"),
+    ("ls --registry ftp://127.0.0.1:1/x", "cannot connect (Connection refused)"),
     ("serve --port {busy_port} --model {tiny}", "cannot serve on 127.0.0.1:"),
 ]
 if importlib.util.find_spec("s3fs") is None:
