@@ -8,14 +8,9 @@ steps. Every error is OpenAI-shaped JSON; nothing a client sends yields a traceb
 
 import asyncio
 import hmac
-import json
-import time
-import uuid
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect
 
 from cartridges.artifact import kv_shape
@@ -28,20 +23,9 @@ from cartridges.models import LoadedModel
 from cartridges.object_store import storage_problem
 from cartridges.runtime import stop_token_ids
 from cartridges.server_api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, Limits, parse_request
-from cartridges.text_stream import TextStream
+from cartridges.server_responses import Prepared, respond_chat, respond_completion
 
 __all__ = ["Limits", "Server", "build_server", "create_app", "load_serving_model"]
-
-
-@dataclass
-class Prepared:
-    """A request turned into what the decoder runs, and what its response reports."""
-
-    request: GenerationRequest
-    generation: Generation
-    labels: list[str]
-    cartridge_tokens: int
-    prompt_tokens: int
 
 
 class Server:
@@ -173,86 +157,14 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         prepared = await asyncio.to_thread(server.prepare, await server.read(request, ChatRequest))
-        return await respond(server, prepared, chat=True)
+        return await respond_chat(server.decoder, server.loaded.tokenizer, prepared, server.limits.send_seconds)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         prepared = await asyncio.to_thread(server.prepare, await server.read(request, CompletionRequest))
-        return await respond(server, prepared, chat=False)
+        return await respond_completion(server.decoder, server.loaded.tokenizer, prepared, server.limits.send_seconds)
 
     return app
-
-
-async def respond(server: Server, prepared: Prepared, chat: bool):
-    request = prepared.request
-    text = TextStream(server.loaded.tokenizer, request.stop_strings())
-    server.decoder.submit(prepared.generation)
-    tokens = prepared.generation.atokens()
-    meta = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "created": int(time.time()),
-        "model": request.model,
-    }
-
-    async def pieces():
-        try:
-            async for token in tokens:
-                piece = text.add(token)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    break
-            rest = text.flush()
-            if rest:
-                yield rest
-        finally:
-            prepared.generation.cancel()  # a stop string, or a client that went away: the row leaves at the next step
-
-    def finish_reason() -> str:
-        return "stop" if text.stopped else prepared.generation.finish_reason or "stop"
-
-    def usage() -> dict:
-        completion = len(text.token_ids)
-        return {
-            "prompt_tokens": prepared.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prepared.prompt_tokens + completion,
-            "cartridge_tokens": prepared.cartridge_tokens,
-            "cartridges": prepared.labels,
-        }
-
-    def choice(content: str | None, reason: str | None, delta: bool) -> dict:
-        if not chat:
-            return {"index": 0, "text": content or "", "finish_reason": reason, "logprobs": None}
-        body = {"content": content} if content is not None else {}
-        if delta:
-            return {"index": 0, "delta": body, "finish_reason": reason, "logprobs": None}
-        return {"index": 0, "message": {"role": "assistant", **body}, "finish_reason": reason, "logprobs": None}
-
-    if not request.stream:
-        answer = "".join([piece async for piece in pieces()])
-        kind = "chat.completion" if chat else "text_completion"
-        return {**meta, "object": kind, "choices": [choice(answer, finish_reason(), False)], "usage": usage()}
-
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    async def events():
-        if chat:
-            yield json.dumps(
-                {
-                    **meta,
-                    "object": kind,
-                    "choices": [{**choice("", None, True), "delta": {"role": "assistant", "content": ""}}],
-                }
-            )
-        async for piece in pieces():
-            yield json.dumps({**meta, "object": kind, "choices": [choice(piece, None, True)]})
-        yield json.dumps({**meta, "object": kind, "choices": [choice(None if chat else "", finish_reason(), True)]})
-        if request.stream_options is not None and request.stream_options.include_usage:
-            yield json.dumps({**meta, "object": kind, "choices": [], "usage": usage()})
-        yield "[DONE]"
-
-    return EventSourceResponse(events(), ping=15, send_timeout=server.limits.send_seconds)
 
 
 def load_serving_model(spec: str | None, threads: int | None) -> tuple[LoadedModel, int]:

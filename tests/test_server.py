@@ -575,3 +575,25 @@ def test_a_damaged_or_forged_artifact_is_a_400_and_the_server_keeps_serving(runn
     }[damage]
     assert raised.value.body["message"].startswith(expected), raised.value.body
     assert client.chat.completions.create(model="legal@1", messages=QUESTION, max_tokens=2).choices
+
+
+def test_streamed_and_whole_answers_are_the_openai_types_on_the_wire(running):
+    """Every event of a stream parses as the OpenAI SDK's chunk type, the role first and the reason last;
+    the whole answers parse as theirs (the server builds them from typed models, not dict literals)."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    body = {"model": "legal", "messages": QUESTION, "max_tokens": 4, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with httpx.Client(timeout=60) as http:
+        raw = http.post(running.url + "/chat/completions", json=body).text
+        events = [line.removeprefix("data: ") for line in raw.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [ChatCompletionChunk.model_validate_json(event) for event in events[:-1]]
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-2].choices[0].finish_reason == "length"
+        assert json.loads(events[-3])["choices"][0]["delta"] == {} and chunks[-1].usage.completion_tokens == 4
+        assert len({chunk.id for chunk in chunks}) == 1
+        whole = http.post(running.url + "/chat/completions", json={**body, "stream": False}).text
+        assert ChatCompletion.model_validate_json(whole).choices[0].message.role == "assistant"
+        text = http.post(running.url + "/completions", json={"model": "legal", "prompt": "Rent", "max_tokens": 3})
+        assert Completion.model_validate_json(text.text).usage.completion_tokens == 3
