@@ -39,7 +39,7 @@ from cartridges.stages.distill_artifact import TrainedRun, save_distilled
 from cartridges.stages.distill_run import run_training
 from cartridges.stages.evaluate import score_corpus
 from cartridges.stages.ingest import Corpus, ingest, read_corpus
-from cartridges.stages.records import IngestRecord, SynthesisSummary
+from cartridges.stages.records import IngestRecord, PublishedRecord, SynthesisSummary, WarmStartRecord, read_record
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
 from cartridges.stages.synthesis_config import check_fits_window
@@ -84,9 +84,7 @@ def previous_run(name: str, current: RunDir) -> RunDir | None:
     runs = [
         run
         for run in (RunDir(folder) for folder in runs_dir().iterdir() if folder.is_dir())
-        if run != current
-        and run.published.is_file()
-        and json.loads(run.published.read_text())["ref"].rpartition("@")[0] == name
+        if run != current and run.published.is_file() and read_record(run.published, PublishedRecord).name == name
     ]
     return max(runs, key=lambda run: run.published.stat().st_mtime, default=None)
 
@@ -97,13 +95,13 @@ def warm_start(
     """The version training starts from and its prefix, chosen once per run (`warm_start.json`); the prefix
     is None when there is none, or when training has already written its initial prefix (it resumes)."""
     if run.warm_start.is_file():
-        parent = json.loads(run.warm_start.read_text())["parent"]
+        parent = read_record(run.warm_start, WarmStartRecord).parent
         if parent is None or run.init_prefix.is_file():
             return parent, None
         return parent, open_cartridge(parent, registry).prompt_embeddings
     previous = latest_compatible(registry, name, loaded, config.distill.num_tokens) if config.warm_start else None
     parent, prefix = previous if previous is not None else (None, None)
-    write_text_atomically(run.warm_start, json.dumps({"parent": parent}))
+    WarmStartRecord(parent=parent).write(run.warm_start)
     return parent, prefix
 
 
@@ -192,7 +190,7 @@ def _build_in(
 ) -> BuildResult:
     run = mirror.local
     if run.published.is_file():
-        return BuildResult(run, json.loads(run.published.read_text())["ref"], built=False)
+        return BuildResult(run, read_record(run.published, PublishedRecord).ref, built=False)
     seconds: dict[str, float] = {}
 
     def stage(label: str, work):
@@ -237,10 +235,7 @@ def _build_in(
         return registry.find_published(name, run.artifact) or registry.publish(run.artifact, name)
 
     manifest = stage("publish", publish)
-    write_text_atomically(
-        run.published,
-        json.dumps({"ref": manifest.label, "config_fingerprint": config.fingerprint(), "seconds": seconds}, indent=2),
-    )
+    PublishedRecord(ref=manifest.label, config_fingerprint=config.fingerprint(), seconds=seconds).write(run.published)
     mirror.push(run.published)
     shutil.rmtree(run.artifact)  # the registry holds it now
     return BuildResult(

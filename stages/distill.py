@@ -34,6 +34,7 @@ from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.answer_scoring import mean_answer_nll
 from cartridges.stages.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
+from cartridges.stages.records import FailureRecord
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
 from cartridges.stages.sampled_init import sampled_token_ids
@@ -268,7 +269,7 @@ def stop_training(mirror: RunMirror, step: int, problem: str, config: DistillCon
         f"training stopped at step {step}: {problem} (not finite); {kept} and nothing is published. "
         f"Lower distill.lr (now {config.lr:g}) or distill.max_grad_norm (now {config.max_grad_norm:g}), then build again"
     )
-    write_atomically(run.failure, lambda tmp: tmp.write_text(json.dumps({"step": step, "message": message})))
+    FailureRecord(step=step, message=message).write(run.failure)
     mirror.push(run.failure)
     raise TrainingDiverged(message)
 

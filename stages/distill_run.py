@@ -20,6 +20,7 @@ from cartridges.progress import ThroughputProgress
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.checkpoints import latest_checkpoint
 from cartridges.stages.distill import DistillConfig, TrainingDiverged, initial_prefix, train_loop
+from cartridges.stages.records import FailureRecord, read_record
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
 
@@ -126,7 +127,7 @@ def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings, mi
     except Exception:
         mirror.pull(run.failure.relative_to(run.root).as_posix())  # written by a worker on another node
         if run.failure.is_file():  # a worker's TrainingDiverged arrives wrapped in Ray's errors
-            raise TrainingDiverged(json.loads(run.failure.read_text())["message"]) from None
+            raise TrainingDiverged(read_record(run.failure, FailureRecord).message) from None
         raise
 
 

@@ -81,3 +81,28 @@ class SynthesisSummary(SampleCounts):
     wall_seconds_this_run: float = 0.0
     shards_made_this_run: int = 0
     reuse_refused: str | None = None  # why an earlier run's samples could not stand in for planned ones
+
+
+class WarmStartRecord(StageRecord):
+    """`warm_start.json`: the version training starts from, chosen once per run (None: the corpus tokens)."""
+
+    parent: str | None
+
+
+class FailureRecord(StageRecord):
+    """`distill/failure.json`: why training stopped (read by a Ray Train driver for its one line)."""
+
+    step: int
+    message: str
+
+
+class PublishedRecord(StageRecord):
+    """`published.json`: the version a build published; the same corpus and config build nothing more."""
+
+    ref: str
+    config_fingerprint: str | None = None
+    seconds: dict[str, float] = {}  # wall time per stage
+
+    @property
+    def name(self) -> str:
+        return self.ref.rpartition("@")[0]

@@ -57,25 +57,25 @@ def test_a_build_keeps_no_artifact_copy_once_published(cli, tiny_model_dir, long
 def test_a_build_killed_after_publishing_finds_its_version_instead_of_publishing_a_twin(
     tiny_model_dir, long_corpus, cartridges_home, monkeypatch
 ):
-    from cartridges.pipeline import build as build_module
     from cartridges.pipeline.build import build
     from cartridges.pipeline.build_config import load_build_config
+    from cartridges.stages import records as records_module  # where published.json is written (PublishedRecord)
 
     registry = Registry(cartridges_home / "registry")
     config = load_build_config("tiny", [f"model={tiny_model_dir}"])
 
-    real_write = build_module.write_text_atomically
+    real_write = records_module.write_text_atomically
 
     def killed_at_the_record(path, text):
         if path.name == "published.json":
             raise KeyboardInterrupt  # the process dies between the publish and its record
         return real_write(path, text)
 
-    monkeypatch.setattr(build_module, "write_text_atomically", killed_at_the_record)
+    monkeypatch.setattr(records_module, "write_text_atomically", killed_at_the_record)
     with pytest.raises(KeyboardInterrupt):
         build(long_corpus, "legal", config, registry)
     assert registry.versions("legal") == [1]
-    monkeypatch.setattr(build_module, "write_text_atomically", real_write)
+    monkeypatch.setattr(records_module, "write_text_atomically", real_write)
     result = build(long_corpus, "legal", config, registry)
     assert result.ref == "legal@1" and registry.versions("legal") == [1]
 
