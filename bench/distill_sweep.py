@@ -25,7 +25,7 @@ from cartridges.models import load_model
 from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.distill import DistillConfig
-from cartridges.stages.distill_artifact import final_metrics
+from cartridges.stages.distill_artifact import last_logged
 from cartridges.stages.distill_run import DistillRunSettings, run_training
 from cartridges.stages.evaluate import paired_gain, score_corpus
 from cartridges.stages.ingest import ingest
@@ -176,7 +176,7 @@ class CorpusSweep:
             "name": trial.name,
             "init_method": trial.init,  # asdict's "init" is replaced by the init's score below
             "train_seconds": seconds,
-            "train_metrics": final_metrics(folder),
+            "train_metrics": last_logged(folder),
             "init": init,
             "distilled": distilled,
         }

@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 
 from cartridges.artifact import NUM_FROZEN_TOKENS, cartridge_peft_config, describe_model, save_artifact
@@ -15,12 +16,33 @@ from cartridges.stages.run_dir import RunDir
 from cartridges.stages.training_data import data_fingerprint
 
 
-def final_metrics(run: RunDir) -> dict[str, float]:
-    """The last value of each metric in the training log."""
-    metrics: dict[str, float] = {}
+class TrainingMetrics(BaseModel):
+    """What a distilled cartridge's manifest says of its training: the last value of each in the training
+    log (`distill/metrics.jsonl`). How the run went (threads, tokens/s, ETA, learning rate) stays in the log."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    steps: int = Field(validation_alias="step", description="optimizer steps taken")
+    samples: int = Field(description="synthetic samples the run had (training and held out)")
+    kd: float = Field(description="top-k distillation loss of the last step")
+    ce: float = Field(description="cross-entropy of the sampled answer tokens, last step")
+    topk_kl: float = Field(description="top-k KL to the teacher on the last step's batch")
+    eval_topk_kl: float | None = Field(None, description="top-k KL on the held-out samples, last evaluation")
+    qa_gold_nll: float | None = Field(None, description="gold-answer NLL of held-out questions (a build given --qa)")
+
+
+def last_logged(run: RunDir) -> dict[str, float]:
+    """The last value of each number in the training log."""
+    last: dict[str, float] = {}
     for line in run.metrics.read_text().splitlines():
-        metrics |= {k: float(v) for k, v in json.loads(line).items() if isinstance(v, (int, float))}
-    return metrics
+        last |= {k: float(v) for k, v in json.loads(line).items() if isinstance(v, (int, float))}
+    return last
+
+
+def final_metrics(run: RunDir, samples: int) -> dict[str, float]:
+    """The manifest's training metrics: the `TrainingMetrics` among the last values of the training log."""
+    metrics = TrainingMetrics.model_validate(last_logged(run) | {"samples": samples}).model_dump(exclude_none=True)
+    return {key: float(value) for key, value in metrics.items()}
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,7 @@ def publishable_manifest(loaded, trained: TrainedRun, name: str) -> Manifest:
             "reused_from": synthesis.reused_from,
         },
         parent=trained.parent,
-        metrics=final_metrics(trained.run) | trained.evaluation,
+        metrics=final_metrics(trained.run, synthesis.samples) | trained.evaluation,
     )
 
 
@@ -71,5 +93,5 @@ def save_distilled(loaded, trained: TrainedRun, name: str, destination: Path):
     prefix = load_file(str(trained.run.final_prefix))["prefix"]
     manifest = publishable_manifest(loaded, trained, name)
     return save_artifact(
-        destination, prefix, cartridge_peft_config(loaded.model.config, trained.config.num_tokens, 1), manifest
+        destination, prefix, cartridge_peft_config(loaded.model.config, trained.config.num_tokens), manifest
     )

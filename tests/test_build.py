@@ -84,6 +84,12 @@ def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(
     assert "published legal@1" in out and "4 samples" in out
     manifest = json.loads((cartridges_home / "registry" / "legal" / "1" / "manifest.json").read_text())
     assert manifest["method"] == "distilled" and manifest["num_tokens"] == 8 and manifest["method_config"]["steps"] == 2
+    # the typed subset of the training log, not how the run went (threads, tokens/s, ETA)
+    assert set(manifest["metrics"]) == {"steps", "samples", "kd", "ce", "topk_kl"}
+    assert (manifest["metrics"]["steps"], manifest["metrics"]["samples"]) == (2, 4)
+    run = next((cartridges_home / "runs").glob("legal-*"))
+    logged = json.loads((run / "distill" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert manifest["metrics"]["kd"] == logged["kd"] and "eta_seconds" in logged
     code, out, err = cli(*args)
     assert code == 0 and "nothing to do: legal@1" in out
     assert not (cartridges_home / "registry" / "legal" / "2").exists()
