@@ -71,21 +71,10 @@ bench-quick: setup-bench
 	$(BIN)/python bench/methods.py --corpus-id housingqa-delaware --corpus-id "squad2-Sky_(United_Kingdom)" --budget 256 \
 		--out bench/results/$$(date +%F)/methods-quick $(foreach c,$(CARTRIDGES),--cartridge '$(c)')
 
-# Issue 19's grid as one report (BENCHMARKS.md "The whole grid"): the parts below, each a bench/methods.py or
-# bench/distill_sweep.py run of its own session, merged, later parts replacing earlier rows.
-R := bench/results
-GRID_METHODS := $(R)/2026-11-28/baselines-sky $(R)/2026-11-28/baselines-normans $(R)/2026-11-29/answers-f1-four \
-	$(R)/2026-11-29/baselines-victoria $(R)/2026-11-29/baselines-victoria-1024/results.partial.json \
-	$(R)/2026-11-29/baselines-victoria-1024-rest $(R)/2026-12-04/baselines-cct $(R)/2026-11-29/baselines-delaware \
-	$(R)/2026-11-29/baselines-alabama $(R)/2026-12-06/baselines-delaware-select $(R)/2026-12-06/presses-sky-normans-256 \
-	$(R)/2026-12-06/baselines-cct-1024 $(R)/2026-12-06/baselines-sky-1024 $(R)/2026-12-06/baselines-normans-1024
-GRID_CARTRIDGES := $(R)/2026-11-29/cheap-default-lr6e-3 $(R)/2026-11-29/cheap-default-lr6e-3-rest \
-	$(R)/2026-12-04/p1024-6e-3 $(R)/2026-12-04/p1024-6e-3-victoria $(R)/2026-12-06/housing-default
-results_json = $(if $(filter %.json,$(1)),$(1),$(1)/results.json)
+# Issue 19's grid as one report (BENCHMARKS.md "The whole grid"): the runs it merges are listed in
+# bench/results/grid-parts.json, not here.
 bench-grid: setup-bench
-	$(BIN)/python bench/grid_report.py $(foreach m,$(GRID_METHODS),--methods $(call results_json,$(m))) \
-		$(foreach c,$(GRID_CARTRIDGES),--cartridges $(call results_json,$(c))) \
-		--trial corpus-lr0.006-s32-p256 --trial corpus-lr0.006-s32-p1024 --out $(R)/2026-12-06/grid
+	$(BIN)/python bench/grid_report.py --parts bench/results/grid-parts.json
 
 bench-synthesis: setup-vllm
 	$(BIN)/python bench/synthesis_engines.py --samples 256

@@ -256,14 +256,23 @@ def plot_cost(rows: list[dict], budgets: list[int], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", type=Path, action="append", required=True, help="bench/methods.py results.json")
+    parser.add_argument("--parts", type=Path, help="a JSON file listing methods, cartridges, trials and out")
+    parser.add_argument("--methods", type=Path, action="append", default=[], help="bench/methods.py results.json")
     parser.add_argument(
         "--cartridges", type=Path, action="append", default=[], help="bench/distill_sweep.py results.json"
     )
     parser.add_argument("--trial", action="append", default=[], help="sweep trial shown as the cartridge at its P")
     parser.add_argument("--budget", type=int, action="append", default=None, help="budgets shown (default 256 1024)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.parts is not None:  # paths in the file are relative to its folder
+        parts, base = json.loads(args.parts.read_text()), args.parts.parent
+        args.methods += [base / path for path in parts["methods"]]
+        args.cartridges += [base / path for path in parts.get("cartridges", [])]
+        args.trial += parts.get("trials", [])
+        args.out = args.out or base / parts["out"]
+    if not args.methods or args.out is None:
+        raise SystemExit("give --parts FILE, or --methods (one or more) and --out")
     for path in [*args.methods, *args.cartridges]:
         if not path.is_file():
             raise SystemExit(f"no results file {path}: give the results.json of a finished run")
