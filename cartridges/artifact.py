@@ -67,6 +67,8 @@ def to_model_dtype(prefix: torch.Tensor, loaded: LoadedModel, label: str) -> tor
     """The prefix on the model's device and in its dtype, refused when a value does not fit that dtype
     (a float32 value past float16's 65,504 is infinite in a half-precision model)."""
     converted = prefix.to(loaded.model.device, loaded.model.dtype)
+    if converted.dtype == prefix.dtype:  # no narrowing: the values are those checked when the cartridge loaded
+        return converted
     bad = non_finite_count(converted)
     if bad:
         raise CartridgeError(

@@ -4,12 +4,15 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from cartridges.regular_files import open_regular
+
 CHUNK_BYTES = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a regular file: a device or a FIFO in its place is refused, not hashed forever."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()

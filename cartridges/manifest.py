@@ -163,7 +163,6 @@ def payload_checksums(folder: Path) -> dict[str, str]:
 def verify_payload(folder: Path, manifest: Manifest) -> None:
     """Raise if a payload file is missing or its sha256 differs from the manifest's."""
     from cartridges.hashing import sha256_file
-    from cartridges.regular_files import require_regular
 
     for name in PAYLOAD_FILES:
         expected = manifest.files.get(name)
@@ -172,7 +171,6 @@ def verify_payload(folder: Path, manifest: Manifest) -> None:
             raise CartridgeError(f"{folder}: manifest has no checksum for {name}; the artifact is damaged")
         if not path.exists():
             raise CartridgeError(f"{folder}: {name} is missing; the artifact is incomplete")
-        require_regular(path)  # a device or a pipe would be hashed forever
         if sha256_file(path) != expected:
             raise CartridgeError(
                 f"{path}: checksum mismatch (file changed or corrupted since publish); re-publish or restore it"

@@ -1,8 +1,9 @@
 """A registry of immutable, versioned cartridges on a local folder or any fsspec URL.
 
-Its layout, readable without this code, is in `registry_layout`. A version becomes visible in one step. On a local filesystem the complete staging folder is
-renamed to `<name>/<N>`: the rename is atomic and fails when `<N>` exists, so a crash never leaves
-a half version and concurrent publishers get distinct versions. Object stores have no folder
+Its layout, readable without this code, is in `registry_layout`. A version becomes visible in one
+step. On a local filesystem the complete staging folder is renamed to `<name>/<N>`: the rename is
+atomic and fails when `<N>` exists, so a crash never leaves a half version and concurrent publishers
+get distinct versions. Object stores have no folder
 rename: there the publisher first creates `<name>/<N>/claim.json` with a conditional write (S3
 `If-None-Match: *`, GCS generation precondition; `object_store`), which exactly one publisher in
 any process or node wins, then moves the files in with the manifest last (a version without one is
@@ -128,10 +129,10 @@ class Registry:
         a device or a pipe in a local registry is refused, not read forever)."""
         if self.is_local:
             return read_regular(path, SMALL_FILE_LIMIT)
-        size = self.fs.size(path)
-        if size is not None and size > SMALL_FILE_LIMIT:
-            raise UnreadableFile(path, f"{size:,} bytes, over the limit of {SMALL_FILE_LIMIT:,}")
-        return self.fs.cat_file(path)
+        data = self.fs.cat_file(path, start=0, end=SMALL_FILE_LIMIT + 1)  # one ranged read, bounded
+        if len(data) > SMALL_FILE_LIMIT:
+            raise UnreadableFile(path, f"over the limit of {SMALL_FILE_LIMIT:,} bytes")
+        return data
 
     def _read_json(self, path: str) -> dict:
         try:

@@ -11,6 +11,7 @@ most `limit` bytes.
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from cartridges.errors import CartridgeError
 
@@ -47,9 +48,7 @@ def _open_regular(path: Path | str, follow_links: bool) -> tuple[int, os.stat_re
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         descriptor = os.open(path, flags)
-    except OSError as exc:
-        if not follow_links and os.path.islink(path):
-            raise UnreadableFile(path, "a symbolic link (links are not followed)") from None
+    except OSError as exc:  # O_NOFOLLOW on a link: ELOOP
         raise UnreadableFile(path, f"cannot read: {exc.strerror or exc}") from None
     info = os.fstat(descriptor)
     if not stat.S_ISREG(info.st_mode):
@@ -78,10 +77,11 @@ def read_regular_text(path: Path | str, limit: int = SMALL_FILE_LIMIT, what: str
         raise CartridgeError(f"{what} {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
 
 
-def require_regular(path: Path | str) -> None:
-    """Raise `UnreadableFile` unless `path` (through links) is a regular file; opens it without blocking."""
+def open_regular(path: Path | str) -> BinaryIO:
+    """A regular file (through links) opened for reading, of any size; anything else raises `UnreadableFile`
+    before a byte is read (what hashing a payload or model file goes through)."""
     descriptor, _ = _open_regular(path, follow_links=True)
-    os.close(descriptor)
+    return os.fdopen(descriptor, "rb")
 
 
 def require_folder_possible(folder: Path, what: str) -> None:

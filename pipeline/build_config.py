@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from cartridges.errors import CartridgeError, first_problem, invalid_settings
 from cartridges.hashing import sha256_bytes
-from cartridges.regular_files import read_regular
+from cartridges.regular_files import read_regular_text
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distill import DistillConfig
 from cartridges.stages.distill_run import DistillRunSettings
@@ -83,9 +83,7 @@ def load_build_config(spec: str = "default", overrides: list[str] = ()) -> Build
     """Read a config and apply `key.sub=value` overrides (values parsed as YAML); errors name the key."""
     path = resolve_config_path(spec)
     try:
-        data = parse_yaml(read_regular(path).decode("utf-8")) or {}
-    except UnicodeDecodeError:
-        raise CartridgeError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+        data = parse_yaml(read_regular_text(path, what="config")) or {}
     except yaml.YAMLError as exc:
         raise CartridgeError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(data, dict):

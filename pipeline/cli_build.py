@@ -41,7 +41,10 @@ def config_show(
 
     config = _build_config(config_spec, overrides, model)
     console.print(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip(), highlight=False, markup=False
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip(),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,  # YAML: a long value wrapped by the terminal's width would no longer parse
     )
 
 

@@ -115,8 +115,7 @@ class RunMirror:
             return self._push(paths)
 
     def _push(self, paths: tuple[Path, ...]) -> int:
-        fs, root = self._store()
-        require_bucket(fs, root, self.url, "runs root")
+        fs, root = self._store()  # the bucket was checked once, before the build (`check`): put_file creates none
         files = [f for path in paths for f in ([path] if path.is_file() else sorted(path.rglob("*"))) if f.is_file()]
         relatives = [f.relative_to(self.local.root).as_posix() for f in files]
         wanted = [r for r in relatives if not r.startswith(KEPT_LOCAL) and not r.rsplit("/", 1)[-1].startswith(".")]
