@@ -8,8 +8,10 @@ the scoring settings, so a later run may take them from an earlier run's results
 import json
 from pathlib import Path
 
-WHOLE_METHODS = ("none", "icl", "ape")
-# What a run with --answer-tokens adds to a row (stages/evaluate.py CorpusScore)
+from cartridges.stages.evaluation.methods.table import TABLE
+
+WHOLE_METHODS = tuple(name for name, method in TABLE.items() if method.size == "whole")
+# What a run with --answer-tokens adds to a row (stages/evaluation/evaluate.py CorpusScore)
 ANSWER_FIELDS = ("answer_f1", "exact_match", "answer_contains", "per_question_f1", "answers")
 
 

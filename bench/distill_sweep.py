@@ -23,16 +23,16 @@ from safetensors.torch import load_file
 from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import QACorpus, load_qa_files
-from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.distill import DistillConfig
-from cartridges.stages.distill_artifact import last_logged
-from cartridges.stages.distill_run import DistillRunSettings, run_training
-from cartridges.stages.evaluate import paired_gain, score_corpus
+from cartridges.stages.distillation.artifact import last_logged
+from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
+from cartridges.stages.distillation.run import run_training
+from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.evaluation.evaluate import paired_gain, score_corpus
 from cartridges.stages.ingest import ingest
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.synthesis_config import EVERY_KIND, SynthesisConfig, SynthesisRunSettings
-from cartridges.stages.synthesize import synthesize
+from cartridges.stages.synthesis.config import EVERY_KIND, SynthesisConfig, SynthesisRunSettings
+from cartridges.stages.synthesis.seed_prompts import CORPUS_ANSWERED
+from cartridges.stages.synthesis.synthesize import synthesize
 
 MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
 DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]

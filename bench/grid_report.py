@@ -26,7 +26,7 @@ from baseline_rows import scored_rows
 from methods_report import BUDGET_METHODS, merged_rows, summarize
 
 from cartridges.errors import run_script
-from cartridges.stages.evaluate import paired_gain
+from cartridges.stages.evaluation.evaluate import paired_gain
 
 CARTRIDGE = "cartridge"
 # Methods whose block depends on the question: a deployment computes it again for every question.

@@ -21,8 +21,8 @@ from run_record import record_header
 from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import DEFAULT_QA_DIR, load_qa_file
-from cartridges.stages.context_methods import context_source
-from cartridges.stages.evaluate import paired_gain, score_corpus
+from cartridges.stages.evaluation.evaluate import paired_gain, score_corpus
+from cartridges.stages.evaluation.methods.table import context_source
 
 
 def main() -> None:

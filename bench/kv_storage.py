@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cartridges.precision import PRECISIONS, decode, encode
-from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.evaluate import paired_gain, score_corpus
+from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.evaluation.evaluate import paired_gain, score_corpus
 
 
 def save_kv(kv: torch.Tensor, path: Path, precision: str) -> None:

@@ -40,11 +40,11 @@ from cartridges.models import load_model
 from cartridges.qa import load_qa_files
 from cartridges.registry import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
-from cartridges.stages.context_methods import context_source
-from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.evaluate import score_corpus
+from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.evaluation.evaluate import score_corpus
+from cartridges.stages.evaluation.methods.ape import parallel_context
+from cartridges.stages.evaluation.methods.table import context_source
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR
-from cartridges.stages.parallel_encoding import parallel_context
 
 DECODE_TOKENS = 32
 

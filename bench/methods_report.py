@@ -15,10 +15,9 @@ from kv_storage import storage_table
 
 from cartridges.errors import run_script
 from cartridges.qa import load_qa_files
-from cartridges.stages.answer_quality import score_answer
-from cartridges.stages.evaluate import mean_and_se, paired_gain
-
-BUDGET_METHODS = ("truncated", "select", "rag", "knorm", "streaming", "snapkv", "lingua")
+from cartridges.stages.evaluation.answer_quality import score_answer
+from cartridges.stages.evaluation.evaluate import mean_and_se, paired_gain
+from cartridges.stages.evaluation.methods.table import BUDGET_METHODS
 
 
 def summarize(rows: list[dict]) -> dict:

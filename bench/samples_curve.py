@@ -17,7 +17,7 @@ from pathlib import Path
 from distill_sweep import Trial
 
 from cartridges.errors import run_script
-from cartridges.stages.evaluate import paired_gain
+from cartridges.stages.evaluation.evaluate import paired_gain
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,8 @@ def publish_cartridge(corpus, tokens: int, registry: Path) -> str:
     """The untrained cartridge of the article's first tokens (cost does not depend on training)."""
     from cartridges.models import load_model
     from cartridges.registry import Registry
+    from cartridges.stages.distillation.init.first_tokens import init_cartridge
     from cartridges.stages.ingest import Corpus, Document
-    from cartridges.stages.initialize import init_cartridge
 
     loaded = load_model()
     document = Document(path=f"{corpus.id}.txt", title=corpus.title, text=corpus.text, sha256="-")

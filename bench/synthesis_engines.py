@@ -24,7 +24,7 @@ from run_record import record_header
 
 from cartridges.errors import CartridgeError, run_script
 from cartridges.qa import DEFAULT_QA_DIR, QACorpus, find_corpus
-from cartridges.stages.synthesis_config import EVERY_KIND
+from cartridges.stages.synthesis.config import EVERY_KIND
 
 # Every seed kind, model-written and corpus-answered, so generation speed is measured on real chat turns.
 ALL_KINDS_MIX = json.dumps(EVERY_KIND)

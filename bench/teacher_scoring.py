@@ -34,8 +34,8 @@ from cartridges.kv_prefix import kv_prefix_of_tokens, prefix_cache
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import load_model
 from cartridges.qa import DEFAULT_QA_DIR, find_corpus
-from cartridges.stages.engines import HFEngine
-from cartridges.stages.seed_prompts import corpus_answer
+from cartridges.stages.synthesis.engines import HFEngine
+from cartridges.stages.synthesis.seed_prompts import corpus_answer
 
 
 def padded_logprobs(model, prefix: torch.Tensor, rows: list[list[int]], answers: list[list[int]], pad: int):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cartridges.errors import run_script
 from cartridges.models import load_model
-from cartridges.stages.distill import DistillConfig
-from cartridges.stages.distill_run import DistillRunSettings, run_training
+from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
+from cartridges.stages.distillation.run import run_training
 from cartridges.stages.run_dir import RunDir
 
 

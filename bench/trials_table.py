@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from cartridges.errors import run_script
-from cartridges.stages.evaluate import paired_gain
+from cartridges.stages.evaluation.evaluate import paired_gain
 
 
 def collected(paths: list[Path]) -> tuple[dict[tuple[str, str], dict], dict[str, dict]]:

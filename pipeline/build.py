@@ -13,37 +13,27 @@ numbers go into the manifest's metrics. A run folder is built by one process at 
 in it); a second build of the same corpus and config stops with a message instead of racing.
 """
 
-import json
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from filelock import FileLock, Timeout
-from safetensors.torch import load_file
 
-from cartridges.atomic import write_text_atomically
 from cartridges.errors import CartridgeError
 from cartridges.home import runs_dir
-from cartridges.loading import open_cartridge
 from cartridges.models import LoadedModel, load_model
-from cartridges.pipeline.build_config import BuildConfig
+from cartridges.pipeline.stage_runner import STAGES, StageJob, run_stages
 from cartridges.qa import QACorpus
 from cartridges.registry import Registry
-from cartridges.stages.contexts import Context, FixedContext
-from cartridges.stages.distill import check_training_fits_window
-from cartridges.stages.distill_artifact import TrainedRun, save_distilled
-from cartridges.stages.distill_run import run_training
-from cartridges.stages.evaluate import score_corpus
-from cartridges.stages.ingest import Corpus, ingest, read_corpus
-from cartridges.stages.records import IngestRecord, PublishedRecord, SynthesisSummary, WarmStartRecord, read_record
+from cartridges.stages.config import BuildConfig
+from cartridges.stages.distillation.config import check_training_fits_window
+from cartridges.stages.ingest import Corpus, read_corpus
+from cartridges.stages.records import IngestRecord, PublishedRecord, SynthesisSummary, read_record
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
-from cartridges.stages.synthesis_config import check_fits_window
-from cartridges.stages.synthesize import synthesize
+from cartridges.stages.synthesis.config import check_fits_window
 
 
 @dataclass(frozen=True)
@@ -63,22 +53,6 @@ def build_run_dir(name: str, corpus_fingerprint: str, config: BuildConfig) -> Ru
     return RunDir(runs_dir() / f"{name}-{corpus_fingerprint[:12]}-{config.fingerprint()[:12]}")
 
 
-def latest_compatible(registry: Registry, name: str, loaded, num_tokens: int) -> tuple[str, torch.Tensor] | None:
-    """The latest published version of `name` and its prefix, if it was built for this model at this size."""
-    if not registry.versions(name):
-        return None
-    try:
-        cartridge = open_cartridge(f"{name}@latest", registry)
-    except CartridgeError as exc:  # a damaged or non-finite parent would spread to every later version
-        raise CartridgeError(
-            f"cannot warm-start from {name}@latest: {exc}. Remove that version (`cartridges rm`) or build with --set warm_start=false"
-        ) from None
-    manifest = cartridge.manifest
-    if manifest.model_fingerprint != loaded.fingerprint or manifest.num_tokens != num_tokens:
-        return None
-    return manifest.label, cartridge.prompt_embeddings
-
-
 def previous_run(name: str, current: RunDir) -> RunDir | None:
     """The folder of the last build of `name` that published on this machine, if it is still there."""
     runs = [
@@ -87,22 +61,6 @@ def previous_run(name: str, current: RunDir) -> RunDir | None:
         if run != current and run.published.is_file() and read_record(run.published, PublishedRecord).name == name
     ]
     return max(runs, key=lambda run: run.published.stat().st_mtime, default=None)
-
-
-def warm_start(
-    run: RunDir, registry: Registry, name: str, loaded, config: BuildConfig
-) -> tuple[str | None, torch.Tensor | None]:
-    """The version training starts from and its prefix, chosen once per run (`warm_start.json`); the prefix
-    is None when there is none, or when training has already written its initial prefix (it resumes)."""
-    if run.warm_start.is_file():
-        parent = read_record(run.warm_start, WarmStartRecord).parent
-        if parent is None or run.init_prefix.is_file():
-            return parent, None
-        return parent, open_cartridge(parent, registry).prompt_embeddings
-    previous = latest_compatible(registry, name, loaded, config.distill.num_tokens) if config.warm_start else None
-    parent, prefix = previous if previous is not None else (None, None)
-    WarmStartRecord(parent=parent).write(run.warm_start)
-    return parent, prefix
 
 
 @contextmanager
@@ -122,28 +80,6 @@ def building_alone(run: RunDir, name: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
-
-
-def evaluate_run(run: RunDir, loaded, qa: QACorpus) -> dict[str, float]:
-    """Gold-answer NLL (and rank accuracy) with no context, the starting prefix and the trained one."""
-    record = run.evaluation
-    recorded = json.loads(record.read_text()) if record.is_file() else {}
-    if recorded.get("qa") == qa.id:
-        return recorded["metrics"]
-    prefixes = {
-        "none": None,
-        "start": load_file(str(run.init_prefix))["prefix"],
-        "cartridge": load_file(str(run.final_prefix))["prefix"],
-    }
-    metrics: dict[str, float] = {}
-    for method, prefix in prefixes.items():
-        context = Context(None if prefix is None else prefix.to(loaded.model.device))
-        score = score_corpus(loaded, qa, FixedContext(context), method)
-        metrics[f"qa_{method}_nll"] = score.nll
-        if score.rank_accuracy is not None:
-            metrics[f"qa_{method}_rank_accuracy"] = score.rank_accuracy
-    write_text_atomically(record, json.dumps({"qa": qa.id, "metrics": metrics}, indent=2))
-    return metrics
 
 
 def build(
@@ -188,64 +124,29 @@ def _build_in(
     on_stage,
     qa: QACorpus | None,
 ) -> BuildResult:
-    run = mirror.local
-    if run.published.is_file():
-        return BuildResult(run, read_record(run.published, PublishedRecord).ref, built=False)
-    seconds: dict[str, float] = {}
-
-    def stage(label: str, work):
-        on_stage(label)
-        started = time.perf_counter()
-        result = work()
-        mirror.push_all()  # the stage's outputs, for a build that resumes on another machine
-        seconds[label] = time.perf_counter() - started
-        return result
-
-    ingested = stage(
-        "ingest",
-        lambda: ingest(
-            corpus,
-            run,
-            loaded.tokenizer,
-            loaded.tokenizer_fingerprint,
-            config.synthesis.chunk_min_tokens,
-            config.synthesis.chunk_max_tokens,
-        ),
+    job = StageJob(
+        mirror,
+        loaded,
+        config,
+        STAGES,
+        corpus=corpus,
+        reuse_from=previous_run(name, mirror.local) if config.reuse_samples else None,
+        name=name,
+        registry=registry,
+        qa=qa,
+        on_stage=on_stage,
     )
-    parent, parent_prefix = warm_start(run, registry, name, loaded, config)
-    reuse_from = previous_run(name, run) if config.reuse_samples else None
-    synthesis = stage(
-        "synthesize",
-        lambda: synthesize(run, ingested, loaded.ref, config.synthesis, config.synthesis_run, reuse_from, mirror),
-    )
-    qa_pairs = [(q.question, q.answer) for q in qa.questions] if qa is not None else []  # gold NLL at every eval_every
-    stage(
-        "distill",
-        lambda: run_training(
-            run, loaded, config.distill, config.distill_run, qa_pairs, start_from=parent_prefix, mirror=mirror
-        ),
-    )
-    evaluation = stage("evaluate", lambda: evaluate_run(run, loaded, qa)) if qa is not None else {}
-    trained = TrainedRun(run, ingested, synthesis, config.distill, parent, evaluation)
-
-    def publish():
-        if not run.artifact.exists():  # written atomically: a folder that exists is complete
-            save_distilled(loaded, trained, name, run.artifact)
-        # A build killed after publishing but before recording it finds its version instead of publishing a twin.
-        return registry.find_published(name, run.artifact) or registry.publish(run.artifact, name)
-
-    manifest = stage("publish", publish)
-    PublishedRecord(ref=manifest.label, config_fingerprint=config.fingerprint(), seconds=seconds).write(run.published)
-    mirror.push(run.published)
-    shutil.rmtree(run.artifact)  # the registry holds it now
+    records = run_stages(job)
+    if records.distilled is None:  # published before: nothing ran
+        return BuildResult(mirror.local, records.published.ref, built=False)
     return BuildResult(
-        run,
-        manifest.label,
+        mirror.local,
+        records.published.ref,
         built=True,
-        seconds=seconds,
-        ingested=ingested,
-        synthesis=synthesis,
-        steps=config.distill.steps,
-        metrics=manifest.metrics,
-        parent=parent,
+        seconds=records.seconds,
+        ingested=records.ingested,
+        synthesis=records.synthesis,
+        steps=records.distilled.steps,
+        metrics=records.published.metrics,
+        parent=records.distilled.parent,
     )

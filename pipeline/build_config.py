@@ -1,60 +1,18 @@
-"""Build configurations: YAML files in `configs/`, validated by pydantic, overridable per key.
+"""Build configurations from YAML: a file in `configs/` (or the user's), layered over the code defaults
+(`stages/config.py`), then `--set key.sub=value` overrides; validated by pydantic, errors name the key."""
 
-A config names everything that decides the cartridge (model, synthesis, distillation) and how the
-work runs (engines, executors). Its fingerprint covers only the former, so running the same build
-on more machines or another executor does not count as a change.
-"""
-
-import json
-import os
 from pathlib import Path
 
 import yaml
-from pydantic import AliasChoices, BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
 from cartridges.errors import CartridgeError, first_problem, invalid_settings
-from cartridges.hashing import sha256_bytes
 from cartridges.regular_files import read_regular_text
-from cartridges.settings import STRICT_SETTINGS
-from cartridges.stages.distill import DistillConfig
-from cartridges.stages.distill_run import DistillRunSettings
-from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
+from cartridges.stages.config import BuildConfig
+
+__all__ = ["BuildConfig", "load_build_config", "parse_yaml", "resolve_config_path"]
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-class BuildConfig(BaseModel):
-    model_config = STRICT_SETTINGS
-
-    model: str = Field(
-        "default", description="'default' (embedded SmolLM2-135M-Instruct), an HF model folder or hub id"
-    )
-    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
-    synthesis_run: SynthesisRunSettings = Field(default_factory=SynthesisRunSettings)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    # `training` is this section's name in configs written before it was named after its stage.
-    distill_run: DistillRunSettings = Field(
-        default_factory=DistillRunSettings, validation_alias=AliasChoices("distill_run", "training")
-    )
-    warm_start: bool = Field(
-        True, description="start training from the latest published version of the same name when it fits"
-    )
-    reuse_samples: bool = Field(
-        True, description="take the samples of unchanged chunks from the last build of the same name"
-    )
-    runs_root: str | None = Field(
-        None,
-        description="an fsspec URL (s3://bucket/runs) that keeps run folders for machines that share no disk "
-        "(default: $CARTRIDGES_RUNS, else each machine's $CARTRIDGES_HOME/runs only)",
-    )
-
-    def runs_url(self) -> str | None:
-        return self.runs_root or os.environ.get("CARTRIDGES_RUNS") or None
-
-    def fingerprint(self) -> str:
-        """sha256 of the settings that change the result (not of how the work is run)."""
-        decisive = self.model_dump(include={"model", "synthesis", "distill", "warm_start", "reuse_samples"})
-        return sha256_bytes(json.dumps(decisive, sort_keys=True).encode())
 
 
 def _set(tree: dict, dotted: str, value) -> None:

@@ -65,31 +65,26 @@ def synthesize_command(
     Example: cartridges synthesize legal/ --out runs/legal --set synthesis.samples=256 --set synthesis_run.engine=hf
     """
     from cartridges.models import load_model
-    from cartridges.stages.ingest import ingest, read_corpus
+    from cartridges.pipeline.stage_runner import StageJob, run_stages
+    from cartridges.stages.ingest import read_corpus
     from cartridges.stages.run_dir import RunDir
-    from cartridges.stages.synthesis_config import check_fits_window
-    from cartridges.stages.synthesize import synthesize
+    from cartridges.stages.run_mirror import RunMirror
+    from cartridges.stages.synthesis.config import check_fits_window
 
     config = _build_config(config_spec, overrides, model)
-    synthesis = config.synthesis
     documents = read_corpus(corpus)  # a bad folder fails before the model loads
     run = RunDir(out)
     loaded = load_model(config.model)
-    check_fits_window(synthesis, loaded.model.config.max_position_embeddings)
-    ingested = ingest(
-        documents,
-        run,
-        loaded.tokenizer,
-        loaded.tokenizer_fingerprint,
-        synthesis.chunk_min_tokens,
-        synthesis.chunk_max_tokens,
+    check_fits_window(config.synthesis, loaded.model.config.max_position_embeddings)
+    previous = RunDir(reuse_from) if reuse_from else None
+    records = run_stages(
+        StageJob(RunMirror(run, None), loaded, config, ("ingest", "synthesize"), corpus=documents, reuse_from=previous)
     )
+    ingested, summary = records.ingested, records.synthesis
     report_skipped(ingested.skipped)
     console.print(
         f"corpus: {ingested.num_documents} documents, {ingested.num_chunks} chunks, {ingested.num_tokens} tokens"
     )
-    previous = RunDir(reuse_from) if reuse_from else None
-    summary = synthesize(run, ingested, loaded.ref, synthesis, config.synthesis_run, previous)
     console.print(
         f"{summary.samples}/{summary.planned} samples in {out} ({', '.join(summary.engines)}; {_reuse_note(summary)}): "
         f"{summary.samples_per_second:.2f} samples/s, {summary.generated_tokens_per_second:.1f} generated tok/s\n"
@@ -117,12 +112,10 @@ def distill_command(
     """
     from cartridges.models import load_model
     from cartridges.names import validate_new_name
-    from cartridges.pipeline.runs import scratch_folder
-    from cartridges.stages.distill import check_training_fits_window
-    from cartridges.stages.distill_artifact import TrainedRun, save_distilled
-    from cartridges.stages.distill_run import run_training
-    from cartridges.stages.records import IngestRecord, SynthesisSummary, read_record
+    from cartridges.pipeline.stage_runner import StageJob, run_stages
+    from cartridges.stages.distillation.config import check_training_fits_window
     from cartridges.stages.run_dir import RunDir
+    from cartridges.stages.run_mirror import RunMirror
 
     validate_new_name(name)
     reg = open_registry(registry, writing=True)
@@ -132,23 +125,18 @@ def distill_command(
         raise CartridgeError(
             f"{run_folder} has no synthesis shards: run `cartridges synthesize CORPUS --out {run_folder}` first"
         )
-    trained = TrainedRun(
-        run,
-        read_record(run.ingest_record, IngestRecord),
-        read_record(run.synthesis_summary, SynthesisSummary),
-        config.distill,
-    )
     questions = _qa_corpus(qa, qa_corpus)
-    qa_pairs = [(q.question, q.answer) for q in questions.questions] if questions else []
     loaded = load_model(config.model)
     check_training_fits_window(config.distill, loaded.model.config.max_position_embeddings)
-    run_training(run, loaded, config.distill, config.distill_run, qa_pairs)
-    with scratch_folder(name) as scratch:
-        save_distilled(loaded, trained, name, scratch / "cartridge")
-        published = reg.publish(scratch / "cartridge", name)
-    metrics = _headline_metrics(published.metrics)
+    stages = ("distill", "evaluate", "publish")
+    records = run_stages(StageJob(RunMirror(run, None), loaded, config, stages, name=name, registry=reg, qa=questions))
+    published = records.published
+    if records.distilled is None:
+        console.print(f"nothing to do: {run_folder} was published as {published.ref}")
+        return
     console.print(
-        f"published [bold]{published.label}[/bold] ({published.num_tokens} tokens, method distilled): {metrics}"
+        f"published [bold]{published.ref}[/bold] ({config.distill.num_tokens} tokens, method distilled): "
+        f"{_headline_metrics(published.metrics)}"
     )
 
 

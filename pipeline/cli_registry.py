@@ -50,8 +50,8 @@ def init(
     from cartridges.models import load_model
     from cartridges.names import validate_new_name
     from cartridges.pipeline.runs import scratch_folder
+    from cartridges.stages.distillation.init.first_tokens import init_cartridge
     from cartridges.stages.ingest import read_corpus
-    from cartridges.stages.initialize import init_cartridge
 
     validate_new_name(name)
     reg = open_registry(registry, writing=True)

@@ -111,8 +111,8 @@ def eval_command(
 
     from cartridges.atomic import write_text_atomically
     from cartridges.qa import load_qa_files
-    from cartridges.stages.context_methods import METHODS, context_source
-    from cartridges.stages.evaluate import score_corpus
+    from cartridges.stages.evaluation.evaluate import score_corpus
+    from cartridges.stages.evaluation.methods.table import METHODS, context_source
 
     if method not in METHODS:
         raise CartridgeError(f"--method {method!r} is not a method; known: {', '.join(METHODS)}")

@@ -16,10 +16,13 @@ from transformers import PreTrainedTokenizerBase
 from cartridges.atomic import write_parquet_atomically
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes, sha256_of_named_hashes
+from cartridges.models import LoadedModel
 from cartridges.regular_files import MIB, UnreadableFile, read_regular
+from cartridges.stages.config import BuildConfig
 from cartridges.stages.readers import READERS
 from cartridges.stages.records import IngestRecord, Skipped, read_record
 from cartridges.stages.run_dir import RunDir
+from cartridges.stages.run_mirror import RunMirror
 from cartridges.tokenizing import token_offsets
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -241,3 +244,23 @@ def ingest(
     )
     record.write(run.ingest_record)
     return record
+
+
+@dataclass(frozen=True)
+class IngestInputs:
+    corpus: Corpus  # read already, so that a bad folder fails before the model loads
+    model: LoadedModel  # its tokenizer chunks the corpus
+
+
+def run(mirror: RunMirror, inputs: IngestInputs, config: BuildConfig) -> IngestRecord:
+    """The ingest stage: the corpus chunked as `config.synthesis` asks, into `documents.parquet`,
+    `chunks.parquet` and `ingest.json` (skipped when those hold this corpus and chunking already)."""
+    synthesis = config.synthesis
+    return ingest(
+        inputs.corpus,
+        mirror.local,
+        inputs.model.tokenizer,
+        inputs.model.tokenizer_fingerprint,
+        synthesis.chunk_min_tokens,
+        synthesis.chunk_max_tokens,
+    )

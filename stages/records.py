@@ -102,7 +102,25 @@ class PublishedRecord(StageRecord):
     ref: str
     config_fingerprint: str | None = None
     seconds: dict[str, float] = {}  # wall time per stage
+    metrics: dict[str, float] = {}  # the published manifest's
 
     @property
     def name(self) -> str:
         return self.ref.rpartition("@")[0]
+
+
+class DistillRecord(StageRecord):
+    """What the distill stage hands on: its final prefix (`distill/final_prefix.safetensors`), the version
+    it warm-started from, and the manifest's training metrics (the `TrainingMetrics` of its step log)."""
+
+    steps: int
+    parent: str | None = None
+    metrics: dict[str, float] = {}
+
+
+class EvaluationRecord(StageRecord):
+    """`evaluation.json`: gold-answer NLL and rank accuracy on a QA set's held-out questions, with no
+    context, the starting prefix and the trained one."""
+
+    qa: str
+    metrics: dict[str, float]

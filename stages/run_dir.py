@@ -118,7 +118,7 @@ class RunDir:
 
 def documented_layout() -> list[str]:
     """Every file of a run folder relative to its root, as docs/format.md lists them (NNN for numbers)."""
-    from cartridges.stages.checkpoints import STATE_FILE, TENSORS_FILE
+    from cartridges.stages.distillation.checkpoints import STATE_FILE, TENSORS_FILE
 
     run = RunDir(Path("."))
     folders = {run.synthesis, run.shards, run.distill, run.checkpoints, run.artifact, run.ray_storage}

@@ -22,7 +22,7 @@ from pathlib import Path
 from cartridges.errors import CartridgeError
 from cartridges.object_store import open_store, protocols, require_bucket, storage_problem
 from cartridges.regular_files import require_folder_possible
-from cartridges.stages.checkpoints import STATE_FILE
+from cartridges.stages.distillation.checkpoints import STATE_FILE
 from cartridges.stages.run_dir import RunDir
 
 KEPT_LOCAL = ("build.lock", "distill/artifact", "distill/ray")  # this machine's lock, scratch and Ray Train state

@@ -5,11 +5,11 @@ import pytest
 from cartridges.artifact import load_artifact
 from cartridges.qa import QACorpus, Question
 from cartridges.runtime import CartridgeRuntime
-from cartridges.stages.answer_quality import greedy_answers, normalize, score_answer, token_f1
-from cartridges.stages.contexts import Context, FixedContext
-from cartridges.stages.evaluate import score_corpus
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
+from cartridges.stages.evaluation.answer_quality import greedy_answers, normalize, score_answer, token_f1
+from cartridges.stages.evaluation.contexts import Context, FixedContext
+from cartridges.stages.evaluation.evaluate import score_corpus
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 
 @pytest.mark.parametrize(

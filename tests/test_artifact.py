@@ -6,8 +6,8 @@ from cartridges.artifact import load_artifact
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_file
 from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FORMAT_VERSION, MANIFEST_FILE
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 
 @pytest.fixture

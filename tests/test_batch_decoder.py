@@ -8,8 +8,8 @@ from cartridges.batch_decoder import BatchDecoder
 from cartridges.generation import Generation, Sampling
 from cartridges.layout import chat_token_ids
 from cartridges.runtime import CartridgeRuntime
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 QUESTIONS = [
     "How many days notice must a landlord give?",

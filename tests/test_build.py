@@ -23,7 +23,7 @@ def test_shipped_configs_validate():
 
 def test_the_code_defaults_are_the_default_config():
     """Defaults are defined once: `configs/default.yaml` states them for a reader, it changes nothing."""
-    from cartridges.pipeline.build_config import BuildConfig
+    from cartridges.stages.config import BuildConfig
 
     assert BuildConfig() == load_build_config("default")
     assert BuildConfig().fingerprint() == load_build_config("default").fingerprint()
@@ -168,11 +168,15 @@ def test_a_build_killed_in_synthesis_and_in_training_resumes_to_the_same_cartrid
 
     monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "resumed"))
     resumed = Registry(tmp_path / "resumed" / "registry")
-    restore = kill_after(monkeypatch, "cartridges.stages.synthesize.write_shard", 1)  # dies after its first shard
+    restore = kill_after(
+        monkeypatch, "cartridges.stages.synthesis.synthesize.write_shard", 1
+    )  # dies after its first shard
     with pytest.raises(Killed):
         build(long_corpus, "legal", config, resumed)
     restore()
-    restore = kill_after(monkeypatch, "cartridges.stages.distill.save_checkpoint", 1)  # dies after its first checkpoint
+    restore = kill_after(
+        monkeypatch, "cartridges.stages.distillation.worker.save_checkpoint", 1
+    )  # dies after its first checkpoint
     with pytest.raises(Killed):
         build(long_corpus, "legal", config, resumed)
     restore()
@@ -259,8 +263,8 @@ def test_a_second_build_of_the_same_run_while_one_holds_it_fails_with_the_fix(
 
 def poison_training_at(monkeypatch, bad_step: int) -> None:
     """The distillation loss turns NaN at training step `bad_step` (a fault no config can cause since lr is bounded)."""
-    from cartridges.stages import distill
-    from cartridges.stages.training_data import distillation_loss
+    from cartridges.stages.distillation import train as distill
+    from cartridges.stages.distillation.training_data import distillation_loss
 
     steps = []
 

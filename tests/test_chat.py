@@ -16,8 +16,8 @@ from cartridges.artifact import load_artifact
 from cartridges.chat import chat_session
 from cartridges.errors import CartridgeError
 from cartridges.runtime import CartridgeRuntime
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 
 @pytest.fixture

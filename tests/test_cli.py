@@ -312,8 +312,8 @@ def test_a_folder_in_the_current_directory_never_replaces_a_registry_name(
     cli, published, tiny_model_dir, second_corpus_dir, tmp_path, monkeypatch, cartridges_home
 ):
     """`legal` is always the registry's; a folder is named explicitly (./legal or path:legal), the same in every command."""
+    from cartridges.stages.distillation.init.first_tokens import init_cartridge
     from cartridges.stages.ingest import read_corpus
-    from cartridges.stages.initialize import init_cartridge
 
     init_cartridge(
         load_model(str(tiny_model_dir)), read_corpus(second_corpus_dir), 8, "other", tmp_path / "work" / "legal"

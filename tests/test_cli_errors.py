@@ -14,8 +14,8 @@ from conftest import STATUTE, build_tiny_model
 from cartridges.artifact import load_artifact
 from cartridges.models import load_model
 from cartridges.registry import Registry
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 # (command line with {placeholders}, fragment of the one error line)
 BAD_INPUTS = [

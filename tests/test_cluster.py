@@ -19,9 +19,9 @@ from sample_helpers import assert_same_samples
 from cartridges.registry import Registry
 from cartridges.stages.ingest import ingest
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.shards import num_shards, read_shard_stats
-from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
-from cartridges.stages.synthesize import synthesize
+from cartridges.stages.synthesis.config import SynthesisConfig, SynthesisRunSettings
+from cartridges.stages.synthesis.shards import num_shards, read_shard_stats
+from cartridges.stages.synthesis.synthesize import synthesize
 
 SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 12}
 SYNTHESIS = SynthesisConfig(samples=12, shard_size=2, kinds={"continuation": 1, "fill_span": 1}, top_k=4, **SMALL)

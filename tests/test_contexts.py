@@ -9,8 +9,10 @@ from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.qa import Question
 from cartridges.runtime import prefix_cache, prefix_logits
-from cartridges.stages.context_methods import METHODS, WHOLE_CORPUS_METHODS, context_source
-from cartridges.stages.contexts import RetrievedContext, compress, corpus_kv
+from cartridges.stages.evaluation.contexts import corpus_kv
+from cartridges.stages.evaluation.methods.presses import compress
+from cartridges.stages.evaluation.methods.rag import RetrievedContext
+from cartridges.stages.evaluation.methods.table import METHODS, WHOLE_CORPUS_METHODS, context_source
 
 TEXT = (
     "Section 1. A landlord shall give written notice to vacate three days before filing suit. "
@@ -120,7 +122,7 @@ def layer_zero_window_attention(loaded, corpus: torch.Tensor, window: list[int])
 def test_snapkv_keeps_the_positions_the_question_attends_to_most(lively):
     """Layer 0's selection against attention computed from the weights by hand (pooled the same way), and a
     different question selects differently."""
-    from cartridges.stages.kv_selection import QuestionSelectedContext, pooled
+    from cartridges.stages.evaluation.methods.snapkv import QuestionSelectedContext, pooled
 
     budget = 12
     source = QuestionSelectedContext(lively, TEXT, budget)
@@ -150,7 +152,7 @@ def test_lingua_keeps_the_most_surprising_tokens_given_what_it_kept_before(livel
     """The token-level pass against the same rule computed with plain forward passes (no cache)."""
     import math
 
-    from cartridges.stages.prompt_compression import kept_token_ids
+    from cartridges.stages.evaluation.methods.lingua import kept_token_ids
 
     ids = context_token_ids(lively.tokenizer, TEXT)
     budget, segment = 20, 16
@@ -167,7 +169,7 @@ def test_lingua_keeps_the_most_surprising_tokens_given_what_it_kept_before(livel
 
 
 def test_lingua_with_the_whole_corpus_in_budget_keeps_the_text(lively):
-    from cartridges.stages.prompt_compression import compressed_text
+    from cartridges.stages.evaluation.methods.lingua import compressed_text
 
     icl = context_source(lively, "icl", TEXT, None).context(QUESTION)
     assert compressed_text(lively, TEXT, icl.kv_tokens) == TEXT
@@ -177,7 +179,7 @@ def test_lingua_with_the_whole_corpus_in_budget_keeps_the_text(lively):
 
 
 def test_ape_with_one_text_at_temperature_one_is_icl(lively):
-    from cartridges.stages.parallel_encoding import parallel_context
+    from cartridges.stages.evaluation.methods.ape import parallel_context
 
     icl = context_source(lively, "icl", TEXT, None).context(QUESTION)
     one = parallel_context(lively, [TEXT], temperature=1.0)
@@ -187,7 +189,7 @@ def test_ape_with_one_text_at_temperature_one_is_icl(lively):
 def test_ape_encodes_each_text_alone_from_the_same_position_with_sharper_keys(lively):
     """Each text's block is the KV of that text alone after the shared prefix, keys divided by T; the chat
     follows the longest text."""
-    from cartridges.stages.parallel_encoding import parallel_context
+    from cartridges.stages.evaluation.methods.ape import parallel_context
 
     first, second = (
         "Section 2. Rent is due on the first day.",

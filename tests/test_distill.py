@@ -10,18 +10,16 @@ from safetensors.torch import load_file
 
 from cartridges.artifact import load_artifact
 from cartridges.cluster import runs_on_ray
-from cartridges.stages.distill import (
-    DistillConfig,
-    _student,
-)
-from cartridges.stages.distill_artifact import TrainedRun, save_distilled
-from cartridges.stages.distill_run import DistillRunSettings, run_training
+from cartridges.stages.distillation.artifact import TrainedRun, save_distilled
+from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
+from cartridges.stages.distillation.run import run_training
+from cartridges.stages.distillation.training_data import collate, distillation_loss, load_examples
+from cartridges.stages.distillation.worker import student as make_student
 from cartridges.stages.ingest import ingest
 from cartridges.stages.records import IngestRecord, SynthesisSummary, read_record
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
-from cartridges.stages.synthesize import synthesize
-from cartridges.stages.training_data import collate, distillation_loss, load_examples
+from cartridges.stages.synthesis.config import SynthesisConfig, SynthesisRunSettings
+from cartridges.stages.synthesis.synthesize import synthesize
 
 P = 12
 LOCAL = DistillRunSettings(executor="local")
@@ -92,7 +90,7 @@ def test_loss_equals_an_independent_computation(tiny, synthesized_run):
 
 def test_gradient_reaches_only_the_trainable_prefix(tiny, synthesized_run):
     init = torch.randn(P, 2 * 2 * 2 * 16)
-    model = _student(str(tiny.path), P, init)
+    model = make_student(str(tiny.path), P, init)
     batch = collate(load_examples(synthesized_run.shards, tiny.tokenizer, 512)[:2], 0)
     loss, _ = distillation_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
     loss.backward()
@@ -108,10 +106,10 @@ def test_gradient_reaches_only_the_trainable_prefix(tiny, synthesized_run):
 def test_overfits_a_fixed_batch_towards_a_reachable_teacher(tiny):
     """Teacher = the same model with a known prefix (full-vocabulary targets), so KL 0 is reachable:
     training from another prefix must close most of the gap on a fixed batch."""
-    from cartridges.stages.training_data import Example
+    from cartridges.stages.distillation.training_data import Example
 
     generator = torch.Generator().manual_seed(0)
-    teacher = _student(str(tiny.path), P, torch.randn(P, 128, generator=generator))
+    teacher = make_student(str(tiny.path), P, torch.randn(P, 128, generator=generator))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15]]
     answers = [[20, 21, 22, 23, 24], [25, 26, 27]]
     vocab = len(tiny.tokenizer)
@@ -122,7 +120,7 @@ def test_overfits_a_fixed_batch_towards_a_reachable_teacher(tiny):
             top = logprobs[len(prompt) - 1 : len(prompt) + len(answer) - 1].topk(vocab, dim=-1)
             examples.append(Example(0, prompt, answer, top.indices.tolist(), top.values.tolist()))
     batch = collate(examples, 0)
-    student = _student(str(tiny.path), P, torch.randn(P, 128, generator=generator))
+    student = make_student(str(tiny.path), P, torch.randn(P, 128, generator=generator))
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=5e-2)
     kls = []
     for _ in range(60):
@@ -256,7 +254,7 @@ OVERFLOWING_START = torch.full((P, 128), 3e38)
 
 
 def test_a_diverging_training_stops_at_its_first_step_with_one_line(tiny, synthesized_run):
-    from cartridges.stages.distill import TrainingDiverged
+    from cartridges.stages.distillation.config import TrainingDiverged
 
     with pytest.raises(
         TrainingDiverged, match=r"training stopped at step 1: the loss is nan \(not finite\)"
@@ -271,7 +269,7 @@ def test_a_diverging_ray_training_is_one_line_too(tiny, synthesized_run):
     """Under Ray Train the worker's error arrives wrapped in Ray's exceptions; the driver reports the worker's line."""
     import ray
 
-    from cartridges.stages.distill import TrainingDiverged
+    from cartridges.stages.distillation.config import TrainingDiverged
 
     settings = DistillRunSettings(executor="ray", workers=1, threads=1)
     try:
@@ -284,8 +282,8 @@ def test_a_diverging_ray_training_is_one_line_too(tiny, synthesized_run):
 
 @pytest.mark.parametrize("bad_step", [1, 3])
 def test_a_nan_loss_at_any_step_stops_before_the_checkpoint_of_that_step(tiny, synthesized_run, monkeypatch, bad_step):
-    from cartridges.stages import distill
-    from cartridges.stages.distill import TrainingDiverged
+    from cartridges.stages.distillation import train as distill
+    from cartridges.stages.distillation.config import TrainingDiverged
 
     calls = []
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cartridges.layout import chat_token_ids, context_token_ids
-from cartridges.stages.engines import HFEngine
-from cartridges.stages.vllm_engine import VLLMEngine, vllm_available
+from cartridges.stages.synthesis.engines import HFEngine
+from cartridges.stages.synthesis.vllm_engine import VLLMEngine, vllm_available
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,9 +11,9 @@ from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids
 from cartridges.qa import QACorpus, Question, find_corpus, load_qa_file, load_qa_files
 from cartridges.runtime import prefix_cache
-from cartridges.stages.answer_scoring import answer_token_ids, mean_answer_nll
-from cartridges.stages.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.evaluate import mean_and_se, paired_gain, rank_candidates, score_corpus
+from cartridges.stages.evaluation.answer_scoring import answer_token_ids, mean_answer_nll
+from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.evaluation.evaluate import mean_and_se, paired_gain, rank_candidates, score_corpus
 
 
 def test_mean_answer_nll_equals_hand_computation(tiny):
@@ -58,7 +58,7 @@ def test_score_corpus_rank_accuracy_against_hand_made_preferences(tiny, monkeypa
     def fake_nll(forward, tokenizer, pairs, batch_size=8, pad_token_id=0):
         return [0.1 if preferred.get(q) == a else 1.0 for q, a in pairs]
 
-    monkeypatch.setattr("cartridges.stages.evaluate.mean_answer_nll", fake_nll)
+    monkeypatch.setattr("cartridges.stages.evaluation.evaluate.mean_answer_nll", fake_nll)
     score = score_corpus(tiny, corpus, FixedContext(Context(None)), "none", distractors=8)
     assert score.ranked_questions == 3 and score.rank_accuracy == pytest.approx(2 / 3)
     assert score.nll == pytest.approx((0.1 + 1.0 + 0.1) / 3)

@@ -17,9 +17,16 @@ PACKAGES = {
 def modules() -> dict[str, Path]:
     found = {}
     for package, folder in PACKAGES.items():
-        for path in folder.glob("*.py"):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in folder.rglob("*.py"):
+            parts = [package, *path.relative_to(folder).with_suffix("").parts]
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
+
+
+def _with_packages(name: str) -> set[str]:
+    """Importing `a.b.c` runs `a/__init__` and `a/b/__init__` first: those are imports too."""
+    parts = name.split(".")
+    return {".".join(parts[:end]) for end in range(1, len(parts) + 1)}
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -42,6 +49,7 @@ def import_graph() -> dict[str, set[str]]:
                 imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
             elif isinstance(node, ast.Import):
                 imported |= {alias.name for alias in node.names}
+        imported = {package for other in imported for package in _with_packages(other)}
         graph[name] = {other for other in imported if other in known and other not in (name, "cartridges")}
     return graph
 

@@ -22,8 +22,8 @@ from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIF
 from cartridges.models import load_model
 from cartridges.registry import Registry
 from cartridges.runtime import CartridgeRuntime
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 KEY, SCALES = PROMPT_EMBEDDINGS_KEY, PROMPT_EMBEDDINGS_KEY + SCALE_SUFFIX
 

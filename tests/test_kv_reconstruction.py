@@ -10,10 +10,11 @@ from cartridges.artifact import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.runtime import prefix_logits
-from cartridges.stages import kv_reconstruction
-from cartridges.stages.contexts import corpus_kv
-from cartridges.stages.distill import DistillConfig, initial_prefix
-from cartridges.stages.kv_reconstruction import REPEAT_REQUEST, move_keys, select_tokens, selected_prefix
+from cartridges.stages.distillation.config import DistillConfig
+from cartridges.stages.distillation.init.prefix import initial_prefix
+from cartridges.stages.evaluation.contexts import corpus_kv
+from cartridges.stages.evaluation.methods import select as kv_reconstruction
+from cartridges.stages.evaluation.methods.select import REPEAT_REQUEST, move_keys, select_tokens, selected_prefix
 from cartridges.stages.run_dir import RunDir
 
 TEXT = (

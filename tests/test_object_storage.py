@@ -105,7 +105,9 @@ def test_a_build_stopped_on_one_machine_resumes_on_another_from_the_runs_root(
     config = load_build_config("tiny", [*settings[:2], f"runs_root={s3_bucket}/other-runs"])
     registry = Registry(f"{s3_bucket}/registry")
     monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "machine-a"))
-    restore = kill_after(monkeypatch, "cartridges.stages.distill.save_checkpoint", 1)  # after its first checkpoint
+    restore = kill_after(
+        monkeypatch, "cartridges.stages.distillation.worker.save_checkpoint", 1
+    )  # after its first checkpoint
     with pytest.raises(Killed):
         build(long_corpus, "legal", config, registry)
     restore()

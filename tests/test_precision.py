@@ -16,8 +16,8 @@ from cartridges.hashing import sha256_file
 from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
 from cartridges.manifest import ADAPTER_WEIGHTS_FILE
 from cartridges.runtime import CartridgeRuntime
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 
 def saved(folder, prefix: torch.Tensor, precision: str):

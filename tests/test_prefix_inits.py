@@ -8,12 +8,18 @@ import torch
 from cartridges.artifact import kv_shape
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.runtime import prefix_logits
-from cartridges.stages import summary_init
-from cartridges.stages.distill import DistillConfig, initial_prefix
+from cartridges.stages.distillation.config import DistillConfig
+from cartridges.stages.distillation.init import summary as summary_init
+from cartridges.stages.distillation.init.prefix import initial_prefix
+from cartridges.stages.distillation.init.sampled import sampled_token_ids
+from cartridges.stages.distillation.init.summary import (
+    REPEAT_NGRAM,
+    SUMMARY_REQUEST,
+    summarised_chunk_indices,
+    summary_token_ids,
+)
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, ingest, read_chunks
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.sampled_init import sampled_token_ids
-from cartridges.stages.summary_init import REPEAT_NGRAM, SUMMARY_REQUEST, summarised_chunk_indices, summary_token_ids
 
 TEXT = " ".join(
     f"Section {i}. The deposit for unit {i} is {i * 7} dollars, due by day {i % 28 + 1}." for i in range(60)

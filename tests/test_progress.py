@@ -67,7 +67,7 @@ def test_a_terminal_gets_the_bar_and_no_plain_lines(monkeypatch):
 
 
 def test_ray_training_progress_follows_the_workers_metrics_file(tmp_path, monkeypatch):
-    from cartridges.stages.distill_run import following_metrics
+    from cartridges.stages.distillation.run import following_metrics
 
     monkeypatch.setenv("CARTRIDGES_PROGRESS_SECONDS", "0")
     metrics = tmp_path / "metrics.jsonl"

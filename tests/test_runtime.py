@@ -9,8 +9,8 @@ from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import load_model
 from cartridges.runtime import CartridgeRuntime, concat_prefixes
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 QUESTION = [{"role": "user", "content": "How many days notice must a landlord give?"}]
 

@@ -17,8 +17,8 @@ import uvicorn
 from cartridges.registry import Registry
 from cartridges.runtime import CartridgeRuntime
 from cartridges.server import Limits, build_server, create_app
+from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
-from cartridges.stages.initialize import init_cartridge
 
 QUESTION = [{"role": "user", "content": "How many days notice must a landlord give?"}]
 

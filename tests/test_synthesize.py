@@ -15,17 +15,17 @@ import torch
 from sample_helpers import assert_same_samples
 
 from cartridges.errors import CartridgeError
-from cartridges.stages.engine_choice import resolved_engine
-from cartridges.stages.engines import HFEngine, SamplingConfig, _sharing_batches
+from cartridges.stages.distillation.training_data import data_fingerprint
 from cartridges.stages.ingest import ingest, read_chunks
-from cartridges.stages.quality import is_repetitive, message_problem
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.sample_plan import chunk_keys, plan_samples, rendezvous_chunks
-from cartridges.stages.seed_prompts import corpus_answer, sentences
-from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards
-from cartridges.stages.synthesis_config import SynthesisConfig, SynthesisRunSettings
-from cartridges.stages.synthesize import ShardInputs, SynthesisWorker, synthesize
-from cartridges.stages.training_data import data_fingerprint
+from cartridges.stages.synthesis.config import SynthesisConfig, SynthesisRunSettings
+from cartridges.stages.synthesis.engine_choice import resolved_engine
+from cartridges.stages.synthesis.engines import HFEngine, SamplingConfig, _sharing_batches
+from cartridges.stages.synthesis.quality import is_repetitive, message_problem
+from cartridges.stages.synthesis.sample_plan import chunk_keys, plan_samples, rendezvous_chunks
+from cartridges.stages.synthesis.seed_prompts import corpus_answer, sentences
+from cartridges.stages.synthesis.shards import SAMPLE_SCHEMA, num_shards
+from cartridges.stages.synthesis.synthesize import ShardInputs, SynthesisWorker, synthesize
 
 CORPUS_KINDS = {"continuation": 1.0, "fill_span": 1.0, "quote": 0.0}
 SMALL = {"chunk_min_tokens": 16, "chunk_max_tokens": 64, "max_message_tokens": 12, "max_answer_tokens": 16}
@@ -175,8 +175,8 @@ from pathlib import Path
 from cartridges.models import load_model
 from cartridges.stages.ingest import ingest
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.synthesize import synthesize
-from cartridges.stages.synthesis_config import SynthesisRunSettings, SynthesisConfig
+from cartridges.stages.synthesis.synthesize import synthesize
+from cartridges.stages.synthesis.config import SynthesisRunSettings, SynthesisConfig
 tiny = load_model(sys.argv[1])
 run = RunDir(Path(sys.argv[3]))
 ingested = ingest(Path(sys.argv[2]), run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
@@ -352,7 +352,7 @@ def test_a_prefix_extends_the_kv_of_its_beginning_and_the_engine_reuses_it(livel
     """The KV of a prompt's beginning is the first rows of the prompt's KV: the engine computes only
     the part a new shared beginning adds to the last one."""
     from cartridges import kv_prefix
-    from cartridges.stages import engines
+    from cartridges.stages.synthesis import engines
 
     ids = list(range(40, 100))
     whole = kv_prefix.kv_prefix_of_tokens(lively.model, ids)

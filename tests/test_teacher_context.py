@@ -9,9 +9,9 @@ from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, ingest, read_chunks, read_corpus, read_titles
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.sample_reuse import incompatibility
-from cartridges.stages.synthesis_config import SynthesisConfig, check_fits_window, teacher_context_tokens
-from cartridges.stages.teacher_context import block_text, teacher_blocks
+from cartridges.stages.synthesis.config import SynthesisConfig, check_fits_window, teacher_context_tokens
+from cartridges.stages.synthesis.sample_reuse import incompatibility
+from cartridges.stages.synthesis.teacher_context import block_text, teacher_blocks
 
 TINY_WINDOW = 1024  # tests/conftest.py's tiny model
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cartridges.hashing import sha256_bytes
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, Chunk
-from cartridges.stages.sample_plan import keys_of
+from cartridges.stages.synthesis.sample_plan import keys_of
 
 
 def titled(title: str, text: str) -> str:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from cartridges.atomic import write_atomically
 from cartridges.stages.records import ShardStats
-from cartridges.stages.synthesis_config import SynthesisConfig
+from cartridges.stages.synthesis.config import SynthesisConfig
 
 STATS_METADATA_KEY = b"cartridges.shard_stats"
 

@@ -19,7 +19,7 @@ from cartridges.generation import Generation, Sampling
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.runtime import stop_token_ids
-from cartridges.stages.contexts import Context
+from cartridges.stages.evaluation.contexts import Context
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCTUATION = str.maketrans("", "", string.punctuation)

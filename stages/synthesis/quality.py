@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from cartridges.stages.seed_prompts import QUESTION_KINDS
+from cartridges.stages.synthesis.seed_prompts import QUESTION_KINDS
 
 MIN_MESSAGE_WORDS = 3
 MAX_NGRAM_REPEATS = 3

@@ -1,6 +1,6 @@
 """Evaluate: gold-answer NLL and rank accuracy on real QA sets, for any context block.
 
-Every method is a context source (`cartridges.stages.contexts`): a KV prefix in front of the
+Every method is a context source (`cartridges.stages.evaluation.contexts`): a KV prefix in front of the
 identical chat (see `cartridges.layout`). Scoring is shared, so only the prefix differs.
 """
 
@@ -15,8 +15,8 @@ from cartridges.artifact import kv_shape
 from cartridges.models import LoadedModel
 from cartridges.packed_attention import packed_logits, use_packed_attention
 from cartridges.qa import QACorpus, Question
-from cartridges.stages.answer_scoring import Forward, mean_answer_nll
-from cartridges.stages.contexts import Context, ContextSource
+from cartridges.stages.evaluation.answer_scoring import Forward, mean_answer_nll
+from cartridges.stages.evaluation.contexts import Context, ContextSource
 
 EXCLUDED_FROM_RANKING = ("yes_no",)
 
@@ -32,7 +32,7 @@ class CorpusScore:
     ranked_questions: int
     questions: int
     per_question_nll: tuple[float, ...] = ()  # in corpus order, for paired comparisons between methods
-    # With `answer_tokens`: the greedy answers and their SQuAD-style scores (stages/answer_quality.py).
+    # With `answer_tokens`: the greedy answers and their SQuAD-style scores (stages/evaluation/answer_quality.py).
     answer_f1: float | None = None
     exact_match: float | None = None
     answer_contains: float | None = None
@@ -150,7 +150,7 @@ def score_corpus(
 
 
 def _answers(loaded: LoadedModel, corpus: QACorpus, contexts: list[Context], max_tokens: int) -> dict:
-    from cartridges.stages.answer_quality import greedy_answers, score_answer
+    from cartridges.stages.evaluation.answer_quality import greedy_answers, score_answer
 
     questions = corpus.questions
     answers = greedy_answers(loaded, contexts, [q.question for q in questions], max_tokens)

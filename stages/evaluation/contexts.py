@@ -6,11 +6,6 @@ Every method is a KV prefix in PEFT's flattened layout `[tokens, layers * 2 * kv
 the corpus attends to most, moved to positions 0..B-1), `rag` (BM25-retrieved passages up to B tokens, per question), the presses
 `knorm` and `streaming` (the whole corpus prefilled, then B tokens kept per layer and KV head), and
 `cartridge` (a trained prefix, several composed by concatenation).
-
-The presses follow kvpress's KnormPress (keep the keys of lowest L2 norm) and StreamingLLMPress
-(keep the first token as attention sink plus the most recent ones). kvpress itself pins
-transformers < 5.3, so they are written here on the cache tensors directly. As in kvpress, the chat
-after a compressed prefix keeps the positions it would have after the whole corpus.
 """
 
 from collections.abc import Callable
@@ -59,26 +54,6 @@ def corpus_kv(loaded: LoadedModel, text: str, max_tokens: int | None = None) -> 
     return kv_prefix_of_tokens(loaded.model, context_token_ids(loaded.tokenizer, text, max_tokens))
 
 
-def _knorm_scores(kv: torch.Tensor) -> torch.Tensor:
-    return -kv[:, :, 0].float().norm(dim=-1)
-
-
-def _streaming_scores(kv: torch.Tensor) -> torch.Tensor:
-    tokens, layers, _, heads, _ = kv.shape
-    return torch.arange(tokens, dtype=torch.float32, device=kv.device)[:, None, None].expand(tokens, layers, heads)
-
-
-PRESSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"knorm": _knorm_scores, "streaming": _streaming_scores}
-
-
-def compress(prefix: torch.Tensor, shape: tuple[int, int, int], budget: int, press: str) -> Context:
-    """Keep `budget` tokens per layer and KV head by the press's score (higher is kept)."""
-    if press not in PRESSES:
-        raise CartridgeError(f"unknown press {press!r}; known: {', '.join(PRESSES)}")
-    layers, heads, head_dim = shape
-    return keep_top_scored(prefix, shape, budget, lambda: PRESSES[press](prefix.view(-1, layers, 2, heads, head_dim)))
-
-
 def keep_top_scored(
     prefix: torch.Tensor, shape: tuple[int, int, int], budget: int, scores: Callable[[], torch.Tensor]
 ) -> Context:
@@ -105,39 +80,3 @@ def top_rows(
     keep = scores.topk(budget, dim=0).indices.sort(dim=0).values.to(prefix.device)
     index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim)
     return prefix.view(-1, layers, 2, heads, head_dim).gather(0, index).reshape(budget, -1), keep
-
-
-class RetrievedContext:
-    """BM25 (`bm25s`) over corpus passages of `passage_tokens`; per question, the best passages in rank order, cut at the budget."""
-
-    def __init__(self, loaded: LoadedModel, text: str, budget: int, passage_tokens: int = 64):
-        import bm25s
-
-        self.loaded, self.budget = loaded, budget
-        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-        self.passages = [
-            loaded.tokenizer.decode(ids[i : i + passage_tokens]) for i in range(0, len(ids), passage_tokens)
-        ]
-        if not self.passages:
-            raise CartridgeError("rag needs a non-empty corpus text")
-        self.retriever = bm25s.BM25()
-        self.retriever.index(bm25s.tokenize(self.passages, stopwords="en", show_progress=False), show_progress=False)
-        self._cache: dict[str, Context] = {}
-
-    def ranked_passages(self, query: str) -> list[str]:
-        import bm25s
-
-        tokens = bm25s.tokenize([query], stopwords="en", show_progress=False)
-        order, _ = self.retriever.retrieve(tokens, k=len(self.passages), show_progress=False)
-        return [self.passages[i] for i in order[0]]
-
-    def context(self, question: Question) -> Context:
-        if question.id not in self._cache:
-            chosen: list[str] = []
-            for passage in self.ranked_passages(question.question):
-                chosen.append(passage)
-                if len(context_token_ids(self.loaded.tokenizer, "\n".join(chosen))) >= self.budget:
-                    break  # the last passage is cut at the budget
-            ids = context_token_ids(self.loaded.tokenizer, "\n".join(chosen), self.budget)
-            self._cache[question.id] = Context(kv_prefix_of_tokens(self.loaded.model, ids))
-        return self._cache[question.id]

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from cartridges.atomic import write_parquet_atomically
 from cartridges.stages.ingest import Chunk
-from cartridges.stages.sample_plan import PlannedSample
-from cartridges.stages.synthesis_config import with_added_defaults
+from cartridges.stages.synthesis.config import with_added_defaults
+from cartridges.stages.synthesis.sample_plan import PlannedSample
 
 SOURCE_KEY = b"cartridges.reused_from"
 # Settings a reused sample must share with the new run; seed and kinds are checked per sample.

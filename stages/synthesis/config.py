@@ -8,8 +8,8 @@ from pydantic import BaseModel, Field, field_validator
 from cartridges.cluster import Executor
 from cartridges.errors import CartridgeError
 from cartridges.settings import STRICT_SETTINGS
-from cartridges.stages.engines import EngineName
-from cartridges.stages.seed_prompts import (
+from cartridges.stages.synthesis.engines import EngineName
+from cartridges.stages.synthesis.seed_prompts import (
     ALL_KINDS,
 )
 

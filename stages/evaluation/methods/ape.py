@@ -15,7 +15,7 @@ from cartridges.artifact import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.contexts import Context
+from cartridges.stages.evaluation.contexts import Context
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR
 
 APE_TEMPERATURE = 0.9  # within the range APE tunes over; 1.0 is plain parallel encoding

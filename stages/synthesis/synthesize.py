@@ -30,23 +30,29 @@ from cartridges.errors import CartridgeError
 from cartridges.models import ModelRef, model_on_this_node
 from cartridges.progress import ThroughputProgress
 from cartridges.runtime import pad_token_id
-from cartridges.stages.engine_choice import make_engine, resolved_engine
 from cartridges.stages.ingest import Chunk, read_chunks, read_titles
 from cartridges.stages.records import IngestRecord, ShardStats, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
-from cartridges.stages.sample_builder import SampleBuilder
-from cartridges.stages.sample_plan import PlannedSample, keys_of, plan_samples
-from cartridges.stages.sample_reuse import assign_reused, incompatibility, read_reused, reused_source, write_reused
-from cartridges.stages.shards import SAMPLE_SCHEMA, num_shards, read_shard_stats, shard_bytes, write_shard
-from cartridges.stages.synthesis_config import (
+from cartridges.stages.synthesis.config import (
     SynthesisConfig,
     SynthesisRunSettings,
     max_prompt_tokens,
     teacher_context_tokens,
     with_added_defaults,
 )
-from cartridges.stages.teacher_context import teacher_keys, teacher_texts
+from cartridges.stages.synthesis.engine_choice import make_engine, resolved_engine
+from cartridges.stages.synthesis.sample_builder import SampleBuilder
+from cartridges.stages.synthesis.sample_plan import PlannedSample, keys_of, plan_samples
+from cartridges.stages.synthesis.sample_reuse import (
+    assign_reused,
+    incompatibility,
+    read_reused,
+    reused_source,
+    write_reused,
+)
+from cartridges.stages.synthesis.shards import SAMPLE_SCHEMA, num_shards, read_shard_stats, shard_bytes, write_shard
+from cartridges.stages.synthesis.teacher_context import teacher_keys, teacher_texts
 
 ENGINE_START_TIMEOUT_S = 900  # a cold vLLM engine on a large model takes minutes; an autoscaler adds nodes in minutes
 

@@ -1,55 +1,26 @@
 """Run the distillation loop: in this process, or under Ray Train's `TorchTrainer` (N workers, gradients
 all-reduced by DDP), with progress either way; resumes from the run folder's last checkpoint."""
 
-import dataclasses
 import json
-import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 
 from cartridges.atomic import write_atomically
-from cartridges.cluster import Executor, cpus_per_actor, init_ray, runs_on_ray
+from cartridges.cluster import init_ray, runs_on_ray
 from cartridges.errors import CartridgeError
 from cartridges.progress import ThroughputProgress
-from cartridges.settings import STRICT_SETTINGS
-from cartridges.stages.checkpoints import latest_checkpoint
-from cartridges.stages.distill import DistillConfig, TrainingDiverged, initial_prefix, train_loop
+from cartridges.stages.distillation.checkpoints import latest_checkpoint
+from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings, TrainingDiverged
+from cartridges.stages.distillation.init.prefix import initial_prefix
+from cartridges.stages.distillation.worker import TrainingSpec, train_worker
 from cartridges.stages.records import FailureRecord, read_record
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
-
-
-class DistillRunSettings(BaseModel):
-    """How training runs; does not change the result beyond floating-point reduction order."""
-
-    model_config = STRICT_SETTINGS
-
-    executor: Executor = Field("auto", description="ray, local, or auto: Ray with RAY_ADDRESS or workers > 1")
-    workers: int = Field(1, ge=1, description="Ray Train workers (gloo on CPU)")
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
-    cpus_per_worker: float | None = Field(
-        None, gt=0, description="Ray CPUs per worker (default: this machine's cores / workers)"
-    )
-    use_gpu: bool | None = Field(
-        None, description="one GPU per worker, NCCL (default: when the driver's machine has one; set it on a cluster)"
-    )
-
-    def on_gpu(self) -> bool:
-        return torch.cuda.is_available() if self.use_gpu is None else self.use_gpu
-
-    def worker_cpus(self) -> float:
-        return cpus_per_actor(self.workers, self.cpus_per_worker)
-
-    def worker_threads(self) -> int:
-        """Ray starts a worker with OMP_NUM_THREADS = its CPUs (1 unless asked), which trains slower than
-        one thread per CPU it holds (BENCHMARKS.md, the second Normans build)."""
-        return self.threads or max(1, math.floor(self.worker_cpus()))
 
 
 def run_training(
@@ -83,37 +54,38 @@ def run_training(
         prefix = start_from if start_from is not None else initial_prefix(loaded, run, config)
         write_atomically(run.init_prefix, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
     on_ray = runs_on_ray(settings.executor, settings.workers)
-    loop_config = {
-        "config": config.model_dump(),
-        "run_dir": str(run.root),
-        "model": dataclasses.asdict(loaded.ref),
-        "qa_pairs": [list(p) for p in qa_pairs],
-        "threads": settings.worker_threads() if on_ray else settings.threads,
-        "run_url": mirror.url,
-    }
+    spec = TrainingSpec(
+        config=config,
+        run_dir=str(run.root),
+        model=loaded.ref,
+        qa_pairs=list(qa_pairs),
+        threads=settings.worker_threads() if on_ray else settings.threads,
+        run_url=mirror.url,
+        on_ray=on_ray,
+    )
     done = latest_checkpoint(run.checkpoints)
     first = int(done.name.split("-")[1]) if done else 0
     with ThroughputProgress("distill", total=config.steps - first, unit="steps") as progress:
         if not on_ray:
-            train_loop(loop_config | {"on_step": lambda record: progress.advance(1, record["tokens"])})
+            train_worker(spec.model_dump(), on_step=lambda record: progress.advance(1, record["tokens"]))
         else:
             mirror.push(run.distill)  # the training's config and initial prefix, for workers on other nodes
             try:
                 with following_metrics(run.metrics, progress, mirror):
-                    _fit_on_ray(run, loop_config, settings, mirror)
+                    _fit_on_ray(run, spec, settings, mirror)
             finally:
                 mirror.pull("distill")  # the step records, checkpoints, final prefix or failure the workers wrote
     return run.final_prefix
 
 
-def _fit_on_ray(run: RunDir, loop_config: dict, settings: DistillRunSettings, mirror: RunMirror) -> None:
+def _fit_on_ray(run: RunDir, spec: TrainingSpec, settings: DistillRunSettings, mirror: RunMirror) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray()
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config | {"ray": True},
+        train_worker,
+        train_loop_config=spec.model_dump(),
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
             use_gpu=settings.on_gpu(),

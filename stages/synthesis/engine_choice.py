@@ -4,9 +4,9 @@ starts, else HF."""
 import sys
 
 from cartridges.models import default_device
-from cartridges.stages.engines import Engine, EngineName, HFEngine
-from cartridges.stages.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.vllm_engine import VLLMEngine, vllm_available
+from cartridges.stages.synthesis.engines import Engine, EngineName, HFEngine
+from cartridges.stages.synthesis.seed_prompts import CORPUS_ANSWERED
+from cartridges.stages.synthesis.vllm_engine import VLLMEngine, vllm_available
 
 
 def resolved_engine(name: EngineName, kinds: dict[str, float]) -> EngineName:

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from cartridges.artifact import NUM_FROZEN_TOKENS, cartridge_peft_config, describe_model, save_artifact
 from cartridges.manifest import CorpusInfo, Manifest
-from cartridges.stages.distill import DistillConfig
+from cartridges.stages.distillation.config import DistillConfig
+from cartridges.stages.distillation.training_data import data_fingerprint
 from cartridges.stages.records import IngestRecord, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.training_data import data_fingerprint
 
 
 class TrainingMetrics(BaseModel):

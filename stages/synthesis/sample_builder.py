@@ -7,17 +7,17 @@ from collections import Counter
 from dataclasses import dataclass
 
 from cartridges.layout import chat_token_ids, context_token_ids
-from cartridges.stages.engines import Engine, SamplingConfig, TokenScores
 from cartridges.stages.ingest import Chunk
-from cartridges.stages.quality import answer_problem, message_problem
-from cartridges.stages.sample_plan import PlannedSample
-from cartridges.stages.seed_prompts import (
+from cartridges.stages.synthesis.config import SynthesisConfig
+from cartridges.stages.synthesis.engines import Engine, SamplingConfig, TokenScores
+from cartridges.stages.synthesis.quality import answer_problem, message_problem
+from cartridges.stages.synthesis.sample_plan import PlannedSample
+from cartridges.stages.synthesis.seed_prompts import (
     CORPUS_ANSWERED,
     corpus_answer,
     message_instruction,
     writer_excerpt,
 )
-from cartridges.stages.synthesis_config import SynthesisConfig
 
 ATTEMPT_SEED_STRIDE = 1_000_003
 WORDS_PER_TOKEN = 0.75

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.contexts import Context
+from cartridges.stages.evaluation.contexts import Context
 
 COARSE_FACTOR = 2  # LLMLingua's controller keeps k x the target before token-level pruning
 SEGMENT_TOKENS = 128

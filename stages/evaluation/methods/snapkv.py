@@ -19,7 +19,7 @@ from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.qa import Question
 from cartridges.runtime import prefix_cache
-from cartridges.stages.contexts import Context, corpus_kv, keep_top_scored
+from cartridges.stages.evaluation.contexts import Context, corpus_kv, keep_top_scored
 
 POOL_KERNEL = 7  # SnapKV's default pooling window
 

@@ -23,8 +23,8 @@ from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.contexts import SINK_TOKENS, top_rows
-from cartridges.stages.kv_selection import attention_to_prefix
+from cartridges.stages.evaluation.contexts import SINK_TOKENS, top_rows
+from cartridges.stages.evaluation.methods.snapkv import attention_to_prefix
 
 REPEAT_REQUEST = "Repeat the previous context exactly."
 CHUNK_TOKENS = 256  # reconstruction queries per forward pass (eager attention holds [heads, chunk, corpus] a layer)

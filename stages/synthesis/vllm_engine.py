@@ -5,7 +5,13 @@ import os
 
 import torch
 
-from cartridges.stages.engines import SMALL_MACHINE_CORES, Completion, SamplingConfig, TokenScores, _cut_after_stop
+from cartridges.stages.synthesis.engines import (
+    SMALL_MACHINE_CORES,
+    Completion,
+    SamplingConfig,
+    TokenScores,
+    _cut_after_stop,
+)
 
 
 def _scores_from_vllm(tokens: list[int], per_position: list[dict], top_k: int) -> TokenScores:

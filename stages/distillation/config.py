@@ -1,0 +1,96 @@
+"""What a distillation trains (`DistillConfig`: the cartridge's size, its start, the optimisation; the
+defaults are the tuned recipe, BENCHMARKS.md) and how it runs (`DistillRunSettings`)."""
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from cartridges.cluster import Executor, cpus_per_actor
+from cartridges.errors import CartridgeError
+from cartridges.precision import Precision
+from cartridges.settings import STRICT_SETTINGS
+
+
+class TrainingDiverged(CartridgeError):
+    """A loss, gradient or prefix value became NaN or infinite: nothing of this run may be published."""
+
+
+class DistillConfig(BaseModel):
+    model_config = STRICT_SETTINGS
+
+    num_tokens: int = Field(256, ge=2, description="cartridge length P")
+    init: Literal["first_tokens", "select", "sampled", "summary", "random"] = Field(
+        "first_tokens",
+        description="prefix initialisation: the first corpus tokens' KV, the corpus KV selected by reconstruction "
+        "attention (stages/evaluation/methods/select.py), the KV of spans sampled across the corpus "
+        "(stages/distillation/init/sampled.py), the KV of the model's summaries of chunks across the corpus "
+        "(stages/distillation/init/summary.py), or random values",
+    )
+    select_max_tokens: int = Field(
+        32768, ge=1, description="init 'select' reads at most about this many corpus tokens (evenly spaced segments)"
+    )
+    sample_span_tokens: int = Field(64, ge=1, description="init 'sampled' takes spans of this many corpus tokens")
+    summary_tokens: int = Field(
+        64, ge=1, description="init 'summary' writes one summary of at least this many tokens per summarised chunk"
+    )
+    steps: int = Field(
+        32, ge=1, description="optimizer steps; 32 = about one epoch of the default 128 samples at batch 4"
+    )
+    precision: Precision = Field(
+        "float32", description="how the published prefix is stored: float32 (PEFT loads it), float16, int8"
+    )
+    lr: float = Field(
+        6e-3,
+        gt=0,
+        le=1,
+        description="32 steps at 6e-3 scored like or better than 96 at 2e-3 on four articles (BENCHMARKS.md)",
+    )
+    warmup_steps: int = Field(10, ge=0)
+    batch_size: int = Field(4, ge=1, description="global batch (split across workers)")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0, description="weight of the sampled-token cross-entropy added to top-k KD")
+    max_length: int = Field(512, ge=16, description="student tokens per example (chat + answer)")
+    eval_every: int = Field(50, ge=1)
+    eval_samples: int = Field(16, ge=0, description="synthetic samples held out for KL to the teacher")
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class DistillRunSettings(BaseModel):
+    """How training runs; does not change the result beyond floating-point reduction order."""
+
+    model_config = STRICT_SETTINGS
+
+    executor: Executor = Field("auto", description="ray, local, or auto: Ray with RAY_ADDRESS or workers > 1")
+    workers: int = Field(1, ge=1, description="Ray Train workers (gloo on CPU)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="Ray CPUs per worker (default: this machine's cores / workers)"
+    )
+    use_gpu: bool | None = Field(
+        None, description="one GPU per worker, NCCL (default: when the driver's machine has one; set it on a cluster)"
+    )
+
+    def on_gpu(self) -> bool:
+        return torch.cuda.is_available() if self.use_gpu is None else self.use_gpu
+
+    def worker_cpus(self) -> float:
+        return cpus_per_actor(self.workers, self.cpus_per_worker)
+
+    def worker_threads(self) -> int:
+        """Ray starts a worker with OMP_NUM_THREADS = its CPUs (1 unless asked), which trains slower than
+        one thread per CPU it holds (BENCHMARKS.md, the second Normans build)."""
+        return self.threads or max(1, math.floor(self.worker_cpus()))
+
+
+def check_training_fits_window(config: DistillConfig, window: int) -> None:
+    """The student reads the prefix and then up to `max_length` tokens: both must fit the model's positions."""
+    if config.num_tokens + config.max_length > window:
+        raise CartridgeError(
+            f"distill.num_tokens={config.num_tokens} plus distill.max_length={config.max_length} is "
+            f"{config.num_tokens + config.max_length} positions, more than the model's window of {window}: "
+            f"lower distill.num_tokens to {max(window - config.max_length, 0)} or less"
+        )

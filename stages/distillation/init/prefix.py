@@ -1,0 +1,35 @@
+"""The prefix training starts from, by `distill.init`: one place that knows every initialisation."""
+
+import pyarrow.parquet as pq
+import torch
+
+from cartridges.artifact import kv_shape
+from cartridges.kv_prefix import kv_prefix_of_tokens
+from cartridges.layout import context_token_ids
+from cartridges.stages.distillation.config import DistillConfig
+from cartridges.stages.distillation.init.sampled import sampled_token_ids
+from cartridges.stages.distillation.init.summary import summary_token_ids
+from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
+from cartridges.stages.run_dir import RunDir
+
+
+def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
+    """The prefix training starts from: KV of the first corpus tokens, of the tokens reconstruction attends
+    to most, of spans sampled across the corpus, of the model's summaries of chunks across it, or random."""
+    if config.init == "random":
+        num_layers, num_kv_heads, head_dim = kv_shape(loaded.model.config)
+        generator = torch.Generator().manual_seed(config.seed)
+        return torch.randn(config.num_tokens, num_layers * 2 * num_kv_heads * head_dim, generator=generator)
+    text = DOCUMENT_SEPARATOR.join(pq.read_table(run.documents, columns=["text"]).column("text").to_pylist())
+    if config.init == "select":
+        from cartridges.stages.evaluation.methods.select import selected_prefix
+
+        return selected_prefix(loaded, text, config.num_tokens, config.select_max_tokens)
+    if config.init == "sampled":
+        ids = sampled_token_ids(loaded.tokenizer, text, config.num_tokens, config.sample_span_tokens, config.seed)
+    elif config.init == "summary":
+        chunks = [chunk.text for chunk in read_chunks(run)]
+        ids = summary_token_ids(loaded, chunks, config.num_tokens, config.summary_tokens)
+    else:
+        ids = context_token_ids(loaded.tokenizer, text, config.num_tokens)
+    return kv_prefix_of_tokens(loaded.model, ids)
