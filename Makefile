@@ -64,31 +64,31 @@ test-slow: setup-vllm
 # Every method at every KV budget on every QA corpus; cartridges to compare: CARTRIDGES="CORPUS_ID=REF ..."
 CARTRIDGES ?=
 bench: setup-bench
-	$(BIN)/python bench/methods.py $(foreach c,$(CARTRIDGES),--cartridge '$(c)')
+	$(BIN)/python -m cartridges.bench methods $(foreach c,$(CARTRIDGES),--cartridge '$(c)')
 
 # Two corpora with headroom (one HousingQA jurisdiction, one SQuAD article), one budget.
 bench-quick: setup-bench
-	$(BIN)/python bench/methods.py --corpus-id housingqa-delaware --corpus-id "squad2-Sky_(United_Kingdom)" --budget 256 \
+	$(BIN)/python -m cartridges.bench methods --corpus-id housingqa-delaware --corpus-id "squad2-Sky_(United_Kingdom)" --budget 256 \
 		--out bench/results/$$(date +%F)/methods-quick $(foreach c,$(CARTRIDGES),--cartridge '$(c)')
 
 # Issue 19's grid as one report (BENCHMARKS.md "The whole grid"): the runs it merges are listed in
 # bench/results/grid-parts.json, not here.
 bench-grid: setup-bench
-	$(BIN)/python bench/grid_report.py --parts bench/results/grid-parts.json
+	$(BIN)/python -m cartridges.bench grid-report --parts bench/results/grid-parts.json
 
 bench-synthesis: setup-vllm
-	$(BIN)/python bench/synthesis_engines.py --samples 256
+	$(BIN)/python -m cartridges.bench synthesis-engines --samples 256
 
 bench-headroom: setup-vllm
-	$(BIN)/python bench/headroom.py
+	$(BIN)/python -m cartridges.bench headroom
 
 # The server under load: 256 requests one at a time and from 16 clients, 1,000 malformed ones,
 # and a cartridge against the whole article in the prompt (TTFT, tokens/s, KV per session).
 bench-serve: setup-bench
-	$(BIN)/python bench/serve_load.py --requests 256 --concurrency 16
+	$(BIN)/python -m cartridges.bench serve-load --requests 256 --concurrency 16
 
 bench-distill: setup-vllm
-	$(BIN)/python bench/distill_sweep.py --engine vllm --samples 384 --trial corpus/2e-3/200/256
+	$(BIN)/python -m cartridges.bench distill-sweep --engine vllm --samples 384 --trial corpus/2e-3/200/256
 
 # Ingest, synthesize, distill and publish CORPUS (default: license texts of the installed packages)
 # as NAME with configs/$(CONFIG).yaml; rerun to resume, or after editing the corpus to rebuild.

@@ -24,7 +24,7 @@ MEASURE = """
 import json, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {bench!r})
-from methods import peak_rss_of_this_process_mb
+from cartridges.bench.methods import peak_rss_of_this_process_mb
 command, corpus = sys.argv[1], Path(sys.argv[2])
 if command == "init":
     from cartridges.pipeline.cli import main

@@ -16,23 +16,24 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
-from baseline_rows import earlier_rows, earlier_truncated, scored_rows
-from run_record import record_header
 from safetensors.torch import load_file
 
+from cartridges.bench.baseline_rows import earlier_rows, earlier_truncated, scored_rows
+from cartridges.bench.run_record import record_header
 from cartridges.errors import run_script
 from cartridges.models import load_model
+from cartridges.pipeline.build_config import load_build_config
+from cartridges.pipeline.stage_runner import StageJob, run_stages
 from cartridges.qa import QACorpus, load_qa_files
+from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation.artifact import last_logged
-from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
-from cartridges.stages.distillation.run import run_training
 from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluation.evaluate import paired_gain, score_corpus
-from cartridges.stages.ingest import ingest
+from cartridges.stages.ingest import read_corpus
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.synthesis.config import EVERY_KIND, SynthesisConfig, SynthesisRunSettings
+from cartridges.stages.run_mirror import RunMirror
+from cartridges.stages.synthesis.config import EVERY_KIND
 from cartridges.stages.synthesis.seed_prompts import CORPUS_ANSWERED
-from cartridges.stages.synthesis.synthesize import synthesize
 
 MIXES = {"all": dict(EVERY_KIND), "corpus": {kind: 1.0 for kind in CORPUS_ANSWERED}}
 DEFAULT_TRIALS = ["all/2e-2/200/256", "corpus/2e-2/200/256", "corpus/2e-3/200/256", "all/2e-3/200/256"]
@@ -63,6 +64,36 @@ class Trial:
         return init_name(self.init, self.num_tokens)
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every corpus of the sweep shares: the recipe trials vary (a build config, read by the same
+    loader as `cartridges build`, with the command's flags as overrides) and how trials are scored."""
+
+    config_spec: str
+    overrides: tuple[str, ...]
+    out: Path
+    given_runs: dict[tuple[str, str], Path]  # (corpus id, mix) -> a run folder whose synthesis is taken
+    distractors: int
+    answer_tokens: int
+
+    def config(self, *more: str) -> BuildConfig:
+        return load_build_config(self.config_spec, [*self.overrides, *more])
+
+    def mix_config(self, mix: str) -> BuildConfig:
+        return self.config(f"synthesis.kinds={json.dumps(MIXES[mix])}")
+
+    def trial_config(self, trial: "Trial") -> BuildConfig:
+        return self.config(
+            f"synthesis.kinds={json.dumps(MIXES[trial.mix])}",
+            f"distill.num_tokens={trial.num_tokens}",
+            f"distill.init={trial.init}",
+            f"distill.steps={trial.steps}",
+            f"distill.lr={trial.lr}",
+            f"distill.eval_every={trial.steps}",
+            f"distill.checkpoint_every={trial.steps}",
+        )
+
+
 def init_name(init: str, num_tokens: int) -> str:
     """The score's name of an untrained cartridge (an init) of `num_tokens` tokens."""
     return f"init-p{num_tokens}" if init == "first_tokens" else f"init-{init}-p{num_tokens}"
@@ -71,9 +102,9 @@ def init_name(init: str, num_tokens: int) -> str:
 class CorpusSweep:
     """One corpus: its synthesized mixes, its baselines, and the trials trained on it."""
 
-    def __init__(self, corpus: QACorpus, loaded, args):
-        self.corpus, self.loaded, self.args = corpus, loaded, args
-        self.root = args.out / corpus.id
+    def __init__(self, corpus: QACorpus, loaded, settings: SweepSettings):
+        self.corpus, self.loaded, self.settings = corpus, loaded, settings
+        self.root = settings.out / corpus.id
         self.corpus_dir = self.root / "corpus"
         self.corpus_dir.mkdir(parents=True, exist_ok=True)
         (self.corpus_dir / "corpus.txt").write_text(corpus.text)
@@ -88,8 +119,8 @@ class CorpusSweep:
                     self.corpus,
                     FixedContext(Context(prefix)),
                     name,
-                    self.args.distractors,
-                    answer_tokens=self.args.answer_tokens,
+                    self.settings.distractors,
+                    answer_tokens=self.settings.answer_tokens,
                 )
             )
         return self.scores[name]
@@ -107,34 +138,22 @@ class CorpusSweep:
 
     def mix_run(self, mix: str) -> Path:
         """The run folder holding `mix`'s synthesis (made on first use)."""
-        given = self.args.synthesis_run.get((self.corpus.id, mix))
+        given = self.settings.given_runs.get((self.corpus.id, mix))
         if given is not None:
             if mix not in self.synthesis:
                 self.synthesis[mix] = json.loads(RunDir(given).synthesis_summary.read_text())
             return given
         run = self.root / f"mix-{mix}"
         if mix not in self.synthesis:
-            config = SynthesisConfig(
-                samples=self.args.samples,
-                kinds=MIXES[mix],
-                shard_size=self.args.shard_size,
-                seed=self.args.seed,
-                teacher_context=self.args.teacher_context,
-                chunk_max_tokens=self.args.chunk_max_tokens,
-            )
-            ingested = ingest(
-                self.corpus_dir,
-                RunDir(run),
-                self.loaded.tokenizer,
-                self.loaded.tokenizer_fingerprint,
-                config.chunk_min_tokens,
-                config.chunk_max_tokens,
-            )
             started = time.perf_counter()
-            settings = SynthesisRunSettings(
-                engine=self.args.engine, executor="local", batch_size=self.args.engine_batch
+            job = StageJob(
+                RunMirror(RunDir(run), None),
+                self.loaded,
+                self.settings.mix_config(mix),
+                ("ingest", "synthesize"),
+                corpus=read_corpus(self.corpus_dir),
             )
-            summary = synthesize(RunDir(run), ingested, self.loaded.ref, config, settings)
+            summary = run_stages(job).synthesis
             self.synthesis[mix] = summary.model_dump() | {"wall_seconds": time.perf_counter() - started}
         return run
 
@@ -145,18 +164,8 @@ class CorpusSweep:
         for shared in ("documents", "chunks", "ingest_record", "synthesis"):  # the trial trains on the mix's data
             if not getattr(folder, shared).exists():
                 getattr(folder, shared).symlink_to(getattr(source, shared).resolve())
-        config = DistillConfig(
-            num_tokens=trial.num_tokens,
-            init=trial.init,
-            steps=trial.steps,
-            lr=trial.lr,
-            batch_size=self.args.batch_size,
-            eval_every=trial.steps,
-            checkpoint_every=trial.steps,
-            seed=self.args.seed,
-        )
         started = time.perf_counter()
-        run_training(folder, self.loaded, config, DistillRunSettings(executor="local"))
+        run_stages(StageJob(RunMirror(folder, None), self.loaded, self.settings.trial_config(trial), ("distill",)))
         seconds = time.perf_counter() - started
         init = self.score(trial.init_name, load_file(str(folder.init_prefix))["prefix"])
         trained = FixedContext(Context(load_file(str(folder.final_prefix))["prefix"]))
@@ -166,8 +175,8 @@ class CorpusSweep:
                 self.corpus,
                 trained,
                 trial.name,
-                self.args.distractors,
-                answer_tokens=self.args.answer_tokens,
+                self.settings.distractors,
+                answer_tokens=self.settings.answer_tokens,
             )
         )
         return {
@@ -184,8 +193,10 @@ class CorpusSweep:
 
 def report(result: dict) -> str:
     """results.md from results.json's content (so a finished sweep can be re-rendered)."""
-    teacher = result["args"].get("teacher_context", "chunk")
-    lines = [f"Distillation sweep, batch {result['args']['batch_size']}, the teacher reads its {teacher}", ""]
+    recipe = result.get("config", {})  # the effective config (runs before it was recorded: the flags)
+    teacher = recipe.get("synthesis", {}).get("teacher_context") or result["args"].get("teacher_context", "chunk")
+    batch = recipe.get("distill", {}).get("batch_size") or result["args"]["batch_size"]
+    lines = [f"Distillation sweep, batch {batch}, the teacher reads its {teacher}", ""]
     for corpus_id, scores in result["baselines"].items():
         none, icl = scores.get("none"), scores.get("icl")
         if none is None or icl is None:
@@ -369,23 +380,24 @@ def main() -> None:
         metavar="NAME",
         help="with --against: pair every trial with the earlier trial of this name (e.g. corpus-lr0.002-s96-p256)",
     )
-    parser.add_argument("--samples", type=int, default=256, help="synthetic samples per mix")
+    parser.add_argument(
+        "--config", default="default", help="the build config trials start from (as `cartridges build`)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)"
+    )
+    parser.add_argument("--samples", type=int, default=None, help="synthetic samples per mix (default: the config's)")
     parser.add_argument(
         "--teacher-context",
         choices=["chunk", "window"],
-        default="chunk",
-        help="what the teacher reads: the sample's chunk, or the corpus up to the model's window",
+        default=None,
+        help="what the teacher reads: the sample's chunk, or the corpus up to the model's window (default: the config's)",
     )
-    parser.add_argument(
-        "--chunk-max-tokens",
-        type=int,
-        default=SynthesisConfig.model_fields["chunk_max_tokens"].default,
-        help="largest chunk the corpus is cut into (the teacher's context with --teacher-context chunk)",
-    )
+    parser.add_argument("--chunk-max-tokens", type=int, default=None, help="largest chunk (default: the config's)")
     parser.add_argument("--engine", default="hf")
-    parser.add_argument("--engine-batch", type=int, default=16, help="HF engine batch size")
-    parser.add_argument("--shard-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--engine-batch", type=int, default=None, help="HF engine batch size (default: the config's)")
+    parser.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: the config's)")
     parser.add_argument("--distractors", type=int, default=4)
     parser.add_argument(
         "--answer-tokens",
@@ -393,24 +405,50 @@ def main() -> None:
         default=0,
         help="also score greedy answers of up to N tokens (token F1, exact match)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--seed", type=int, default=None, help="synthesis and training seed (default: the config's)")
+    parser.add_argument("--model", default=None, help="the model (default: the config's)")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="start no trial after this many seconds")
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "distill-sweep")
     parser.add_argument("--results", type=Path, default=None, help="folder for results.json/.md (default: --out)")
     args = parser.parse_args()
-    args.synthesis_run = dict(_given_run(spec) for spec in args.synthesis_run)
+    flags = {
+        "synthesis.samples": args.samples,
+        "synthesis.teacher_context": args.teacher_context,
+        "synthesis.chunk_max_tokens": args.chunk_max_tokens,
+        "synthesis.shard_size": args.shard_size,
+        "synthesis.seed": args.seed,
+        "synthesis_run.engine": args.engine,
+        "synthesis_run.batch_size": args.engine_batch,
+        "distill.batch_size": args.batch_size,
+        "distill.seed": args.seed,
+        "model": args.model,
+    }
+    overrides = (
+        *args.set,
+        *(f"{key}={value}" for key, value in flags.items() if value is not None),
+        "synthesis_run.executor=local",
+        "distill_run.executor=local",
+    )
+    settings = SweepSettings(
+        args.config,
+        overrides,
+        args.out,
+        dict(_given_run(spec) for spec in args.synthesis_run),
+        args.distractors,
+        args.answer_tokens,
+    )
+    base = settings.config()  # a bad flag or --set fails here, before any work
     results = args.results or args.out
     results.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    header = record_header(args)
+    header = record_header(vars(args)) | {"config": base.model_dump(mode="json")}
     wanted = list(dict.fromkeys(args.corpus_id or ["squad2-Sky_(United_Kingdom)", "squad2-Normans"]))
     corpora = {c.id: c for c in load_qa_files(args.qa, wanted)}
     trials = [Trial.parse(spec) for spec in args.trial or DEFAULT_TRIALS]
-    loaded = load_model(args.model)
+    loaded = load_model(base.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    sweeps = [CorpusSweep(corpora[cid], loaded, args) for cid in wanted]
+    sweeps = [CorpusSweep(corpora[cid], loaded, settings) for cid in wanted]
     rows: list[dict] = []
     scored = scored_rows(args.baselines, args.distractors, args.answer_tokens)
     earlier, truncated = earlier_rows(scored), earlier_truncated(scored)

@@ -22,9 +22,8 @@ import json
 import math
 from pathlib import Path
 
-from baseline_rows import scored_rows
-from methods_report import BUDGET_METHODS, merged_rows, summarize
-
+from cartridges.bench.baseline_rows import scored_rows
+from cartridges.bench.methods_report import BUDGET_METHODS, merged_rows, summarize
 from cartridges.errors import run_script
 from cartridges.stages.evaluation.evaluate import paired_gain
 

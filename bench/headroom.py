@@ -16,8 +16,7 @@ from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
-from run_record import record_header
-
+from cartridges.bench.run_record import record_header
 from cartridges.errors import run_script
 from cartridges.models import load_model
 from cartridges.qa import DEFAULT_QA_DIR, load_qa_file
@@ -61,7 +60,7 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("corpus", "headroom", "headroom_se", "seconds")}), flush=True)
-            (args.out / "results.json").write_text(json.dumps({**record_header(args), "rows": rows}, indent=2))
+            (args.out / "results.json").write_text(json.dumps({**record_header(vars(args)), "rows": rows}, indent=2))
             write_report(rows, args.distractors, args.out)  # after every corpus: an interrupted run still reports
     print((args.out / "results.md").read_text())
 

@@ -26,7 +26,9 @@ def load_kv(path: Path) -> torch.Tensor:
     return decode("kv", load_file(str(path))).clone()
 
 
-def precision_rows(loaded, corpus, label: str, prefix: torch.Tensor, args, prefill_seconds=None) -> list[dict]:
+def precision_rows(
+    loaded, corpus, label: str, prefix: torch.Tensor, distractors: int, prefill_seconds=None
+) -> list[dict]:
     """`prefix` stored at each precision and read back: bytes, load time, gold NLL paired against float32."""
     rows, reference = [], None
     with tempfile.TemporaryDirectory() as folder:
@@ -36,7 +38,7 @@ def precision_rows(loaded, corpus, label: str, prefix: torch.Tensor, args, prefi
             started = time.perf_counter()
             read = load_kv(path)
             load_seconds = time.perf_counter() - started
-            score = score_corpus(loaded, corpus, FixedContext(Context(read)), f"{label} {precision}", args.distractors)
+            score = score_corpus(loaded, corpus, FixedContext(Context(read)), f"{label} {precision}", distractors)
             reference = reference or score
             gain, se = paired_gain(reference.per_question_nll, score.per_question_nll)
             rows.append(
@@ -55,7 +57,7 @@ def precision_rows(loaded, corpus, label: str, prefix: torch.Tensor, args, prefi
 
 
 def storage_rows(
-    loaded, corpus, args, cartridges: dict[str, torch.Tensor] | None = None, corpus_kv_too: bool = True
+    loaded, corpus, distractors: int, cartridges: dict[str, torch.Tensor] | None = None, corpus_kv_too: bool = True
 ) -> list[dict]:
     """The corpus KV (against its prefill time; unless not `corpus_kv_too`) and each given cartridge
     prefix, at every precision."""
@@ -63,9 +65,9 @@ def storage_rows(
     if corpus_kv_too:
         started = time.perf_counter()
         kv = corpus_kv(loaded, corpus.text)
-        rows = precision_rows(loaded, corpus, "icl KV", kv, args, prefill_seconds=time.perf_counter() - started)
+        rows = precision_rows(loaded, corpus, "icl KV", kv, distractors, prefill_seconds=time.perf_counter() - started)
     for label, prefix in (cartridges or {}).items():
-        rows += precision_rows(loaded, corpus, label, prefix, args)
+        rows += precision_rows(loaded, corpus, label, prefix, distractors)
     return rows
 
 
@@ -114,22 +116,24 @@ def load_times(loaded, corpus, repeats: int = 3) -> dict:
     return out
 
 
-if __name__ == "__main__":
+def main() -> None:
     import argparse
     import json
 
-    from cartridges.errors import run_script
     from cartridges.models import load_model
     from cartridges.qa import load_qa_files
 
-    def main() -> None:
-        parser = argparse.ArgumentParser(description="Prefill vs load time of a corpus's KV at fp32/fp16/int8.")
-        parser.add_argument("--corpus-id", action="append", required=True)
-        parser.add_argument("--model", default="default")
-        args = parser.parse_args()
-        torch.set_grad_enabled(False)
-        loaded = load_model(args.model)
-        for corpus in load_qa_files(None, args.corpus_id):
-            print(json.dumps(load_times(loaded, corpus), indent=1))
+    parser = argparse.ArgumentParser(description="Prefill vs load time of a corpus's KV at fp32/fp16/int8.")
+    parser.add_argument("--corpus-id", action="append", required=True)
+    parser.add_argument("--model", default="default")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    loaded = load_model(args.model)
+    for corpus in load_qa_files(None, args.corpus_id):
+        print(json.dumps(load_times(loaded, corpus), indent=1))
+
+
+if __name__ == "__main__":
+    from cartridges.errors import run_script
 
     run_script(main)

@@ -20,20 +20,20 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
 import torch
-from baseline_rows import WHOLE_METHODS, earlier_rows, scored_rows
-from kv_storage import storage_rows
-from methods_report import BUDGET_METHODS, markdown, plot, summarize
-from run_record import record_header
 from safetensors.torch import load_file
 
-from cartridges.artifact import kv_shape
+from cartridges.bench.baseline_rows import WHOLE_METHODS, earlier_rows, scored_rows
+from cartridges.bench.kv_storage import storage_rows
+from cartridges.bench.methods_report import BUDGET_METHODS, ReportSettings, markdown, plot, summarize
+from cartridges.bench.run_record import record_header, settings_of
 from cartridges.errors import run_script
 from cartridges.home import default_registry_url
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.loading import open_cartridge
 from cartridges.models import load_model
@@ -92,6 +92,18 @@ def probe(spec: dict) -> None:
     print(json.dumps({"peak_rss_mb": peak_rss_of_this_process_mb()}))
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """The flags that decide how a method is measured (and, for its peak memory, in which process)."""
+
+    qa: list[Path] | None
+    model: str
+    registry: str | None
+    distractors: int
+    answer_tokens: int
+    skip_decode: bool
+
+
 def reused_row(loaded, row: dict) -> dict:
     """An earlier run's row with the cost fields of this report (its build time was not recorded there)."""
     layers, heads, head_dim = kv_shape(loaded.model.config)
@@ -107,15 +119,15 @@ def peak_rss_of_this_process_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def peak_rss_mb(args, corpus_id: str, method: str, budget: int | None, refs: list[str]) -> float:
+def peak_rss_mb(scoring: Scoring, corpus_id: str, method: str, budget: int | None, refs: list[str]) -> float:
     spec = {
-        "qa": [str(p) for p in args.qa or []],
+        "qa": [str(p) for p in scoring.qa or []],
         "corpus": corpus_id,
         "method": method,
         "budget": budget,
         "refs": refs,
-        "model": args.model,
-        "registry": args.registry,
+        "model": scoring.model,
+        "registry": scoring.registry,
     }
     result = subprocess.run(
         [sys.executable, __file__, "--probe", json.dumps(spec)], capture_output=True, text=True, check=True
@@ -128,7 +140,7 @@ def measure(
     corpus,
     method: str,
     budget: int | None,
-    args,
+    scoring: Scoring,
     refs: tuple[str, ...] = (),
     cartridges: dict | None = None,
     label: str | None = None,
@@ -139,7 +151,9 @@ def measure(
     source = make_source() if make_source else context_source(loaded, method, corpus.text, budget, cartridge=cartridge)
     first = source.context(corpus.questions[0])
     build_seconds = time.perf_counter() - started
-    score = score_corpus(loaded, corpus, source, label or method, args.distractors, answer_tokens=args.answer_tokens)
+    score = score_corpus(
+        loaded, corpus, source, label or method, scoring.distractors, answer_tokens=scoring.answer_tokens
+    )
     row = {
         "corpus": corpus.id,
         "method": label or method,
@@ -152,12 +166,12 @@ def measure(
             method, 0
         ),
     }
-    if not args.skip_decode:
+    if not scoring.skip_decode:
         row |= {
             f"decode_tps_batch{b}": decode_tokens_per_second(loaded, first, corpus.questions[0].question, b)
             for b in (1, 16)
         }
-        row["peak_rss_mb"] = peak_rss_mb(args, corpus.id, method, budget, list(refs))
+        row["peak_rss_mb"] = peak_rss_mb(scoring, corpus.id, method, budget, list(refs))
     print(
         f"{corpus.id} {row['method']} B={budget}: NLL {score.nll:.3f}, rank {score.rank_accuracy}, KV {score.kv_tokens} tokens, "
         f"built in {build_seconds:.1f} s",
@@ -250,7 +264,8 @@ def main() -> None:
         prefixes.setdefault(corpus_id, []).append((label, Path(file)))
     storage = []
     partial = args.out / "results.partial.json"  # each row as it is measured: a run cut short keeps them
-    header = record_header(args)
+    header = record_header(vars(args))
+    scoring = settings_of(args, Scoring)
 
     def keep(row: dict) -> None:
         rows.append(row)
@@ -260,12 +275,12 @@ def main() -> None:
     for corpus in corpora:
         for method in args.whole_method or WHOLE_METHODS:
             earlier = reusable.get((corpus.id, method))
-            keep(reused_row(loaded, earlier) if earlier else measure(loaded, corpus, method, None, args))
+            keep(reused_row(loaded, earlier) if earlier else measure(loaded, corpus, method, None, scoring))
         for budget in args.budget:
             for method in methods:
-                keep(measure(loaded, corpus, method, budget, args))
+                keep(measure(loaded, corpus, method, budget, scoring))
         if corpus.id in refs:
-            rows.append(measure(loaded, corpus, "cartridge", None, args, (refs[corpus.id],), cartridges))
+            rows.append(measure(loaded, corpus, "cartridge", None, scoring, (refs[corpus.id],), cartridges))
         given = {label: load_file(str(file))["prefix"] for label, file in prefixes.get(corpus.id, [])}
         for label, prefix in given.items():
             keep(
@@ -274,7 +289,7 @@ def main() -> None:
                     corpus,
                     label,
                     None,
-                    args,
+                    scoring,
                     label=label,
                     make_source=lambda p=prefix: FixedContext(Context(p)),
                 )
@@ -286,12 +301,12 @@ def main() -> None:
                 else {}
             )
             mine |= given
-            storage += storage_rows(loaded, corpus, args, mine, corpus_kv_too=args.storage == "all")
+            storage += storage_rows(loaded, corpus, args.distractors, mine, corpus_kv_too=args.storage == "all")
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):
             rows.append(
-                measure(loaded, a, "cartridge", None, args, tuple(refs[c.id] for c in order), cartridges, label)
+                measure(loaded, a, "cartridge", None, scoring, tuple(refs[c.id] for c in order), cartridges, label)
             )
         texts = [a.text, b.text]
         rows.append(
@@ -300,7 +315,7 @@ def main() -> None:
                 a,
                 "ape",
                 None,
-                args,
+                scoring,
                 label=f"ape {a.id}+{b.id}",
                 make_source=lambda texts=texts: FixedContext(parallel_context(loaded, texts)),
             )
@@ -312,7 +327,7 @@ def main() -> None:
                 a,
                 "icl",
                 None,
-                args,
+                scoring,
                 label=f"icl {a.id}+{b.id}",
                 make_source=lambda joined=joined: FixedContext(Context(corpus_kv(loaded, joined))),
             )
@@ -327,7 +342,7 @@ def main() -> None:
     }
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
     partial.unlink(missing_ok=True)
-    table = markdown(rows, summary, args, storage, {c.id: c.questions for c in corpora})
+    table = markdown(rows, summary, settings_of(args, ReportSettings), storage, {c.id: c.questions for c in corpora})
     (args.out / "results.md").write_text(table)
     plot(rows, args.out)
     print(table)

@@ -8,16 +8,24 @@ rows replacing earlier ones of the same corpus, method and budget:
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-from kv_storage import storage_table
-
+from cartridges.bench.kv_storage import storage_table
 from cartridges.errors import run_script
 from cartridges.qa import load_qa_files
 from cartridges.stages.evaluation.answer_quality import score_answer
 from cartridges.stages.evaluation.evaluate import mean_and_se, paired_gain
 from cartridges.stages.evaluation.methods.table import BUDGET_METHODS
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """How the rows of a report were scored (its header says so)."""
+
+    budget: list[int]
+    distractors: int
+    answer_tokens: int
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -49,10 +57,12 @@ def summarize(rows: list[dict]) -> dict:
     return corpora
 
 
-def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = (), questions: dict | None = None) -> str:
+def markdown(
+    rows: list[dict], corpora: dict, settings: ReportSettings, storage: list[dict] = (), questions: dict | None = None
+) -> str:
     eligible = [c for c, v in corpora.items() if v["eligible"]]
     lines = [
-        f"Methods at KV budgets {args.budget}, distractors {args.distractors}; {len(eligible)} of {len(corpora)} corpora have headroom above 2 paired SE.",
+        f"Methods at KV budgets {settings.budget}, distractors {settings.distractors}; {len(eligible)} of {len(corpora)} corpora have headroom above 2 paired SE.",
         "",
         "| corpus | none | icl | headroom ± paired SE | recovery computed |",
         "|---|---|---|---|---|",
@@ -74,7 +84,7 @@ def markdown(rows: list[dict], corpora: dict, args, storage: list[dict] = (), qu
             f"{accuracy} | {recovery} | {r['build_seconds']:.1f} | {r.get('prefill_per_question', 0)} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
             f"{r.get('peak_rss_mb', float('nan')):.0f} |"
         )
-    if args.answer_tokens:
+    if settings.answer_tokens:
         lines += answer_tables(rows, questions)
     if storage:
         lines += storage_table(storage)
@@ -197,7 +207,7 @@ def main() -> None:
         )
     ((distractors, answer_tokens),) = scored
     rows = merged_rows(records)
-    settings = SimpleNamespace(
+    settings = ReportSettings(
         budget=sorted({r["budget"] for r in rows if r["budget"]}), distractors=distractors, answer_tokens=answer_tokens
     )
     corpora = summarize(rows)

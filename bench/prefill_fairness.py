@@ -18,12 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-from run_record import record_header
-
-from cartridges.artifact import kv_shape
 from cartridges.batch_decoder import BatchDecoder
+from cartridges.bench.run_record import record_header
 from cartridges.errors import run_script
 from cartridges.generation import Generation, Sampling
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.qa import load_qa_file
 from cartridges.server import load_serving_model
@@ -168,7 +167,7 @@ def main() -> None:
             f"{long_diff:+.1f} ± {long_se:.1f} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({**record_header(args), "results": results}, indent=2))
+    (args.out / "results.json").write_text(json.dumps({**record_header(vars(args)), "results": results}, indent=2))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(results, args.out)
     print("\n".join(lines))

@@ -5,9 +5,13 @@ in 791 s on a 2-core AMD EPYC (AVX2) and in 445 s on a 2-core Intel Xeon (AVX-51
 "The default build on two 2-core boxes"), and results of earlier runs did not say which box made them."""
 
 import argparse
+import dataclasses
 import os
 import platform
 from pathlib import Path
+from typing import TypeVar
+
+Settings = TypeVar("Settings")
 
 # The instruction sets that decide CPU matmul speed here (torch picks its kernels by them).
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "amx_tile")
@@ -40,6 +44,12 @@ def machine() -> dict:
     }
 
 
-def record_header(args: argparse.Namespace) -> dict:
-    """`args` (values as text, as earlier results have them) and `machine`."""
-    return {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine()}
+def record_header(arguments: dict) -> dict:
+    """The command's `arguments` (values as text, as earlier results have them) and `machine`."""
+    return {"args": {k: str(v) for k, v in arguments.items()}, "machine": machine()}
+
+
+def settings_of(args: argparse.Namespace, kind: type[Settings]) -> Settings:
+    """The flags a script's library code reads, as the frozen dataclass `kind` that names them: below
+    `main` no function takes the whole argparse namespace."""
+    return kind(**{field.name: getattr(args, field.name) for field in dataclasses.fields(kind)})

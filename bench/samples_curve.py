@@ -14,8 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill_sweep import Trial
-
+from cartridges.bench.distill_sweep import Trial
 from cartridges.errors import run_script
 from cartridges.stages.evaluation.evaluate import paired_gain
 

@@ -24,13 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import httpx
 import openai
-from run_record import record_header
 
+from cartridges.bench.run_record import record_header, settings_of
 from cartridges.errors import run_script
 from cartridges.qa import find_corpus
 
@@ -247,12 +248,12 @@ def main() -> None:
         wait_for(url, server)
         questions = [q.question for q in corpus.questions]
         jobs = [("bench", [{"role": "user", "content": questions[i % len(questions)]}]) for i in range(args.requests)]
-        results = {"cartridge": label, "corpus": corpus.id, **record_header(args)}
+        results = {"cartridge": label, "corpus": corpus.id, **record_header(vars(args))}
         phases = {
             "fuzz": lambda: fuzz(url, args.fuzz, args.seed),
             "concurrent": lambda: asyncio.run(run_all(url, jobs, args.concurrency, args.max_tokens)),
             "sequential": lambda: asyncio.run(run_all(url, jobs, 1, args.max_tokens)),
-            "cost": lambda: cost(url, corpus, questions, args),
+            "cost": lambda: cost(url, corpus, questions, settings_of(args, CostSettings)),
             "kv_bytes_per_session": lambda: kv_bytes(corpus, args.tokens),
         }
         previous = args.out / "results.json"
@@ -290,24 +291,31 @@ def icl_messages(corpus, question: str) -> list[dict]:
     return [{"role": "user", "content": f"{corpus.text}\n\nQuestion: {question}"}]
 
 
-def cost(url: str, corpus, questions: list[str], args) -> list[dict]:
+@dataclass(frozen=True)
+class CostSettings:
+    concurrency: int
+    cost_requests: int
+    max_tokens: int
+
+
+def cost(url: str, corpus, questions: list[str], settings: CostSettings) -> list[dict]:
     rows = []
     for method in ("cartridge", "icl"):
-        for clients in (1, args.concurrency):
+        for clients in (1, settings.concurrency):
             jobs = [
                 ("bench", [{"role": "user", "content": q}])
                 if method == "cartridge"
                 else ("default", icl_messages(corpus, q))
-                for q in questions[: args.cost_requests]
+                for q in questions[: settings.cost_requests]
             ]
-            rows.append({"method": method, **asyncio.run(run_all(url, jobs, clients, args.max_tokens))})
+            rows.append({"method": method, **asyncio.run(run_all(url, jobs, clients, settings.max_tokens))})
     return rows
 
 
 def kv_bytes(corpus, tokens: int) -> dict:
     """KV bytes of the context: the cartridge's P tokens (one copy, shared by its sessions) vs the article's tokens
     (icl, a copy per session), fp32."""
-    from cartridges.artifact import kv_shape
+    from cartridges.kv_layout import kv_shape
     from cartridges.models import load_model
 
     loaded = load_model()

@@ -16,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from run_record import record_header
 
+from cartridges.bench.run_record import record_header, settings_of
 from cartridges.errors import CartridgeError, run_script
 from cartridges.qa import DEFAULT_QA_DIR, QACorpus, find_corpus
 from cartridges.stages.synthesis.config import EVERY_KIND
@@ -41,7 +42,20 @@ def engine_env(engine: str) -> dict[str, str]:
     return env
 
 
-def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
+@dataclass(frozen=True)
+class EngineBench:
+    """What both engines are run on and with."""
+
+    qa: Path
+    corpus_id: str
+    corpus: str | None
+    samples: int
+    seed: int
+    executor: str
+    kinds: str
+
+
+def run_engine(engine: str, corpus_dir: Path, run_dir: Path, bench: EngineBench) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [
         sys.executable,
@@ -52,15 +66,15 @@ def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
         "--out",
         str(run_dir),
         "--set",
-        f"synthesis.samples={args.samples}",
+        f"synthesis.samples={bench.samples}",
         "--set",
         f"synthesis_run.engine={engine}",
         "--set",
-        f"synthesis.seed={args.seed}",
+        f"synthesis.seed={bench.seed}",
         "--set",
-        f"synthesis_run.executor={args.executor}",
+        f"synthesis_run.executor={bench.executor}",
         "--set",
-        f"synthesis.kinds={args.kinds}",
+        f"synthesis.kinds={bench.kinds}",
     ]
     started = time.perf_counter()
     result = subprocess.run(command, env=engine_env(engine), capture_output=True, text=True)
@@ -84,9 +98,9 @@ def run_engine(engine: str, corpus_dir: Path, run_dir: Path, args) -> dict:
     }
 
 
-def markdown(rows: list[dict], args) -> str:
+def markdown(rows: list[dict], bench: EngineBench) -> str:
     lines = [
-        f"Synthesis, {args.samples} samples of `{args.corpus or args.corpus_id}`, SmolLM2-135M-Instruct fp32, seed {args.seed}, executor {args.executor}, kinds {args.kinds}",
+        f"Synthesis, {bench.samples} samples of `{bench.corpus or bench.corpus_id}`, SmolLM2-135M-Instruct fp32, seed {bench.seed}, executor {bench.executor}, kinds {bench.kinds}",
         "",
         "| engine | wall s | start-up s | engine s | samples | samples/s (engine) | generated tok/s |",
         "|---|---|---|---|---|---|---|",
@@ -140,18 +154,18 @@ def sample_preview(run_dir: Path, count: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, min(count, len(rows)))
 
 
-def corpus_source(args) -> Path | QACorpus:
+def corpus_source(bench: EngineBench) -> Path | QACorpus:
     """What both engines read: --corpus as a folder, the default corpus, or a QA set's corpus (written
     to the scratch folder later). Bad input fails here, before anything is written."""
-    if args.corpus == "default":
+    if bench.corpus == "default":
         from cartridges.default_corpus import gather_license_corpus
 
         return gather_license_corpus()
-    if args.corpus:
-        if not Path(args.corpus).is_dir():
-            raise CartridgeError(f"--corpus {args.corpus}: not a folder; pass a corpus folder or 'default'")
-        return Path(args.corpus)
-    return find_corpus(args.qa, args.corpus_id)
+    if bench.corpus:
+        if not Path(bench.corpus).is_dir():
+            raise CartridgeError(f"--corpus {bench.corpus}: not a folder; pass a corpus folder or 'default'")
+        return Path(bench.corpus)
+    return find_corpus(bench.qa, bench.corpus_id)
 
 
 def main() -> None:
@@ -174,7 +188,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results") / date.today().isoformat() / "synthesis")
     args = parser.parse_args()
 
-    source = corpus_source(args)
+    bench = settings_of(args, EngineBench)
+    source = corpus_source(bench)
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="synthesis-bench-"))  # corpus copy and run folders: not results
     if isinstance(source, QACorpus):
@@ -186,10 +201,10 @@ def main() -> None:
     rows = []
     for engine in args.engines.split(","):
         print(f"running {engine}...", flush=True)
-        rows.append(run_engine(engine, corpus_dir, scratch / f"run-{engine}", args))
+        rows.append(run_engine(engine, corpus_dir, scratch / f"run-{engine}", bench))
         print(json.dumps(rows[-1], indent=1), flush=True)
-    (args.out / "results.json").write_text(json.dumps({**record_header(args), "rows": rows}, indent=2))
-    table = markdown(rows, args)
+    (args.out / "results.json").write_text(json.dumps({**record_header(vars(args)), "rows": rows}, indent=2))
+    table = markdown(rows, bench)
     (args.out / "results.md").write_text(table)
     plot(rows, args.out / "synthesis_engines.png")
     print(table)

@@ -21,15 +21,16 @@ import os
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import torch
-from run_record import record_header
 
-from cartridges.artifact import kv_shape
 from cartridges.batching import pad_batch
+from cartridges.bench.run_record import record_header, settings_of
 from cartridges.errors import run_script
+from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens, prefix_cache
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import load_model
@@ -64,16 +65,23 @@ def samples(corpus_text: str, tokenizer, count: int, seed: int) -> list[tuple[li
     return made
 
 
-def measure(loaded, corpus, context_tokens: int, args) -> dict:
+@dataclass(frozen=True)
+class ScoringSettings:
+    rows: int
+    repeats: int
+    seed: int
+
+
+def measure(loaded, corpus, context_tokens: int, settings: ScoringSettings) -> dict:
     tokenizer = loaded.tokenizer
     text = f"{corpus.id}\n\n{corpus.text}"
     context = context_token_ids(tokenizer, text)
     if context_tokens:
         context = context[:context_tokens]
-    rows = samples(corpus.text, tokenizer, args.rows, args.seed)
+    rows = samples(corpus.text, tokenizer, settings.rows, settings.seed)
     prompts = [context + message for message, _ in rows]
     answers = [answer for _, answer in rows]
-    engine = HFEngine(str(loaded.path), batch_size=args.rows)
+    engine = HFEngine(str(loaded.path), batch_size=settings.rows)
     model = engine.model
     shared = len(os.path.commonprefix(prompts))  # the context and the chat's common beginning
     times: dict[str, list[float]] = {"padded": [], "packed": []}
@@ -82,7 +90,7 @@ def measure(loaded, corpus, context_tokens: int, args) -> dict:
         prefix = kv_prefix_of_tokens(model, prompts[0][:shared])  # neither timing includes the prefill:
         engine.score(prompts, answers, top_k=20)  # the engine keeps the KV of this beginning from here on
         suffixes = [p[shared:] + a for p, a in zip(prompts, answers, strict=True)]
-        for _ in range(args.repeats):
+        for _ in range(settings.repeats):
             started = time.perf_counter()
             reference = padded_logprobs(model, prefix, suffixes, answers, engine.pad_token_id)
             times["padded"].append(time.perf_counter() - started)
@@ -98,7 +106,7 @@ def measure(loaded, corpus, context_tokens: int, args) -> dict:
     return {
         "corpus": corpus.id,
         "context_tokens": len(context),
-        "rows": args.rows,
+        "rows": settings.rows,
         "row_tokens": [len(s) for s in suffixes],
         "padded_seconds": times["padded"],
         "packed_seconds": times["packed"],
@@ -161,10 +169,10 @@ def main() -> None:
     for corpus_id in args.corpus_id or ["squad2-Normans"]:
         corpus = find_corpus(args.qa, corpus_id)
         for context in args.context or [2048, 0]:
-            results.append(measure(loaded, corpus, context, args))
+            results.append(measure(loaded, corpus, context, settings_of(args, ScoringSettings)))
             print(markdown(results[-1:]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({**record_header(args), "results": results}, indent=2))
+    (args.out / "results.json").write_text(json.dumps({**record_header(vars(args)), "results": results}, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     plot(results, args.out / "teacher_scoring.png")
     print(markdown(results))

@@ -9,7 +9,7 @@ import torch
 from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
 from transformers import DynamicCache
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 
 
 @torch.no_grad()

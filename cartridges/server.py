@@ -13,11 +13,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from cartridges.artifact import kv_shape
 from cartridges.batch_decoder import BatchDecoder
 from cartridges.cartridge_store import CartridgeStore
 from cartridges.errors import CartridgeError, NotFound
 from cartridges.generation import Generation, Sampling
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.object_store import storage_problem

@@ -2,7 +2,7 @@
 
 import torch
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 
 
 def layer_zero_attention(loaded, corpus: torch.Tensor, window: list[int]) -> torch.Tensor:

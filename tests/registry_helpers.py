@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from cartridges.artifact import cartridge_peft_config, save_artifact
+from cartridges.artifact import save_artifact
 from cartridges.hashing import sha256_file
 from cartridges.integrity import BOUND_MANIFEST_KEY
+from cartridges.kv_layout import cartridge_peft_config
 from cartridges.manifest import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,

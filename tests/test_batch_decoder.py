@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from cartridges.artifact import kv_shape, load_artifact
+from cartridges.artifact import load_artifact
 from cartridges.batch_decoder import BatchDecoder
 from cartridges.generation import Generation, Sampling
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.distillation.init.first_tokens import init_cartridge

@@ -4,8 +4,8 @@ import pytest
 import torch
 from attention_helpers import layer_zero_attention
 
-from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.qa import Question
 from cartridges.runtime import prefix_cache, prefix_logits

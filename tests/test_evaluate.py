@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.qa import QACorpus, Question, find_corpus, load_qa_file, load_qa_files
 from cartridges.runtime import prefix_cache

@@ -15,9 +15,10 @@ from registry_helpers import MODEL_CONFIG, WIDTH, fake_manifest, forge
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cartridges.artifact import cartridge_peft_config, load_artifact, save_artifact
+from cartridges.artifact import load_artifact, save_artifact
 from cartridges.errors import CartridgeError
 from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
+from cartridges.kv_layout import cartridge_peft_config
 from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
 from cartridges.models import load_model
 from cartridges.registry import Registry

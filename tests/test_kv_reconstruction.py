@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import torch
 from attention_helpers import layer_zero_attention
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.runtime import prefix_logits

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.runtime import prefix_logits
 from cartridges.stages.distillation.config import DistillConfig

@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cartridges.artifact import cartridge_peft_config
 from cartridges.atomic import write_atomically
 from cartridges.cluster import node_label
 from cartridges.errors import CartridgeError
 from cartridges.home import runs_dir
+from cartridges.kv_layout import cartridge_peft_config
 from cartridges.models import ModelRef, default_device, model_on_this_node
 from cartridges.runtime import pad_token_id
 from cartridges.stages.distillation.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 from cartridges.models import LoadedModel
 from cartridges.packed_attention import packed_logits, use_packed_attention
 from cartridges.qa import QACorpus, Question

@@ -11,8 +11,8 @@ from typing import Literal, Protocol
 
 import torch
 
-from cartridges.artifact import kv_shape
 from cartridges.batching import pad_batch
+from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.models import default_device
 from cartridges.packed_attention import packed_logits, use_packed_attention

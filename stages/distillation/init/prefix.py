@@ -3,7 +3,7 @@
 import pyarrow.parquet as pq
 import torch
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.stages.distillation.config import DistillConfig

@@ -11,7 +11,7 @@ logits for every query, a per-key bias that a KV prefix cannot carry: S = 1 here
 
 import torch
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel

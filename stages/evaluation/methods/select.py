@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
+from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel

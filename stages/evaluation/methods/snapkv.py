@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from cartridges.artifact import kv_shape
+from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.qa import Question

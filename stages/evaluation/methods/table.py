@@ -11,8 +11,8 @@ from typing import Literal
 
 import torch
 
-from cartridges.artifact import kv_shape
 from cartridges.errors import CartridgeError
+from cartridges.kv_layout import kv_shape
 from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import Context, ContextSource, FixedContext, corpus_kv
 from cartridges.stages.evaluation.methods.ape import documents_of, parallel_context

@@ -1,0 +1,49 @@
+"""The benchmarks as a package: one command line for all of them, and the sweep's stages run through the
+one wiring with configs read by the build's loader (on the tiny model: mechanics, not quality)."""
+
+import json
+import sys
+
+import yaml
+
+from cartridges.bench.__main__ import COMMANDS
+from cartridges.bench.__main__ import main as bench_main
+from cartridges.pipeline.build_config import CONFIGS_DIR
+from cartridges.stages.ingest import read_corpus
+
+
+def test_every_bench_command_is_a_module_with_a_main(capsys):
+    import importlib
+
+    for command in COMMANDS:
+        assert callable(importlib.import_module(f"cartridges.bench.{command.replace('-', '_')}").main)
+    assert bench_main(["no-such-bench"]) == 2
+    assert "distill-sweep" in capsys.readouterr().out
+
+
+def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
+    tiny_model_dir, long_corpus, cartridges_home, tmp_path, monkeypatch
+):
+    qa = tmp_path / "qa.json"
+    pairs = [("When is rent due in unit 3?", "before day 4"), ("How much in unit 5?", "50 dollars")]
+    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "value"} for i, (q, a) in enumerate(pairs)]
+    qa.write_text(
+        json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]})
+    )
+    out = tmp_path / "sweep"
+    argv = ["distill-sweep", "--qa", str(qa), "--corpus-id", "statute", "--config", "tiny"]
+    argv += ["--set", f"model={tiny_model_dir}", "--trial", "corpus/0.01/3/8", "--distractors", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench_main(argv) == 0
+
+    result = json.loads((out / "results.json").read_text())
+    [row] = result["rows"]
+    assert row["name"] == "corpus-lr0.01-s3-p8" and row["train_metrics"]["step"] == 3
+    tiny = yaml.safe_load((CONFIGS_DIR / "tiny.yaml").read_text())
+    trained = json.loads((out / "statute" / row["name"] / "distill" / "config.json").read_text())
+    assert (trained["lr"], trained["steps"], trained["num_tokens"]) == (0.01, 3, 8)  # the trial's
+    assert trained["batch_size"] == tiny["distill"]["batch_size"]  # the rest: tiny.yaml's
+    assert trained["max_length"] == 512  # and below it the code defaults
+    synthesis = json.loads((out / "statute" / "mix-corpus" / "synthesis" / "config.json").read_text())["config"]
+    assert synthesis["samples"] == tiny["synthesis"]["samples"]
+    assert synthesis["kinds"] == {"quote": 1.0, "continuation": 1.0, "fill_span": 1.0}  # the mix's
