@@ -14,9 +14,10 @@ from pathlib import Path
 
 from cartridges.errors import run_script
 from cartridges.models import load_model
-from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
-from cartridges.stages.distillation.run import run_training
+from cartridges.pipeline.build_config import load_build_config
+from cartridges.pipeline.stage_runner import StageJob, run_stages
 from cartridges.stages.run_dir import RunDir
+from cartridges.stages.run_mirror import RunMirror
 
 
 def main() -> None:
@@ -25,16 +26,18 @@ def main() -> None:
     parser.add_argument("scratch", type=Path, help="folder to copy it into (replaced)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", default="default", help="the build config whose distill section is timed")
     args = parser.parse_args()
     shutil.rmtree(args.scratch, ignore_errors=True)
     args.scratch.mkdir(parents=True)
     for item in ["documents.parquet", "chunks.parquet", "ingest.json", "synthesis"]:
         (shutil.copytree if (args.run / item).is_dir() else shutil.copy)(args.run / item, args.scratch / item)
-    loaded = load_model()
-    config = DistillConfig(num_tokens=256, steps=args.steps, checkpoint_every=1000, eval_every=1000, eval_samples=16)
-    run, settings = RunDir(args.scratch), DistillRunSettings(executor="local", threads=args.threads)
+    overrides = [f"distill.steps={args.steps}", "distill.checkpoint_every=1000", "distill.eval_every=1000"]
+    overrides += ["distill_run.executor=local", f"distill_run.threads={args.threads}"]
+    config = load_build_config(args.config, overrides)
+    loaded = load_model(config.model)
     started = time.perf_counter()
-    run_training(run, loaded, config, settings)
+    run_stages(StageJob(RunMirror(RunDir(args.scratch), None), loaded, config, ("distill",)))
     records = [json.loads(line) for line in (args.scratch / "distill" / "metrics.jsonl").read_text().splitlines()]
     print(
         json.dumps(
