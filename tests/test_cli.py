@@ -1,6 +1,7 @@
 """The command line end to end on the tiny model; user mistakes exit 2 with one line and write nothing."""
 
 import json
+import shutil
 
 import pytest
 
@@ -228,6 +229,16 @@ def test_distill_publishes_a_distilled_cartridge(cli, tiny_model_dir, tmp_path):
     assert "published legal@1 (8 tokens, method distilled)" in out
     manifest = json.loads(cli("show", "legal@1")[1])
     assert manifest["method"] == "distilled" and manifest["method_config"]["steps"] == 2
+    distill_again = ["distill", str(run), "--name", "legal", "--config", "tiny", "--model", str(tiny_model_dir)]
+    code, out, err = cli(*distill_again, "--set", "distill.steps=2")  # as a build: a published folder is done
+    assert code == 0 and f"nothing to do: {run} was published as legal@1" in " ".join(out.split()), err
+    listed = cli("ls")[1]
+    assert "legal@1" in listed and "legal@2" not in listed
+    second = tmp_path / "run-2"
+    shutil.copytree(run, second, ignore=shutil.ignore_patterns("distill", "published.json", "warm_start.json"))
+    code, out, err = cli(*distill_again[:1], str(second), *distill_again[2:], "--set", "distill.steps=3")
+    assert code == 0 and "published legal@2" in out, err
+    assert json.loads(cli("show", "legal@2")[1])["parent"] == "legal@1"  # warm-started, as a build would
 
 
 def test_distill_without_synthesis_is_a_user_error(cli, tmp_path, tiny_model_dir):
