@@ -7,13 +7,13 @@ of `--tokens` tokens after a 256-token prefix, submitted together, timed `--repe
 import argparse
 import time
 
-from cartridges.batch_decoder import BatchDecoder
 from cartridges.errors import run_script
-from cartridges.generation import Generation, Sampling
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids
 from cartridges.models import load_model
+from cartridges.serving.batch_decoder import BatchDecoder
+from cartridges.serving.generation import Generation, Sampling
 
 TEXT = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy. "
 

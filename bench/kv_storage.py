@@ -1,6 +1,6 @@
 """The storage baseline from CacheGen's idea (arXiv 2310.07240): keep the whole corpus's KV (icl) on
 disk instead of prefilling it per session, at fp32, fp16 and int8 (per-channel scales, dequantised
-on load), and each given cartridge's prefix at the same precisions (cartridges/precision.py, what
+on load), and each given cartridge's prefix at the same precisions (cartridges/artifact/precision.py, what
 `distill.precision` publishes). Reported: bytes on disk, load time (against prefill time for the
 corpus KV), and the gold NLL of the read-back block paired against fp32. Used by `bench/methods.py`.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cartridges.precision import PRECISIONS, decode, encode
+from cartridges.artifact.precision import PRECISIONS, decode, encode
 from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluation.evaluate import paired_gain, score_corpus
 

@@ -38,7 +38,7 @@ from cartridges.layout import chat_token_ids
 from cartridges.loading import open_cartridge
 from cartridges.models import load_model
 from cartridges.qa import load_qa_files
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
 from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluation.evaluate import score_corpus

@@ -18,14 +18,14 @@ import threading
 import time
 from pathlib import Path
 
-from cartridges.batch_decoder import BatchDecoder
 from cartridges.bench.run_record import record_header
 from cartridges.errors import run_script
-from cartridges.generation import Generation, Sampling
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.qa import load_qa_file
-from cartridges.server import load_serving_model
+from cartridges.serving.batch_decoder import BatchDecoder
+from cartridges.serving.generation import Generation, Sampling
+from cartridges.serving.server import load_serving_model
 
 QA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "qa" / "legal_housingqa.json"
 

@@ -47,7 +47,7 @@ def free_port() -> int:
 def publish_cartridge(corpus, tokens: int, registry: Path) -> str:
     """The untrained cartridge of the article's first tokens (cost does not depend on training)."""
     from cartridges.models import load_model
-    from cartridges.registry import Registry
+    from cartridges.registry.store import Registry
     from cartridges.stages.distillation.init.first_tokens import init_cartridge
     from cartridges.stages.ingest import Corpus, Document
 

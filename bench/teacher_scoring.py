@@ -7,7 +7,7 @@ its KV. Two ways to run a batch of them, timed on the same rows in alternation:
 - padded (the HF engine before 2026-11-29): the rows left-padded to the longest, the context's KV
   expanded to a copy per row, one HF forward pass with SDPA;
 - packed (`HFEngine.score` now): the rows' tokens in one sequence, each attending to the one copy of
-  the context's KV and causally to itself (`cartridges.packed_attention.packed_logits`).
+  the context's KV and causally to itself (`cartridges.serving.packed_attention.packed_logits`).
 Rows are real continuation samples of a QA article (message and answer from the article). Both must
 agree (largest difference of a top-k log-probability is reported). Writes results.json, results.md
 and a PNG under --out.
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from cartridges.batching import pad_batch
 from cartridges.bench.run_record import record_header, settings_of
 from cartridges.errors import run_script
 from cartridges.kv_layout import kv_shape
@@ -35,6 +34,7 @@ from cartridges.kv_prefix import kv_prefix_of_tokens, prefix_cache
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import load_model
 from cartridges.qa import DEFAULT_QA_DIR, find_corpus
+from cartridges.serving.batching import pad_batch
 from cartridges.stages.synthesis.engines import HFEngine
 from cartridges.stages.synthesis.seed_prompts import corpus_answer
 

@@ -17,12 +17,12 @@ modules behind `build` and `load` import torch and transformers.
 import importlib
 
 _PUBLIC = {
-    "Registry": "cartridges.registry",
+    "Registry": "cartridges.registry.store",
     "default_registry_url": "cartridges.home",
     "load": "cartridges.loading",  # -> CartridgeRuntime: generate(messages), logits(input_ids)
     "open_cartridge": "cartridges.loading",  # -> Cartridge: manifest and prefix, checked
     "CartridgeRuntime": "cartridges.runtime",
-    "Manifest": "cartridges.manifest",
+    "Manifest": "cartridges.artifact.manifest",
     "CartridgeError": "cartridges.errors",
     "build": "cartridges.pipeline.build",  # ingest -> synthesize -> distill -> evaluate -> publish
     "BuildResult": "cartridges.pipeline.build",

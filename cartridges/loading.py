@@ -3,12 +3,12 @@
 from collections.abc import Sequence
 from pathlib import Path
 
-from cartridges.artifact import Cartridge, load_artifact
+from cartridges.artifact.folder import Cartridge, load_artifact
+from cartridges.artifact.manifest import MANIFEST_FILE
 from cartridges.errors import CartridgeError
-from cartridges.manifest import MANIFEST_FILE
 from cartridges.models import load_model, model_spec_of
-from cartridges.names import folder_of
-from cartridges.registry import Registry
+from cartridges.registry.names import folder_of
+from cartridges.registry.store import Registry
 from cartridges.runtime import CartridgeRuntime
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from cartridges.artifact import Cartridge, check_compatible, to_model_dtype
+from cartridges.artifact.folder import Cartridge, check_compatible, to_model_dtype
 from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import prefix_cache
 from cartridges.layout import DEFAULT_SYSTEM_PROMPT, chat_token_ids

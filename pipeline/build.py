@@ -26,7 +26,7 @@ from cartridges.home import runs_dir
 from cartridges.models import LoadedModel, load_model
 from cartridges.pipeline.stage_runner import STAGES, StageJob, run_stages
 from cartridges.qa import QACorpus
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation.config import check_training_fits_window
 from cartridges.stages.ingest import Corpus, read_corpus

@@ -6,9 +6,9 @@ import sys
 import typer
 
 from cartridges.errors import CartridgeError
-from cartridges.object_store import storage_problem
 from cartridges.pipeline import cli_build, cli_registry, cli_schedule, cli_serve, cli_use  # noqa: F401  (they register the commands)
 from cartridges.pipeline.cli_app import app, errors
+from cartridges.registry.object_store import storage_problem
 
 # `cartridges --help` lists the commands in the order a newcomer uses them.
 HELP_ORDER = ["build", "ask", "chat", "serve", "ls", "show", "verify", "alias", "rm", "compose", "init", "eval"]

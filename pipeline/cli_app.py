@@ -8,7 +8,7 @@ from rich.console import Console
 
 from cartridges.errors import CartridgeError
 from cartridges.home import default_registry_url
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 
 app = typer.Typer(
     help="Turn a corpus into a cartridge: a trained KV-cache prefix a model loads instead of the corpus.",

@@ -111,8 +111,8 @@ def distill_command(
     Example: cartridges distill runs/legal --name legal --set distill.num_tokens=256 --set distill.steps=200
     """
     from cartridges.models import load_model
-    from cartridges.names import validate_new_name
     from cartridges.pipeline.stage_runner import StageJob, run_stages
+    from cartridges.registry.names import validate_new_name
     from cartridges.stages.distillation.config import check_training_fits_window
     from cartridges.stages.run_dir import RunDir
     from cartridges.stages.run_mirror import RunMirror
@@ -163,8 +163,8 @@ def build_command(
     Example: cartridges build legal/ --name legal --set distill.steps=100
     """
     from cartridges.default_corpus import gather_license_corpus
-    from cartridges.names import validate_new_name
     from cartridges.pipeline.build import build
+    from cartridges.registry.names import validate_new_name
 
     validate_new_name(name)
     reg = open_registry(registry, writing=True)

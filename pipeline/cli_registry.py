@@ -48,8 +48,8 @@ def init(
     """
     from cartridges.default_corpus import gather_license_corpus
     from cartridges.models import load_model
-    from cartridges.names import validate_new_name
     from cartridges.pipeline.runs import scratch_folder
+    from cartridges.registry.names import validate_new_name
     from cartridges.stages.distillation.init.first_tokens import init_cartridge
     from cartridges.stages.ingest import read_corpus
 
@@ -105,8 +105,8 @@ def show(
 
     Example: cartridges show legal@latest
     """
-    from cartridges.manifest import Manifest
-    from cartridges.names import folder_of
+    from cartridges.artifact.manifest import Manifest
+    from cartridges.registry.names import folder_of
 
     folder = folder_of(ref)
     console.print_json((Manifest.read(folder) if folder else open_registry(registry).show(ref)).to_json())
@@ -122,9 +122,9 @@ def verify(
 
     Example: cartridges verify legal@3
     """
-    from cartridges.artifact import check_against_model_files
-    from cartridges.integrity import check_artifact
-    from cartridges.names import folder_of
+    from cartridges.artifact.folder import check_against_model_files
+    from cartridges.artifact.integrity import check_artifact
+    from cartridges.registry.names import folder_of
 
     folder = folder_of(ref)
     manifest = check_artifact(folder) if folder else open_registry(registry).verify(ref)
@@ -175,7 +175,7 @@ def remove(
 
     Example: cartridges rm legal@2
     """
-    from cartridges.names import folder_of, parse_ref
+    from cartridges.registry.names import folder_of, parse_ref
 
     if folder_of(ref) is None and "@" not in ref and not latest:
         parse_ref(ref)  # a bad name is named first
@@ -194,10 +194,10 @@ def compose_command(
 
     Example: cartridges compose legal@latest tax@stable --name legal-tax
     """
-    from cartridges.compose import compose
+    from cartridges.artifact.compose import compose
     from cartridges.loading import open_cartridge
-    from cartridges.names import validate_new_name
     from cartridges.pipeline.runs import scratch_folder
+    from cartridges.registry.names import validate_new_name
 
     validate_new_name(name)
     reg = open_registry(registry, writing=True)

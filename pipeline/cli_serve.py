@@ -8,7 +8,7 @@ import typer
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.cli_app import ModelOption, RegistryOption, app, console, open_registry
-from cartridges.server_api import Limits
+from cartridges.serving.api import Limits
 
 
 @app.command("serve")
@@ -56,7 +56,7 @@ def serve_command(
     """
     import uvicorn
 
-    from cartridges.server import build_server, create_app, load_serving_model
+    from cartridges.serving.server import build_server, create_app, load_serving_model
 
     # An empty or blank key (--api-key "", CARTRIDGES_API_KEY="") would serve without any key: a mistake
     # in a deployment's secret, not a wish for an open server. Unset is the way to serve without one.
@@ -68,7 +68,7 @@ def serve_command(
     limits = Limits(max_tokens=max_tokens, prefill_tokens=prefill_tokens, body_seconds=timeout, send_seconds=timeout)
     if ray:
         from cartridges.cluster import cpus_per_actor
-        from cartridges.serve_on_ray import ReplicaSettings, serve_on_ray
+        from cartridges.serving.serve_on_ray import ReplicaSettings, serve_on_ray
 
         if reg.is_transient:
             raise CartridgeError("--ray needs a registry every replica can read: a folder or an object store URL")

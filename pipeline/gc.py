@@ -20,8 +20,8 @@ from filelock import FileLock, Timeout
 
 from cartridges.home import runs_dir
 from cartridges.pipeline.runs import scratch_root
-from cartridges.registry import Registry
-from cartridges.registry_layout import CLAIM_FILE, STAGING
+from cartridges.registry.layout import CLAIM_FILE, STAGING
+from cartridges.registry.store import Registry
 from cartridges.stages.run_dir import RunDir
 
 # Run folders that `init`, `compose` and `distill` made before they used scratch folders: <name>-<UTC stamp>-<6 hex>.

@@ -16,8 +16,8 @@ from croniter import croniter
 from pydantic import BaseModel
 
 from cartridges.errors import CartridgeError
-from cartridges.names import validate_new_name
-from cartridges.registry import Registry
+from cartridges.registry.names import validate_new_name
+from cartridges.registry.store import Registry
 
 STATE_FILE = "schedules.json"
 ACTOR_NAME = "cartridges-scheduler"

@@ -19,7 +19,7 @@ from cartridges.errors import CartridgeError
 from cartridges.loading import open_cartridge
 from cartridges.models import LoadedModel
 from cartridges.qa import QACorpus
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.stages import ingest, publish
 from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation import stage as distillation

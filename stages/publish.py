@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from cartridges.models import LoadedModel
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation.artifact import TrainedRun, save_distilled
 from cartridges.stages.records import DistillRecord, EvaluationRecord, IngestRecord, PublishedRecord, SynthesisSummary

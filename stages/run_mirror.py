@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cartridges.errors import CartridgeError
-from cartridges.object_store import open_store, protocols, require_bucket, storage_problem
+from cartridges.registry.object_store import open_store, protocols, require_bucket, storage_problem
 from cartridges.regular_files import require_folder_possible
 from cartridges.stages.distillation.checkpoints import STATE_FILE
 from cartridges.stages.run_dir import RunDir

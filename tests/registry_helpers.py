@@ -7,11 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from cartridges.artifact import save_artifact
-from cartridges.hashing import sha256_file
-from cartridges.integrity import BOUND_MANIFEST_KEY
-from cartridges.kv_layout import cartridge_peft_config
-from cartridges.manifest import (
+from cartridges.artifact.folder import save_artifact
+from cartridges.artifact.integrity import BOUND_MANIFEST_KEY
+from cartridges.artifact.manifest import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     MANIFEST_FILE,
@@ -19,6 +17,8 @@ from cartridges.manifest import (
     Manifest,
     strict_json,
 )
+from cartridges.hashing import sha256_file
+from cartridges.kv_layout import cartridge_peft_config
 
 MODEL_CONFIG = LlamaConfig(
     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=32, head_dim=16, vocab_size=16

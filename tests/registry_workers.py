@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 
 
 def publish_one(args: tuple[str, str]) -> int:

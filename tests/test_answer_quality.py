@@ -2,7 +2,7 @@
 
 import pytest
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
 from cartridges.qa import QACorpus, Question
 from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.distillation.init.first_tokens import init_cartridge

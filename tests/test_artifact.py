@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
+from cartridges.artifact.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FORMAT_VERSION, MANIFEST_FILE
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_file
-from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FORMAT_VERSION, MANIFEST_FILE
 from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
 

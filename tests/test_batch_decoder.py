@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from cartridges.artifact import load_artifact
-from cartridges.batch_decoder import BatchDecoder
-from cartridges.generation import Generation, Sampling
+from cartridges.artifact.folder import load_artifact
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.runtime import CartridgeRuntime
+from cartridges.serving.batch_decoder import BatchDecoder
+from cartridges.serving.generation import Generation, Sampling
 from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
 

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from cartridges.batch_kv import ROOM, BatchKV
+from cartridges.serving.batch_kv import ROOM, BatchKV
 
 SHAPE = (2, 2, 3)  # layers, kv heads, head dim
 

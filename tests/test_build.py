@@ -100,10 +100,10 @@ def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(
 ):
     from safetensors.torch import load_file
 
-    from cartridges.artifact import load_artifact
+    from cartridges.artifact.folder import load_artifact
     from cartridges.pipeline.build import build_run_dir
     from cartridges.pipeline.build_config import load_build_config
-    from cartridges.registry import Registry
+    from cartridges.registry.store import Registry
 
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
     assert cli(*args)[0] == 0
@@ -156,10 +156,10 @@ def kill_after(monkeypatch, target: str, calls: int):
 def test_a_build_killed_in_synthesis_and_in_training_resumes_to_the_same_cartridge(
     monkeypatch, tiny_model_dir, long_corpus, tmp_path
 ):
-    from cartridges.artifact import load_artifact
+    from cartridges.artifact.folder import load_artifact
     from cartridges.pipeline.build import build
     from cartridges.pipeline.build_config import load_build_config
-    from cartridges.registry import Registry
+    from cartridges.registry.store import Registry
 
     config = load_build_config("tiny", [f"model={tiny_model_dir}", "distill.steps=3"])
     monkeypatch.setenv("CARTRIDGES_HOME", str(tmp_path / "reference"))
@@ -289,7 +289,7 @@ def test_a_build_whose_training_goes_non_finite_publishes_nothing_and_the_schedu
     from datetime import UTC, datetime, timedelta
 
     from cartridges.pipeline.scheduler import Scheduler, build_schedule
-    from cartridges.registry import Registry
+    from cartridges.registry.store import Registry
 
     registry = Registry(cartridges_home / "registry")
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
@@ -335,9 +335,9 @@ def test_a_build_that_diverges_is_one_line_on_the_command_line(
 def test_warm_start_refuses_a_damaged_parent(cli, tiny_model_dir, long_corpus, cartridges_home):
     from safetensors.torch import save_file
 
+    from cartridges.artifact.integrity import bound_metadata
+    from cartridges.artifact.manifest import ADAPTER_WEIGHTS_FILE, Manifest
     from cartridges.hashing import sha256_file
-    from cartridges.integrity import bound_metadata
-    from cartridges.manifest import ADAPTER_WEIGHTS_FILE, Manifest
 
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
     assert cli(*args)[0] == 0

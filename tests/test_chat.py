@@ -12,7 +12,7 @@ import time
 import pytest
 from rich.console import Console
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
 from cartridges.chat import chat_session
 from cartridges.errors import CartridgeError
 from cartridges.runtime import CartridgeRuntime

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from cartridges.artifact import load_artifact
-from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
+from cartridges.artifact.folder import load_artifact
+from cartridges.artifact.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
 from cartridges.models import load_model
 from cartridges.runtime import CartridgeRuntime
 
@@ -353,7 +353,7 @@ def test_a_folder_in_the_current_directory_never_replaces_a_registry_name(
 def test_the_model_mismatch_message_suggests_a_model_option_that_works(tiny, tmp_path):
     from registry_helpers import fake_artifact
 
-    from cartridges.artifact import check_compatible
+    from cartridges.artifact.folder import check_compatible
     from cartridges.errors import CartridgeError
 
     cartridge = load_artifact(fake_artifact(tmp_path / "a"))

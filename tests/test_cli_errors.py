@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import STATUTE, build_tiny_model
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
 from cartridges.models import load_model
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
 

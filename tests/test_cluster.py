@@ -16,7 +16,7 @@ import ray
 from ray.cluster_utils import Cluster
 from sample_helpers import assert_same_samples
 
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.stages.ingest import ingest
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.synthesis.config import SynthesisConfig, SynthesisRunSettings

@@ -8,7 +8,7 @@ import torch
 from peft_check import ours_and_peft_logits
 from safetensors.torch import load_file
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
 from cartridges.cluster import runs_on_ray
 from cartridges.stages.distillation.artifact import TrainedRun, save_distilled
 from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings

@@ -15,13 +15,13 @@ from registry_helpers import MODEL_CONFIG, WIDTH, fake_manifest, forge
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cartridges.artifact import load_artifact, save_artifact
+from cartridges.artifact.folder import load_artifact, save_artifact
+from cartridges.artifact.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
+from cartridges.artifact.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
 from cartridges.errors import CartridgeError
-from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
 from cartridges.kv_layout import cartridge_peft_config
-from cartridges.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
 from cartridges.models import load_model
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
@@ -222,3 +222,14 @@ def test_a_device_or_a_pipe_in_place_of_an_artifact_file_is_refused_not_read(cli
     assert "not a regular file" in finishes(
         lambda: one_line_exit_2(cli, "verify", "legal@1", "--registry", str(registry.url))
     )
+
+
+def test_the_payload_binds_its_manifest_under_the_key_the_format_names(tmp_path):
+    """docs/format.md's header key, written out: artifacts published by earlier versions carry it, so a
+    rename of the module that defines it must not rename the key."""
+    folder = saved(tmp_path / "a", torch.randn(3, WIDTH))
+    with safe_open(str(folder / ADAPTER_WEIGHTS_FILE), "pt") as stored:
+        metadata = stored.metadata()
+    assert set(metadata) == {"cartridges.manifest"}
+    assert json.loads(metadata["cartridges.manifest"])["num_tokens"] == 3
+    assert "`cartridges.manifest`" in (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()

@@ -12,7 +12,7 @@ import pytest
 from filelock import FileLock
 from registry_helpers import fake_artifact
 
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 
 
 def files_under(root: Path) -> list[str]:
@@ -83,7 +83,7 @@ def test_a_build_killed_after_publishing_finds_its_version_instead_of_publishing
 PUBLISH_AND_DIE = """
 import os, sys
 from pathlib import Path
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 registry = Registry(sys.argv[1])
 original = registry._commit
 def die(staging, target):

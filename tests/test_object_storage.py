@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 
 QUESTION = "How many days notice must a landlord give?"
 
@@ -36,7 +36,7 @@ def test_ask_from_a_fresh_process_reads_the_cartridge_from_s3(
 ):
     """Published to s3:// by one process, answered by another whose home holds nothing: the answer is the
     one the same artifact gives from a local registry, and the fresh home now caches it by digest."""
-    monkeypatch.setattr("cartridges.manifest.datetime", FrozenClock)
+    monkeypatch.setattr("cartridges.artifact.manifest.datetime", FrozenClock)
     remote = f"{s3_bucket}/registry"
     code, _, err = cli("init", "--corpus", str(corpus_dir), "--model", str(lively_model_dir), "--tokens", "16")
     assert code == 0, err
@@ -91,7 +91,7 @@ def test_a_build_stopped_on_one_machine_resumes_on_another_from_the_runs_root(
     makes no shard again and publishes the cartridge an uninterrupted build makes."""
     from test_build import Killed, kill_after
 
-    from cartridges.artifact import load_artifact
+    from cartridges.artifact.folder import load_artifact
     from cartridges.pipeline.build import build
     from cartridges.pipeline.build_config import load_build_config
 
@@ -128,7 +128,7 @@ def test_a_build_stopped_on_one_machine_resumes_on_another_from_the_runs_root(
 PUBLISH_AND_DIE_AFTER_THE_CLAIM = """
 import os, sys
 from pathlib import Path
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 registry = Registry(sys.argv[1])
 real_move = registry.fs.mv
 def move_one_then_die(*args, **kwargs):

@@ -4,10 +4,17 @@ gives each row the logits transformers gives that row alone after its prefix."""
 import pytest
 import torch
 
-from cartridges.batch_kv import BatchKV
 from cartridges.kv_layout import kv_shape
-from cartridges.packed_attention import NO_MASK, STEP_ARGUMENT, Chunk, PackedStep, SharedPrefix, use_packed_attention
 from cartridges.runtime import prefix_cache
+from cartridges.serving.batch_kv import BatchKV
+from cartridges.serving.packed_attention import (
+    NO_MASK,
+    STEP_ARGUMENT,
+    Chunk,
+    PackedStep,
+    SharedPrefix,
+    use_packed_attention,
+)
 
 
 def alone(model, prefix, shape, tokens):

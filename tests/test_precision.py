@@ -10,12 +10,12 @@ from registry_helpers import MODEL_CONFIG, fake_manifest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cartridges.artifact import load_artifact, save_artifact
+from cartridges.artifact.folder import load_artifact, save_artifact
+from cartridges.artifact.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
+from cartridges.artifact.manifest import ADAPTER_WEIGHTS_FILE
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_file
-from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, SCALE_SUFFIX, check_artifact
 from cartridges.kv_layout import cartridge_peft_config
-from cartridges.manifest import ADAPTER_WEIGHTS_FILE
 from cartridges.runtime import CartridgeRuntime
 from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus

@@ -2,7 +2,7 @@
 
 import torch
 
-from cartridges.prompt_cache import PromptCache
+from cartridges.serving.prompt_cache import PromptCache
 
 
 def kv(ids):

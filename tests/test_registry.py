@@ -14,11 +14,11 @@ import torch
 from registry_helpers import WIDTH, fake_artifact, fake_manifest
 from registry_workers import publish_one, set_aliases
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
+from cartridges.artifact.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_file
-from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 
 
 def test_publish_assigns_increasing_versions_and_resolves(tmp_path):
@@ -136,7 +136,7 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path, store_root):
 PUBLISH_SCRIPT = """
 import sys
 from pathlib import Path
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 Registry(sys.argv[1]).publish(Path(sys.argv[2]), "legal")
 print("done", flush=True)
 """
@@ -365,7 +365,7 @@ def test_verify_finds_non_finite_values_behind_valid_checksums(tmp_path):
 
 
 def test_verify_checks_the_adapter_config_against_the_manifest(tmp_path):
-    from cartridges.manifest import ADAPTER_CONFIG_FILE
+    from cartridges.artifact.manifest import ADAPTER_CONFIG_FILE
 
     reg = Registry(tmp_path / "reg")
     reg.publish(fake_artifact(tmp_path / "a"), "legal")
@@ -437,7 +437,7 @@ def test_messages_about_many_versions_stay_one_short_line(tmp_path):
 
 def test_a_remote_registry_never_serves_a_stale_copy(tmp_path, cartridges_home):
     """The cache is keyed by the manifest's digest, and the remote manifest is read on every resolve."""
-    from cartridges.manifest import manifest_digest
+    from cartridges.artifact.manifest import manifest_digest
 
     url = f"memory://stale-{time.time_ns()}"
     reg = Registry(url)

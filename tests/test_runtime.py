@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
 from cartridges.errors import CartridgeError
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import load_model

@@ -7,7 +7,7 @@ import pytest
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.scheduler import Scheduler, build_schedule
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 
 MIDNIGHT = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import uvicorn
 
-from cartridges.registry import Registry
+from cartridges.registry.store import Registry
 from cartridges.runtime import CartridgeRuntime
-from cartridges.server import Limits, build_server, create_app
+from cartridges.serving.server import Limits, build_server, create_app
 from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
 
@@ -362,10 +362,10 @@ def test_serve_on_ray_with_two_replicas_answers_like_one_process(lively_model_di
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(lively, registry):
-    from cartridges.batch_decoder import BatchDecoder
-    from cartridges.cartridge_store import CartridgeStore
     from cartridges.kv_layout import kv_shape
-    from cartridges.server import Server
+    from cartridges.serving.batch_decoder import BatchDecoder
+    from cartridges.serving.cartridge_store import CartridgeStore
+    from cartridges.serving.server import Server
 
     finished = []
 
@@ -401,11 +401,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(lively, registry):
 def test_requests_on_one_cartridge_or_composition_share_one_copy_of_its_keys_and_values(lively, registry):
     """The store hands out one tensor per version and per composition; the decoder holds one copy of each
     prefix in use, whatever the number of rows, and each row only its own tokens."""
-    from cartridges.batch_decoder import BatchDecoder
-    from cartridges.cartridge_store import CartridgeStore
-    from cartridges.generation import Generation, Sampling
     from cartridges.kv_layout import kv_shape
     from cartridges.layout import chat_token_ids
+    from cartridges.serving.batch_decoder import BatchDecoder
+    from cartridges.serving.cartridge_store import CartridgeStore
+    from cartridges.serving.generation import Generation, Sampling
 
     store = CartridgeStore(registry, lively)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # requests that arrive together for a new version

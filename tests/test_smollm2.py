@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from cartridges.artifact import load_artifact
+from cartridges.artifact.folder import load_artifact
 from cartridges.default_corpus import gather_license_corpus
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import EMBEDDED_MODEL_NAME

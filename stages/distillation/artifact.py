@@ -8,9 +8,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 
-from cartridges.artifact import describe_model, save_artifact
+from cartridges.artifact.folder import describe_model, save_artifact
+from cartridges.artifact.manifest import CorpusInfo, Manifest
 from cartridges.kv_layout import NUM_FROZEN_TOKENS, cartridge_peft_config
-from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.stages.distillation.config import DistillConfig
 from cartridges.stages.distillation.training_data import data_fingerprint
 from cartridges.stages.records import IngestRecord, SynthesisSummary

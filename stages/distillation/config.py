@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from cartridges.artifact.precision import Precision
 from cartridges.cluster import Executor, cpus_per_actor
 from cartridges.errors import CartridgeError
-from cartridges.precision import Precision
 from cartridges.settings import STRICT_SETTINGS
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from cartridges.batching import pad_batch
 from cartridges.errors import CartridgeError
 from cartridges.hashing import sha256_bytes, sha256_of_named_hashes
 from cartridges.layout import chat_token_ids
+from cartridges.serving.batching import pad_batch
 
 COLUMNS = ["sample_id", "messages", "answer_ids", "topk_ids", "topk_logprobs", "token_logprobs"]
 

@@ -13,12 +13,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cartridges.batch_decoder import BatchDecoder
-from cartridges.generation import Generation, Sampling
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
 from cartridges.runtime import stop_token_ids
+from cartridges.serving.batch_decoder import BatchDecoder
+from cartridges.serving.generation import Generation, Sampling
 from cartridges.stages.evaluation.contexts import Context
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")

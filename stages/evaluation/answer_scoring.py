@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cartridges.batching import pad_batch
 from cartridges.layout import chat_token_ids
+from cartridges.serving.batching import pad_batch
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -13,8 +13,8 @@ import torch
 
 from cartridges.kv_layout import kv_shape
 from cartridges.models import LoadedModel
-from cartridges.packed_attention import packed_logits, use_packed_attention
 from cartridges.qa import QACorpus, Question
+from cartridges.serving.packed_attention import packed_logits, use_packed_attention
 from cartridges.stages.evaluation.answer_scoring import Forward, mean_answer_nll
 from cartridges.stages.evaluation.contexts import Context, ContextSource
 

@@ -11,12 +11,12 @@ from typing import Literal, Protocol
 
 import torch
 
-from cartridges.batching import pad_batch
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.models import default_device
-from cartridges.packed_attention import packed_logits, use_packed_attention
 from cartridges.runtime import prefix_cache
+from cartridges.serving.batching import pad_batch
+from cartridges.serving.packed_attention import packed_logits, use_packed_attention
 
 EngineName = Literal["auto", "vllm", "hf"]
 SMALL_MACHINE_CORES = 4
@@ -141,7 +141,7 @@ class HFEngine:
         self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], top_k: int | None = None
     ) -> list[Completion]:
         """Prompts of one chunk are batched together and their common beginning runs once, as a KV
-        prefix. Without `top_k` the batch runs on the packed decoder (`cartridges.batch_decoder`): every
+        prefix. Without `top_k` the batch runs on the packed decoder (`cartridges.serving.batch_decoder`): every
         row reads the one copy of the chunk's keys and values, which on a CPU is several times faster
         than HF `generate` over a copy per row; with `top_k`, HF `generate` records each step's logits."""
         completions: list[Completion | None] = [None] * len(prompts)
@@ -157,8 +157,8 @@ class HFEngine:
         return completions
 
     def _generate_packed(self, prompts, batch, shared, sampling: SamplingConfig, seeds) -> list[Completion]:
-        from cartridges.batch_decoder import BatchDecoder
-        from cartridges.generation import Generation, Sampling
+        from cartridges.serving.batch_decoder import BatchDecoder
+        from cartridges.serving.generation import Generation, Sampling
 
         if self._decoder is None:
             # Batch work: first come first served packs each step as earlier builds did, so samples stay

@@ -6,12 +6,12 @@ prefix it reproduces the logits of the model with those tokens in context.
 
 from pathlib import Path
 
-from cartridges.artifact import describe_model, save_artifact
+from cartridges.artifact.folder import describe_model, save_artifact
+from cartridges.artifact.manifest import CorpusInfo, Manifest
 from cartridges.errors import CartridgeError
 from cartridges.kv_layout import NUM_FROZEN_TOKENS, cartridge_peft_config
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
-from cartridges.manifest import CorpusInfo, Manifest
 from cartridges.models import LoadedModel
 from cartridges.stages.ingest import Corpus
 from cartridges.tokenizing import count_tokens

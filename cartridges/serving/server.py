@@ -13,17 +13,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from cartridges.batch_decoder import BatchDecoder
-from cartridges.cartridge_store import CartridgeStore
 from cartridges.errors import CartridgeError, NotFound
-from cartridges.generation import Generation, Sampling
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
 from cartridges.models import LoadedModel
-from cartridges.object_store import storage_problem
+from cartridges.registry.object_store import storage_problem
 from cartridges.runtime import stop_token_ids
-from cartridges.server_api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, Limits, parse_request
-from cartridges.server_responses import Prepared, respond_chat, respond_completion
+from cartridges.serving.api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, Limits, parse_request
+from cartridges.serving.batch_decoder import BatchDecoder
+from cartridges.serving.cartridge_store import CartridgeStore
+from cartridges.serving.generation import Generation, Sampling
+from cartridges.serving.responses import Prepared, respond_chat, respond_completion
 
 __all__ = ["Limits", "Server", "build_server", "create_app", "load_serving_model"]
 

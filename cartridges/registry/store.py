@@ -1,6 +1,6 @@
 """A registry of immutable, versioned cartridges on a local folder or any fsspec URL.
 
-Its layout, readable without this code, is in `registry_layout`. A version becomes visible in one
+Its layout, readable without this code, is in `registry.layout`. A version becomes visible in one
 step. On a local filesystem the complete staging folder is renamed to `<name>/<N>`: the rename is
 atomic and fails when `<N>` exists, so a crash never leaves a half version and concurrent publishers
 get distinct versions. Object stores have no folder
@@ -24,11 +24,8 @@ from typing import TYPE_CHECKING
 
 from fsspec.implementations.local import LocalFileSystem
 
-from cartridges.artifact_cache import cached_copy, download
-from cartridges.atomic import rename_unless_exists, write_atomically
-from cartridges.errors import CartridgeError, NotFound, short_list
-from cartridges.integrity import check_artifact
-from cartridges.manifest import (
+from cartridges.artifact.integrity import check_artifact
+from cartridges.artifact.manifest import (
     MANIFEST_FILE,
     PAYLOAD_FILES,
     Manifest,
@@ -36,9 +33,10 @@ from cartridges.manifest import (
     strict_json,
     utc_now,
 )
-from cartridges.names import LATEST, NAME_PATTERN, Ref, is_version, parse_ref, validate_name, validate_new_name
-from cartridges.object_store import create_exclusively, open_store, require_bucket, require_conditional_writes
-from cartridges.registry_layout import (
+from cartridges.atomic import rename_unless_exists, write_atomically
+from cartridges.errors import CartridgeError, NotFound, short_list
+from cartridges.registry.artifact_cache import cached_copy, download
+from cartridges.registry.layout import (
     ALIASES_DIR,
     CLAIM_FILE,
     LEGACY_ALIASES_FILE,
@@ -46,10 +44,12 @@ from cartridges.registry_layout import (
     STAGING,
     STATE,
 )
+from cartridges.registry.names import LATEST, NAME_PATTERN, Ref, is_version, parse_ref, validate_name, validate_new_name
+from cartridges.registry.object_store import create_exclusively, open_store, require_bucket, require_conditional_writes
 from cartridges.regular_files import SMALL_FILE_LIMIT, UnreadableFile, read_regular
 
 if TYPE_CHECKING:
-    from cartridges.registry_listing import Listing
+    from cartridges.registry.listing import Listing
 
 MAX_PUBLISH_ATTEMPTS = 1000
 
@@ -207,7 +207,7 @@ class Registry:
 
     def list(self) -> Listing:
         """Every live version with its aliases; what cannot be listed is reported, not raised."""
-        from cartridges.registry_listing import list_registry
+        from cartridges.registry.listing import list_registry
 
         return list_registry(self)
 

@@ -19,7 +19,7 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PAYLOAD_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 
 Method = Literal["init", "distilled", "composed"]
-Precision = Literal["float32", "float16", "int8"]  # how a prefix may be stored (cartridges/precision.py)
+Precision = Literal["float32", "float16", "int8"]  # how a prefix may be stored (cartridges/artifact/precision.py)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 

@@ -6,9 +6,9 @@ a loaded cartridge's prefix is float32 and the runtime casts it to the model's d
 
 import torch
 
+from cartridges.artifact.integrity import SCALE_SUFFIX, dequantize
+from cartridges.artifact.manifest import PRECISIONS, Precision
 from cartridges.errors import CartridgeError
-from cartridges.integrity import SCALE_SUFFIX, dequantize
-from cartridges.manifest import PRECISIONS, Precision
 
 __all__ = ["PRECISIONS", "Precision", "decode", "encode"]
 

@@ -9,7 +9,7 @@ row copied). Attention reads `[:rows, :, :columns]` with a mask of each row's le
 row's length hold zeros or old finite values (never uninitialised memory: 0 x NaN is NaN).
 
 A cartridge's keys and values are not here: rows that share a cartridge read its one copy
-(`cartridges.packed_attention.SharedPrefix`).
+(`cartridges.serving.packed_attention.SharedPrefix`).
 """
 
 import torch

@@ -22,8 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from cartridges.batch_kv import BatchKV
 from cartridges.kv_prefix import prefix_layers
+from cartridges.serving.batch_kv import BatchKV
 
 NAME = "cartridges_packed"
 STEP_ARGUMENT = "cartridges_step"  # the keyword a packed forward pass passes its `PackedStep` in

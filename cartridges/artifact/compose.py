@@ -5,9 +5,9 @@ from pathlib import Path
 
 from peft import PeftConfig
 
-from cartridges.artifact import Cartridge, save_artifact
+from cartridges.artifact.folder import Cartridge, save_artifact
+from cartridges.artifact.manifest import Manifest, tool_version, utc_now
 from cartridges.errors import CartridgeError
-from cartridges.manifest import Manifest, tool_version, utc_now
 from cartridges.runtime import concat_prefixes
 
 

@@ -1,4 +1,4 @@
-"""What the server answers, typed like what it accepts (`server_api`): OpenAI's chat completion and text
+"""What the server answers, typed like what it accepts (`serving.api`): OpenAI's chat completion and text
 completion objects, whole or streamed as server-sent events, one responder per endpoint.
 
 Both responders read the same `Answer`: the generation's tokens turned into text as they come, cut at a
@@ -14,10 +14,10 @@ from typing import Literal
 from pydantic import BaseModel, model_serializer
 from sse_starlette.sse import EventSourceResponse
 
-from cartridges.batch_decoder import BatchDecoder
-from cartridges.generation import Generation
-from cartridges.server_api import ChatRequest, GenerationRequest
-from cartridges.text_stream import TextStream
+from cartridges.serving.api import ChatRequest, GenerationRequest
+from cartridges.serving.batch_decoder import BatchDecoder
+from cartridges.serving.generation import Generation
+from cartridges.serving.text_stream import TextStream
 
 
 @dataclass

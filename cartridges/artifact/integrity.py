@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from cartridges.errors import CartridgeError
-from cartridges.manifest import (
+from cartridges.artifact.manifest import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     PRECISIONS,
@@ -24,10 +23,15 @@ from cartridges.manifest import (
     strict_json,
     verify_payload,
 )
+from cartridges.errors import CartridgeError
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
-SCALE_SUFFIX = "_scale"  # an int8 prefix keeps its per-channel scales under "<key>_scale" (cartridges/precision.py)
-BOUND_MANIFEST_KEY = "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
+SCALE_SUFFIX = (
+    "_scale"  # an int8 prefix keeps its per-channel scales under "<key>_scale" (cartridges/artifact/precision.py)
+)
+BOUND_MANIFEST_KEY = (
+    "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
+)
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "I8": "int8"}  # the stored dtypes the format defines
 
 

@@ -8,7 +8,7 @@ the decoder knows about Ray: this module only wraps them.
 from dataclasses import dataclass
 
 from cartridges.cluster import init_ray
-from cartridges.server import Limits
+from cartridges.serving.server import Limits
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class CartridgeReplica:
     """One replica: the model, its decoder and cartridge store, and the app that serves them."""
 
     def __init__(self, settings: ReplicaSettings):
-        from cartridges.registry import Registry
-        from cartridges.server import build_server, load_serving_model
+        from cartridges.registry.store import Registry
+        from cartridges.serving.server import build_server, load_serving_model
 
         loaded, decoder_threads = load_serving_model(settings.model, settings.threads)
         self.server = build_server(
@@ -43,7 +43,7 @@ class CartridgeReplica:
         )
 
     def __serve_build_asgi_app__(self):  # Ray Serve asks for the app once the replica is constructed
-        from cartridges.server import create_app
+        from cartridges.serving.server import create_app
 
         return create_app(self.server)
 

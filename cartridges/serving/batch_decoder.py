@@ -1,10 +1,10 @@
-"""Continuous batching: many generations (`cartridges.generation`: what a caller submits and reads),
+"""Continuous batching: many generations (`cartridges.serving.generation`: what a caller submits and reads),
 each with its own cartridges (or none), in one decode loop.
 
-Every step is one packed forward pass (`cartridges.packed_attention`) over the next token of each
+Every step is one packed forward pass (`cartridges.serving.packed_attention`) over the next token of each
 decoding row and chunks of the prompts of rows that joined (at most `prefill_tokens` prompt tokens a
 step), so a request joins without stopping the others for a pass of its own. Rows on one cartridge
-read its one copy of keys and values; each row keeps only its own tokens (`cartridges.batch_kv`) and
+read its one copy of keys and values; each row keeps only its own tokens (`cartridges.serving.batch_kv`) and
 has its own positions, so a row's prompt starts at its prefix's length exactly as in training and in
 `cartridges ask` (greedy answers are the same tokens, tested). A prompt is computed only from where
 the prompt cache stops knowing it; a finished or cancelled request leaves at once. The decoder is one
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cartridges.batch_kv import BatchKV
-from cartridges.generation import FINISHED, Generation, Sampling
-from cartridges.packed_attention import Chunk, PackedStep, SharedPrefix, packed_forward, use_packed_attention
-from cartridges.prompt_cache import PromptCache
+from cartridges.serving.batch_kv import BatchKV
+from cartridges.serving.generation import FINISHED, Generation, Sampling
+from cartridges.serving.packed_attention import Chunk, PackedStep, SharedPrefix, packed_forward, use_packed_attention
+from cartridges.serving.prompt_cache import PromptCache
 
 
 @dataclass

@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cartridges.artifact.manifest import MANIFEST_FILE, Manifest
 from cartridges.errors import CartridgeError
-from cartridges.manifest import MANIFEST_FILE, Manifest
-from cartridges.names import is_version
-from cartridges.registry_layout import ALIASES_DIR, LEGACY_ALIASES_FILE
+from cartridges.registry.layout import ALIASES_DIR, LEGACY_ALIASES_FILE
+from cartridges.registry.names import is_version
 
 if TYPE_CHECKING:
-    from cartridges.registry import Registry
+    from cartridges.registry.store import Registry
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from cartridges.artifact import check_compatible, load_artifact, to_model_dtype
+from cartridges.artifact.folder import check_compatible, load_artifact, to_model_dtype
 from cartridges.errors import CartridgeError, NotFound
 from cartridges.models import LoadedModel
-from cartridges.names import Ref, parse_ref
-from cartridges.registry import Registry
+from cartridges.registry.names import Ref, parse_ref
+from cartridges.registry.store import Registry
 from cartridges.runtime import check_same_model
 
 

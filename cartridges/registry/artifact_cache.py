@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cartridges.artifact.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, manifest_digest, verify_payload
 from cartridges.atomic import write_folder_atomically
 from cartridges.home import cartridges_home
-from cartridges.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, manifest_digest, verify_payload
 
 if TYPE_CHECKING:
-    from cartridges.registry import Registry
+    from cartridges.registry.store import Registry
 
 
 def cached_copy(registry: Registry, name: str, version: int) -> Path:

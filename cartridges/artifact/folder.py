@@ -12,13 +12,13 @@ import torch
 from peft import CartridgeConfig
 from safetensors.torch import save_file
 
+from cartridges.artifact.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, inspect_artifact
+from cartridges.artifact.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, payload_checksums
+from cartridges.artifact.precision import decode, encode
 from cartridges.atomic import write_folder_atomically
 from cartridges.errors import CartridgeError
-from cartridges.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, inspect_artifact
 from cartridges.kv_layout import kv_shape
-from cartridges.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, payload_checksums
 from cartridges.models import LoadedModel, model_spec_of
-from cartridges.precision import decode, encode
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def save_artifact(
     The manifest's identity (every field but name, version and files) is written into the
     safetensors header, so the payload checksum covers it: an edited manifest no longer matches.
     A prefix with NaN or infinite values is refused: it would answer nothing and spread by warm start.
-    The prefix is stored at the precision `manifest.dtype` names (cartridges/precision.py).
+    The prefix is stored at the precision `manifest.dtype` names (cartridges/artifact/precision.py).
     """
     tensor = prompt_embeddings.detach().to("cpu").contiguous()
     bad = non_finite_count(tensor)
