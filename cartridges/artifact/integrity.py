@@ -29,9 +29,7 @@ PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 SCALE_SUFFIX = (
     "_scale"  # an int8 prefix keeps its per-channel scales under "<key>_scale" (cartridges/artifact/precision.py)
 )
-BOUND_MANIFEST_KEY = (
-    "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
-)
+BOUND_MANIFEST_KEY = "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "I8": "int8"}  # the stored dtypes the format defines
 
 
