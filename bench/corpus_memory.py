@@ -23,7 +23,6 @@ WORDS = "landlord tenant notice rent deposit lease premises court eviction days 
 MEASURE = """
 import json, sys, tempfile
 from pathlib import Path
-sys.path.insert(0, {bench!r})
 from cartridges.bench.methods import peak_rss_of_this_process_mb
 command, corpus = sys.argv[1], Path(sys.argv[2])
 if command == "init":
@@ -38,11 +37,13 @@ if command == "init":
 else:
     from transformers import AutoTokenizer
     from cartridges.models import prepare_embedded_model
+    from cartridges.pipeline.build_config import load_build_config
     from cartridges.stages.ingest import ingest
     from cartridges.stages.run_dir import RunDir
     tokenizer = AutoTokenizer.from_pretrained(prepare_embedded_model())
+    chunking = load_build_config("default").synthesis  # the ingest function alone: the model's memory stays out
     with tempfile.TemporaryDirectory() as run:
-        record = ingest(corpus, RunDir(Path(run)), tokenizer, "fingerprint", 512, 2048)
+        record = ingest(corpus, RunDir(Path(run)), tokenizer, "fingerprint", chunking.chunk_min_tokens, chunking.chunk_max_tokens)
     detail = {{"chunks": record.num_chunks, "tokens": record.num_tokens}}
 print(json.dumps({{"peak_rss_mb": peak_rss_of_this_process_mb(), **detail}}))
 """
@@ -58,7 +59,7 @@ def write_corpus(folder: Path, words: int, seed: int) -> Path:
 
 def measure(command: str, corpus: Path) -> dict:
     started = time.perf_counter()
-    script = MEASURE.format(bench=str(Path(__file__).parent))
+    script = MEASURE.format()
     result = subprocess.run(
         [sys.executable, "-c", script, command, str(corpus)], capture_output=True, text=True, check=True
     )

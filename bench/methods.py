@@ -41,7 +41,7 @@ from cartridges.qa import load_qa_files
 from cartridges.registry.store import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
 from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.evaluation.evaluate import score_corpus
+from cartridges.stages.evaluation.evaluate import CorpusScore, score_corpus
 from cartridges.stages.evaluation.methods.ape import parallel_context
 from cartridges.stages.evaluation.methods.table import context_source
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR
@@ -104,6 +104,37 @@ class Scoring:
     skip_decode: bool
 
 
+@dataclass(frozen=True)
+class MethodRow:
+    """One method at one budget on one corpus: a row of results.json (`as_json`, the shape earlier runs
+    wrote and the reports and `--baselines` read)."""
+
+    corpus: str
+    method: str  # the method, or the label of a composed or given block
+    budget: int | None
+    score: CorpusScore
+    build_seconds: float
+    kv_bytes: int
+    prefill_per_question: int  # tokens a deployment prefills per question (rag's passages, snapkv's corpus)
+    decode_tokens_per_second: dict[int, float] | None = None  # by batch size; None with --skip-decode
+    peak_rss_mb: float | None = None
+
+    def as_json(self) -> dict:
+        row = {
+            "corpus": self.corpus,
+            "method": self.method,
+            "budget": self.budget,
+            **asdict(self.score),
+            "build_seconds": self.build_seconds,
+            "kv_bytes": self.kv_bytes,
+            "prefill_per_question": self.prefill_per_question,
+        }
+        if self.decode_tokens_per_second is not None:
+            row |= {f"decode_tps_batch{b}": tps for b, tps in self.decode_tokens_per_second.items()}
+            row["peak_rss_mb"] = self.peak_rss_mb
+        return row
+
+
 def reused_row(loaded, row: dict) -> dict:
     """An earlier run's row with the cost fields of this report (its build time was not recorded there)."""
     layers, heads, head_dim = kv_shape(loaded.model.config)
@@ -145,7 +176,7 @@ def measure(
     cartridges: dict | None = None,
     label: str | None = None,
     make_source=None,
-) -> dict:
+) -> MethodRow:
     cartridge = concat_prefixes([cartridges[ref] for ref in refs]) if refs else None
     started = time.perf_counter()
     source = make_source() if make_source else context_source(loaded, method, corpus.text, budget, cartridge=cartridge)
@@ -154,26 +185,25 @@ def measure(
     score = score_corpus(
         loaded, corpus, source, label or method, scoring.distractors, answer_tokens=scoring.answer_tokens
     )
-    row = {
-        "corpus": corpus.id,
-        "method": label or method,
-        "budget": budget,
-        **asdict(score),
-        "build_seconds": build_seconds,
-        "kv_bytes": 0 if first.prefix is None else first.prefix.numel() * first.prefix.element_size(),
-        # what a deployment prefills for each question (the evaluation caches the corpus KV for snapkv)
-        "prefill_per_question": {"snapkv": first.start_position or first.kv_tokens, "rag": first.kv_tokens}.get(
-            method, 0
-        ),
-    }
+    decode, peak = None, None
     if not scoring.skip_decode:
-        row |= {
-            f"decode_tps_batch{b}": decode_tokens_per_second(loaded, first, corpus.questions[0].question, b)
-            for b in (1, 16)
-        }
-        row["peak_rss_mb"] = peak_rss_mb(scoring, corpus.id, method, budget, list(refs))
+        question = corpus.questions[0].question
+        decode = {b: decode_tokens_per_second(loaded, first, question, b) for b in (1, 16)}
+        peak = peak_rss_mb(scoring, corpus.id, method, budget, list(refs))
+    row = MethodRow(
+        corpus.id,
+        label or method,
+        budget,
+        score,
+        build_seconds,
+        0 if first.prefix is None else first.prefix.numel() * first.prefix.element_size(),
+        # what a deployment prefills for each question (the evaluation caches the corpus KV for snapkv)
+        {"snapkv": first.start_position or first.kv_tokens, "rag": first.kv_tokens}.get(method, 0),
+        decode,
+        peak,
+    )
     print(
-        f"{corpus.id} {row['method']} B={budget}: NLL {score.nll:.3f}, rank {score.rank_accuracy}, KV {score.kv_tokens} tokens, "
+        f"{corpus.id} {row.method} B={budget}: NLL {score.nll:.3f}, rank {score.rank_accuracy}, KV {score.kv_tokens} tokens, "
         f"built in {build_seconds:.1f} s",
         flush=True,
     )
@@ -267,8 +297,8 @@ def main() -> None:
     header = record_header(vars(args))
     scoring = settings_of(args, Scoring)
 
-    def keep(row: dict) -> None:
-        rows.append(row)
+    def keep(row: MethodRow | dict) -> None:  # a dict: an earlier run's row, reused
+        rows.append(row.as_json() if isinstance(row, MethodRow) else row)
         partial.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
     reusable = earlier_rows(scored_rows(args.baselines, args.distractors, args.answer_tokens))
@@ -280,7 +310,7 @@ def main() -> None:
             for method in methods:
                 keep(measure(loaded, corpus, method, budget, scoring))
         if corpus.id in refs:
-            rows.append(measure(loaded, corpus, "cartridge", None, scoring, (refs[corpus.id],), cartridges))
+            keep(measure(loaded, corpus, "cartridge", None, scoring, (refs[corpus.id],), cartridges))
         given = {label: load_file(str(file))["prefix"] for label, file in prefixes.get(corpus.id, [])}
         for label, prefix in given.items():
             keep(
@@ -305,11 +335,9 @@ def main() -> None:
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):
-            rows.append(
-                measure(loaded, a, "cartridge", None, scoring, tuple(refs[c.id] for c in order), cartridges, label)
-            )
+            keep(measure(loaded, a, "cartridge", None, scoring, tuple(refs[c.id] for c in order), cartridges, label))
         texts = [a.text, b.text]
-        rows.append(
+        keep(
             measure(
                 loaded,
                 a,
@@ -321,7 +349,7 @@ def main() -> None:
             )
         )
         joined = DOCUMENT_SEPARATOR.join(texts)
-        rows.append(
+        keep(
             measure(
                 loaded,
                 a,

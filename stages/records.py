@@ -110,7 +110,7 @@ class PublishedRecord(StageRecord):
 
 
 class DistillRecord(StageRecord):
-    """What the distill stage hands on: its final prefix (`distill/final_prefix.safetensors`), the version
+    """`distill/record.json`: what the distill stage hands on beside its final prefix, the version
     it warm-started from, and the manifest's training metrics (the `TrainingMetrics` of its step log)."""
 
     steps: int

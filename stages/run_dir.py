@@ -87,6 +87,10 @@ class RunDir:
         return self.distill / "failure.json"
 
     @property
+    def distill_record(self) -> Path:
+        return self.distill / "record.json"
+
+    @property
     def ray_storage(self) -> Path:
         return self.distill / "ray"
 

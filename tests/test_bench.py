@@ -2,7 +2,6 @@
 one wiring with configs read by the build's loader (on the tiny model: mechanics, not quality)."""
 
 import json
-import sys
 
 import yaml
 
@@ -10,6 +9,11 @@ from cartridges.bench.__main__ import COMMANDS
 from cartridges.bench.__main__ import main as bench_main
 from cartridges.pipeline.build_config import CONFIGS_DIR
 from cartridges.stages.ingest import read_corpus
+
+
+def without_matplotlib(*args) -> None:
+    """The benchmarks' plots need the `bench` extra (matplotlib), which `make test` does not install: it
+    would add its license texts to the default corpus of the same `.venv`."""
 
 
 def test_every_bench_command_is_a_module_with_a_main(capsys):
@@ -33,7 +37,7 @@ def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
     out = tmp_path / "sweep"
     argv = ["distill-sweep", "--qa", str(qa), "--corpus-id", "statute", "--config", "tiny"]
     argv += ["--set", f"model={tiny_model_dir}", "--trial", "corpus/0.01/3/8", "--distractors", "1", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr("cartridges.bench.distill_sweep.plot", without_matplotlib)
     assert bench_main(argv) == 0
 
     result = json.loads((out / "results.json").read_text())
@@ -47,3 +51,34 @@ def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
     synthesis = json.loads((out / "statute" / "mix-corpus" / "synthesis" / "config.json").read_text())["config"]
     assert synthesis["samples"] == tiny["synthesis"]["samples"]
     assert synthesis["kinds"] == {"quote": 1.0, "continuation": 1.0, "fill_span": 1.0}  # the mix's
+
+
+def test_the_methods_bench_writes_typed_rows_in_the_shape_the_reports_read(
+    tiny, tiny_model_dir, long_corpus, tmp_path, monkeypatch
+):
+    from dataclasses import asdict
+
+    from cartridges.qa import find_corpus
+    from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
+    from cartridges.stages.evaluation.evaluate import score_corpus
+
+    qa = tmp_path / "qa.json"
+    pairs = [("When is rent due in unit 3?", "before day 4"), ("How much in unit 5?", "50 dollars")]
+    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "value"} for i, (q, a) in enumerate(pairs)]
+    qa.write_text(
+        json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]})
+    )
+    out = tmp_path / "methods"
+    argv = ["methods", "--qa", str(qa), "--corpus-id", "statute", "--budget", "8", "--method", "truncated"]
+    argv += ["--whole-method", "none", "--skip-decode", "--distractors", "1", "--model", str(tiny_model_dir)]
+    monkeypatch.setattr("cartridges.bench.methods.plot", without_matplotlib)
+    assert bench_main([*argv, "--out", str(out)]) == 0
+
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["method"], row["budget"]) for row in rows] == [("none", None), ("truncated", 8)]
+    corpus = find_corpus(qa, "statute")
+    expected = score_corpus(tiny, corpus, FixedContext(Context(corpus_kv(tiny, corpus.text, 8))), "truncated", 1)
+    shape = {"corpus": 0, "method": 0, "budget": 0, **asdict(expected), "build_seconds": 0, "kv_bytes": 0}
+    assert list(rows[1]) == [*shape, "prefill_per_question", "recovery"]  # earlier runs' order (recovery: the report's)
+    assert rows[1]["nll"] == expected.nll and rows[1]["kv_tokens"] == 8
+    assert rows[1]["kv_bytes"] == corpus_kv(tiny, corpus.text, 8).numel() * 4

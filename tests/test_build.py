@@ -90,6 +90,8 @@ def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(
     run = next((cartridges_home / "runs").glob("legal-*"))
     logged = json.loads((run / "distill" / "metrics.jsonl").read_text().splitlines()[-1])
     assert manifest["metrics"]["kd"] == logged["kd"] and "eta_seconds" in logged
+    handed_on = json.loads((run / "distill" / "record.json").read_text())  # the distill stage's record
+    assert handed_on == {"steps": 2, "parent": None, "metrics": manifest["metrics"]}
     code, out, err = cli(*args)
     assert code == 0 and "nothing to do: legal@1" in out
     assert not (cartridges_home / "registry" / "legal" / "2").exists()

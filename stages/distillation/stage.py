@@ -24,7 +24,7 @@ class DistillInputs:
 
 def run(mirror: RunMirror, inputs: DistillInputs, config: BuildConfig) -> DistillRecord:
     """Train `config.distill` as `config.distill_run` says (in-process or Ray Train); the prefix is
-    `distill/final_prefix.safetensors`, the step log `distill/metrics.jsonl`."""
+    `distill/final_prefix.safetensors`, the step log `distill/metrics.jsonl`, the record `distill/record.json`."""
     run_training(
         mirror.local,
         inputs.model,
@@ -34,8 +34,10 @@ def run(mirror: RunMirror, inputs: DistillInputs, config: BuildConfig) -> Distil
         start_from=inputs.start_from,
         mirror=mirror,
     )
-    return DistillRecord(
+    record = DistillRecord(
         steps=config.distill.steps,
         parent=inputs.parent,
         metrics=final_metrics(mirror.local, inputs.synthesis.samples),
     )
+    record.write(mirror.local.distill_record)
+    return record
