@@ -28,7 +28,7 @@ from cartridges.qa import QACorpus, load_qa_files
 from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation.artifact import last_logged
 from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
-from cartridges.stages.evaluation.evaluate import paired_gain, score_corpus
+from cartridges.stages.evaluation.evaluate import CorpusScore, paired_gain, score_corpus
 from cartridges.stages.ingest import read_corpus
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
@@ -99,6 +99,31 @@ def init_name(init: str, num_tokens: int) -> str:
     return f"init-p{num_tokens}" if init == "first_tokens" else f"init-{init}-p{num_tokens}"
 
 
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial on one corpus: a row of results.json (`as_json`, the shape earlier sweeps wrote and
+    `trials-table` and `samples-curve` read)."""
+
+    corpus: str
+    trial: Trial
+    train_seconds: float
+    train_metrics: dict[str, float]  # the last value of each number in the training log
+    init: dict  # the score of the prefix training started from (a CorpusScore as JSON)
+    distilled: CorpusScore
+
+    def as_json(self) -> dict:
+        return {
+            "corpus": self.corpus,
+            **asdict(self.trial),
+            "name": self.trial.name,
+            "init_method": self.trial.init,  # asdict's "init" is replaced by the init's score below
+            "train_seconds": self.train_seconds,
+            "train_metrics": self.train_metrics,
+            "init": self.init,
+            "distilled": asdict(self.distilled),
+        }
+
+
 class CorpusSweep:
     """One corpus: its synthesized mixes, its baselines, and the trials trained on it."""
 
@@ -157,7 +182,7 @@ class CorpusSweep:
             self.synthesis[mix] = summary.model_dump() | {"wall_seconds": time.perf_counter() - started}
         return run
 
-    def run_trial(self, trial: Trial) -> dict:
+    def run_trial(self, trial: Trial) -> TrialRow:
         source = RunDir(self.mix_run(trial.mix))
         folder = RunDir(self.root / trial.name)
         folder.root.mkdir(parents=True, exist_ok=True)
@@ -169,26 +194,15 @@ class CorpusSweep:
         seconds = time.perf_counter() - started
         init = self.score(trial.init_name, load_file(str(folder.init_prefix))["prefix"])
         trained = FixedContext(Context(load_file(str(folder.final_prefix))["prefix"]))
-        distilled = asdict(
-            score_corpus(
-                self.loaded,
-                self.corpus,
-                trained,
-                trial.name,
-                self.settings.distractors,
-                answer_tokens=self.settings.answer_tokens,
-            )
+        distilled = score_corpus(
+            self.loaded,
+            self.corpus,
+            trained,
+            trial.name,
+            self.settings.distractors,
+            answer_tokens=self.settings.answer_tokens,
         )
-        return {
-            "corpus": self.corpus.id,
-            **asdict(trial),
-            "name": trial.name,
-            "init_method": trial.init,  # asdict's "init" is replaced by the init's score below
-            "train_seconds": seconds,
-            "train_metrics": last_logged(folder),
-            "init": init,
-            "distilled": distilled,
-        }
+        return TrialRow(self.corpus.id, trial, seconds, last_logged(folder), init, distilled)
 
 
 def report(result: dict) -> str:
@@ -459,7 +473,7 @@ def main() -> None:
             if time.perf_counter() - started > args.deadline:
                 print(f"deadline reached: skipping {trial.name} on {sweep.corpus.id}", flush=True)
                 continue
-            rows.append(sweep.run_trial(trial))
+            rows.append(sweep.run_trial(trial).as_json())
             result = {
                 **header,
                 "rows": rows,

@@ -88,21 +88,26 @@ def run_stages(job: StageJob) -> StageRecords:
         records.seconds[label] = time.perf_counter() - started
         return result
 
+    def later(*stages: str) -> bool:  # a record a stage to run needs, from the run folder
+        return any(stage in job.stages for stage in stages)
+
     if "ingest" in job.stages:
         inputs = ingest.IngestInputs(_needs(job.corpus, "a corpus"), job.model)
         records.ingested = stage("ingest", lambda: ingest.run(mirror, inputs, config))
-    else:
+    elif later("synthesize", "publish"):
         records.ingested = _recorded(run, run.ingest_record, IngestRecord, "ingest")
     if "synthesize" in job.stages:
         inputs = synthesis.SynthesisInputs(records.ingested, job.model.ref, job.reuse_from)
         records.synthesis = stage("synthesize", lambda: synthesis.run(mirror, inputs, config))
-    else:
+    elif later("distill", "publish"):
         records.synthesis = _recorded(run, run.synthesis_summary, SynthesisSummary, "synthesize")
     if "distill" in job.stages:
         parent, start_from = warm_start(run, job.registry, job.name, job.model, config)
         qa_pairs = tuple((q.question, q.answer) for q in job.qa.questions) if job.qa is not None else ()
         inputs = distillation.DistillInputs(job.model, records.synthesis, parent, start_from, qa_pairs)
         records.distilled = stage("distill", lambda: distillation.run(mirror, inputs, config))
+    elif later("publish"):
+        records.distilled = _recorded(run, run.distill_record, DistillRecord, "distill")
     if job.qa is not None:
         inputs = evaluation.EvaluationInputs(job.model, job.qa)
         records.evaluation = stage("evaluate", lambda: evaluation.run(mirror, inputs, config))
@@ -113,7 +118,7 @@ def run_stages(job: StageJob) -> StageRecords:
             _needs(job.registry, "a registry"),
             records.ingested,
             records.synthesis,
-            _needs(records.distilled, "a distilled prefix"),
+            records.distilled,
             records.evaluation,
         )
         published = stage("publish", lambda: publish.run(mirror, inputs, config))

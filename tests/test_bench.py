@@ -3,12 +3,23 @@ one wiring with configs read by the build's loader (on the tiny model: mechanics
 
 import json
 
+import pytest
+import torch
 import yaml
 
 from cartridges.bench.__main__ import COMMANDS
 from cartridges.bench.__main__ import main as bench_main
 from cartridges.pipeline.build_config import CONFIGS_DIR
 from cartridges.stages.ingest import read_corpus
+
+
+@pytest.fixture
+def grad_mode_kept():
+    """A benchmark's `main` turns autograd off for its process (`torch.set_grad_enabled(False)`); called
+    in-process here, it must not leave the rest of the test session without gradients."""
+    mode = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(mode)
 
 
 def without_matplotlib(*args) -> None:
@@ -26,7 +37,7 @@ def test_every_bench_command_is_a_module_with_a_main(capsys):
 
 
 def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
-    tiny_model_dir, long_corpus, cartridges_home, tmp_path, monkeypatch
+    tiny_model_dir, long_corpus, cartridges_home, tmp_path, monkeypatch, grad_mode_kept
 ):
     qa = tmp_path / "qa.json"
     pairs = [("When is rent due in unit 3?", "before day 4"), ("How much in unit 5?", "50 dollars")]
@@ -43,6 +54,9 @@ def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
     result = json.loads((out / "results.json").read_text())
     [row] = result["rows"]
     assert row["name"] == "corpus-lr0.01-s3-p8" and row["train_metrics"]["step"] == 3
+    shape = ["corpus", "mix", "lr", "steps", "num_tokens", "init", "name", "init_method", "train_seconds"]
+    assert list(row) == [*shape, "train_metrics", "distilled"]  # earlier sweeps' shape: trials-table reads it
+    assert (row["init"]["method"], row["distilled"]["method"]) == ("init-p8", row["name"])
     tiny = yaml.safe_load((CONFIGS_DIR / "tiny.yaml").read_text())
     trained = json.loads((out / "statute" / row["name"] / "distill" / "config.json").read_text())
     assert (trained["lr"], trained["steps"], trained["num_tokens"]) == (0.01, 3, 8)  # the trial's
@@ -54,7 +68,7 @@ def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
 
 
 def test_the_methods_bench_writes_typed_rows_in_the_shape_the_reports_read(
-    tiny, tiny_model_dir, long_corpus, tmp_path, monkeypatch
+    tiny, tiny_model_dir, long_corpus, tmp_path, monkeypatch, grad_mode_kept
 ):
     from dataclasses import asdict
 
