@@ -22,6 +22,18 @@ def grad_mode_kept():
     torch.set_grad_enabled(mode)
 
 
+@pytest.fixture
+def qa(long_corpus, tmp_path):
+    """A QA file (the shared/data/qa format) of two questions about the long corpus."""
+    path = tmp_path / "qa.json"
+    pairs = [("When is rent due in unit 3?", "before day 4"), ("How much in unit 5?", "50 dollars")]
+    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "value"} for i, (q, a) in enumerate(pairs)]
+    path.write_text(
+        json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]})
+    )
+    return path
+
+
 def without_matplotlib(*args) -> None:
     """The benchmarks' plots need the `bench` extra (matplotlib), which `make test` does not install: it
     would add its license texts to the default corpus of the same `.venv`."""
@@ -37,14 +49,8 @@ def test_every_bench_command_is_a_module_with_a_main(capsys):
 
 
 def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
-    tiny_model_dir, long_corpus, cartridges_home, tmp_path, monkeypatch, grad_mode_kept
+    tiny_model_dir, qa, cartridges_home, tmp_path, monkeypatch, grad_mode_kept
 ):
-    qa = tmp_path / "qa.json"
-    pairs = [("When is rent due in unit 3?", "before day 4"), ("How much in unit 5?", "50 dollars")]
-    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "value"} for i, (q, a) in enumerate(pairs)]
-    qa.write_text(
-        json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]})
-    )
     out = tmp_path / "sweep"
     argv = ["distill-sweep", "--qa", str(qa), "--corpus-id", "statute", "--config", "tiny"]
     argv += ["--set", f"model={tiny_model_dir}", "--trial", "corpus/0.01/3/8", "--distractors", "1", "--out", str(out)]
@@ -68,7 +74,7 @@ def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
 
 
 def test_the_methods_bench_writes_typed_rows_in_the_shape_the_reports_read(
-    tiny, tiny_model_dir, long_corpus, tmp_path, monkeypatch, grad_mode_kept
+    tiny, tiny_model_dir, qa, tmp_path, monkeypatch, grad_mode_kept
 ):
     from dataclasses import asdict
 
@@ -76,12 +82,6 @@ def test_the_methods_bench_writes_typed_rows_in_the_shape_the_reports_read(
     from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
     from cartridges.stages.evaluation.evaluate import score_corpus
 
-    qa = tmp_path / "qa.json"
-    pairs = [("When is rent due in unit 3?", "before day 4"), ("How much in unit 5?", "50 dollars")]
-    questions = [{"id": str(i), "question": q, "answer": a, "answer_type": "value"} for i, (q, a) in enumerate(pairs)]
-    qa.write_text(
-        json.dumps({"corpora": [{"id": "statute", "text": read_corpus(long_corpus).text, "questions": questions}]})
-    )
     out = tmp_path / "methods"
     argv = ["methods", "--qa", str(qa), "--corpus-id", "statute", "--budget", "8", "--method", "truncated"]
     argv += ["--whole-method", "none", "--skip-decode", "--distractors", "1", "--model", str(tiny_model_dir)]
