@@ -70,7 +70,10 @@ def ask(
 def eval_command(
     method: Annotated[
         str,
-        typer.Option("--method", help="none, icl, truncated, rag, knorm, streaming, snapkv, lingua, ape or cartridge"),
+        typer.Option(
+            "--method",
+            help="none, icl, truncated, select, matched, rag, knorm, streaming, snapkv, lingua, ape or cartridge",
+        ),
     ] = "cartridge",
     cartridge: Annotated[
         list[str] | None, typer.Option("--cartridge", help="NAME[@VERSION] or artifact folder (repeat to compose)")

@@ -205,3 +205,11 @@ def test_ape_encodes_each_text_alone_from_the_same_position_with_sharper_keys(li
     got = block.prefix[len(shared) :].view(-1, layers, 2, heads, head_dim)
     want = torch.cat(alone).view(-1, layers, 2, heads, head_dim)
     assert torch.allclose(got[:, :, 0] * 0.5, want[:, :, 0], atol=1e-6) and torch.equal(got[:, :, 1], want[:, :, 1])
+
+
+def test_the_eval_commands_help_names_every_method_of_the_table(cli):
+    """The help is written out (the table imports torch, which the CLI's start does not): it must keep up."""
+    code, out, _ = cli("eval", "--help")
+    assert code == 0
+    listed = {word.strip(",") for word in " ".join(out.split()).replace("│", " ").split()}
+    assert set(METHODS) <= listed

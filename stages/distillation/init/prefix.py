@@ -21,6 +21,10 @@ def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn(config.num_tokens, num_layers * 2 * num_kv_heads * head_dim, generator=generator)
     text = DOCUMENT_SEPARATOR.join(pq.read_table(run.documents, columns=["text"]).column("text").to_pylist())
+    if config.init == "matched":
+        from cartridges.stages.evaluation.methods.matched import matched_prefix
+
+        return matched_prefix(loaded, text, config.num_tokens)
     if config.init == "select":
         from cartridges.stages.evaluation.methods.select import selected_prefix
 

@@ -17,6 +17,7 @@ from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import Context, ContextSource, FixedContext, corpus_kv
 from cartridges.stages.evaluation.methods.ape import documents_of, parallel_context
 from cartridges.stages.evaluation.methods.lingua import compressed_context
+from cartridges.stages.evaluation.methods.matched import matched_prefix
 from cartridges.stages.evaluation.methods.presses import PRESSES, compress
 from cartridges.stages.evaluation.methods.rag import RetrievedContext
 from cartridges.stages.evaluation.methods.select import selected_prefix
@@ -58,6 +59,7 @@ TABLE: dict[str, Method] = {
     "icl": Method("whole", _fixed(lambda loaded, text, budget: Context(corpus_kv(loaded, text)))),
     "truncated": Method("budget", _fixed(lambda loaded, text, budget: Context(corpus_kv(loaded, text, budget)))),
     "select": Method("budget", _fixed(lambda loaded, text, budget: Context(selected_prefix(loaded, text, budget)))),
+    "matched": Method("budget", _fixed(lambda loaded, text, budget: Context(matched_prefix(loaded, text, budget)))),
     "rag": Method("budget", lambda loaded, text, budget, cartridge: RetrievedContext(loaded, text, budget)),
     **{name: _press(name) for name in PRESSES},
     "snapkv": Method("budget", lambda loaded, text, budget, cartridge: QuestionSelectedContext(loaded, text, budget)),
