@@ -79,12 +79,12 @@ class SweepSettings:
     def config(self, *more: str) -> BuildConfig:
         return load_build_config(self.config_spec, [*self.overrides, *more])
 
-    def mix_config(self, mix: str) -> BuildConfig:
-        return self.config(f"synthesis.kinds={json.dumps(MIXES[mix])}")
+    def mix_config(self, mix: str, *more: str) -> BuildConfig:
+        return self.config(f"synthesis.kinds={json.dumps(MIXES[mix])}", *more)
 
     def trial_config(self, trial: "Trial") -> BuildConfig:
-        return self.config(
-            f"synthesis.kinds={json.dumps(MIXES[trial.mix])}",
+        return self.mix_config(
+            trial.mix,
             f"distill.num_tokens={trial.num_tokens}",
             f"distill.init={trial.init}",
             f"distill.steps={trial.steps}",

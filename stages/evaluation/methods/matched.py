@@ -30,6 +30,7 @@ from cartridges.stages.evaluation.methods.select import (
     CHUNK_TOKENS,
     REPEAT_REQUEST,
     move_keys,
+    moved_by,
     rotary_embedding,
     select_tokens,
 )
@@ -76,10 +77,14 @@ def reference_queries(loaded: LoadedModel, kv: torch.Tensor, body: list[int]) ->
     return rotated
 
 
+def attention_weights(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[m, n] in float64: softmax(Q K^T / sqrt(d)), attention over these keys alone."""
+    return torch.softmax(queries.double() @ keys.double().T * keys.shape[-1] ** -0.5, dim=-1)
+
+
 def attention_output(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """[m, D] in float64: softmax(Q K^T / sqrt(d)) V, the output of attention over these keys alone."""
-    weights = torch.softmax(queries.double() @ keys.double().T * keys.shape[-1] ** -0.5, dim=-1)
-    return weights @ values.double()
+    """[m, D] in float64: the output of attention over these keys alone."""
+    return attention_weights(queries, keys) @ values.double()
 
 
 def fitted_values(
@@ -87,7 +92,7 @@ def fitted_values(
 ) -> torch.Tensor:
     """[P, D]: the values for the block's `keys` [P, D] whose attention output for `queries` [m, D] best
     matches `target` [m, D], pulled towards `start_values` (the kept tokens' own values)."""
-    weights = torch.softmax(queries.double() @ keys.double().T * keys.shape[-1] ** -0.5, dim=-1)  # [m, P]
+    weights = attention_weights(queries, keys)  # [m, P]
     normal = weights.T @ weights
     strength = ridge * normal.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(keys.shape[0], dtype=torch.float64, device=normal.device)
@@ -96,12 +101,8 @@ def fitted_values(
 
 
 def moved_queries(model, queries: torch.Tensor, by: int) -> torch.Tensor:
-    """Rotated queries [..., m, D] read `by` positions later (RoPE rotations compose)."""
-    rotary, apply = rotary_embedding(model)
-    cos, sin = rotary(queries, torch.full((1, queries.shape[-2]), by, device=queries.device))
-    scale = getattr(rotary, "attention_scaling", 1.0)  # applied once already, when the queries were rotated
-    moved, _ = apply(queries, queries, cos / scale, sin / scale)
-    return moved
+    """Rotated queries [..., m, D] read `by` positions later."""
+    return moved_by(model, queries, torch.full((1, queries.shape[-2]), by, device=queries.device))
 
 
 def matched_prefix(loaded: LoadedModel, text: str, num_tokens: int) -> torch.Tensor:

@@ -103,18 +103,23 @@ def rotary_embedding(model):
     return rotary, apply
 
 
+def moved_by(model, rotated: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Already rotated keys or queries [..., n, D] read `delta` [1, n] positions later (RoPE rotations compose)."""
+    rotary, apply = rotary_embedding(model)
+    cos, sin = rotary(rotated, delta)
+    scale = getattr(rotary, "attention_scaling", 1.0)  # applied once already, when they were rotated
+    moved, _ = apply(rotated, rotated, cos / scale, sin / scale)
+    return moved
+
+
 def move_keys(model, prefix: torch.Tensor, positions: torch.Tensor, to_positions: torch.Tensor) -> torch.Tensor:
     """The prefix with each key rotated from `positions` to `to_positions` ([P, layers, kv_heads])."""
-    rotary, apply = rotary_embedding(model)
     layers, heads, head_dim = kv_shape(model.config)
     tokens = prefix.shape[0]
     kv = prefix.view(tokens, layers, 2, heads, head_dim).clone()
     keys = kv[:, :, 0]  # [P, layers, heads, D]
     delta = (to_positions - positions).reshape(1, -1)
-    cos, sin = rotary(keys.reshape(1, -1, head_dim), delta)
-    scale = getattr(rotary, "attention_scaling", 1.0)  # applied once already, when the keys were computed
-    flat = keys.reshape(1, 1, -1, head_dim)
-    _, moved = apply(flat, flat, cos / scale, sin / scale)
+    moved = moved_by(model, keys.reshape(1, 1, -1, head_dim), delta)
     kv[:, :, 0] = moved.reshape(keys.shape).to(kv.dtype)
     return kv.reshape(tokens, -1)
 
