@@ -40,7 +40,7 @@ from cartridges.models import load_model
 from cartridges.qa import load_qa_files
 from cartridges.registry.store import Registry
 from cartridges.runtime import concat_prefixes, prefix_cache
-from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
+from cartridges.stages.evaluation.contexts import Context, ContextSource, FixedContext, corpus_kv
 from cartridges.stages.evaluation.evaluate import CorpusScore, score_corpus
 from cartridges.stages.evaluation.methods.ape import parallel_context
 from cartridges.stages.evaluation.methods.table import context_source
@@ -254,6 +254,14 @@ def main() -> None:
         "scored as method LABEL on that corpus (repeatable)",
     )
     parser.add_argument(
+        "--control-method",
+        action="append",
+        default=[],
+        help="also score this budget method's block of the previous corpus (the last for the first) on each corpus's "
+        "questions, labelled 'METHOD of CORPUS': the control a claim of recovery is over (repeatable; the "
+        "method's blocks are built once and reused)",
+    )
+    parser.add_argument(
         "--whole-method",
         action="append",
         default=None,
@@ -302,13 +310,24 @@ def main() -> None:
         partial.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
     reusable = earlier_rows(scored_rows(args.baselines, args.distractors, args.answer_tokens))
+    blocks: dict[tuple[str, str, int], ContextSource] = {}  # the control methods' blocks, built once
+
+    def block_of(method: str, corpus, budget: int) -> ContextSource:
+        if (method, corpus.id, budget) not in blocks:
+            blocks[method, corpus.id, budget] = context_source(loaded, method, corpus.text, budget)
+        return blocks[method, corpus.id, budget]
+
     for corpus in corpora:
         for method in args.whole_method or WHOLE_METHODS:
             earlier = reusable.get((corpus.id, method))
             keep(reused_row(loaded, earlier) if earlier else measure(loaded, corpus, method, None, scoring))
         for budget in args.budget:
             for method in methods:
-                keep(measure(loaded, corpus, method, budget, scoring))
+                build = (
+                    (lambda m=method, b=budget, c=corpus: block_of(m, c, b)) if method in args.control_method else None
+                )
+                keep(measure(loaded, corpus, method, budget, scoring, make_source=build))
+
         if corpus.id in refs:
             keep(measure(loaded, corpus, "cartridge", None, scoring, (refs[corpus.id],), cartridges))
         given = {label: load_file(str(file))["prefix"] for label, file in prefixes.get(corpus.id, [])}
@@ -332,6 +351,20 @@ def main() -> None:
             )
             mine |= given
             storage += storage_rows(loaded, corpus, args.distractors, mine, corpus_kv_too=args.storage == "all")
+    for corpus, other in zip(corpora, corpora[-1:] + corpora[:-1]) if len(corpora) > 1 else ():
+        for budget in args.budget:  # after every corpus's own rows, so that each block's build time is its own
+            for method in args.control_method:
+                keep(
+                    measure(
+                        loaded,
+                        corpus,
+                        method,
+                        budget,
+                        scoring,
+                        label=f"{method} of {other.id}",
+                        make_source=lambda m=method, b=budget, o=other: block_of(m, o, b),
+                    )
+                )
     with_cartridges = [c for c in corpora if c.id in refs]
     for a, b in zip(with_cartridges, with_cartridges[1:] + with_cartridges[:1]) if len(with_cartridges) > 1 else ():
         for label, order in ((f"cartridge {a.id}+{b.id}", [a, b]), (f"cartridge {b.id}+{a.id}", [b, a])):

@@ -73,15 +73,16 @@ def markdown(
         )
     lines += [
         "",
-        "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | recovery | build s | prefill/question | decode tok/s b1 | b16 | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| corpus | method | B | KV tokens | KV MB | gold NLL ± SE | rank acc | margin | recovery | build s | prefill/question | decode tok/s b1 | b16 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         recovery = "" if r["recovery"] is None else f"{r['recovery']:.2f}"
         accuracy = "n/a" if r["rank_accuracy"] is None else f"{r['rank_accuracy']:.2f}"
+        margin = "" if r.get("contrastive_margin") is None else f"{r['contrastive_margin']:+.3f}"
         lines.append(
             f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['kv_tokens']} | {r['kv_bytes'] / 1e6:.1f} | {r['nll']:.3f} ± {r['nll_se']:.3f} | "
-            f"{accuracy} | {recovery} | {r['build_seconds']:.1f} | {r.get('prefill_per_question', 0)} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
+            f"{accuracy} | {margin} | {recovery} | {r['build_seconds']:.1f} | {r.get('prefill_per_question', 0)} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
             f"{r.get('peak_rss_mb', float('nan')):.0f} |"
         )
     if settings.answer_tokens:
@@ -180,6 +181,20 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(out / "cost.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 4))  # what each block's quality costs to build, one point per corpus
+    for method in BUDGET_METHODS:
+        points = [
+            (r["build_seconds"], r["recovery"]) for r in rows if r["method"] == method and r["recovery"] is not None
+        ]
+        if points:
+            ax.scatter(*zip(*points), label=method)
+    ax.axhline(1.0, color="#888", linestyle="--", label="icl")
+    ax.set_xlabel("build seconds (this box)")
+    ax.set_ylabel("recovery of the none-to-icl NLL gap")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "recovery_vs_build_seconds.png", dpi=120)
 
 
 def merged_rows(records: list[dict]) -> list[dict]:

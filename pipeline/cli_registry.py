@@ -18,6 +18,8 @@ from cartridges.pipeline.cli_app import (
     report_skipped,
 )
 
+INIT_METHODS = ["first_tokens", "select", "matched"]  # the keys of stages/distillation/init/first_tokens.py SOURCES
+
 
 @model_app.command("prepare")
 def model_prepare() -> None:
@@ -39,12 +41,25 @@ def init(
     ] = None,
     tokens: Annotated[int, typer.Option("--tokens", min=2, help="Cartridge length in tokens.")] = 256,
     name: Annotated[str, typer.Option("--name", help="Registry name of the cartridge.")] = "legal",
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="first_tokens: the first TOKENS corpus tokens' KV; select: the corpus tokens reconstruction "
+            "attends to most; matched: select's keys with values fitted to the whole corpus's attention "
+            "(closed form, no training; docs/building.md has the measured quality and cost).",
+        ),
+    ] = "first_tokens",
+    read_tokens: Annotated[
+        int,
+        typer.Option("--read-tokens", min=1, help="select/matched read about this many tokens of a longer corpus."),
+    ] = 32768,
     model: ModelOption = None,
     registry: RegistryOption = None,
 ) -> None:
-    """Build an untrained cartridge from the first TOKENS corpus tokens and publish it.
+    """Build an untrained cartridge of TOKENS tokens from the corpus and publish it.
 
-    Example: cartridges init --corpus legal/ --tokens 512 --name legal
+    Example: cartridges init --corpus legal/ --tokens 512 --method matched --name legal
     """
     from cartridges.default_corpus import gather_license_corpus
     from cartridges.models import load_model
@@ -54,12 +69,14 @@ def init(
     from cartridges.stages.ingest import read_corpus
 
     validate_new_name(name)
+    if method not in INIT_METHODS:
+        raise CartridgeError(f"--method {method!r} is not an init method: use one of {', '.join(INIT_METHODS)}")
     reg = open_registry(registry, writing=True)
     documents = read_corpus(corpus or gather_license_corpus())
     report_skipped(documents.skipped)
     loaded = load_model(model)
     with scratch_folder(name) as scratch:
-        built = init_cartridge(loaded, documents, tokens, name, scratch / "cartridge")
+        built = init_cartridge(loaded, documents, tokens, name, scratch / "cartridge", method, read_tokens)
         if built.num_tokens < tokens:
             errors.print(f"[yellow]corpus has only {built.num_tokens} tokens; the cartridge uses all of them[/yellow]")
         published = reg.publish(scratch / "cartridge", name)

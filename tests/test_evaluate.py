@@ -62,6 +62,9 @@ def test_score_corpus_rank_accuracy_against_hand_made_preferences(tiny, monkeypa
     score = score_corpus(tiny, corpus, FixedContext(Context(None)), "none", distractors=8)
     assert score.ranked_questions == 3 and score.rank_accuracy == pytest.approx(2 / 3)
     assert score.nll == pytest.approx((0.1 + 1.0 + 0.1) / 3)
+    # the other answers' mean NLL minus the gold one's: 0.9 (q0), (1.0 + 0.1) / 2 - 1.0 (q1), 0.9 (q2)
+    assert score.per_question_margin == pytest.approx((0.9, -0.45, 0.9))
+    assert score.contrastive_margin == pytest.approx(1.35 / 3)
 
 
 def test_mean_and_se():

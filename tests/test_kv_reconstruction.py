@@ -13,8 +13,11 @@ from cartridges.runtime import prefix_logits
 from cartridges.stages.distillation.config import DistillConfig
 from cartridges.stages.distillation.init.prefix import initial_prefix
 from cartridges.stages.evaluation.contexts import corpus_kv
+from cartridges.stages.evaluation.methods import repeat_pass
 from cartridges.stages.evaluation.methods import select as kv_reconstruction
-from cartridges.stages.evaluation.methods.select import REPEAT_REQUEST, move_keys, select_tokens, selected_prefix
+from cartridges.stages.evaluation.methods.repeat_pass import REPEAT_REQUEST
+from cartridges.stages.evaluation.methods.rotary import move_keys
+from cartridges.stages.evaluation.methods.select import select_tokens, selected_prefix
 from cartridges.stages.run_dir import RunDir
 
 TEXT = (
@@ -50,7 +53,7 @@ def test_moved_keys_give_the_logits_of_the_same_tokens_at_their_old_positions(li
 
 def test_selection_keeps_the_positions_reconstruction_attends_to_most(lively, monkeypatch):
     """Layer 0 against attention computed from the weights by hand, over reconstruction chunks of 16 tokens."""
-    monkeypatch.setattr(kv_reconstruction, "CHUNK_TOKENS", 16)
+    monkeypatch.setattr(repeat_pass, "CHUNK_TOKENS", 16)
     budget = 12
     layers, kv_heads, head_dim = kv_shape(lively.model.config)
     ids = context_token_ids(lively.tokenizer, TEXT)  # the tiny tokenizer has no BOS: ids are the body
@@ -89,7 +92,7 @@ def test_select_reads_its_tokens_at_positions_0_to_p(lively):
 
 def test_a_corpus_longer_than_the_window_is_selected_in_segments(lively, monkeypatch):
     """Each segment is prefilled from position 0; only the first segment's first token is kept as a sink."""
-    monkeypatch.setattr(kv_reconstruction, "CHUNK_TOKENS", 16)
+    monkeypatch.setattr(repeat_pass, "CHUNK_TOKENS", 16)
     request = chat_token_ids(lively.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
     segment = 40
     lively.model.config.max_position_embeddings = segment + len(request) + 16
@@ -125,7 +128,7 @@ def test_a_cap_on_the_tokens_read_keeps_evenly_spaced_segments(lively, monkeypat
     """With room for two of four segments, the first and the last are read; nothing of the others is kept."""
     assert kv_reconstruction.evenly_spaced(4, 2) == [0, 3] and kv_reconstruction.evenly_spaced(5, 3) == [0, 2, 4]
     assert kv_reconstruction.evenly_spaced(3, 9) == [0, 1, 2] and kv_reconstruction.evenly_spaced(3, 0) == [0]
-    monkeypatch.setattr(kv_reconstruction, "CHUNK_TOKENS", 16)
+    monkeypatch.setattr(repeat_pass, "CHUNK_TOKENS", 16)
     request = chat_token_ids(lively.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
     segment = 30
     lively.model.config.max_position_embeddings = segment + len(request) + 16

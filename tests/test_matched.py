@@ -8,13 +8,11 @@ from attention_helpers import layer_zero_attention
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.stages.evaluation.contexts import corpus_kv
-from cartridges.stages.evaluation.methods.matched import (
-    fitted_values,
-    matched_prefix,
-    moved_queries,
-    reference_queries,
-)
-from cartridges.stages.evaluation.methods.select import REPEAT_REQUEST, selected_prefix
+from cartridges.stages.evaluation.methods import repeat_pass as repeat_pass_module
+from cartridges.stages.evaluation.methods.matched import fitted_values, matched_prefix
+from cartridges.stages.evaluation.methods.repeat_pass import REPEAT_REQUEST, repeat_pass
+from cartridges.stages.evaluation.methods.rotary import moved_by
+from cartridges.stages.evaluation.methods.select import selected_prefix
 
 TEXT = (
     "Section 1. A landlord shall give written notice to vacate three days before filing suit. "
@@ -59,22 +57,44 @@ def test_the_fit_is_numpys_ridge_least_squares_and_beats_the_kept_values_on_held
     assert error(fitted) < 0.8 * error(values[kept])
 
 
-def test_reference_queries_attend_to_the_corpus_as_the_models_own_attention_does(lively):
+def probes_of_every_query(loaded):
+    ids = context_token_ids(loaded.tokenizer, TEXT)
+    body = ids[len(context_token_ids(loaded.tokenizer, "")) :]
+    return repeat_pass(loaded, corpus_kv(loaded, TEXT), body, probes=len(body)).probes
+
+
+def read_after(loaded, queries: torch.Tensor, tokens: int) -> torch.Tensor:
+    return moved_by(loaded.model, queries, torch.full((1, queries.shape[-2]), tokens))
+
+
+def test_the_repeat_pass_probes_are_the_models_own_attention_to_the_corpus(lively, monkeypatch):
+    """Every reconstruction query of a pass in chunks of 16, against layer 0's attention computed by hand:
+    where each is read, its share of attention over the corpus, its output and its log mass there."""
+    monkeypatch.setattr(repeat_pass_module, "CHUNK_TOKENS", 16)
     ids = context_token_ids(lively.tokenizer, TEXT)
-    head = context_token_ids(lively.tokenizer, "")
-    body = ids[len(head) :]
+    body = ids[len(context_token_ids(lively.tokenizer, "")) :]
     kv = corpus_kv(lively, TEXT)
     layers, kv_heads, head_dim = kv_shape(lively.model.config)
-    queries = reference_queries(lively, kv, body)[0]  # layer 0: [query_heads, m, D]
     request = chat_token_ids(lively.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
-    by_hand = layer_zero_attention(lively, kv, request + body)[:, len(request) :]  # [query_heads, m, T]
-    by_hand = by_hand / by_hand.sum(-1, keepdim=True)  # the share of the corpus part
-    keys = kv.view(len(ids), layers, 2, kv_heads, head_dim)[:, 0, 0]  # [T, kv_heads, D]
-    group = queries.shape[0] // kv_heads
-    ours = torch.stack(
-        [torch.softmax(queries[h] @ keys[:, h // group].T / head_dim**0.5, dim=-1) for h in range(queries.shape[0])]
-    )
-    torch.testing.assert_close(ours, by_hand, atol=1e-5, rtol=1e-4)
+    probes = probes_of_every_query(lively)
+    assert probes.after.tolist() == [len(request) + i % 16 for i in range(len(body))]
+    by_hand = torch.cat(
+        [
+            layer_zero_attention(lively, kv, request + body[start : start + 16])[:, len(request) :]
+            for start in range(0, len(body), 16)
+        ],
+        dim=1,
+    )  # [query_heads, m, T]
+    share = by_hand / by_hand.sum(-1, keepdim=True)  # of the corpus part
+    whole = kv.view(len(ids), layers, 2, kv_heads, head_dim)[:, 0]  # [T, 2, kv_heads, D]
+    group = probes.queries.shape[1] // kv_heads
+    at_corpus = read_after(lively, probes.queries, len(ids))[0]  # layer 0, read where they were read
+    for h in range(probes.queries.shape[1]):
+        keys, values = whole[:, 0, h // group], whole[:, 1, h // group]
+        logits = at_corpus[h].double() @ keys.double().T / head_dim**0.5
+        torch.testing.assert_close(torch.softmax(logits, -1).float(), share[h], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(probes.outputs[0, h].float(), share[h] @ values, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(probes.log_mass[0, h], torch.logsumexp(logits, -1), atol=1e-4, rtol=0)
 
 
 def test_the_matched_block_reproduces_the_corpus_attention_closer_than_select(lively):
@@ -87,20 +107,20 @@ def test_the_matched_block_reproduces_the_corpus_attention_closer_than_select(li
     assert not torch.equal(as_blocks(matched)[:, :, 1], as_blocks(selected)[:, :, 1])  # fitted values
     ids = context_token_ids(lively.tokenizer, TEXT)
     full = corpus_kv(lively, TEXT)
-    queries = reference_queries(lively, full, ids[len(context_token_ids(lively.tokenizer, "")) :])
-    where_read = moved_queries(lively.model, queries, budget - len(ids))  # as far after the block as after the corpus
+    queries = probes_of_every_query(lively).queries
+    at_corpus, at_block = read_after(lively, queries, len(ids)), read_after(lively, queries, budget)
     group = queries.shape[1] // kv_heads
     errors = {"matched": 0.0, "select": 0.0}
     whole_kv = full.view(len(ids), layers, 2, kv_heads, head_dim)
     for layer in range(layers):
         for h in range(kv_heads):
             heads = slice(h * group, (h + 1) * group)
-            q = queries[layer, heads].reshape(-1, head_dim)
+            q = at_corpus[layer, heads].reshape(-1, head_dim)
             whole = attention_output(q, whole_kv[:, layer, 0, h], whole_kv[:, layer, 1, h])
             for name, prefix in (("matched", matched), ("select", selected)):
                 block = as_blocks(prefix)
                 out = attention_output(
-                    where_read[layer, heads].reshape(-1, head_dim), block[:, layer, 0, h], block[:, layer, 1, h]
+                    at_block[layer, heads].reshape(-1, head_dim), block[:, layer, 0, h], block[:, layer, 1, h]
                 )
                 errors[name] += float((out - whole).norm())
     assert errors["matched"] < errors["select"]
@@ -108,3 +128,25 @@ def test_the_matched_block_reproduces_the_corpus_attention_closer_than_select(li
 
 def test_a_corpus_within_the_budget_is_its_own_kv(lively):
     torch.testing.assert_close(matched_prefix(lively, "Rent is due.", 64), corpus_kv(lively, "Rent is due."))
+
+
+def test_init_publishes_the_matched_block_of_the_corpus(cli, lively_model_dir, corpus_dir, cartridges_home):
+    from cartridges.artifact.folder import load_artifact
+    from cartridges.models import load_model
+    from cartridges.pipeline.cli_registry import INIT_METHODS
+    from cartridges.stages.distillation.init.first_tokens import SOURCES
+    from cartridges.stages.ingest import read_corpus
+
+    assert INIT_METHODS == list(SOURCES)
+    model = ("--model", str(lively_model_dir))
+    code, out, err = cli(
+        "init", "--corpus", str(corpus_dir), "--tokens", "16", "--method", "matched", "--name", "fit", *model
+    )
+    assert code == 0, err
+    assert "published fit@1 (16 tokens" in out
+    artifact = load_artifact(cartridges_home / "registry" / "fit" / "1")
+    expected = matched_prefix(load_model(str(lively_model_dir)), read_corpus(corpus_dir).text, 16)
+    torch.testing.assert_close(artifact.prompt_embeddings, expected, atol=1e-6, rtol=0)
+    assert artifact.manifest.method == "init" and artifact.manifest.method_config["init"] == "matched"
+    code, _, err = cli("init", "--corpus", str(corpus_dir), "--method", "fitted", "--name", "bad", *model)
+    assert code == 2 and "fitted" in err and not (cartridges_home / "registry" / "bad").exists()

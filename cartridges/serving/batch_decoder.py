@@ -78,7 +78,7 @@ class BatchDecoder:
         self.prompt_tokens_reused = 0  # prompt tokens whose keys and values came from the prompt cache
         self._rows: list[_Row] = []
         self._kv = BatchKV(kv_shape, model.dtype, model.device)  # row i of the KV is self._rows[i]
-        self._shared: dict[int, list] = {}  # id(prefix tensor) -> [SharedPrefix, rows using it]
+        self._shared: dict[tuple[int, int], list] = {}  # ids of (prefix, key bias) -> [SharedPrefix, rows using it]
         self._stopping = threading.Event()
         self._threads_set = threading.Event()
         self._thread = None
@@ -176,25 +176,30 @@ class BatchDecoder:
             raise ValueError("an empty prompt: a generation needs at least one prompt token")
         prefix_tokens = 0 if generation.prefix is None else generation.prefix.shape[0]
         first = prefix_tokens if generation.first_position is None else generation.first_position
-        reuse = self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
+        # a biased block's prompt KV differs from its unbiased twin's: the prompt cache (keyed by the prefix) skips it
+        reuse = (
+            None
+            if generation.key_bias is not None
+            else self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
+        )
         known = 0 if reuse is None else reuse.tokens
         generator = _generator(generation.sampling, self.model.device)
-        shared = self._share(generation.prefix)
+        shared = self._share(generation.prefix, generation.key_bias)
         try:
             self._kv.add(None if reuse is None else reuse.keys, None if reuse is None else reuse.values)
         except BaseException:
-            self._unshare(generation.prefix)
+            self._unshare(generation)
             raise
         self.prompt_tokens_reused += known
         self._rows.append(_Row(generation, first, list(generation.prompt_ids[known:]), shared, generator))
 
-    def _share(self, prefix: torch.Tensor | None) -> SharedPrefix | None:
-        """The one `SharedPrefix` of this prefix tensor for all the rows that use it."""
+    def _share(self, prefix: torch.Tensor | None, key_bias: torch.Tensor | None = None) -> SharedPrefix | None:
+        """The one `SharedPrefix` of this prefix tensor (and key bias) for all the rows that use it."""
         if prefix is None:
             return None
-        entry = self._shared.get(id(prefix))
+        entry = self._shared.get((id(prefix), id(key_bias)))
         if entry is None:
-            entry = self._shared[id(prefix)] = [SharedPrefix.of(prefix, self.kv_shape), 0]
+            entry = self._shared[(id(prefix), id(key_bias))] = [SharedPrefix.of(prefix, self.kv_shape, key_bias), 0]
         entry[1] += 1
         return entry[0]
 
@@ -241,7 +246,7 @@ class BatchDecoder:
         for chunk in chunks:
             row = self._rows[chunk.slot]
             row.pending = row.pending[chunk.count :]
-            if not row.pending:
+            if not row.pending and row.generation.key_bias is None:
                 self._remember_prompt(chunk.slot)
         greedy = logits.argmax(dim=-1).tolist()  # one call for every row; rows that sample use their logits
         for index, slot in enumerate(sampled):
@@ -319,15 +324,16 @@ class BatchDecoder:
     def _release(self, leaving: list[int]) -> None:
         """Take these rows out of the batch, and the shared prefixes no row uses any more."""
         for index in leaving:
-            self._unshare(self._rows[index].generation.prefix)
+            self._unshare(self._rows[index].generation)
         self._rows = [self._rows[i] for i in self._kv.drop(leaving)]
 
-    def _unshare(self, prefix: torch.Tensor | None) -> None:
-        if prefix is not None:
-            entry = self._shared[id(prefix)]
+    def _unshare(self, generation: Generation) -> None:
+        if generation.prefix is not None:
+            key = (id(generation.prefix), id(generation.key_bias))
+            entry = self._shared[key]
             entry[1] -= 1
             if entry[1] == 0:
-                del self._shared[id(prefix)]
+                del self._shared[key]
 
 
 def _generator(sampling: Sampling, device) -> torch.Generator | None:

@@ -30,6 +30,7 @@ class Generation:
     stop_ids: frozenset[int]
     first_position: int | None = None  # of the prompt's first token; None: right after the prefix. A
     # compressed prefix (a KV press) is read as the text it was compressed from, so it passes that length.
+    key_bias: torch.Tensor | None = None  # [layers, kv heads, P]: added to every score of the prefix's keys
     finish_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens) or "cancelled"
     stop_token: int | None = None  # the stop token that ended it (not among `tokens()`)
     error: BaseException | None = None

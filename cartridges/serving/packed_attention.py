@@ -39,11 +39,18 @@ class SharedPrefix:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    # Per layer [kv heads, tokens]: added to every query's score of each key (a closed-form block's
+    # attention mass, stages/evaluation/methods/matched.py); None: no bias.
+    bias: list[torch.Tensor] | None = None
 
     @classmethod
-    def of(cls, prefix: torch.Tensor, kv_shape: tuple[int, int, int]) -> "SharedPrefix":
+    def of(
+        cls, prefix: torch.Tensor, kv_shape: tuple[int, int, int], key_bias: torch.Tensor | None = None
+    ) -> "SharedPrefix":
+        """`key_bias`: [layers, kv heads, tokens] or None."""
         keys, values = prefix_layers(prefix, kv_shape)
-        return cls([k[0].contiguous() for k in keys], [v[0].contiguous() for v in values])
+        bias = None if key_bias is None else [b.to(prefix.device, prefix.dtype).contiguous() for b in key_bias]
+        return cls([k[0].contiguous() for k in keys], [v[0].contiguous() for v in values], bias)
 
     @property
     def tokens(self) -> int:
@@ -170,6 +177,8 @@ class PackedStep:
             chosen = query if slots is None else query[slots]
             stacked = chosen.permute(1, 0, 2, 3).reshape(kv_heads, count * groups, dim)
             part = torch.matmul(stacked, prefix.keys[layer].transpose(-1, -2)).mul_(scale)
+            if prefix.bias is not None:
+                part += prefix.bias[layer][:, None, :]
             part = part.view(kv_heads, count, groups, tokens).permute(1, 0, 2, 3)
             if slots is None and tokens == self._prefix_width:  # one cartridge for the whole batch
                 return part
@@ -185,6 +194,8 @@ class PackedStep:
         if chunk.prefix is not None:
             keys = torch.cat([chunk.prefix.keys[layer][None], keys], dim=2)
             values = torch.cat([chunk.prefix.values[layer][None], values], dim=2)
+            if chunk.prefix.bias is not None:
+                mask = _biased_mask(mask, chunk.prefix.bias[layer], query.shape[1], query.dtype)
         output = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
@@ -193,6 +204,15 @@ class PackedStep:
     @staticmethod
     def _chunk_keys(chunk: Chunk) -> int:
         return _tokens(chunk.prefix) + chunk.before + chunk.count
+
+
+def _biased_mask(mask: torch.Tensor, bias: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask [queries, keys] as an additive one [1, heads, queries, keys] with each query head's
+    KV head's `bias` [kv heads, tokens] on the first `tokens` keys (the cartridge's)."""
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    additive = additive.expand(heads, -1, -1).clone()
+    additive[:, :, : bias.shape[1]] += bias.repeat_interleave(heads // bias.shape[0], dim=0)[:, None, :]
+    return additive[None]
 
 
 def _tokens(prefix: SharedPrefix | None) -> int:
@@ -235,16 +255,17 @@ def packed_logits(
     rows: list[list[int]],
     keep: list[int],
     start_position: int | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """One packed forward pass of several rows after one shared prefix (PEFT's flat layout, or None):
     each row is read from position `start_position` on (default: the prefix's length), attends to the
     prefix's one copy and causally to itself, and gives the logits of its last `keep[i]` tokens. Unlike
     a padded batch over a prefix copied per row, no padding is computed and the prefix is not copied
-    (teacher scoring in synthesis, gold-answer scoring in evaluation). The model must use
-    `packed_attention`."""
+    (teacher scoring in synthesis, gold-answer scoring in evaluation). `key_bias` [layers, kv heads, P]:
+    added to every score of the prefix's keys. The model must use `packed_attention`."""
     if prefix is not None and prefix.shape[0] == 0:
         prefix = None
-    shared = None if prefix is None else SharedPrefix.of(prefix.to(model.device, model.dtype), kv_shape)
+    shared = None if prefix is None else SharedPrefix.of(prefix.to(model.device, model.dtype), kv_shape, key_bias)
     first = _tokens(shared) if start_position is None else start_position
     kv = BatchKV(kv_shape, model.dtype, model.device)
     for _ in rows:

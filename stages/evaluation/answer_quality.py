@@ -74,6 +74,7 @@ def greedy_answers(
                     Sampling(max_tokens),
                     stops,
                     context.start_position,
+                    context.key_bias,
                 )
             )
             for context, question in zip(contexts, questions, strict=True)

@@ -27,6 +27,7 @@ SINK_TOKENS = 1  # presses always keep the first token: attention sinks carry mu
 class Context:
     prefix: torch.Tensor | None
     start_position: int | None = None  # position of the first chat token; None: right after the prefix
+    key_bias: torch.Tensor | None = None  # [layers, kv heads, P]: added to every score of the prefix's keys
 
     @property
     def kv_tokens(self) -> int:

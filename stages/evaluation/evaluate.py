@@ -32,6 +32,10 @@ class CorpusScore:
     ranked_questions: int
     questions: int
     per_question_nll: tuple[float, ...] = ()  # in corpus order, for paired comparisons between methods
+    # Over the ranked questions: the mean NLL of the other answers minus the gold answer's (nats; higher:
+    # the context favours the right answer, not just answers in the corpus's style), and per question.
+    contrastive_margin: float | None = None
+    per_question_margin: tuple[float, ...] = ()
     # With `answer_tokens`: the greedy answers and their SQuAD-style scores (stages/evaluation/answer_quality.py).
     answer_f1: float | None = None
     exact_match: float | None = None
@@ -87,7 +91,7 @@ def _forward(loaded: LoadedModel, context: Context) -> Forward:
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         lengths = mask.sum(dim=-1).tolist()
         rows = [ids[row, :length].tolist() for row, length in enumerate(lengths)]
-        per_row = packed_logits(model, shape, context.prefix, rows, lengths, context.start_position)
+        per_row = packed_logits(model, shape, context.prefix, rows, lengths, context.start_position, context.key_bias)
         logits = per_row[0].new_zeros(*ids.shape, per_row[0].shape[-1])
         for row, values in enumerate(per_row):
             logits[row, : values.shape[0]] = values
@@ -116,6 +120,7 @@ def score_corpus(
         groups.setdefault(id(context), []).append(index)
     gold = [0.0] * len(corpus.questions)
     ranked = correct = 0
+    margins: list[float] = []
     for indices in groups.values():
         forward = _forward(loaded, contexts[indices[0]])
         questions = [corpus.questions[i] for i in indices]
@@ -133,6 +138,7 @@ def score_corpus(
             )
             ranked += 1
             correct += int(min(range(len(scores)), key=scores.__getitem__) == 0)
+            margins.append(sum(scores[1:]) / (len(scores) - 1) - scores[0])
     nll, se = mean_and_se(gold)
     answers = _answers(loaded, corpus, contexts, answer_tokens) if answer_tokens else {}
     return CorpusScore(
@@ -142,6 +148,8 @@ def score_corpus(
         nll=nll,
         nll_se=se,
         rank_accuracy=correct / ranked if ranked else None,
+        contrastive_margin=sum(margins) / len(margins) if margins else None,
+        per_question_margin=tuple(margins),
         ranked_questions=ranked,
         questions=len(corpus.questions),
         per_question_nll=tuple(gold),

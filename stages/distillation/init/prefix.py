@@ -12,6 +12,20 @@ from cartridges.stages.distillation.init.summary import summary_token_ids
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
 from cartridges.stages.run_dir import RunDir
 
+CLOSED_FORM = ("select", "matched")  # blocks computed from the corpus's own KV, read at positions 0..P-1
+
+
+def closed_form_prefix(loaded, text: str, method: str, num_tokens: int, max_tokens: int | None) -> torch.Tensor:
+    """The `select` or `matched` block of `num_tokens` tokens (the whole corpus's KV if it is shorter),
+    reading about `max_tokens` corpus tokens of a longer corpus."""
+    if method == "matched":
+        from cartridges.stages.evaluation.methods.matched import matched_prefix
+
+        return matched_prefix(loaded, text, num_tokens, max_tokens)
+    from cartridges.stages.evaluation.methods.select import selected_prefix
+
+    return selected_prefix(loaded, text, num_tokens, max_tokens)
+
 
 def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
     """The prefix training starts from: KV of the first corpus tokens, of the tokens reconstruction attends
@@ -21,14 +35,8 @@ def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> torch.Tensor:
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn(config.num_tokens, num_layers * 2 * num_kv_heads * head_dim, generator=generator)
     text = DOCUMENT_SEPARATOR.join(pq.read_table(run.documents, columns=["text"]).column("text").to_pylist())
-    if config.init == "matched":
-        from cartridges.stages.evaluation.methods.matched import matched_prefix
-
-        return matched_prefix(loaded, text, config.num_tokens)
-    if config.init == "select":
-        from cartridges.stages.evaluation.methods.select import selected_prefix
-
-        return selected_prefix(loaded, text, config.num_tokens, config.select_max_tokens)
+    if config.init in CLOSED_FORM:
+        return closed_form_prefix(loaded, text, config.init, config.num_tokens, config.select_max_tokens)
     if config.init == "sampled":
         ids = sampled_token_ids(loaded.tokenizer, text, config.num_tokens, config.sample_span_tokens, config.seed)
     elif config.init == "summary":

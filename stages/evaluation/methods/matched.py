@@ -12,74 +12,47 @@ squares
 
 whose normal equations are P x P (float64). The ridge pulls towards the kept tokens' own values, so
 a block that already reproduces the output keeps them, and P = the corpus length reproduces it
-exactly. What this does not fit is the block's attention *mass* (the paper's per-key biases, which a
-PEFT prefix cannot carry): a compact block is still under-attended beside the chat.
+exactly.
 
-The queries are those of the whole-corpus pass for every layer (not recomputed layer by layer with
-the compacted earlier layers), and the corpus must fit one segment of the model's window.
+`matched` alone does not fit the block's attention *mass*: P keys gather less of a query's attention
+than the T corpus keys did, so beside the chat the block is under-attended. `matched-bias` adds the
+paper's step 2: per-key biases beta (log weights, NNLS) with sum_j exp(q.c_j / sqrt(d) + beta_j) equal
+to the corpus's mass for the reference queries, then the values fitted with them. A PEFT prefix cannot
+carry biases: the project's runtime applies them (`Context.key_bias`, `SharedPrefix.bias` in
+cartridges/serving/packed_attention.py), an artifact does not. `matched-omp` (and `matched-omp-bias`)
+choose the keys by orthogonal matching pursuit on that mass fit instead of by attention (step 1's other
+option); the biases the pursuit fits are kept only by `matched-omp-bias`.
+
+The reference queries are the repeat pass's (`repeat_pass`, the same pass that scores `select`'s keys), the
+same for every layer (not recomputed layer by layer with the compacted earlier layers). A corpus longer
+than the model's window is read in segments: each query's target is its own segment's attention.
 """
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from cartridges.errors import CartridgeError
 from cartridges.kv_layout import kv_shape
-from cartridges.kv_prefix import kv_prefix_of_tokens, prefix_cache
+from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.evaluation.methods.select import (
-    CHUNK_TOKENS,
-    REPEAT_REQUEST,
-    move_keys,
-    moved_by,
-    rotary_embedding,
-    select_tokens,
-)
+from cartridges.stages.evaluation.methods.repeat_pass import CHUNK_TOKENS, REPEAT_REQUEST, repeat_pass
+from cartridges.stages.evaluation.methods.rotary import move_keys, moved_by
+from cartridges.stages.evaluation.methods.select import Selection, select_tokens
 
 RIDGE = 1e-2  # relative to the mean diagonal of the normal matrix: enough to keep rarely attended keys' values
-MAX_QUERIES = 2048  # reference queries per layer and query head (evenly spaced over the corpus)
+MAX_QUERIES = 2048  # reference queries per query head (evenly spaced over the corpus)
+MIN_LOG_WEIGHT = -20.0  # the bias of a key the mass fit gives no weight
+NNLS_ITERATIONS = 10  # scipy's nnls may take this many iterations per key
+OMP_STEP = 32  # keys added per matching-pursuit step between NNLS refits
 
 
-def reference_queries(loaded: LoadedModel, kv: torch.Tensor, body: list[int]) -> torch.Tensor:
-    """[layers, query_heads, queries, head_dim]: the rotated queries of the model repeating `body` (the
-    text of `kv`) right after it, at the positions they are read at."""
-    model = loaded.model
-    layers, kv_heads, head_dim = kv_shape(model.config)
-    heads = model.config.num_attention_heads
-    request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
-    captured: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-    hooks = [
-        layer.self_attn.q_proj.register_forward_hook(lambda m, a, out, i=i: captured[i].append(out[0].detach()))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    positions = []
-    try:
-        for start in range(0, len(body), CHUNK_TOKENS):
-            window = request + body[start : start + CHUNK_TOKENS]
-            first = kv.shape[0]
-            ids = torch.tensor([window], device=model.device)
-            position = torch.arange(first, first + len(window), device=model.device)
-            cache = prefix_cache(kv.to(model.device), layers, kv_heads, head_dim)
-            with torch.no_grad():
-                model(input_ids=ids, position_ids=position[None], past_key_values=cache, use_cache=True)
-            positions.append(position[len(request) :])
-            for per_layer in captured:  # the request's queries are not reconstruction queries
-                per_layer[-1] = per_layer[-1][len(request) :]
-    finally:
-        for hook in hooks:
-            hook.remove()
-    position = torch.cat(positions)
-    keep = torch.linspace(0, len(position) - 1, min(MAX_QUERIES, len(position))).round().long().unique()
-    rotary, apply = rotary_embedding(model)
-    queries = torch.stack([torch.cat(per_layer)[keep] for per_layer in captured])  # [layers, m, heads*D]
-    queries = queries.view(layers, len(keep), heads, head_dim).transpose(1, 2)  # [layers, heads, m, D]
-    cos, sin = rotary(queries, position[keep][None])
-    rotated, _ = apply(queries, queries, cos, sin)
-    return rotated
-
-
-def attention_weights(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """[m, n] in float64: softmax(Q K^T / sqrt(d)), attention over these keys alone."""
-    return torch.softmax(queries.double() @ keys.double().T * keys.shape[-1] ** -0.5, dim=-1)
+def attention_weights(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[m, n] in float64: softmax(Q K^T / sqrt(d) + bias), attention over these keys alone."""
+    logits = queries.double() @ keys.double().T * keys.shape[-1] ** -0.5
+    return torch.softmax(logits if bias is None else logits + bias.double(), dim=-1)
 
 
 def attention_output(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -87,12 +60,29 @@ def attention_output(queries: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return attention_weights(queries, keys) @ values.double()
 
 
+def fitted_biases(queries: torch.Tensor, keys: torch.Tensor, log_mass: torch.Tensor) -> torch.Tensor:
+    """[P]: per-key log weights beta (NNLS on w = exp(beta) >= 0) so that each query's summed
+    exp(q.k / sqrt(d) + beta) over the block's `keys` [P, D] matches its `log_mass` [m] over the whole
+    segment: the block is then attended as much as the corpus was, beside the chat. A key the fit gives
+    no weight gets MIN_LOG_WEIGHT (it keeps a value, attended to almost never)."""
+    from scipy.optimize import nnls
+
+    relative = torch.exp(queries.double() @ keys.double().T * keys.shape[-1] ** -0.5 - log_mass.double()[:, None])
+    weights, _ = nnls(relative.cpu().numpy(), np.ones(relative.shape[0]), maxiter=NNLS_ITERATIONS * keys.shape[0])
+    return torch.from_numpy(weights).log().clamp_min(MIN_LOG_WEIGHT).to(keys.device, keys.dtype)
+
+
 def fitted_values(
-    queries: torch.Tensor, keys: torch.Tensor, start_values: torch.Tensor, target: torch.Tensor, ridge: float = RIDGE
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    start_values: torch.Tensor,
+    target: torch.Tensor,
+    ridge: float = RIDGE,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[P, D]: the values for the block's `keys` [P, D] whose attention output for `queries` [m, D] best
-    matches `target` [m, D], pulled towards `start_values` (the kept tokens' own values)."""
-    weights = attention_weights(queries, keys)  # [m, P]
+    """[P, D]: the values for the block's `keys` [P, D] (and key `bias` [P]) whose attention output for
+    `queries` [m, D] best matches `target` [m, D], pulled towards `start_values` (the kept tokens' own values)."""
+    weights = attention_weights(queries, keys, bias)  # [m, P]
     normal = weights.T @ weights
     strength = ridge * normal.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(keys.shape[0], dtype=torch.float64, device=normal.device)
@@ -100,40 +90,103 @@ def fitted_values(
     return solved.to(start_values.dtype)
 
 
-def moved_queries(model, queries: torch.Tensor, by: int) -> torch.Tensor:
-    """Rotated queries [..., m, D] read `by` positions later."""
-    return moved_by(model, queries, torch.full((1, queries.shape[-2]), by, device=queries.device))
+@dataclass(frozen=True)
+class MatchedBlock:
+    prefix: torch.Tensor  # [P, layers*2*kv_heads*head_dim], read at positions 0..P-1
+    key_bias: torch.Tensor | None  # [layers, kv_heads, P] with `biases`, else None
 
 
-def matched_prefix(loaded: LoadedModel, text: str, num_tokens: int) -> torch.Tensor:
-    """The `matched` prefix of `num_tokens` tokens, read at positions 0..P-1 (the whole corpus if shorter)."""
+def omp_keys(relative: torch.Tensor, budget: int, step: int = OMP_STEP) -> torch.Tensor:
+    """[budget] sorted key indices chosen by orthogonal matching pursuit on the attention-mass fit:
+    `relative` [m, T] is each reference query's exp(q.k / sqrt(d)) over its whole mass, so a block whose
+    non-negative key weights w give relative[:, block] @ w = 1 keeps every query's mass. From the sink,
+    the `step` keys most correlated with the residual (columns normalised) join, and w is refitted by NNLS."""
+    from scipy.optimize import nnls
+
+    system = relative.double().cpu().numpy()
+    norms = np.linalg.norm(system, axis=0).clip(1e-300)
+    wanted = np.ones(system.shape[0])
+    chosen = [0]  # the attention sink
+    weights, _ = nnls(system[:, chosen], wanted)
+    while len(chosen) < budget:
+        residual = wanted - system[:, chosen] @ weights
+        gain = system.T @ residual / norms
+        gain[chosen] = -np.inf
+        chosen += np.argsort(-gain)[: min(step, budget - len(chosen))].tolist()
+        weights, _ = nnls(system[:, chosen], wanted, maxiter=NNLS_ITERATIONS * len(chosen))
+    return torch.tensor(sorted(chosen))
+
+
+def omp_selection(loaded: LoadedModel, ids: list[int], budget: int) -> Selection:
+    """`budget` keys per layer and KV head chosen by `omp_keys` over the whole corpus (one window of the
+    model), with the repeat pass's probes."""
     model = loaded.model
-    ids = context_token_ids(loaded.tokenizer, text)
-    if len(ids) <= num_tokens:
-        return kv_prefix_of_tokens(model, ids)
+    layers, kv_heads, head_dim = kv_shape(model.config)
     head = context_token_ids(loaded.tokenizer, "")
     request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
     if len(ids) + len(request) + CHUNK_TOKENS > model.config.max_position_embeddings:
         raise CartridgeError(
-            f"'matched' fits a corpus within one window of the model for now ({len(ids)} tokens is more): "
-            "use 'select' for a longer corpus"
+            f"'matched-omp' reads a corpus within one window of the model ({len(ids)} tokens is more): "
+            "use 'matched-bias' for a longer corpus"
         )
-    selection = select_tokens(loaded, text, num_tokens)
     kv = kv_prefix_of_tokens(model, ids)
-    queries = reference_queries(loaded, kv, ids[len(head) :])
-    block_queries = moved_queries(model, queries, num_tokens - len(ids))  # as far after the block as after the corpus
-    target_positions = torch.arange(num_tokens, device=selection.positions.device)[:, None, None]
-    block = move_keys(model, selection.prefix, selection.positions, target_positions.expand_as(selection.positions))
-    layers, kv_heads, head_dim = kv_shape(model.config)
+    probes = repeat_pass(loaded, kv, ids[len(head) :], MAX_QUERIES).probes
+    at_corpus = moved_by(model, probes.queries, torch.full((1, probes.queries.shape[2]), len(ids)))
+    rows = kv.view(len(ids), layers, 2, kv_heads, head_dim)
     group = model.config.num_attention_heads // kv_heads
-    full = kv.view(len(ids), layers, 2, kv_heads, head_dim)
-    block = block.view(num_tokens, layers, 2, kv_heads, head_dim).clone()
+    keep = torch.empty(budget, layers, kv_heads, dtype=torch.long)
     for layer in range(layers):
         for h in range(kv_heads):
             heads = slice(h * group, (h + 1) * group)
-            target = attention_output(
-                queries[layer, heads].reshape(-1, head_dim), full[:, layer, 0, h], full[:, layer, 1, h]
-            )
-            q = block_queries[layer, heads].reshape(-1, head_dim)
-            block[:, layer, 1, h] = fitted_values(q, block[:, layer, 0, h], block[:, layer, 1, h], target)
-    return block.reshape(num_tokens, -1)
+            logits = at_corpus[layer, heads].reshape(-1, head_dim).double() @ rows[:, layer, 0, h].double().T
+            relative = torch.exp(logits * head_dim**-0.5 - probes.log_mass[layer, heads].reshape(-1, 1))
+            keep[:, layer, h] = omp_keys(relative, budget)
+    index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim).to(kv.device)
+    return Selection(rows.gather(0, index).reshape(budget, -1), keep.to(kv.device), probes)
+
+
+def matched_block(
+    loaded: LoadedModel,
+    text: str,
+    num_tokens: int,
+    max_tokens: int | None = None,
+    biases: bool = False,
+    key_choice: str = "attention",
+) -> MatchedBlock:
+    """The `matched` block of `num_tokens` tokens (the whole corpus if shorter); with `biases`, per-key
+    biases fitted to the corpus's attention mass first and the values fitted with them (without, the
+    values alone, whatever chose the keys). Keys: `select`'s (`key_choice="attention"`) or orthogonal
+    matching pursuit on the mass fit (`"omp"`, one window)."""
+    model = loaded.model
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    ids = context_token_ids(loaded.tokenizer, text)
+    if len(ids) <= num_tokens:
+        prefix = kv_prefix_of_tokens(model, ids)
+        return MatchedBlock(prefix, prefix.new_zeros(layers, kv_heads, len(ids)) if biases else None)
+    if key_choice == "omp":
+        selection = omp_selection(loaded, ids, num_tokens)
+    else:
+        selection = select_tokens(loaded, text, num_tokens, max_tokens, probes=MAX_QUERIES)
+    probes = selection.probes
+    queries = moved_by(model, probes.queries, torch.full((1, probes.queries.shape[2]), num_tokens))
+    target_positions = torch.arange(num_tokens, device=selection.positions.device)[:, None, None]
+    block = move_keys(model, selection.prefix, selection.positions, target_positions.expand_as(selection.positions))
+    group = model.config.num_attention_heads // kv_heads
+    block = block.view(num_tokens, layers, 2, kv_heads, head_dim).clone()
+    key_bias = block.new_zeros(layers, kv_heads, num_tokens) if biases else None
+    for layer in range(layers):
+        for h in range(kv_heads):
+            heads = slice(h * group, (h + 1) * group)
+            target = probes.outputs[layer, heads].reshape(-1, head_dim)
+            q = queries[layer, heads].reshape(-1, head_dim)
+            keys = block[:, layer, 0, h]
+            bias = None
+            if biases:
+                bias = key_bias[layer, h] = fitted_biases(q, keys, probes.log_mass[layer, heads].reshape(-1))
+            block[:, layer, 1, h] = fitted_values(q, keys, block[:, layer, 1, h], target, bias=bias)
+    return MatchedBlock(block.reshape(num_tokens, -1), key_bias)
+
+
+def matched_prefix(loaded: LoadedModel, text: str, num_tokens: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The `matched` prefix (no biases: what a PEFT prefix can carry), read at positions 0..P-1."""
+    return matched_block(loaded, text, num_tokens, max_tokens).prefix

@@ -13,7 +13,6 @@ each prefilled from position 0 (its first token is never kept: it acts as that s
 `distill.select_max_tokens` bounds how many corpus tokens are read (evenly spaced segments).
 """
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -24,31 +23,44 @@ from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import SINK_TOKENS, top_rows
-from cartridges.stages.evaluation.methods.snapkv import attention_to_prefix
-
-REPEAT_REQUEST = "Repeat the previous context exactly."
-CHUNK_TOKENS = 256  # reconstruction queries per forward pass (eager attention holds [heads, chunk, corpus] a layer)
+from cartridges.stages.evaluation.methods import repeat_pass as reconstruction
+from cartridges.stages.evaluation.methods.repeat_pass import Probes, repeat_pass
+from cartridges.stages.evaluation.methods.rotary import move_keys
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Kept KV rows [P, layers*2*kv_heads*head_dim] with keys still at their corpus positions, and
-    those positions [P, layers, kv_heads] (within each segment)."""
+    """Kept KV rows [P, layers*2*kv_heads*head_dim] with keys still at their corpus positions, those
+    positions [P, layers, kv_heads] (within each segment), and the repeat pass's probes when asked for."""
 
     prefix: torch.Tensor
     positions: torch.Tensor
+    probes: Probes | None = None
 
 
-def reconstruction_scores(loaded: LoadedModel, prefix: torch.Tensor, body: list[int]) -> torch.Tensor:
-    """[tokens, layers, kv_heads]: the most attention any query reconstructing `body` (the text of
-    `prefix`, without a BOS) pays each cached position."""
-    request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
-    scores = None
-    for start in range(0, len(body), CHUNK_TOKENS):
-        window = request + body[start : start + CHUNK_TOKENS]
-        paid = attention_to_prefix(loaded, prefix, window, reduce="max", first_query=len(request))
-        scores = paid if scores is None else torch.maximum(scores, paid)
-    return scores
+@dataclass(frozen=True)
+class Candidates:
+    """The best rows so far per layer and KV head, in corpus order: rows [n, flat], their reconstruction
+    scores and positions within their segment [n, layers, kv_heads]."""
+
+    rows: torch.Tensor
+    scores: torch.Tensor
+    positions: torch.Tensor
+
+    def then(self, later: "Candidates | None") -> "Candidates":
+        if later is None:
+            return self
+        return Candidates(*(torch.cat([a, b]) for a, b in zip(self.fields(), later.fields(), strict=True)))
+
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rows, self.scores, self.positions
+
+    def best(self, shape: tuple[int, int, int], budget: int) -> "Candidates":
+        """The `budget` of highest score per layer and KV head (all of them while there are fewer)."""
+        if self.rows.shape[0] <= budget:
+            return self
+        rows, keep = top_rows(self.rows, shape, self.scores, budget)
+        return Candidates(rows, self.scores.gather(0, keep), self.positions.gather(0, keep))
 
 
 def evenly_spaced(count: int, keep: int) -> list[int]:
@@ -60,68 +72,45 @@ def evenly_spaced(count: int, keep: int) -> list[int]:
     return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
 
 
-def select_tokens(loaded: LoadedModel, text: str, budget: int, max_tokens: int | None = None) -> Selection:
-    """The `budget` corpus positions per layer and KV head with the highest reconstruction scores.
-    `max_tokens`: a longer corpus is read in evenly spaced segments holding about that many tokens
-    (the cost is two passes over every token read)."""
+def select_tokens(
+    loaded: LoadedModel, text: str, budget: int, max_tokens: int | None = None, probes: int = 0
+) -> Selection:
+    """The `budget` corpus positions per layer and KV head with the highest reconstruction scores,
+    over all segments (a segment with more of the high scores gives more of the block: the budget is
+    shared by score, not in equal slices); with `probes`, about that many reference queries per query
+    head, spread over the segments by their length. `max_tokens`: a longer corpus is read in evenly
+    spaced segments holding about that many tokens (the cost is two passes over every token read).
+    Only the best `budget` rows are held between segments."""
     tokenizer, window = loaded.tokenizer, loaded.model.config.max_position_embeddings
+    shape = kv_shape(loaded.model.config)
     head = context_token_ids(tokenizer, "")  # the tokenizer's BOS, if any
     body = context_token_ids(tokenizer, text)[len(head) :]
-    request = chat_token_ids(tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
-    segment = window - len(request) - CHUNK_TOKENS - len(head)
-    if segment < CHUNK_TOKENS:
-        raise CartridgeError(f"init 'select' needs a model window above {2 * CHUNK_TOKENS} tokens; use first_tokens")
+    request = chat_token_ids(tokenizer, [{"role": "user", "content": reconstruction.REPEAT_REQUEST}])
+    chunk = reconstruction.CHUNK_TOKENS
+    segment = window - len(request) - chunk - len(head)
+    if segment < chunk:
+        raise CartridgeError(f"init 'select' needs a model window above {2 * chunk} tokens; use first_tokens")
     starts = list(range(0, len(body), segment))
     if max_tokens is not None:
         starts = [starts[i] for i in evenly_spaced(len(starts), max(1, max_tokens // segment))]
-    rows, scores, positions = [], [], []
+    read = sum(len(body[start : start + segment]) for start in starts)
+    if budget >= read + len(head) * len(starts):
+        raise CartridgeError(f"the corpus has {read} tokens, not more than the {budget} to select")
+    kept: Candidates | None = None
+    parts = []
     for start in starts:
         ids = head + body[start : start + segment]
         kv = kv_prefix_of_tokens(loaded.model, ids)
-        score = reconstruction_scores(loaded, kv, ids[len(head) :]).float().cpu()
+        share = -(-probes * (len(ids) - len(head)) // read) if probes else 0
+        scanned = repeat_pass(loaded, kv, ids[len(head) :], share)
+        score = scanned.scores.float()
         score[: max(len(head), SINK_TOKENS)] = float("inf") if start == 0 else float("-inf")
-        rows.append(kv)
-        scores.append(score)
-        positions.append(torch.arange(len(ids)))
-    kv, score, position = torch.cat(rows), torch.cat(scores), torch.cat(positions)
-    if budget >= kv.shape[0]:
-        raise CartridgeError(f"the corpus has {kv.shape[0]} tokens, not more than the {budget} to select")
-    kept, keep = top_rows(kv, kv_shape(loaded.model.config), score, budget)
-    return Selection(kept, position.to(kv.device)[keep])
-
-
-def rotary_embedding(model):
-    """The model's rotary embedding module and its `apply_rotary_pos_emb`; a model without RoPE has
-    no positions in its keys to move."""
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    attention = next((m for m in model.modules() if type(m).__name__.endswith("Attention")), None)
-    apply = getattr(inspect.getmodule(type(attention)), "apply_rotary_pos_emb", None) if attention else None
-    if rotary is None or apply is None:
-        raise CartridgeError(
-            f"init 'select' moves rotary key positions, and {type(model).__name__} has none: use first_tokens"
-        )
-    return rotary, apply
-
-
-def moved_by(model, rotated: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Already rotated keys or queries [..., n, D] read `delta` [1, n] positions later (RoPE rotations compose)."""
-    rotary, apply = rotary_embedding(model)
-    cos, sin = rotary(rotated, delta)
-    scale = getattr(rotary, "attention_scaling", 1.0)  # applied once already, when they were rotated
-    moved, _ = apply(rotated, rotated, cos / scale, sin / scale)
-    return moved
-
-
-def move_keys(model, prefix: torch.Tensor, positions: torch.Tensor, to_positions: torch.Tensor) -> torch.Tensor:
-    """The prefix with each key rotated from `positions` to `to_positions` ([P, layers, kv_heads])."""
-    layers, heads, head_dim = kv_shape(model.config)
-    tokens = prefix.shape[0]
-    kv = prefix.view(tokens, layers, 2, heads, head_dim).clone()
-    keys = kv[:, :, 0]  # [P, layers, heads, D]
-    delta = (to_positions - positions).reshape(1, -1)
-    moved = moved_by(model, keys.reshape(1, 1, -1, head_dim), delta)
-    kv[:, :, 0] = moved.reshape(keys.shape).to(kv.dtype)
-    return kv.reshape(tokens, -1)
+        position = torch.arange(len(ids), device=kv.device)[:, None, None].expand(score.shape)
+        here = Candidates(kv, score.to(kv.device), position)
+        kept = (here if kept is None else kept.then(here)).best(shape, budget)
+        if scanned.probes is not None:
+            parts.append(scanned.probes)
+    return Selection(kept.rows, kept.positions, Probes.joined(parts) if parts else None)
 
 
 def selected_prefix(loaded: LoadedModel, text: str, num_tokens: int, max_tokens: int | None = None) -> torch.Tensor:

@@ -16,8 +16,9 @@ from cartridges.kv_layout import kv_shape
 from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import Context, ContextSource, FixedContext, corpus_kv
 from cartridges.stages.evaluation.methods.ape import documents_of, parallel_context
+from cartridges.stages.evaluation.methods.kvzip import kvzip_context
 from cartridges.stages.evaluation.methods.lingua import compressed_context
-from cartridges.stages.evaluation.methods.matched import matched_prefix
+from cartridges.stages.evaluation.methods.matched import matched_block, matched_prefix
 from cartridges.stages.evaluation.methods.presses import PRESSES, compress
 from cartridges.stages.evaluation.methods.rag import RetrievedContext
 from cartridges.stages.evaluation.methods.select import selected_prefix
@@ -45,6 +46,15 @@ def _given(loaded: LoadedModel, text: str, budget: int | None, cartridge: torch.
     return FixedContext(Context(cartridge))
 
 
+def _matched(
+    loaded: LoadedModel, text: str, budget: int | None, biases: bool, key_choice: str = "attention"
+) -> Context:
+    """A `matched` block with or without per-key attention-mass biases (which the project's runtime applies
+    and a PEFT prefix cannot); keys by attention (`select`'s) or by matching pursuit on the mass fit."""
+    block = matched_block(loaded, text, budget, biases=biases, key_choice=key_choice)
+    return Context(block.prefix, key_bias=block.key_bias)
+
+
 def _press(name: str) -> Method:
     return Method(
         "budget",
@@ -60,6 +70,12 @@ TABLE: dict[str, Method] = {
     "truncated": Method("budget", _fixed(lambda loaded, text, budget: Context(corpus_kv(loaded, text, budget)))),
     "select": Method("budget", _fixed(lambda loaded, text, budget: Context(selected_prefix(loaded, text, budget)))),
     "matched": Method("budget", _fixed(lambda loaded, text, budget: Context(matched_prefix(loaded, text, budget)))),
+    "matched-bias": Method("budget", _fixed(lambda loaded, text, budget: _matched(loaded, text, budget, True))),
+    "matched-omp": Method("budget", _fixed(lambda loaded, text, budget: _matched(loaded, text, budget, False, "omp"))),
+    "matched-omp-bias": Method(
+        "budget", _fixed(lambda loaded, text, budget: _matched(loaded, text, budget, True, "omp"))
+    ),
+    "kvzip": Method("budget", _fixed(kvzip_context)),
     "rag": Method("budget", lambda loaded, text, budget, cartridge: RetrievedContext(loaded, text, budget)),
     **{name: _press(name) for name in PRESSES},
     "snapkv": Method("budget", lambda loaded, text, budget, cartridge: QuestionSelectedContext(loaded, text, budget)),
