@@ -196,7 +196,7 @@ def measure(
         budget,
         score,
         build_seconds,
-        0 if first.prefix is None else first.prefix.numel() * first.prefix.element_size(),
+        0 if first.prefix is None else first.kv_tokens * first.prefix.shape[1] * first.prefix.element_size(),
         # what a deployment prefills for each question (the evaluation caches the corpus KV for snapkv)
         {"snapkv": first.start_position or first.kv_tokens, "rag": first.kv_tokens}.get(method, 0),
         decode,

@@ -18,7 +18,12 @@ from cartridges.pipeline.cli_app import (
     report_skipped,
 )
 
-INIT_METHODS = ["first_tokens", "select", "matched"]  # the keys of stages/distillation/init/first_tokens.py SOURCES
+INIT_METHODS = [
+    "first_tokens",
+    "select",
+    "matched",
+    "matched_omp",
+]  # the keys of stages/distillation/init/first_tokens.py SOURCES
 
 
 @model_app.command("prepare")
@@ -46,8 +51,9 @@ def init(
         typer.Option(
             "--method",
             help="first_tokens: the first TOKENS corpus tokens' KV; select: the corpus tokens reconstruction "
-            "attends to most; matched: select's keys with values fitted to the whole corpus's attention "
-            "(closed form, no training; docs/building.md has the measured quality and cost).",
+            "attends to most; matched: select's keys with values fitted to the whole corpus's attention; "
+            "matched_omp: keys by matching pursuit instead (one model window) (closed form, no training; "
+            "docs/building.md has the measured quality and cost).",
         ),
     ] = "first_tokens",
     read_tokens: Annotated[

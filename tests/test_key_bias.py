@@ -119,6 +119,7 @@ def test_kvzip_keeps_the_top_entries_of_every_head_together_and_never_reads_its_
     layers, kv_heads, head_dim = kv_shape(lively.model.config)
     real = context.key_bias == 0  # [layers, kv_heads, width]
     assert real.sum() == 6 * layers * kv_heads and real.sum(dim=-1).unique().numel() > 1  # unequal heads
+    assert context.kv_tokens == 6 < context.prefix.shape[0]  # its KV is the attended entries, not the padded width
     junk = context.prefix.view(-1, layers, 2, kv_heads, head_dim).clone()
     junk.permute(0, 1, 3, 2, 4)[~real.permute(2, 0, 1)] = 7.0  # [width, layers, kv_heads, K/V, D]: padding changed
     rows = [prompt(lively)]

@@ -150,3 +150,21 @@ def test_init_publishes_the_matched_block_of_the_corpus(cli, lively_model_dir, c
     assert artifact.manifest.method == "init" and artifact.manifest.method_config["init"] == "matched"
     code, _, err = cli("init", "--corpus", str(corpus_dir), "--method", "fitted", "--name", "bad", *model)
     assert code == 2 and "fitted" in err and not (cartridges_home / "registry" / "bad").exists()
+
+
+def test_the_matched_omp_init_is_the_pursuit_block_without_biases(lively, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cartridges.stages.distillation.config import DistillConfig
+    from cartridges.stages.distillation.init.prefix import initial_prefix
+    from cartridges.stages.evaluation.methods.matched import matched_block
+    from cartridges.stages.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir(parents=True)
+    pq.write_table(pa.table({"text": [TEXT]}), run.documents)
+    pursued = matched_block(lively, TEXT, 12, key_choice="omp")
+    assert pursued.key_bias is None
+    assert torch.equal(initial_prefix(lively, run, DistillConfig(num_tokens=12, init="matched_omp")), pursued.prefix)
+    assert not torch.equal(pursued.prefix, matched_prefix(lively, TEXT, 12))  # other keys than select's

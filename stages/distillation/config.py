@@ -21,10 +21,10 @@ class DistillConfig(BaseModel):
     model_config = STRICT_SETTINGS
 
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
-    init: Literal["first_tokens", "select", "matched", "sampled", "summary", "random"] = Field(
+    init: Literal["first_tokens", "select", "matched", "matched_omp", "sampled", "summary", "random"] = Field(
         "first_tokens",
         description="prefix initialisation: the first corpus tokens' KV, the corpus KV selected by reconstruction "
-        "attention (stages/evaluation/methods/select.py), those keys with values fitted to the whole corpus's attention output (stages/evaluation/methods/matched.py), the KV of spans sampled across the corpus "
+        "attention (stages/evaluation/methods/select.py), those keys with values fitted to the whole corpus's attention output (stages/evaluation/methods/matched.py), keys chosen by matching pursuit on the attention mass with values fitted (matched_omp, one window), the KV of spans sampled across the corpus "
         "(stages/distillation/init/sampled.py), the KV of the model's summaries of chunks across the corpus "
         "(stages/distillation/init/summary.py), or random values",
     )

@@ -31,7 +31,14 @@ class Context:
 
     @property
     def kv_tokens(self) -> int:
-        return 0 if self.prefix is None else self.prefix.shape[0]
+        """Tokens of KV per layer and KV head: a block padded with never-attended keys (bias -inf; heads
+        of unequal length, `kvzip`) counts its attended entries alone, averaged over the heads."""
+        if self.prefix is None:
+            return 0
+        if self.key_bias is None:
+            return self.prefix.shape[0]
+        layers, heads, _ = self.key_bias.shape
+        return -(-int(torch.isfinite(self.key_bias).sum()) // (layers * heads))
 
 
 class ContextSource(Protocol):

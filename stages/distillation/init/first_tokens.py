@@ -32,6 +32,7 @@ SOURCES = {
     "first_tokens": "first corpus tokens",
     "select": "the corpus tokens reconstruction attends to most, per layer and KV head (select)",
     "matched": "select's keys with values fitted to the whole corpus's attention output (matched)",
+    "matched_omp": "keys chosen by matching pursuit on the corpus's attention mass, values fitted (matched-omp)",
 }
 
 

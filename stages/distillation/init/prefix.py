@@ -12,16 +12,17 @@ from cartridges.stages.distillation.init.summary import summary_token_ids
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
 from cartridges.stages.run_dir import RunDir
 
-CLOSED_FORM = ("select", "matched")  # blocks computed from the corpus's own KV, read at positions 0..P-1
+CLOSED_FORM = ("select", "matched", "matched_omp")  # blocks of the corpus's own KV, read at positions 0..P-1
 
 
 def closed_form_prefix(loaded, text: str, method: str, num_tokens: int, max_tokens: int | None) -> torch.Tensor:
-    """The `select` or `matched` block of `num_tokens` tokens (the whole corpus's KV if it is shorter),
-    reading about `max_tokens` corpus tokens of a longer corpus."""
-    if method == "matched":
-        from cartridges.stages.evaluation.methods.matched import matched_prefix
+    """The `select`, `matched` or `matched_omp` block of `num_tokens` tokens (the whole corpus's KV if it is
+    shorter), reading about `max_tokens` corpus tokens of a longer corpus (`matched_omp`: one window)."""
+    if method in ("matched", "matched_omp"):
+        from cartridges.stages.evaluation.methods.matched import matched_block
 
-        return matched_prefix(loaded, text, num_tokens, max_tokens)
+        key_choice = "omp" if method == "matched_omp" else "attention"
+        return matched_block(loaded, text, num_tokens, max_tokens, key_choice=key_choice).prefix
     from cartridges.stages.evaluation.methods.select import selected_prefix
 
     return selected_prefix(loaded, text, num_tokens, max_tokens)
