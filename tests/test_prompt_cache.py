@@ -38,6 +38,18 @@ def test_the_plain_model_has_its_own_entries_and_old_ones_go_first():
     assert PromptCache(entries=0).reuse(None, 0, [1, 2]) is None
 
 
+def test_a_block_with_a_key_bias_is_another_block_than_its_prefix_alone():
+    """A prompt's keys and values after a biased block differ from those after the same keys unbiased."""
+    cache = PromptCache()
+    prefix, bias = torch.zeros(2, 4), torch.zeros(1, 1, 2)
+    cache.store(prefix, 2, [1, 2, 3], *kv([1, 2, 3]), key_bias=bias)
+    assert cache.reuse(prefix, 2, [1, 2, 3]) is None
+    assert cache.reuse(prefix, 2, [1, 2, 3], torch.zeros(1, 1, 2)) is None
+    assert cache.reuse(prefix, 2, [1, 2, 3], bias).tokens == 2
+    cache.store(prefix, 2, [1, 2, 3], *kv([1, 2, 3]))
+    assert cache.reuse(prefix, 2, [1, 2, 3]).tokens == 2
+
+
 def test_a_cartridge_that_is_gone_matches_nothing():
     cache = PromptCache()
     prefix = torch.zeros(2, 4)

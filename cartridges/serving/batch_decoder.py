@@ -176,12 +176,7 @@ class BatchDecoder:
             raise ValueError("an empty prompt: a generation needs at least one prompt token")
         prefix_tokens = 0 if generation.prefix is None else generation.prefix.shape[0]
         first = prefix_tokens if generation.first_position is None else generation.first_position
-        # a biased block's prompt KV differs from its unbiased twin's: the prompt cache (keyed by the prefix) skips it
-        reuse = (
-            None
-            if generation.key_bias is not None
-            else self._prompts.reuse(generation.prefix, first, generation.prompt_ids)
-        )
+        reuse = self._prompts.reuse(generation.prefix, first, generation.prompt_ids, generation.key_bias)
         known = 0 if reuse is None else reuse.tokens
         generator = _generator(generation.sampling, self.model.device)
         shared = self._share(generation.prefix, generation.key_bias)
@@ -246,7 +241,7 @@ class BatchDecoder:
         for chunk in chunks:
             row = self._rows[chunk.slot]
             row.pending = row.pending[chunk.count :]
-            if not row.pending and row.generation.key_bias is None:
+            if not row.pending:
                 self._remember_prompt(chunk.slot)
         greedy = logits.argmax(dim=-1).tolist()  # one call for every row; rows that sample use their logits
         for index, slot in enumerate(sampled):
@@ -280,6 +275,7 @@ class BatchDecoder:
             generation.prompt_ids,
             [layer[slot : slot + 1, :, :tokens].clone() for layer in self._kv.keys],
             [layer[slot : slot + 1, :, :tokens].clone() for layer in self._kv.values],
+            generation.key_bias,
         )
 
     def _sample(self, logits: torch.Tensor, row: _Row) -> int:
