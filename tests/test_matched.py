@@ -168,3 +168,19 @@ def test_the_matched_omp_init_is_the_pursuit_block_without_biases(lively, tmp_pa
     assert pursued.key_bias is None
     assert torch.equal(initial_prefix(lively, run, DistillConfig(num_tokens=12, init="matched_omp")), pursued.prefix)
     assert not torch.equal(pursued.prefix, matched_prefix(lively, TEXT, 12))  # other keys than select's
+
+
+def test_a_corpus_beyond_one_window_is_one_line_for_the_one_window_methods(lively):
+    import pytest
+
+    from cartridges.errors import CartridgeError
+    from cartridges.stages.evaluation.methods.kvzip import kvzip_context
+    from cartridges.stages.evaluation.methods.matched import matched_block
+    from cartridges.stages.evaluation.methods.repeat_pass import segment_capacity
+
+    lively.model.config.max_position_embeddings = len(context_token_ids(lively.tokenizer, TEXT)) + 8
+    assert len(context_token_ids(lively.tokenizer, TEXT)) > segment_capacity(lively)
+    with pytest.raises(CartridgeError, match="'matched-omp' reads a corpus within one window.*use 'matched'"):
+        matched_block(lively, TEXT, 12, key_choice="omp")
+    with pytest.raises(CartridgeError, match="'kvzip' reads a corpus within one window"):
+        kvzip_context(lively, TEXT, 12)

@@ -84,7 +84,13 @@ def top_rows(
     """The `budget` rows of highest `scores` ([tokens, layers, kv_heads]) per layer and KV head, in
     prefix order: the kept prefix [budget, layers*2*kv_heads*head_dim] and the kept row indices
     [budget, layers, kv_heads]."""
-    layers, heads, head_dim = shape
     keep = scores.topk(budget, dim=0).indices.sort(dim=0).values.to(prefix.device)
-    index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim)
-    return prefix.view(-1, layers, 2, heads, head_dim).gather(0, index).reshape(budget, -1), keep
+    return rows_per_head(prefix, shape, keep), keep
+
+
+def rows_per_head(prefix: torch.Tensor, shape: tuple[int, int, int], rows: torch.Tensor) -> torch.Tensor:
+    """[n, layers*2*kv_heads*head_dim]: for each layer and KV head its own rows `rows` [n, layers, kv_heads]
+    of the prefix (keys and values together)."""
+    layers, heads, head_dim = shape
+    index = rows.to(prefix.device)[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim)
+    return prefix.view(-1, layers, 2, heads, head_dim).gather(0, index).reshape(rows.shape[0], -1)

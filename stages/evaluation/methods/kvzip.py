@@ -14,13 +14,12 @@ evaluation reads it as the kept entries alone. One window of the model: a longer
 
 import torch
 
-from cartridges.errors import CartridgeError
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
-from cartridges.layout import chat_token_ids, context_token_ids
+from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.evaluation.contexts import SINK_TOKENS, Context
-from cartridges.stages.evaluation.methods.repeat_pass import CHUNK_TOKENS, REPEAT_REQUEST, repeat_pass
+from cartridges.stages.evaluation.contexts import SINK_TOKENS, Context, rows_per_head
+from cartridges.stages.evaluation.methods.repeat_pass import whole_corpus_pass
 
 
 def kept_entries(scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -38,21 +37,15 @@ def kvzip_context(loaded: LoadedModel, text: str, budget: int) -> Context:
     model = loaded.model
     layers, kv_heads, head_dim = kv_shape(model.config)
     ids = context_token_ids(loaded.tokenizer, text)
-    kv = kv_prefix_of_tokens(model, ids)
     if len(ids) <= budget:
-        return Context(kv)
-    request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
-    if len(ids) + len(request) + CHUNK_TOKENS > model.config.max_position_embeddings:
-        raise CartridgeError(f"'kvzip' reads a corpus within one window of the model ({len(ids)} tokens is more)")
-    head = context_token_ids(loaded.tokenizer, "")
-    keep = kept_entries(repeat_pass(loaded, kv, ids[len(head) :]).scores.cpu(), budget)
+        return Context(kv_prefix_of_tokens(model, ids))
+    kv, scanned = whole_corpus_pass(loaded, ids, "kvzip")
+    keep = kept_entries(scanned.scores.cpu(), budget)
     counts = keep.sum(dim=0)  # [layers, kv_heads]
     width = int(counts.max())
     # kept positions first (in corpus order), then the rest: each head's first `counts` rows are its own
     order = torch.argsort((~keep).to(torch.int8) * len(ids) + torch.arange(len(ids))[:, None, None], dim=0)
-    rows = order[:width]  # [width, layers, kv_heads]
-    index = rows[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim).to(kv.device)
-    block = kv.view(len(ids), layers, 2, kv_heads, head_dim).gather(0, index).reshape(width, -1)
+    block = rows_per_head(kv, (layers, kv_heads, head_dim), order[:width])
     real = torch.arange(width)[:, None, None] < counts[None]
     bias = torch.zeros(width, layers, kv_heads).masked_fill(~real, float("-inf")).permute(1, 2, 0)
     return Context(block, start_position=len(ids), key_bias=bias.to(kv.device, kv.dtype).contiguous())

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cartridges.errors import CartridgeError
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
-from cartridges.layout import chat_token_ids, context_token_ids
+from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.evaluation.methods.repeat_pass import CHUNK_TOKENS, REPEAT_REQUEST, repeat_pass
+from cartridges.stages.evaluation.contexts import rows_per_head
+from cartridges.stages.evaluation.methods.repeat_pass import whole_corpus_pass
 from cartridges.stages.evaluation.methods.rotary import move_keys, moved_by
 from cartridges.stages.evaluation.methods.select import Selection, select_tokens
 
@@ -122,15 +122,8 @@ def omp_selection(loaded: LoadedModel, ids: list[int], budget: int) -> Selection
     model), with the repeat pass's probes."""
     model = loaded.model
     layers, kv_heads, head_dim = kv_shape(model.config)
-    head = context_token_ids(loaded.tokenizer, "")
-    request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
-    if len(ids) + len(request) + CHUNK_TOKENS > model.config.max_position_embeddings:
-        raise CartridgeError(
-            f"'matched-omp' reads a corpus within one window of the model ({len(ids)} tokens is more): "
-            "use 'matched-bias' for a longer corpus"
-        )
-    kv = kv_prefix_of_tokens(model, ids)
-    probes = repeat_pass(loaded, kv, ids[len(head) :], MAX_QUERIES).probes
+    kv, scanned = whole_corpus_pass(loaded, ids, "matched-omp", MAX_QUERIES, instead="matched")
+    probes = scanned.probes
     at_corpus = moved_by(model, probes.queries, torch.full((1, probes.queries.shape[2]), len(ids)))
     rows = kv.view(len(ids), layers, 2, kv_heads, head_dim)
     group = model.config.num_attention_heads // kv_heads
@@ -141,8 +134,7 @@ def omp_selection(loaded: LoadedModel, ids: list[int], budget: int) -> Selection
             logits = at_corpus[layer, heads].reshape(-1, head_dim).double() @ rows[:, layer, 0, h].double().T
             relative = torch.exp(logits * head_dim**-0.5 - probes.log_mass[layer, heads].reshape(-1, 1))
             keep[:, layer, h] = omp_keys(relative, budget)
-    index = keep[:, :, None, :, None].expand(-1, -1, 2, -1, head_dim).to(kv.device)
-    return Selection(rows.gather(0, index).reshape(budget, -1), keep.to(kv.device), probes)
+    return Selection(rows_per_head(kv, (layers, kv_heads, head_dim), keep), keep.to(kv.device), probes)
 
 
 def matched_block(

@@ -18,9 +18,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from cartridges.errors import CartridgeError
 from cartridges.kv_layout import kv_shape
-from cartridges.kv_prefix import prefix_cache
-from cartridges.layout import chat_token_ids
+from cartridges.kv_prefix import kv_prefix_of_tokens, prefix_cache
+from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.methods.rotary import moved_by
 
@@ -121,6 +122,28 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 class RepeatPass:
     scores: torch.Tensor  # [segment, layers, kv_heads]
     probes: Probes | None
+
+
+def segment_capacity(loaded: LoadedModel) -> int:
+    """The most tokens of a segment (its BOS included) that its repeat pass fits in the model's window:
+    the segment, the repeat request and one chunk of the segment again."""
+    request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
+    return loaded.model.config.max_position_embeddings - len(request) - CHUNK_TOKENS
+
+
+def whole_corpus_pass(
+    loaded: LoadedModel, ids: list[int], method: str, probes: int = 0, instead: str = ""
+) -> tuple[torch.Tensor, RepeatPass]:
+    """The KV of the corpus `ids` (its BOS included) and its repeat pass, for a method that reads the
+    corpus as one segment; a longer corpus is refused with one line naming `method` (and what to use `instead`)."""
+    if len(ids) > segment_capacity(loaded):
+        hint = f": use '{instead}' for a longer corpus" if instead else ""
+        raise CartridgeError(
+            f"'{method}' reads a corpus within one window of the model ({len(ids)} tokens is more){hint}"
+        )
+    kv = kv_prefix_of_tokens(loaded.model, ids)
+    head = context_token_ids(loaded.tokenizer, "")
+    return kv, repeat_pass(loaded, kv, ids[len(head) :], probes)
 
 
 @torch.no_grad()

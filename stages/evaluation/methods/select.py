@@ -20,11 +20,11 @@ import torch
 from cartridges.errors import CartridgeError
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
-from cartridges.layout import chat_token_ids, context_token_ids
+from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import SINK_TOKENS, top_rows
 from cartridges.stages.evaluation.methods import repeat_pass as reconstruction
-from cartridges.stages.evaluation.methods.repeat_pass import Probes, repeat_pass
+from cartridges.stages.evaluation.methods.repeat_pass import Probes, repeat_pass, segment_capacity
 from cartridges.stages.evaluation.methods.rotary import move_keys
 
 
@@ -47,9 +47,7 @@ class Candidates:
     scores: torch.Tensor
     positions: torch.Tensor
 
-    def then(self, later: "Candidates | None") -> "Candidates":
-        if later is None:
-            return self
+    def then(self, later: "Candidates") -> "Candidates":
         return Candidates(*(torch.cat([a, b]) for a, b in zip(self.fields(), later.fields(), strict=True)))
 
     def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,13 +79,11 @@ def select_tokens(
     head, spread over the segments by their length. `max_tokens`: a longer corpus is read in evenly
     spaced segments holding about that many tokens (the cost is two passes over every token read).
     Only the best `budget` rows are held between segments."""
-    tokenizer, window = loaded.tokenizer, loaded.model.config.max_position_embeddings
-    shape = kv_shape(loaded.model.config)
+    tokenizer, shape = loaded.tokenizer, kv_shape(loaded.model.config)
     head = context_token_ids(tokenizer, "")  # the tokenizer's BOS, if any
     body = context_token_ids(tokenizer, text)[len(head) :]
-    request = chat_token_ids(tokenizer, [{"role": "user", "content": reconstruction.REPEAT_REQUEST}])
     chunk = reconstruction.CHUNK_TOKENS
-    segment = window - len(request) - chunk - len(head)
+    segment = segment_capacity(loaded) - len(head)
     if segment < chunk:
         raise CartridgeError(f"init 'select' needs a model window above {2 * chunk} tokens; use first_tokens")
     starts = list(range(0, len(body), segment))
