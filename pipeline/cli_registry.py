@@ -18,13 +18,6 @@ from cartridges.pipeline.cli_app import (
     report_skipped,
 )
 
-INIT_METHODS = [
-    "first_tokens",
-    "select",
-    "matched",
-    "matched_omp",
-]  # the keys of stages/distillation/init/first_tokens.py SOURCES
-
 
 @model_app.command("prepare")
 def model_prepare() -> None:
@@ -71,12 +64,11 @@ def init(
     from cartridges.models import load_model
     from cartridges.pipeline.runs import scratch_folder
     from cartridges.registry.names import validate_new_name
-    from cartridges.stages.distillation.init.first_tokens import init_cartridge
+    from cartridges.stages.distillation.init.first_tokens import init_cartridge, init_source
     from cartridges.stages.ingest import read_corpus
 
     validate_new_name(name)
-    if method not in INIT_METHODS:
-        raise CartridgeError(f"--method {method!r} is not an init method: use one of {', '.join(INIT_METHODS)}")
+    init_source(method)  # an unknown method is refused before the registry or the model is touched
     reg = open_registry(registry, writing=True)
     documents = read_corpus(corpus or gather_license_corpus())
     report_skipped(documents.skipped)

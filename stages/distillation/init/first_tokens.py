@@ -36,6 +36,13 @@ SOURCES = {
 }
 
 
+def init_source(method: str) -> str:
+    """What an init cartridge of `method` is made from (its manifest says so); an unknown method is one line."""
+    if method not in SOURCES:
+        raise CartridgeError(f"unknown init method {method!r}: use one of {', '.join(SOURCES)}")
+    return SOURCES[method]
+
+
 def init_cartridge(
     loaded: LoadedModel,
     corpus: Corpus,
@@ -48,8 +55,7 @@ def init_cartridge(
     """Build an untrained (`init`) cartridge of `num_tokens` tokens (fewer if the corpus is shorter): the
     first corpus tokens' KV, or a closed-form block of the corpus (`select`, `matched`; a corpus longer
     than the model's window is read in segments, about `max_tokens` of its tokens)."""
-    if method not in SOURCES:
-        raise CartridgeError(f"unknown init method {method!r}; known: {', '.join(SOURCES)}")
+    source = init_source(method)
     if num_tokens < NUM_FROZEN_TOKENS + 1:
         raise CartridgeError(f"--tokens must be at least {NUM_FROZEN_TOKENS + 1}, got {num_tokens}")
     window = loaded.model.config.max_position_embeddings
@@ -75,7 +81,7 @@ def init_cartridge(
         dtype=str(embeddings.dtype).removeprefix("torch."),
         corpus=[corpus_info(loaded, corpus, corpus_tokens)],
         method="init",
-        method_config={"requested_tokens": num_tokens, "source": SOURCES[method], "init": method},
+        method_config={"requested_tokens": num_tokens, "source": source, "init": method},
     )
     config = cartridge_peft_config(loaded.model.config, embeddings.shape[0], NUM_FROZEN_TOKENS)
     return save_artifact(destination, embeddings, config, manifest)
