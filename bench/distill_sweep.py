@@ -89,6 +89,7 @@ class SweepSettings:
             f"distill.init={trial.init}",
             f"distill.steps={trial.steps}",
             f"distill.lr={trial.lr}",
+            "distill.fitted_start_lr=null",  # the trial's lr is the one trained, whatever the start
             f"distill.eval_every={trial.steps}",
             f"distill.checkpoint_every={trial.steps}",
         )

@@ -26,7 +26,7 @@ def collected(paths: list[Path]) -> tuple[dict[tuple[str, str], dict], dict[str,
     for path in paths:
         result = json.loads(path.read_text())
         for row in result["rows"]:
-            rows[(row["corpus"], row["name"] + teacher_suffix(result["args"]))] = row
+            rows[(row["corpus"], row["name"] + teacher_suffix(result))] = row
         for corpus, scores in result["baselines"].items():
             earlier = baselines.get(corpus)
             if (
@@ -42,10 +42,13 @@ def has_answers(scores: dict) -> bool:
     return "per_question_f1" in scores["icl"]
 
 
-def teacher_suffix(args: dict) -> str:
+def teacher_suffix(result: dict) -> str:
     """The same recipe with another teacher context is another trial: `-teacher-window` names it (a run's
-    trial names leave the teacher out, as the sweep pairs such runs by name)."""
-    teacher = args.get("teacher_context", "chunk")
+    trial names leave the teacher out, as the sweep pairs such runs by name). A run given no
+    `--teacher-context` used its config's (its results record the config; older ones did not)."""
+    teacher = result["args"].get("teacher_context", "chunk")
+    if teacher in (None, "None"):
+        teacher = result.get("config", {}).get("synthesis", {}).get("teacher_context", "chunk")
     return "" if teacher == "chunk" else f"-teacher-{teacher}"
 
 

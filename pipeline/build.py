@@ -47,6 +47,7 @@ class BuildResult:
     steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     parent: str | None = None  # the version training warm-started from
+    init: str | None = None  # what made the prefix training started from
 
 
 def build_run_dir(name: str, corpus_fingerprint: str, config: BuildConfig) -> RunDir:
@@ -149,4 +150,5 @@ def _build_in(
         steps=records.distilled.steps,
         metrics=records.published.metrics,
         parent=records.distilled.parent,
+        init=records.distilled.init,
     )

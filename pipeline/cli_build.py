@@ -187,9 +187,16 @@ def build_command(
     console.print(
         f"published [bold]{result.ref}[/bold] from {ingested.num_documents} documents ({ingested.num_chunks} chunks, "
         f"{ingested.num_tokens} tokens): {synthesis.samples} samples {synthesis.kinds} ({_reuse_note(synthesis)}), "
-        f"{result.steps} steps{', warm-started from ' + result.parent if result.parent else ''}; "
+        f"{result.steps} steps{_start(result)}; "
         f"{_headline_metrics(result.metrics)}\nwall time: {timing}; run folder {result.run.root}"
     )
+
+
+def _start(result) -> str:
+    """Where training started: the version it warm-started from, or the init that made the prefix."""
+    if result.parent:
+        return f", warm-started from {result.parent}"
+    return f" from the {result.init} init" if result.init else ""
 
 
 def _headline_metrics(metrics: dict[str, float]) -> str:

@@ -115,6 +115,7 @@ class DistillRecord(StageRecord):
 
     steps: int
     parent: str | None = None
+    init: str | None = None  # what made the starting prefix (`distill.init: auto` resolved; warm_start)
     metrics: dict[str, float] = {}
 
 

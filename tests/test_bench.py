@@ -96,3 +96,18 @@ def test_the_methods_bench_writes_typed_rows_in_the_shape_the_reports_read(
     assert list(rows[1]) == [*shape, "prefill_per_question", "recovery"]  # earlier runs' order (recovery: the report's)
     assert rows[1]["nll"] == expected.nll and rows[1]["kv_tokens"] == 8
     assert rows[1]["kv_bytes"] == corpus_kv(tiny, corpus.text, 8).numel() * 4
+
+
+def test_a_sweep_given_no_teacher_flag_is_named_by_its_configs_teacher():
+    """Sweeps record unset flags as 'None'; the teacher the run used is then its config's, so a run of the
+    default (chunk) teacher pairs by name with runs that passed `--teacher-context chunk`."""
+    from cartridges.bench.trials_table import teacher_suffix
+
+    def result(flag, teacher=None):
+        config = {"synthesis": {"teacher_context": teacher}} if teacher else None
+        return {"args": {"teacher_context": flag}} | ({"config": config} if config else {})
+
+    assert teacher_suffix(result("None", "chunk")) == ""
+    assert teacher_suffix(result("None", "window")) == "-teacher-window"
+    assert teacher_suffix(result("window")) == "-teacher-window"
+    assert teacher_suffix(result("chunk")) == teacher_suffix(result("None")) == ""

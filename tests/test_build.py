@@ -91,7 +91,7 @@ def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(
     logged = json.loads((run / "distill" / "metrics.jsonl").read_text().splitlines()[-1])
     assert manifest["metrics"]["kd"] == logged["kd"] and "eta_seconds" in logged
     handed_on = json.loads((run / "distill" / "record.json").read_text())  # the distill stage's record
-    assert handed_on == {"steps": 2, "parent": None, "metrics": manifest["metrics"]}
+    assert handed_on == {"steps": 2, "parent": None, "init": "first_tokens", "metrics": manifest["metrics"]}
     code, out, err = cli(*args)
     assert code == 0 and "nothing to do: legal@1" in out
     assert not (cartridges_home / "registry" / "legal" / "2").exists()
@@ -108,7 +108,8 @@ def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(
     from cartridges.registry.store import Registry
 
     args = ["build", str(long_corpus), "--name", "legal", "--config", "tiny", "--set", f"model={tiny_model_dir}"]
-    assert cli(*args)[0] == 0
+    code, out, err = cli(*args)
+    assert code == 0 and "steps from the first_tokens init" in out, err
     (long_corpus / "amendment.txt").write_text(
         "Section 61. A landlord must return the deposit within thirty days. " * 6
     )
@@ -117,6 +118,7 @@ def test_an_edited_corpus_rebuilds_warm_started_from_the_previous_version(
     registry = Registry(cartridges_home / "registry")
     second = registry.show("legal@2")
     assert second.parent == "legal@1" and second.method_config["warm_start_from"] == "legal@1"
+    assert second.method_config["init_used"] == "warm_start"
     first_prefix = load_artifact(registry.local_path("legal@1")).prompt_embeddings
     runs = sorted((cartridges_home / "runs").glob("legal-*"), key=lambda p: (p / "published.json").stat().st_mtime)
     # Every sample of the unchanged statute is taken from the first run; those of the new file are made.

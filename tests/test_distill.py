@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from cartridges.artifact.folder import load_artifact
 from cartridges.cluster import runs_on_ray
 from cartridges.stages.distillation.artifact import TrainedRun, save_distilled
-from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
+from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings, for_start
 from cartridges.stages.distillation.run import run_training
 from cartridges.stages.distillation.training_data import collate, distillation_loss, load_examples
 from cartridges.stages.distillation.worker import student as make_student
@@ -173,6 +173,7 @@ def test_published_artifact_loads_in_peft_like_in_our_runtime(tiny, synthesized_
     manifest = save_distilled(tiny, trained, "legal", tmp_path / "artifact")
     assert manifest.method == "distilled" and "eval_topk_kl" in manifest.metrics
     assert manifest.method_config["data_fingerprint"] and manifest.method_config["init"] == "first_tokens"
+    assert manifest.method_config["init_used"] == "first_tokens"
     cartridge = load_artifact(tmp_path / "artifact")
     ours, theirs = ours_and_peft_logits(tiny, cartridge)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
@@ -261,7 +262,9 @@ def test_a_diverging_training_stops_at_its_first_step_with_one_line(tiny, synthe
     ) as stopped:
         run_training(synthesized_run, tiny, config(steps=6, checkpoint_every=1), LOCAL, start_from=OVERFLOWING_START)
     assert "no checkpoint had been written and nothing is published" in str(stopped.value)
-    assert "Lower distill.lr (now 0.01)" in str(stopped.value) and "\n" not in str(stopped.value)
+    assert "Lower distill.lr (distill.fitted_start_lr from a matched block; now 0.01)" in str(
+        stopped.value
+    ) and "\n" not in str(stopped.value)
     assert not synthesized_run.final_prefix.exists() and not list(synthesized_run.checkpoints.glob("step-*"))
 
 
@@ -298,3 +301,19 @@ def test_a_nan_loss_at_any_step_stops_before_the_checkpoint_of_that_step(tiny, s
         run_training(synthesized_run, tiny, config(steps=4, checkpoint_every=1), LOCAL)
     steps = sorted(p.name for p in synthesized_run.checkpoints.glob("step-*"))
     assert steps == [f"step-{s:06d}" for s in range(1, bad_step)]
+
+
+def test_a_fitted_start_trains_at_its_own_rate_and_says_what_made_it(tiny, synthesized_run):
+    """From a `matched` block the optimizer runs at `fitted_start_lr` (the schedule's rates are its, not
+    `lr`'s), and the initial prefix file names the init; from the first tokens, at `lr`."""
+    import json
+
+    from cartridges.stages.distillation.init.prefix import init_used
+
+    run_training(synthesized_run, tiny, config(steps=2, warmup_steps=0, init="matched", fitted_start_lr=1e-3), LOCAL)
+    rates = [json.loads(line)["lr"] for line in synthesized_run.metrics.read_text().splitlines()]
+    # Cosine decay over 2 steps without warmup: half the peak after the first step, zero after the second.
+    assert rates == [pytest.approx(0.5e-3), pytest.approx(0.0, abs=1e-12)]
+    assert init_used(synthesized_run) == "matched"
+    assert for_start(config(), "first_tokens").lr == 1e-2 and for_start(config(), "matched_omp").lr == 1e-3
+    assert for_start(config(fitted_start_lr=None), "matched_omp").lr == 1e-2

@@ -163,8 +163,37 @@ def test_the_matched_omp_init_is_the_pursuit_block_without_biases(lively, tmp_pa
     pq.write_table(pa.table({"text": [TEXT]}), run.documents)
     pursued = matched_block(lively, TEXT, 12, key_choice="omp")
     assert pursued.key_bias is None
-    assert torch.equal(initial_prefix(lively, run, DistillConfig(num_tokens=12, init="matched_omp")), pursued.prefix)
+    assert torch.equal(initial_prefix(lively, run, DistillConfig(num_tokens=12, init="matched_omp"))[0], pursued.prefix)
     assert not torch.equal(pursued.prefix, matched_prefix(lively, TEXT, 12))  # other keys than select's
+
+
+def test_auto_starts_from_the_pursuit_block_within_one_window_and_from_the_first_tokens_beyond(
+    lively, tmp_path, monkeypatch
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cartridges.kv_prefix import kv_prefix_of_tokens
+    from cartridges.stages.distillation.config import DistillConfig
+    from cartridges.stages.distillation.init.prefix import initial_prefix
+    from cartridges.stages.evaluation.methods.matched import matched_block
+    from cartridges.stages.evaluation.methods.repeat_pass import segment_capacity
+    from cartridges.stages.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir(parents=True)
+    pq.write_table(pa.table({"text": [TEXT]}), run.documents)
+    config = DistillConfig(num_tokens=12, init="auto")
+    ids = context_token_ids(lively.tokenizer, TEXT)
+    # The corpus exactly fills one window's segment: the pursuit block.
+    monkeypatch.setattr(lively.model.config, "max_position_embeddings", lively.model.config.max_position_embeddings)
+    lively.model.config.max_position_embeddings += len(ids) - segment_capacity(lively)
+    prefix, made_by = initial_prefix(lively, run, config)
+    assert made_by == "matched_omp" and torch.equal(prefix, matched_block(lively, TEXT, 12, key_choice="omp").prefix)
+    # One token more than fits: the first tokens' KV, which any corpus length allows.
+    lively.model.config.max_position_embeddings -= 1
+    prefix, made_by = initial_prefix(lively, run, config)
+    assert made_by == "first_tokens" and torch.equal(prefix, kv_prefix_of_tokens(lively.model, ids[:12]))
 
 
 def test_a_corpus_beyond_one_window_is_one_line_for_the_one_window_methods(lively):

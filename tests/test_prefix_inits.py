@@ -117,8 +117,8 @@ def test_the_init_of_a_run_reads_like_its_tokens_in_context_at_the_runtime_posit
         ids = sampled_token_ids(lively.tokenizer, text, 24, config.sample_span_tokens, config.seed)
     else:
         ids = summary_token_ids(lively, [c.text for c in read_chunks(ingested_run)], 24, 6)
-    prefix = initial_prefix(lively, ingested_run, config)
-    assert prefix.shape[0] == 24
+    prefix, made_by = initial_prefix(lively, ingested_run, config)
+    assert prefix.shape[0] == 24 and made_by == init
     chat = chat_token_ids(lively.tokenizer, [{"role": "user", "content": "When is the deposit due?"}])
     with torch.no_grad():
         expected = lively.model(input_ids=torch.tensor([ids + chat])).logits[:, len(ids) :]

@@ -12,6 +12,7 @@ from cartridges.artifact.folder import describe_model, save_artifact
 from cartridges.artifact.manifest import CorpusInfo, Manifest
 from cartridges.kv_layout import NUM_FROZEN_TOKENS, cartridge_peft_config
 from cartridges.stages.distillation.config import DistillConfig
+from cartridges.stages.distillation.init.prefix import init_used
 from cartridges.stages.distillation.training_data import data_fingerprint
 from cartridges.stages.records import IngestRecord, SynthesisSummary
 from cartridges.stages.run_dir import RunDir
@@ -81,6 +82,7 @@ def publishable_manifest(loaded, trained: TrainedRun, name: str) -> Manifest:
             "data_fingerprint": data_fingerprint(trained.run.shards),
             "run": str(trained.run.root),
             "warm_start_from": trained.parent,
+            "init_used": init_used(trained.run),
             "reused_samples": synthesis.reused,
             "reused_from": synthesis.reused_from,
         },

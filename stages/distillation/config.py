@@ -21,9 +21,10 @@ class DistillConfig(BaseModel):
     model_config = STRICT_SETTINGS
 
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
-    init: Literal["first_tokens", "select", "matched", "matched_omp", "sampled", "summary", "random"] = Field(
+    init: Literal["auto", "first_tokens", "select", "matched", "matched_omp", "sampled", "summary", "random"] = Field(
         "first_tokens",
-        description="prefix initialisation: the first corpus tokens' KV, the corpus KV selected by reconstruction "
+        description="prefix initialisation: auto (matched_omp for a corpus within one window of the model, "
+        "first_tokens for a longer one), the first corpus tokens' KV, the corpus KV selected by reconstruction "
         "attention (stages/evaluation/methods/select.py), those keys with values fitted to the whole corpus's attention output (stages/evaluation/methods/matched.py), keys chosen by matching pursuit on the attention mass with values fitted (matched_omp, one window), the KV of spans sampled across the corpus "
         "(stages/distillation/init/sampled.py), the KV of the model's summaries of chunks across the corpus "
         "(stages/distillation/init/summary.py), or random values",
@@ -47,6 +48,14 @@ class DistillConfig(BaseModel):
         le=1,
         description="32 steps at 6e-3 scored like or better than 96 at 2e-3 on four articles (BENCHMARKS.md)",
     )
+    fitted_start_lr: float | None = Field(
+        1e-3,
+        gt=0,
+        le=1,
+        description="learning rate when training starts from a block whose values were fitted to the corpus's "
+        "attention (matched, matched_omp; `auto` on a corpus within one window): from matched_omp, 6e-3 undid "
+        "0.07-0.31 nats of the start on four articles and 1e-3 kept it (BENCHMARKS.md); null: `lr`",
+    )
     warmup_steps: int = Field(10, ge=0)
     batch_size: int = Field(4, ge=1, description="global batch (split across workers)")
     grad_accum: int = Field(1, ge=1)
@@ -57,6 +66,17 @@ class DistillConfig(BaseModel):
     eval_samples: int = Field(16, ge=0, description="synthetic samples held out for KL to the teacher")
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
+
+
+FITTED_STARTS = ("matched", "matched_omp")  # inits whose values are fitted to the corpus's attention
+
+
+def for_start(config: DistillConfig, init: str | None) -> DistillConfig:
+    """The recipe training runs for a start made by `init` (`distill.init: auto` resolved): `fitted_start_lr`
+    in place of `lr` for a fitted block, `config` itself for any other start."""
+    if init in FITTED_STARTS and config.fitted_start_lr is not None:
+        return config.model_copy(update={"lr": config.fitted_start_lr})
+    return config
 
 
 class DistillRunSettings(BaseModel):

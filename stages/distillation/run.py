@@ -15,8 +15,8 @@ from cartridges.cluster import init_ray, runs_on_ray
 from cartridges.errors import CartridgeError
 from cartridges.progress import ThroughputProgress
 from cartridges.stages.distillation.checkpoints import latest_checkpoint
-from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings, TrainingDiverged
-from cartridges.stages.distillation.init.prefix import initial_prefix
+from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings, TrainingDiverged, for_start
+from cartridges.stages.distillation.init.prefix import INIT_METADATA_KEY, init_used, initial_prefix
 from cartridges.stages.distillation.worker import TrainingSpec, train_worker
 from cartridges.stages.records import FailureRecord, read_record
 from cartridges.stages.run_dir import RunDir
@@ -51,11 +51,12 @@ def run_training(
     run.failure.unlink(missing_ok=True)
     mirror.remove(run.failure)  # an earlier attempt's, on any machine
     if not run.init_prefix.is_file():
-        prefix = start_from if start_from is not None else initial_prefix(loaded, run, config)
-        write_atomically(run.init_prefix, lambda tmp: save_file({"prefix": prefix.cpu().contiguous()}, str(tmp)))
+        prefix, init = (start_from, "warm_start") if start_from is not None else initial_prefix(loaded, run, config)
+        tensors, metadata = {"prefix": prefix.cpu().contiguous()}, {INIT_METADATA_KEY: init}
+        write_atomically(run.init_prefix, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     on_ray = runs_on_ray(settings.executor, settings.workers)
     spec = TrainingSpec(
-        config=config,
+        config=for_start(config, init_used(run)),
         run_dir=str(run.root),
         model=loaded.ref,
         qa_pairs=list(qa_pairs),

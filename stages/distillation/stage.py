@@ -8,6 +8,7 @@ import torch
 from cartridges.models import LoadedModel
 from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation.artifact import final_metrics
+from cartridges.stages.distillation.init.prefix import init_used
 from cartridges.stages.distillation.run import run_training
 from cartridges.stages.records import DistillRecord, SynthesisSummary
 from cartridges.stages.run_mirror import RunMirror
@@ -37,6 +38,7 @@ def run(mirror: RunMirror, inputs: DistillInputs, config: BuildConfig) -> Distil
     record = DistillRecord(
         steps=config.distill.steps,
         parent=inputs.parent,
+        init=init_used(mirror.local),
         metrics=final_metrics(mirror.local, inputs.synthesis.samples),
     )
     record.write(mirror.local.distill_record)

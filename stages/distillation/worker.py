@@ -149,7 +149,7 @@ def stop_training(mirror: RunMirror, step: int, problem: str, config: DistillCon
     kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint had been written"
     message = (
         f"training stopped at step {step}: {problem} (not finite); {kept} and nothing is published. "
-        f"Lower distill.lr (now {config.lr:g}) or distill.max_grad_norm (now {config.max_grad_norm:g}), then build again"
+        f"Lower distill.lr (distill.fitted_start_lr from a matched block; now {config.lr:g}) or distill.max_grad_norm (now {config.max_grad_norm:g}), then build again"
     )
     FailureRecord(step=step, message=message).write(run.failure)
     mirror.push(run.failure)
