@@ -55,6 +55,7 @@ def config(**changes) -> DistillConfig:
         **(
             {
                 "num_tokens": P,
+                "init": "first_tokens",
                 "steps": 4,
                 "batch_size": 2,
                 "eval_every": 2,

@@ -22,7 +22,7 @@ class DistillConfig(BaseModel):
 
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
     init: Literal["auto", "first_tokens", "select", "matched", "matched_omp", "sampled", "summary", "random"] = Field(
-        "first_tokens",
+        "auto",
         description="prefix initialisation: auto (matched_omp for a corpus within one window of the model, "
         "first_tokens for a longer one), the first corpus tokens' KV, the corpus KV selected by reconstruction "
         "attention (stages/evaluation/methods/select.py), those keys with values fitted to the whole corpus's attention output (stages/evaluation/methods/matched.py), keys chosen by matching pursuit on the attention mass with values fitted (matched_omp, one window), the KV of spans sampled across the corpus "
