@@ -29,6 +29,7 @@ from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation.artifact import last_logged
 from cartridges.stages.evaluation.contexts import Context, FixedContext, corpus_kv
 from cartridges.stages.evaluation.evaluate import CorpusScore, paired_gain, score_corpus
+from cartridges.stages.evaluation.methods.sample_probes import PROBE_SOURCES
 from cartridges.stages.ingest import read_corpus
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
@@ -46,22 +47,30 @@ class Trial:
     steps: int
     num_tokens: int
     init: str = "first_tokens"
+    probes: str = "repeat"  # distill.init_probes: the queries a fitted start matches
 
     @classmethod
     def parse(cls, spec: str) -> "Trial":
         mix, lr, steps, tokens, *init = spec.split("/")
         if mix not in MIXES:
             raise SystemExit(f"unknown mix {mix!r} in {spec!r}; known: {', '.join(MIXES)}")
+        if len(init) > 1 and init[1] not in PROBE_SOURCES:
+            raise SystemExit(f"unknown init probes {init[1]!r} in {spec!r}; known: {', '.join(PROBE_SOURCES)}")
         return cls(mix, float(lr), int(steps), int(tokens), *init)
 
     @property
+    def start(self) -> str:
+        """The init and, where not the repeat pass's, the probes it was fitted to (as in names)."""
+        return self.init if self.probes == "repeat" else f"{self.init}-{self.probes}probes"
+
+    @property
     def name(self) -> str:
-        init = "" if self.init == "first_tokens" else f"-{self.init}"
+        init = "" if self.init == "first_tokens" else f"-{self.start}"
         return f"{self.mix}-lr{self.lr:g}-s{self.steps}-p{self.num_tokens}{init}"
 
     @property
     def init_name(self) -> str:
-        return init_name(self.init, self.num_tokens)
+        return init_name(self.start, self.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class SweepSettings:
             trial.mix,
             f"distill.num_tokens={trial.num_tokens}",
             f"distill.init={trial.init}",
+            f"distill.init_probes={trial.probes}",
             f"distill.steps={trial.steps}",
             f"distill.lr={trial.lr}",
             "distill.fitted_start_lr=null",  # the trial's lr is the one trained, whatever the start
@@ -364,7 +374,8 @@ def main() -> None:
         "--trial",
         action="append",
         default=None,
-        help="mix/lr/steps/P[/init], e.g. corpus/2e-2/200/256 or corpus/2e-3/96/256/select (repeatable)",
+        help="mix/lr/steps/P[/init[/probes]], e.g. corpus/2e-2/200/256, corpus/2e-3/96/256/select or "
+        "corpus/1e-3/32/256/matched_omp/both (probes: the queries a fitted start matches; repeatable)",
     )
     parser.add_argument(
         "--baselines",

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from cartridges.bench.baseline_rows import WHOLE_METHODS, earlier_rows, scored_rows
 from cartridges.bench.kv_storage import storage_rows
-from cartridges.bench.methods_report import BUDGET_METHODS, ReportSettings, markdown, plot, summarize
+from cartridges.bench.methods_report import BUDGET_METHODS, ReportSettings, add_paired_flag, markdown, plot, summarize
 from cartridges.bench.run_record import record_header, settings_of
 from cartridges.errors import run_script
 from cartridges.home import default_registry_url
@@ -231,6 +231,7 @@ def main() -> None:
         "--answer-tokens", type=int, default=0, help="also score each method's greedy answer (token F1, exact match)"
     )
     parser.add_argument("--skip-decode", action="store_true", help="no decode throughput and memory measurement")
+    add_paired_flag(parser)
     parser.add_argument(
         "--storage",
         nargs="?",

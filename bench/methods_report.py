@@ -8,7 +8,7 @@ rows replacing earlier ones of the same corpus, method and budget:
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cartridges.bench.kv_storage import storage_table
@@ -26,6 +26,7 @@ class ReportSettings:
     budget: list[int]
     distractors: int
     answer_tokens: int
+    paired: list[str] = field(default_factory=list)  # methods each row's gold NLL is paired against
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -85,11 +86,35 @@ def markdown(
             f"{accuracy} | {margin} | {recovery} | {r['build_seconds']:.1f} | {r.get('prefill_per_question', 0)} | {r.get('decode_tps_batch1', float('nan')):.1f} | {r.get('decode_tps_batch16', float('nan')):.1f} | "
             f"{r.get('peak_rss_mb', float('nan')):.0f} |"
         )
+    if settings.paired:
+        lines += paired_table(rows, settings.paired)
     if settings.answer_tokens:
         lines += answer_tables(rows, questions)
     if storage:
         lines += storage_table(storage)
     return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: list[dict], against: list[str]) -> list[str]:
+    """Each row's gold NLL minus that of each method in `against` on the same corpus and questions (mean ±
+    SE of the per-question differences; negative: the row is better), the other method taken at the row's
+    budget, or without one (`icl`, `none`)."""
+    lines = ["", "| corpus | method | B | gold NLL | " + " | ".join(f"- {m} (paired)" for m in against) + " |"]
+    lines.append("|---|---|---|---|" + "---|" * len(against))
+    by_key = {(r["corpus"], r["method"], r["budget"]): r for r in rows}
+    for r in rows:
+        cells = []
+        for method in against:
+            other = by_key.get((r["corpus"], method, r["budget"])) or by_key.get((r["corpus"], method, None))
+            if other is None or other is r:
+                cells.append("")
+                continue
+            differences = [a - b for a, b in zip(r["per_question_nll"], other["per_question_nll"], strict=True)]
+            cells.append("{:+.3f} ± {:.3f}".format(*mean_and_se(differences)))
+        lines.append(
+            f"| {r['corpus']} | {r['method']} | {r['budget'] or ''} | {r['nll']:.3f} | " + " | ".join(cells) + " |"
+        )
+    return lines
 
 
 def answer_tables(rows: list[dict], questions: dict[str, list] | None = None, shown_questions: int = 5) -> list[str]:
@@ -206,24 +231,49 @@ def merged_rows(records: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+def add_paired_flag(parser: argparse.ArgumentParser) -> None:
+    """`--paired METHOD`, read into `ReportSettings.paired` by this report and by `bench/methods.py`."""
+    parser.add_argument(
+        "--paired",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="add a table of every row's gold NLL paired against this method's (repeatable; e.g. select, icl)",
+    )
+
+
+def scored_alike(records: list[dict]) -> tuple[int, int]:
+    """The distractors and answer tokens every run was scored with. A run without answers (`--skip-decode`
+    or 0 answer tokens) merges with runs that have them: its rows have no F1 to compare and are left out
+    of the answer tables; answers of different lengths do not merge, nor rank accuracies over different
+    distractors."""
+    distractors = {int(r["args"].get("distractors", 4)) for r in records}
+    answered = {int(r["args"].get("answer_tokens", 0)) for r in records} - {0}
+    if len(distractors) > 1 or len(answered) > 1:
+        raise SystemExit(
+            f"the runs were scored differently (distractors {sorted(distractors)}, answer tokens {sorted(answered)}): "
+            "merge runs scored alike"
+        )
+    return distractors.pop(), answered.pop() if answered else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "results", type=Path, nargs="+", help="results.json (or results.partial.json) of bench/methods.py"
     )
     parser.add_argument("--qa", type=Path, action="append", default=None, help="QA files (default: shared/data/qa)")
+    add_paired_flag(parser)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     records = [json.loads(path.read_text()) for path in args.results]
-    scored = {(int(r["args"].get("distractors", 4)), int(r["args"].get("answer_tokens", 0))) for r in records}
-    if len(scored) > 1:
-        raise SystemExit(
-            f"the runs were scored differently (distractors, answer tokens: {sorted(scored)}): merge runs scored alike"
-        )
-    ((distractors, answer_tokens),) = scored
+    distractors, answer_tokens = scored_alike(records)
     rows = merged_rows(records)
     settings = ReportSettings(
-        budget=sorted({r["budget"] for r in rows if r["budget"]}), distractors=distractors, answer_tokens=answer_tokens
+        budget=sorted({r["budget"] for r in rows if r["budget"]}),
+        distractors=distractors,
+        answer_tokens=answer_tokens,
+        paired=args.paired,
     )
     corpora = summarize(rows)
     questions = {c.id: c.questions for c in load_qa_files(args.qa, list(corpora))}

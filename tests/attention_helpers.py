@@ -27,3 +27,22 @@ def layer_zero_attention(loaded, corpus: torch.Tensor, window: list[int]) -> tor
         causal = torch.ones(len(window), len(window), dtype=torch.bool).tril()
         logits[..., tokens:] = logits[..., tokens:].masked_fill(~causal, float("-inf"))
         return logits.softmax(dim=-1)[0, :, :, :tokens]
+
+
+def assert_layer_zero_probes(loaded, corpus: torch.Tensor, probes, by_hand: torch.Tensor) -> None:
+    """`probes` (queries read after the corpus KV `corpus`) against layer 0's attention `by_hand`
+    [query_heads, m, tokens] of the same queries: each one's share of attention over the corpus, its output
+    and its log mass there."""
+    from cartridges.stages.evaluation.methods.rotary import moved_by
+
+    (layers, kv_heads, head_dim), tokens = kv_shape(loaded.model.config), corpus.shape[0]
+    share = by_hand / by_hand.sum(-1, keepdim=True)  # of the corpus part
+    whole = corpus.view(tokens, layers, 2, kv_heads, head_dim)[:, 0]  # [T, 2, kv_heads, D]
+    group = probes.queries.shape[1] // kv_heads
+    at_corpus = moved_by(loaded.model, probes.queries, torch.full((1, probes.queries.shape[2]), tokens))[0]
+    for h in range(probes.queries.shape[1]):
+        keys, values = whole[:, 0, h // group], whole[:, 1, h // group]
+        logits = at_corpus[h].double() @ keys.double().T / head_dim**0.5
+        torch.testing.assert_close(torch.softmax(logits, -1).float(), share[h], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(probes.outputs[0, h].float(), share[h] @ values, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(probes.log_mass[0, h], torch.logsumexp(logits, -1), atol=1e-4, rtol=0)

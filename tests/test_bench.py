@@ -60,7 +60,7 @@ def test_the_distill_sweep_trains_its_trial_on_the_build_config_it_names(
     result = json.loads((out / "results.json").read_text())
     [row] = result["rows"]
     assert row["name"] == "corpus-lr0.01-s3-p8" and row["train_metrics"]["step"] == 3
-    shape = ["corpus", "mix", "lr", "steps", "num_tokens", "init", "name", "init_method", "train_seconds"]
+    shape = ["corpus", "mix", "lr", "steps", "num_tokens", "init", "probes", "name", "init_method", "train_seconds"]
     assert list(row) == [*shape, "train_metrics", "distilled"]  # earlier sweeps' shape: trials-table reads it
     assert (row["init"]["method"], row["distilled"]["method"]) == ("init-p8", row["name"])
     tiny = yaml.safe_load((CONFIGS_DIR / "tiny.yaml").read_text())
@@ -111,3 +111,47 @@ def test_a_sweep_given_no_teacher_flag_is_named_by_its_configs_teacher():
     assert teacher_suffix(result("None", "window")) == "-teacher-window"
     assert teacher_suffix(result("window")) == "-teacher-window"
     assert teacher_suffix(result("chunk")) == teacher_suffix(result("None")) == ""
+
+
+def test_a_trial_names_the_probes_its_fitted_start_matched_and_trains_with_them():
+    from pathlib import Path
+
+    from cartridges.bench.distill_sweep import SweepSettings, Trial
+
+    plain, on_policy = Trial.parse("corpus/1e-3/32/256/matched_omp"), Trial.parse("corpus/1e-3/32/256/matched_omp/both")
+    assert (plain.name, plain.init_name) == ("corpus-lr0.001-s32-p256-matched_omp", "init-matched_omp-p256")
+    assert on_policy.name == "corpus-lr0.001-s32-p256-matched_omp-bothprobes"
+    assert on_policy.init_name == "init-matched_omp-bothprobes-p256"  # its untrained score is its own
+    settings = SweepSettings("default", (), Path("unused"), {}, 4, 0)
+    assert settings.trial_config(on_policy).distill.init_probes == "both"
+    assert settings.trial_config(plain).distill.init_probes == "repeat"
+    with pytest.raises(SystemExit, match="unknown init probes 'questions'"):
+        Trial.parse("corpus/1e-3/32/256/matched_omp/questions")
+
+
+def test_a_run_without_answers_merges_with_runs_that_have_them_and_other_scorings_do_not():
+    from cartridges.bench.methods_report import scored_alike
+
+    def run(distractors, answer_tokens):
+        return {"args": {"distractors": str(distractors), "answer_tokens": str(answer_tokens)}}
+
+    assert scored_alike([run(4, 24), run(4, 0), run(4, 24)]) == (4, 24)
+    assert scored_alike([run(4, 0), run(4, 0)]) == (4, 0)
+    with pytest.raises(SystemExit, match=r"answer tokens \[24, 32\]"):
+        scored_alike([run(4, 24), run(4, 32)])
+    with pytest.raises(SystemExit, match=r"distractors \[1, 4\]"):
+        scored_alike([run(4, 0), run(1, 0)])
+
+
+def test_the_paired_table_is_each_rows_per_question_difference_from_the_named_method():
+    from cartridges.bench.methods_report import paired_table
+
+    def row(method, budget, nlls):
+        return {"corpus": "c", "method": method, "budget": budget, "nll": sum(nlls) / 3, "per_question_nll": nlls}
+
+    rows = [row("icl", None, [1.0, 2.0, 3.0]), row("select", 8, [2.0, 2.0, 5.0]), row("matched", 8, [1.0, 2.0, 2.0])]
+    rows.append(row("select", 16, [1.0, 1.0, 1.0]))
+    lines = paired_table(rows, ["select", "icl"])
+    # matched - select at B=8: [-1, 0, -3], mean -4/3, SE = sd / sqrt(3) with sd of (-1, 0, -3) = 1.5275
+    assert lines[-2] == "| c | matched | 8 | 1.667 | -1.333 ± 0.882 | -0.333 ± 0.333 |"
+    assert lines[-1] == "| c | select | 16 | 1.000 |  | -1.000 ± 0.577 |"  # itself: no cell; icl at any budget

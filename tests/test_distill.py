@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from peft_check import ours_and_peft_logits
+from run_helpers import synthesized_run_of
 from safetensors.torch import load_file
 
 from cartridges.artifact.folder import load_artifact
@@ -15,11 +16,8 @@ from cartridges.stages.distillation.config import DistillConfig, DistillRunSetti
 from cartridges.stages.distillation.run import run_training
 from cartridges.stages.distillation.training_data import collate, distillation_loss, load_examples
 from cartridges.stages.distillation.worker import student as make_student
-from cartridges.stages.ingest import ingest
 from cartridges.stages.records import IngestRecord, SynthesisSummary, read_record
 from cartridges.stages.run_dir import RunDir
-from cartridges.stages.synthesis.config import SynthesisConfig, SynthesisRunSettings
-from cartridges.stages.synthesis.synthesize import synthesize
 
 P = 12
 LOCAL = DistillRunSettings(executor="local")
@@ -27,27 +25,10 @@ LOCAL = DistillRunSettings(executor="local")
 
 @pytest.fixture
 def synthesized_run(tiny, tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "s.txt").write_text(
-        " ".join(
-            f"Section {i}. The deposit for unit {i} is {i * 7} dollars, due by day {i % 28 + 1}." for i in range(50)
-        )
+    text = " ".join(
+        f"Section {i}. The deposit for unit {i} is {i * 7} dollars, due by day {i % 28 + 1}." for i in range(50)
     )
-    run = RunDir(tmp_path / "run")
-    ingested = ingest(corpus, run, tiny.tokenizer, tiny.tokenizer_fingerprint, 16, 64)
-    config = SynthesisConfig(
-        samples=12,
-        shard_size=6,
-        chunk_min_tokens=16,
-        chunk_max_tokens=64,
-        max_message_tokens=12,
-        max_answer_tokens=12,
-        kinds={"continuation": 1.0, "fill_span": 1.0},
-        top_k=8,
-    )
-    synthesize(run, ingested, tiny.ref, config, SynthesisRunSettings(engine="hf", executor="local"))
-    return run
+    return synthesized_run_of(tiny, text, tmp_path)
 
 
 def config(**changes) -> DistillConfig:

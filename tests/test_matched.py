@@ -3,7 +3,7 @@ checked against numpy's least squares, the model's own attention by hand, and se
 
 import numpy as np
 import torch
-from attention_helpers import layer_zero_attention
+from attention_helpers import assert_layer_zero_probes, layer_zero_attention
 
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids, context_token_ids
@@ -74,7 +74,6 @@ def test_the_repeat_pass_probes_are_the_models_own_attention_to_the_corpus(livel
     ids = context_token_ids(lively.tokenizer, TEXT)
     body = ids[len(context_token_ids(lively.tokenizer, "")) :]
     kv = corpus_kv(lively, TEXT)
-    layers, kv_heads, head_dim = kv_shape(lively.model.config)
     request = chat_token_ids(lively.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
     probes = probes_of_every_query(lively)
     assert probes.after.tolist() == [len(request) + i % 16 for i in range(len(body))]
@@ -85,16 +84,7 @@ def test_the_repeat_pass_probes_are_the_models_own_attention_to_the_corpus(livel
         ],
         dim=1,
     )  # [query_heads, m, T]
-    share = by_hand / by_hand.sum(-1, keepdim=True)  # of the corpus part
-    whole = kv.view(len(ids), layers, 2, kv_heads, head_dim)[:, 0]  # [T, 2, kv_heads, D]
-    group = probes.queries.shape[1] // kv_heads
-    at_corpus = read_after(lively, probes.queries, len(ids))[0]  # layer 0, read where they were read
-    for h in range(probes.queries.shape[1]):
-        keys, values = whole[:, 0, h // group], whole[:, 1, h // group]
-        logits = at_corpus[h].double() @ keys.double().T / head_dim**0.5
-        torch.testing.assert_close(torch.softmax(logits, -1).float(), share[h], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(probes.outputs[0, h].float(), share[h] @ values, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(probes.log_mass[0, h], torch.logsumexp(logits, -1), atol=1e-4, rtol=0)
+    assert_layer_zero_probes(lively, kv, probes, by_hand)
 
 
 def test_the_matched_block_reproduces_the_corpus_attention_closer_than_select(lively):

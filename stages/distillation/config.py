@@ -32,6 +32,16 @@ class DistillConfig(BaseModel):
     select_max_tokens: int = Field(
         32768, ge=1, description="init 'select' reads at most about this many corpus tokens (evenly spaced segments)"
     )
+    init_probes: Literal["repeat", "samples", "both"] = Field(
+        "repeat",
+        description="the queries a fitted block (matched, matched_omp) matches the corpus's attention for: the "
+        "model repeating the corpus, the build's self-study conversations read after the whole corpus "
+        "(on-policy; one window), or both (stages/evaluation/methods/sample_probes.py); trained from matched_omp "
+        "on two articles, samples was 0.08-0.12 nats worse and both level at twice the start's cost (BENCHMARKS.md)",
+    )
+    init_probe_samples: int = Field(
+        32, ge=1, description="init probes 'samples'/'both' read this many training samples (evenly spaced)"
+    )
     sample_span_tokens: int = Field(64, ge=1, description="init 'sampled' takes spans of this many corpus tokens")
     summary_tokens: int = Field(
         64, ge=1, description="init 'summary' writes one summary of at least this many tokens per summarised chunk"

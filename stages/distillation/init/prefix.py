@@ -1,5 +1,7 @@
 """The prefix training starts from, by `distill.init`: one place that knows every initialisation."""
 
+from collections.abc import Sequence
+
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
@@ -7,7 +9,7 @@ from safetensors import safe_open
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
-from cartridges.stages.distillation.config import DistillConfig
+from cartridges.stages.distillation.config import FITTED_STARTS, DistillConfig
 from cartridges.stages.distillation.init.sampled import sampled_token_ids
 from cartridges.stages.distillation.init.summary import summary_token_ids
 from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
@@ -37,17 +39,39 @@ def resolved_init(loaded, text: str, init: str) -> str:
     return "matched_omp" if fits else "first_tokens"
 
 
-def closed_form_prefix(loaded, text: str, method: str, num_tokens: int, max_tokens: int | None) -> torch.Tensor:
+def closed_form_prefix(
+    loaded,
+    text: str,
+    method: str,
+    num_tokens: int,
+    max_tokens: int | None,
+    probe_source: str = "repeat",
+    conversations: Sequence[list[int]] = (),
+) -> torch.Tensor:
     """The `select`, `matched` or `matched_omp` block of `num_tokens` tokens (the whole corpus's KV if it is
-    shorter), reading about `max_tokens` corpus tokens of a longer corpus (`matched_omp`: one window)."""
-    if method in ("matched", "matched_omp"):
+    shorter), reading about `max_tokens` corpus tokens of a longer corpus (`matched_omp`: one window); a
+    fitted block matches the queries `probe_source` names (the self-study `conversations`' for samples)."""
+    if method in FITTED_STARTS:
         from cartridges.stages.evaluation.methods.matched import matched_block
 
         key_choice = "omp" if method == "matched_omp" else "attention"
-        return matched_block(loaded, text, num_tokens, max_tokens, key_choice=key_choice).prefix
+        block = matched_block(loaded, text, num_tokens, max_tokens, False, key_choice, conversations, probe_source)
+        return block.prefix
     from cartridges.stages.evaluation.methods.select import selected_prefix
 
     return selected_prefix(loaded, text, num_tokens, max_tokens)
+
+
+def sample_conversations(loaded, run: RunDir, config: DistillConfig) -> list[list[int]]:
+    """The chat and answer tokens (as the student reads them) of `init_probe_samples` training samples,
+    evenly spaced by sample id; the samples held out for KL to the teacher are never among them."""
+    from cartridges.stages.distillation.train import split_examples
+    from cartridges.stages.distillation.training_data import load_examples
+    from cartridges.stages.evaluation.methods.select import evenly_spaced
+
+    examples = load_examples(run.shards, loaded.tokenizer, config.max_length)
+    train, _ = split_examples(examples, config.eval_samples, config.seed)
+    return [train[i].prompt_ids + train[i].answer_ids for i in evenly_spaced(len(train), config.init_probe_samples)]
 
 
 def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> tuple[torch.Tensor, str]:
@@ -62,7 +86,12 @@ def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> tuple[torch.Te
     text = DOCUMENT_SEPARATOR.join(pq.read_table(run.documents, columns=["text"]).column("text").to_pylist())
     init = resolved_init(loaded, text, config.init)
     if init in CLOSED_FORM:
-        return closed_form_prefix(loaded, text, init, config.num_tokens, config.select_max_tokens), init
+        on_policy = init in FITTED_STARTS and config.init_probes != "repeat"
+        conversations = sample_conversations(loaded, run, config) if on_policy else []
+        prefix = closed_form_prefix(
+            loaded, text, init, config.num_tokens, config.select_max_tokens, config.init_probes, conversations
+        )
+        return prefix, init
     if init == "sampled":
         ids = sampled_token_ids(loaded.tokenizer, text, config.num_tokens, config.sample_span_tokens, config.seed)
     elif init == "summary":

@@ -23,11 +23,13 @@ cartridges/serving/packed_attention.py), an artifact does not. `matched-omp` (an
 choose the keys by orthogonal matching pursuit on that mass fit instead of by attention (step 1's other
 option); the biases the pursuit fits are kept only by `matched-omp-bias`.
 
-The reference queries are the repeat pass's (`repeat_pass`, the same pass that scores `select`'s keys), the
-same for every layer (not recomputed layer by layer with the compacted earlier layers). A corpus longer
-than the model's window is read in segments: each query's target is its own segment's attention.
+The reference queries are the repeat pass's (`repeat_pass`, the same pass that scores `select`'s keys),
+the build's self-study conversations' (`sample_probes`, on-policy; one window) or both, the same for
+every layer (not recomputed layer by layer with the compacted earlier layers). A corpus longer than the
+model's window is read in segments: each query's target is its own segment's attention.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +40,9 @@ from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import rows_per_head
-from cartridges.stages.evaluation.methods.repeat_pass import whole_corpus_pass
+from cartridges.stages.evaluation.methods.repeat_pass import Probes, whole_corpus_pass
 from cartridges.stages.evaluation.methods.rotary import move_keys, moved_by
+from cartridges.stages.evaluation.methods.sample_probes import conversation_probes, reference_probes
 from cartridges.stages.evaluation.methods.select import Selection, select_tokens
 
 RIDGE = 1e-2  # relative to the mean diagonal of the normal matrix: enough to keep rarely attended keys' values
@@ -117,15 +120,13 @@ def omp_keys(relative: torch.Tensor, budget: int, step: int = OMP_STEP) -> torch
     return torch.tensor(sorted(chosen))
 
 
-def omp_selection(loaded: LoadedModel, ids: list[int], budget: int) -> Selection:
-    """`budget` keys per layer and KV head chosen by `omp_keys` over the whole corpus (one window of the
-    model), with the repeat pass's probes."""
+def omp_selection(loaded: LoadedModel, kv: torch.Tensor, probes: Probes, budget: int) -> Selection:
+    """`budget` keys per layer and KV head of the corpus KV `kv` (one window of the model) chosen by
+    `omp_keys` for `probes`."""
     model = loaded.model
     layers, kv_heads, head_dim = kv_shape(model.config)
-    kv, scanned = whole_corpus_pass(loaded, ids, "matched-omp", MAX_QUERIES, instead="matched")
-    probes = scanned.probes
-    at_corpus = moved_by(model, probes.queries, torch.full((1, probes.queries.shape[2]), len(ids)))
-    rows = kv.view(len(ids), layers, 2, kv_heads, head_dim)
+    at_corpus = moved_by(model, probes.queries, torch.full((1, probes.queries.shape[2]), kv.shape[0]))
+    rows = kv.view(kv.shape[0], layers, 2, kv_heads, head_dim)
     group = model.config.num_attention_heads // kv_heads
     keep = torch.empty(budget, layers, kv_heads, dtype=torch.long)
     for layer in range(layers):
@@ -137,6 +138,30 @@ def omp_selection(loaded: LoadedModel, ids: list[int], budget: int) -> Selection
     return Selection(rows_per_head(kv, (layers, kv_heads, head_dim), keep), keep.to(kv.device), probes)
 
 
+def fitting_selection(
+    loaded: LoadedModel,
+    text: str,
+    ids: list[int],
+    num_tokens: int,
+    max_tokens: int | None,
+    key_choice: str,
+    conversations: Sequence[list[int]],
+    probe_source: str,
+) -> Selection:
+    """The kept keys by `key_choice` and the probes (by `probe_source`) the block is fitted to. Probes from
+    the `conversations` (self-study samples) and matching pursuit read the corpus as one window."""
+    if key_choice == "attention" and probe_source == "repeat":
+        return select_tokens(loaded, text, num_tokens, max_tokens, probes=MAX_QUERIES)
+    method, instead = ("matched-omp", "matched") if key_choice == "omp" else ("matched", "distill.init_probes=repeat")
+    kv, scanned = whole_corpus_pass(loaded, ids, method, MAX_QUERIES, instead=instead)
+    samples = conversation_probes(loaded, kv, conversations, MAX_QUERIES) if probe_source != "repeat" else None
+    probes = reference_probes(scanned.probes, samples, probe_source)
+    if key_choice == "omp":
+        return omp_selection(loaded, kv, probes, num_tokens)
+    selection = select_tokens(loaded, text, num_tokens, max_tokens)
+    return Selection(selection.prefix, selection.positions, probes)
+
+
 def matched_block(
     loaded: LoadedModel,
     text: str,
@@ -144,21 +169,21 @@ def matched_block(
     max_tokens: int | None = None,
     biases: bool = False,
     key_choice: str = "attention",
+    conversations: Sequence[list[int]] = (),
+    probe_source: str = "repeat",
 ) -> MatchedBlock:
     """The `matched` block of `num_tokens` tokens (the whole corpus if shorter); with `biases`, per-key
     biases fitted to the corpus's attention mass first and the values fitted with them (without, the
     values alone, whatever chose the keys). Keys: `select`'s (`key_choice="attention"`) or orthogonal
-    matching pursuit on the mass fit (`"omp"`, one window)."""
+    matching pursuit on the mass fit (`"omp"`, one window). Fitted to the repeat pass's queries, the
+    self-study `conversations`' or both (`probe_source`)."""
     model = loaded.model
     layers, kv_heads, head_dim = kv_shape(model.config)
     ids = context_token_ids(loaded.tokenizer, text)
     if len(ids) <= num_tokens:
         prefix = kv_prefix_of_tokens(model, ids)
         return MatchedBlock(prefix, prefix.new_zeros(layers, kv_heads, len(ids)) if biases else None)
-    if key_choice == "omp":
-        selection = omp_selection(loaded, ids, num_tokens)
-    else:
-        selection = select_tokens(loaded, text, num_tokens, max_tokens, probes=MAX_QUERIES)
+    selection = fitting_selection(loaded, text, ids, num_tokens, max_tokens, key_choice, conversations, probe_source)
     probes = selection.probes
     queries = moved_by(model, probes.queries, torch.full((1, probes.queries.shape[2]), num_tokens))
     target_positions = torch.arange(num_tokens, device=selection.positions.device)[:, None, None]

@@ -150,38 +150,57 @@ def whole_corpus_pass(
 def repeat_pass(loaded: LoadedModel, kv: torch.Tensor, body: list[int], probes: int = 0) -> RepeatPass:
     """The repeat pass over `body` (the text of the segment KV `kv`, without a BOS), keeping `probes`
     evenly spaced reconstruction queries (all query heads) as probes."""
+    layers, kv_heads, _ = kv_shape(loaded.model.config)
+    request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
+    wanted = evenly_wanted(len(body), probes)
+    observer = RepeatObserver(kv.shape[0], kv_heads, layers, first_query=len(request))
+    starts = range(0, len(body), CHUNK_TOKENS)
+    observe(
+        loaded, kv, [(request + body[s : s + CHUNK_TOKENS], wanted[s : s + CHUNK_TOKENS]) for s in starts], observer
+    )
+    scores = torch.stack(observer.scores).permute(2, 0, 1)  # [segment, layers, kv_heads]
+    if not probes:
+        return RepeatPass(scores, None)
+    read_at = torch.cat([len(request) + wanted[s : s + CHUNK_TOKENS].nonzero()[:, 0] for s in starts])
+    return RepeatPass(scores, captured_probes(loaded, observer, read_at))
+
+
+def evenly_wanted(count: int, probes: int) -> torch.Tensor:
+    """bool [count]: `probes` of `count` queries, evenly spaced (none for 0, all when there are fewer)."""
+    wanted = torch.zeros(count, dtype=torch.bool)
+    if probes and count:
+        wanted[torch.linspace(0, count - 1, min(probes, count)).round().long()] = True
+    return wanted
+
+
+def observe(loaded: LoadedModel, kv: torch.Tensor, windows: list[tuple[list[int], torch.Tensor]], observer) -> None:
+    """Each window's tokens fed after the segment KV `kv` (from the segment's end, alone with it) with the
+    observer's attention; each window's bool mask says which of its queries (after the observer's
+    `first_query`) the observer captures."""
     model = loaded.model
     layers, kv_heads, head_dim = kv_shape(model.config)
-    request = chat_token_ids(loaded.tokenizer, [{"role": "user", "content": REPEAT_REQUEST}])
     segment = kv.shape[0]
-    wanted = torch.zeros(len(body), dtype=torch.bool)
-    if probes:
-        wanted[torch.linspace(0, len(body) - 1, min(probes, len(body))).round().long()] = True
-    observer = RepeatObserver(segment, kv_heads, layers, first_query=len(request))
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     try:
-        for start in range(0, len(body), CHUNK_TOKENS):
-            window = request + body[start : start + CHUNK_TOKENS]
-            observer.capture = wanted[start : start + CHUNK_TOKENS]
-            position = torch.arange(segment, segment + len(window), device=model.device)[None]
-            cache = prefix_cache(kv.to(model.device), layers, kv_heads, head_dim)
+        for tokens, capture in windows:
+            observer.capture = capture
+            position = torch.arange(segment, segment + len(tokens), device=model.device)[None]
             model(
-                input_ids=torch.tensor([window], device=model.device),
+                input_ids=torch.tensor([tokens], device=model.device),
                 position_ids=position,
-                past_key_values=cache,
+                past_key_values=prefix_cache(kv.to(model.device), layers, kv_heads, head_dim),
                 use_cache=True,
                 **{OBSERVER_ARGUMENT: observer},
             )
     finally:
         model.set_attn_implementation(previous)
-    scores = torch.stack(observer.scores).permute(2, 0, 1)  # [segment, layers, kv_heads]
-    if not probes:
-        return RepeatPass(scores, None)
+
+
+def captured_probes(loaded: LoadedModel, observer: RepeatObserver, read_at: torch.Tensor) -> Probes:
+    """The observer's captured queries as probes, each read `read_at` positions after its segment's end,
+    rotated as if the segment had no tokens."""
     per_layer = [[torch.cat(parts, dim=1) for parts in zip(*captured)] for captured in observer.captured]
     queries, outputs, log_mass = (torch.stack(kind) for kind in zip(*per_layer))
-    read_at = torch.cat(
-        [len(request) + wanted[s : s + CHUNK_TOKENS].nonzero()[:, 0] for s in range(0, len(body), CHUNK_TOKENS)]
-    )
-    queries = moved_by(model, queries, torch.full((1, queries.shape[2]), -segment, device=queries.device))
-    return RepeatPass(scores, Probes(queries, read_at, outputs, log_mass))
+    shift = torch.full((1, queries.shape[2]), -observer.segment_tokens, device=queries.device)
+    return Probes(moved_by(loaded.model, queries, shift), read_at, outputs, log_mass)
