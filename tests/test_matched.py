@@ -157,7 +157,7 @@ def test_the_matched_omp_init_is_the_pursuit_block_without_biases(lively, tmp_pa
     assert not torch.equal(pursued.prefix, matched_prefix(lively, TEXT, 12))  # other keys than select's
 
 
-def test_auto_starts_from_the_pursuit_block_within_one_window_and_from_the_first_tokens_beyond(
+def test_auto_starts_from_the_pursuit_block_within_one_window_matched_above_its_bound_and_first_tokens_beyond(
     lively, tmp_path, monkeypatch
 ):
     import pyarrow as pa
@@ -175,6 +175,11 @@ def test_auto_starts_from_the_pursuit_block_within_one_window_and_from_the_first
     pq.write_table(pa.table({"text": [TEXT]}), run.documents)
     config = DistillConfig(num_tokens=12, init="auto")
     ids = context_token_ids(lively.tokenizer, TEXT)
+    # A block larger than the pursuit's bound: select's keys with fitted values (the pursuit grows too slow).
+    monkeypatch.setattr("cartridges.stages.distillation.init.prefix.OMP_MAX_TOKENS", 11)
+    prefix, made_by = initial_prefix(lively, run, config)
+    assert made_by == "matched" and torch.equal(prefix, matched_prefix(lively, TEXT, 12))
+    monkeypatch.undo()
     # The corpus exactly fills one window's segment: the pursuit block.
     monkeypatch.setattr(lively.model.config, "max_position_embeddings", lively.model.config.max_position_embeddings)
     lively.model.config.max_position_embeddings += len(ids) - segment_capacity(lively)

@@ -23,8 +23,8 @@ class DistillConfig(BaseModel):
     num_tokens: int = Field(256, ge=2, description="cartridge length P")
     init: Literal["auto", "first_tokens", "select", "matched", "matched_omp", "sampled", "summary", "random"] = Field(
         "auto",
-        description="prefix initialisation: auto (matched_omp for a corpus within one window of the model, "
-        "first_tokens for a longer one), the first corpus tokens' KV, the corpus KV selected by reconstruction "
+        description="prefix initialisation: auto (for a corpus within one window of the model matched_omp up to "
+        "P=256 and matched above, first_tokens for a longer corpus), the first corpus tokens' KV, the corpus KV selected by reconstruction "
         "attention (stages/evaluation/methods/select.py), those keys with values fitted to the whole corpus's attention output (stages/evaluation/methods/matched.py), keys chosen by matching pursuit on the attention mass with values fitted (matched_omp, one window), the KV of spans sampled across the corpus "
         "(stages/distillation/init/sampled.py), the KV of the model's summaries of chunks across the corpus "
         "(stages/distillation/init/summary.py), or random values",

@@ -16,6 +16,7 @@ from cartridges.stages.ingest import DOCUMENT_SEPARATOR, read_chunks
 from cartridges.stages.run_dir import RunDir
 
 CLOSED_FORM = ("select", "matched", "matched_omp")  # blocks of the corpus's own KV, read at positions 0..P-1
+OMP_MAX_TOKENS = 256  # `auto` pursues keys (matched_omp) up to this block size, fits select's keys (matched) above
 INIT_METADATA_KEY = "cartridges.init"  # the initial prefix file names the init that made it (`auto` resolved)
 
 
@@ -26,17 +27,21 @@ def init_used(run: RunDir) -> str | None:
         return (prefix_file.metadata() or {}).get(INIT_METADATA_KEY)
 
 
-def resolved_init(loaded, text: str, init: str) -> str:
-    """`init` itself, or for `auto`: `matched_omp` when the corpus fits one window of the model (one repeat
-    pass reads it whole: 1-3 minutes for a 3.5-5.7k-token article on the 2-core box), `first_tokens` for
-    a longer corpus (reading 206k tokens would take longer than the whole 15-minute build; BENCHMARKS.md)."""
+def resolved_init(loaded, text: str, init: str, num_tokens: int = 256) -> str:
+    """`init` itself, or for `auto`: for a corpus that fits one window of the model (one repeat pass reads it
+    whole), `matched_omp` for a block of at most OMP_MAX_TOKENS tokens (1-3 minutes for a 3.5-5.7k-token
+    article on the 2-core box) and `matched` for a larger one (the pursuit took 57 s a head at 1,024 keys on
+    Sky, about 86 minutes for 90 heads, against 1 s at 256; `matched` trained from at 1,024 reached the whole
+    article in context on four articles, BENCHMARKS.md); `first_tokens` for a longer corpus (reading 206k
+    tokens would take longer than the whole 15-minute build)."""
     if init != "auto":
         return init
     from cartridges.stages.evaluation.methods.repeat_pass import segment_capacity
 
     capacity = segment_capacity(loaded)  # only the beginning is tokenized: a 206k-token corpus costs nothing here
-    fits = len(context_token_ids(loaded.tokenizer, text, capacity + 1)) <= capacity
-    return "matched_omp" if fits else "first_tokens"
+    if len(context_token_ids(loaded.tokenizer, text, capacity + 1)) > capacity:
+        return "first_tokens"
+    return "matched_omp" if num_tokens <= OMP_MAX_TOKENS else "matched"
 
 
 def closed_form_prefix(
@@ -84,7 +89,7 @@ def initial_prefix(loaded, run: RunDir, config: DistillConfig) -> tuple[torch.Te
         shape = (config.num_tokens, num_layers * 2 * num_kv_heads * head_dim)
         return torch.randn(*shape, generator=generator), "random"
     text = DOCUMENT_SEPARATOR.join(pq.read_table(run.documents, columns=["text"]).column("text").to_pylist())
-    init = resolved_init(loaded, text, config.init)
+    init = resolved_init(loaded, text, config.init, config.num_tokens)
     if init in CLOSED_FORM:
         on_policy = init in FITTED_STARTS and config.init_probes != "repeat"
         conversations = sample_conversations(loaded, run, config) if on_policy else []
