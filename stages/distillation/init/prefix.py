@@ -60,8 +60,15 @@ def closed_form_prefix(
         from cartridges.stages.evaluation.methods.matched import matched_block
 
         key_choice = "omp" if method == "matched_omp" else "attention"
-        block = matched_block(loaded, text, num_tokens, max_tokens, False, key_choice, conversations, probe_source)
-        return block.prefix
+        return matched_block(
+            loaded,
+            text,
+            num_tokens,
+            max_tokens,
+            key_choice=key_choice,
+            conversations=conversations,
+            probe_source=probe_source,
+        ).prefix
     from cartridges.stages.evaluation.methods.select import selected_prefix
 
     return selected_prefix(loaded, text, num_tokens, max_tokens)

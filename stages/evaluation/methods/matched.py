@@ -40,7 +40,7 @@ from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import rows_per_head
-from cartridges.stages.evaluation.methods.repeat_pass import Probes, whole_corpus_pass
+from cartridges.stages.evaluation.methods.repeat_pass import Probes, one_window_kv, whole_corpus_pass
 from cartridges.stages.evaluation.methods.rotary import move_keys, moved_by
 from cartridges.stages.evaluation.methods.sample_probes import conversation_probes, reference_probes
 from cartridges.stages.evaluation.methods.select import Selection, select_tokens
@@ -150,15 +150,17 @@ def fitting_selection(
 ) -> Selection:
     """The kept keys by `key_choice` and the probes (by `probe_source`) the block is fitted to. Probes from
     the `conversations` (self-study samples) and matching pursuit read the corpus as one window."""
-    if key_choice == "attention" and probe_source == "repeat":
-        return select_tokens(loaded, text, num_tokens, max_tokens, probes=MAX_QUERIES)
-    method, instead = ("matched-omp", "matched") if key_choice == "omp" else ("matched", "distill.init_probes=repeat")
-    kv, scanned = whole_corpus_pass(loaded, ids, method, MAX_QUERIES, instead=instead)
+    if key_choice == "omp":
+        kv, scanned = whole_corpus_pass(loaded, ids, "matched-omp", MAX_QUERIES, instead="matched")
+        repeat = scanned.probes
+    else:  # select's keys and its repeat pass's probes from one pass; the samples' need the corpus KV too
+        kv = one_window_kv(loaded, ids, "matched", "distill.init_probes=repeat") if probe_source != "repeat" else None
+        selection = select_tokens(loaded, text, num_tokens, max_tokens, probes=MAX_QUERIES)
+        repeat = selection.probes
     samples = conversation_probes(loaded, kv, conversations, MAX_QUERIES) if probe_source != "repeat" else None
-    probes = reference_probes(scanned.probes, samples, probe_source)
+    probes = reference_probes(repeat, samples, probe_source)
     if key_choice == "omp":
         return omp_selection(loaded, kv, probes, num_tokens)
-    selection = select_tokens(loaded, text, num_tokens, max_tokens)
     return Selection(selection.prefix, selection.positions, probes)
 
 

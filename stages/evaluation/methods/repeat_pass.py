@@ -136,14 +136,20 @@ def whole_corpus_pass(
 ) -> tuple[torch.Tensor, RepeatPass]:
     """The KV of the corpus `ids` (its BOS included) and its repeat pass, for a method that reads the
     corpus as one segment; a longer corpus is refused with one line naming `method` (and what to use `instead`)."""
+    kv = one_window_kv(loaded, ids, method, instead)
+    head = context_token_ids(loaded.tokenizer, "")
+    return kv, repeat_pass(loaded, kv, ids[len(head) :], probes)
+
+
+def one_window_kv(loaded: LoadedModel, ids: list[int], method: str, instead: str = "") -> torch.Tensor:
+    """The KV of the corpus `ids` (its BOS included) read as one segment, refused before any work with one
+    line naming `method` (and what to use `instead`) when it does not fit one window with its repeat pass."""
     if len(ids) > segment_capacity(loaded):
         hint = f": use '{instead}' for a longer corpus" if instead else ""
         raise CartridgeError(
             f"'{method}' reads a corpus within one window of the model ({len(ids)} tokens is more){hint}"
         )
-    kv = kv_prefix_of_tokens(loaded.model, ids)
-    head = context_token_ids(loaded.tokenizer, "")
-    return kv, repeat_pass(loaded, kv, ids[len(head) :], probes)
+    return kv_prefix_of_tokens(loaded.model, ids)
 
 
 @torch.no_grad()
