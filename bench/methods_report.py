@@ -162,23 +162,22 @@ def _cell(text: str, width: int = 80) -> str:
     return text.replace("|", "/").replace("\n", " ")[:width]
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], out: Path, trained: list[dict] = ()) -> None:
+    """recovery_vs_budget.png, cost.png and recovery_vs_build_seconds.png; `trained` rows (`trained_rows`)
+    join the two recovery plots beside the untrained blocks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in [*BUDGET_METHODS, *sorted({r["method"] for r in rows if r["method"].startswith("cartridge")})]:
-        points: dict[int, list[float]] = {}
-        for r in rows:
-            if r["method"] == method and r["recovery"] is not None:
-                points.setdefault(r["kv_tokens"] if method.startswith("cartridge") else r["budget"], []).append(
-                    r["recovery"]
-                )
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cartridges = sorted({r["method"] for r in rows if r["method"].startswith("cartridge")})
+    for method in [*BUDGET_METHODS, *cartridges, *sorted({r["method"] for r in trained})]:
+        points = recovery_by_budget([*rows, *trained], method)
         if points:
             xs = sorted(points)
-            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=method)
+            count = len(next(iter(points.values())))
+            ax.plot(xs, [sum(points[x]) / count for x in xs], marker="o", label=f"{method} ({count} corpora)")
     ax.axhline(1.0, color="#888", linestyle="--", label="icl")
     ax.axhline(0.0, color="#bbb", linestyle=":", label="none")
     ax.set_xscale("log", base=2)
@@ -207,10 +206,12 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "cost.png", dpi=120)
 
-    fig, ax = plt.subplots(figsize=(6, 4))  # what each block's quality costs to build, one point per corpus
-    for method in BUDGET_METHODS:
+    fig, ax = plt.subplots(figsize=(7, 4.5))  # what each block's quality costs to build, one point per corpus
+    for method in [*BUDGET_METHODS, *sorted({r["method"] for r in trained})]:
         points = [
-            (r["build_seconds"], r["recovery"]) for r in rows if r["method"] == method and r["recovery"] is not None
+            (r["build_seconds"], r["recovery"])
+            for r in [*rows, *trained]
+            if r["method"] == method and r["recovery"] is not None and r["build_seconds"] is not None
         ]
         if points:
             ax.scatter(*zip(*points), label=method)
@@ -220,6 +221,43 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "recovery_vs_build_seconds.png", dpi=120)
+
+
+def recovery_by_budget(rows: list[dict], method: str) -> dict[int, list[float]]:
+    """Budget (a cartridge's KV tokens) -> `method`'s recovery on each corpus it was measured on at *every*
+    one of its budgets, so that a line's slope is the budget's, not a change in which corpora are averaged."""
+    found: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r["method"] == method and r["recovery"] is not None:
+            found.setdefault(r["kv_tokens"] if method.startswith("cartridge") else r["budget"], {})[r["corpus"]] = r[
+                "recovery"
+            ]
+    common = set.intersection(*(set(by_corpus) for by_corpus in found.values())) if found else set()
+    return {budget: [by_corpus[c] for c in sorted(common)] for budget, by_corpus in found.items()} if common else {}
+
+
+def trained_rows(sweeps: list[dict]) -> list[dict]:
+    """The trained cartridges of bench/distill_sweep.py results as plot rows: method `trained from INIT, lr
+    LR`, budget its P, recovery of its corpus's none-to-icl gap (that run's baselines), build seconds its
+    start and training (synthesis not counted: it is shared by every start)."""
+    found = []
+    for sweep in sweeps:
+        for row in sweep["rows"]:
+            base = sweep["baselines"].get(row["corpus"], {})
+            if "none" not in base or "icl" not in base:
+                continue
+            none, icl = base["none"]["nll"], base["icl"]["nll"]
+            found.append(
+                {
+                    "corpus": row["corpus"],
+                    "method": f"trained from {row.get('init_method') or 'first_tokens'}, lr {row['lr']:g}",
+                    "budget": row["num_tokens"],
+                    "kv_tokens": row["num_tokens"],
+                    "recovery": (none - row["distilled"]["nll"]) / (none - icl),
+                    "build_seconds": row.get("train_seconds"),
+                }
+            )
+    return found
 
 
 def merged_rows(records: list[dict]) -> list[dict]:
@@ -264,6 +302,13 @@ def main() -> None:
     )
     parser.add_argument("--qa", type=Path, action="append", default=None, help="QA files (default: shared/data/qa)")
     add_paired_flag(parser)
+    parser.add_argument(
+        "--trials",
+        type=Path,
+        action="append",
+        default=[],
+        help="results.json of bench/distill_sweep.py: its trained cartridges join the recovery plots (repeatable)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     records = [json.loads(path.read_text()) for path in args.results]
@@ -293,7 +338,7 @@ def main() -> None:
     )
     table = markdown(rows, corpora, settings, questions=questions)
     (args.out / "results.md").write_text(table)
-    plot(rows, args.out)
+    plot(rows, args.out, trained_rows([json.loads(path.read_text()) for path in args.trials]))
     print(table)
 
 

@@ -72,7 +72,7 @@ def eval_command(
         str,
         typer.Option(
             "--method",
-            help="none, icl, truncated, select, matched, matched-bias, matched-omp, matched-omp-bias, kvzip, rag, knorm, streaming, snapkv, lingua, ape or cartridge",
+            help="none, icl, truncated, select, matched, matched-bias, matched-omp, matched-omp-bias, matched-layerwise, matched-omp-layerwise, kvzip, rag, knorm, streaming, snapkv, lingua, ape or cartridge",
         ),
     ] = "cartridge",
     cartridge: Annotated[

@@ -155,3 +155,46 @@ def test_the_paired_table_is_each_rows_per_question_difference_from_the_named_me
     # matched - select at B=8: [-1, 0, -3], mean -4/3, SE = sd / sqrt(3) with sd of (-1, 0, -3) = 1.5275
     assert lines[-2] == "| c | matched | 8 | 1.667 | -1.333 ± 0.882 | -0.333 ± 0.333 |"
     assert lines[-1] == "| c | select | 16 | 1.000 |  | -1.000 ± 0.577 |"  # itself: no cell; icl at any budget
+
+
+def test_a_recovery_line_averages_only_the_corpora_measured_at_every_budget():
+    from cartridges.bench.methods_report import recovery_by_budget
+
+    def row(corpus, method, budget, recovery):
+        return {"corpus": corpus, "method": method, "budget": budget, "kv_tokens": budget, "recovery": recovery}
+
+    rows = [row("a", "matched", 256, 0.5), row("b", "matched", 256, 0.9), row("a", "matched", 1024, 0.8)]
+    rows += [row("a", "select", 256, 0.1), row("b", "select", 256, None)]
+    assert recovery_by_budget(rows, "matched") == {256: [0.5], 1024: [0.8]}  # b has no 1,024 row
+    assert recovery_by_budget(rows, "select") == {256: [0.1]}
+    assert recovery_by_budget(rows, "kvzip") == {}
+
+
+def test_a_sweeps_trained_cartridges_join_the_plots_with_their_recovery_and_build_seconds(tmp_path):
+    from cartridges.bench.methods_report import plot, trained_rows
+
+    sweep = {
+        "baselines": {"c": {"none": {"nll": 6.0}, "icl": {"nll": 4.0}}, "d": {"none": {"nll": 5.0}}},
+        "rows": [
+            {"corpus": "c", "init_method": "matched", "lr": 0.001, "num_tokens": 1024, "distilled": {"nll": 4.5}},
+            {"corpus": "d", "init_method": "matched", "lr": 0.001, "num_tokens": 1024, "distilled": {"nll": 4.5}},
+        ],
+    }
+    sweep["rows"][0]["train_seconds"] = 350.0
+    rows = trained_rows([sweep])
+    assert rows == [
+        {
+            "corpus": "c",
+            "method": "trained from matched, lr 0.001",
+            "budget": 1024,
+            "kv_tokens": 1024,
+            "recovery": 0.75,  # (6.0 - 4.5) / (6.0 - 4.0); d has no icl to measure against
+            "build_seconds": 350.0,
+        }
+    ]
+    block = {"corpus": "c", "method": "matched", "budget": 1024, "kv_tokens": 1024, "recovery": 0.9}
+    block |= {"build_seconds": 90.0, "kv_bytes": 1e6}
+    plot([block], tmp_path, rows)
+    assert all(
+        (tmp_path / name).stat().st_size > 0 for name in ("recovery_vs_budget.png", "recovery_vs_build_seconds.png")
+    )

@@ -25,8 +25,9 @@ option); the biases the pursuit fits are kept only by `matched-omp-bias`.
 
 The reference queries are the repeat pass's (`repeat_pass`, the same pass that scores `select`'s keys),
 the build's self-study conversations' (`sample_probes`, on-policy; one window) or both, the same for
-every layer (not recomputed layer by layer with the compacted earlier layers). A corpus longer than the
-model's window is read in segments: each query's target is its own segment's attention.
+every layer (`layerwise.py` fits each layer to the queries of a pass whose earlier layers read the block
+instead). A corpus longer than the model's window is read in segments: each query's target is its own
+segment's attention.
 """
 
 from collections.abc import Sequence

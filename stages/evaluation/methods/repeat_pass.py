@@ -11,6 +11,7 @@ pass's own output comes from the same weights. It is registered with transformer
 forward pass without an observer is transformers' own `sdpa`.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -186,9 +187,7 @@ def observe(loaded: LoadedModel, kv: torch.Tensor, windows: list[tuple[list[int]
     model = loaded.model
     layers, kv_heads, head_dim = kv_shape(model.config)
     segment = kv.shape[0]
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
-    try:
+    with observed(model):
         for tokens, capture in windows:
             observer.capture = capture
             position = torch.arange(segment, segment + len(tokens), device=model.device)[None]
@@ -199,6 +198,16 @@ def observe(loaded: LoadedModel, kv: torch.Tensor, windows: list[tuple[list[int]
                 use_cache=True,
                 **{OBSERVER_ARGUMENT: observer},
             )
+
+
+@contextmanager
+def observed(model):
+    """The model's attention is `observed_attention` inside (an observer passed as OBSERVER_ARGUMENT sees
+    every layer; without one it is sdpa), its own again after."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    try:
+        yield model
     finally:
         model.set_attn_implementation(previous)
 

@@ -17,6 +17,7 @@ from cartridges.models import LoadedModel
 from cartridges.stages.evaluation.contexts import Context, ContextSource, FixedContext, corpus_kv
 from cartridges.stages.evaluation.methods.ape import documents_of, parallel_context
 from cartridges.stages.evaluation.methods.kvzip import kvzip_context
+from cartridges.stages.evaluation.methods.layerwise import layerwise_prefix
 from cartridges.stages.evaluation.methods.lingua import compressed_context
 from cartridges.stages.evaluation.methods.matched import matched_block, matched_prefix
 from cartridges.stages.evaluation.methods.presses import PRESSES, compress
@@ -74,6 +75,12 @@ TABLE: dict[str, Method] = {
     "matched-omp": Method("budget", _fixed(lambda loaded, text, budget: _matched(loaded, text, budget, False, "omp"))),
     "matched-omp-bias": Method(
         "budget", _fixed(lambda loaded, text, budget: _matched(loaded, text, budget, True, "omp"))
+    ),
+    "matched-layerwise": Method(
+        "budget", _fixed(lambda loaded, text, budget: Context(layerwise_prefix(loaded, text, budget)))
+    ),
+    "matched-omp-layerwise": Method(
+        "budget", _fixed(lambda loaded, text, budget: Context(layerwise_prefix(loaded, text, budget, "omp")))
     ),
     "kvzip": Method("budget", _fixed(kvzip_context)),
     "rag": Method("budget", lambda loaded, text, budget, cartridge: RetrievedContext(loaded, text, budget)),
