@@ -236,6 +236,15 @@ def recovery_by_budget(rows: list[dict], method: str) -> dict[int, list[float]]:
     return {budget: [by_corpus[c] for c in sorted(common)] for budget, by_corpus in found.items()} if common else {}
 
 
+def start_of(row: dict) -> str:
+    """A sweep row's start: its `init_method`, or in sweeps older than that field the method its untrained
+    score was recorded under (`init-select-p256`; `truncated` for the first tokens)."""
+    if row.get("init_method"):
+        return row["init_method"]
+    recorded = (row.get("init") or {}).get("method", "")
+    return recorded.split("-")[1] if recorded.startswith("init-") else "first_tokens"
+
+
 def trained_rows(sweeps: list[dict]) -> list[dict]:
     """The trained cartridges of bench/distill_sweep.py results as plot rows: method `trained from INIT, lr
     LR`, budget its P, recovery of its corpus's none-to-icl gap (that run's baselines), build seconds its
@@ -250,7 +259,7 @@ def trained_rows(sweeps: list[dict]) -> list[dict]:
             found.append(
                 {
                     "corpus": row["corpus"],
-                    "method": f"trained from {row.get('init_method') or 'first_tokens'}, lr {row['lr']:g}",
+                    "method": f"trained from {start_of(row)}, lr {row['lr']:g}",
                     "budget": row["num_tokens"],
                     "kv_tokens": row["num_tokens"],
                     "recovery": (none - row["distilled"]["nll"]) / (none - icl),

@@ -170,8 +170,8 @@ def test_a_recovery_line_averages_only_the_corpora_measured_at_every_budget():
     assert recovery_by_budget(rows, "kvzip") == {}
 
 
-def test_a_sweeps_trained_cartridges_join_the_plots_with_their_recovery_and_build_seconds(tmp_path):
-    from cartridges.bench.methods_report import plot, trained_rows
+def test_a_sweeps_trained_cartridges_become_plot_rows_with_their_recovery_and_build_seconds():
+    from cartridges.bench.methods_report import trained_rows
 
     sweep = {
         "baselines": {"c": {"none": {"nll": 6.0}, "icl": {"nll": 4.0}}, "d": {"none": {"nll": 5.0}}},
@@ -181,6 +181,15 @@ def test_a_sweeps_trained_cartridges_join_the_plots_with_their_recovery_and_buil
         ],
     }
     sweep["rows"][0]["train_seconds"] = 350.0
+    older = {"corpus": "c", "lr": 0.006, "num_tokens": 256, "init": {"method": "init-select-p256"}}
+    older_default = {"corpus": "c", "lr": 0.006, "num_tokens": 256, "init": {"method": "truncated"}}
+    before_the_field = {"baselines": sweep["baselines"], "rows": [older, older_default]}
+    for row in before_the_field["rows"]:
+        row["distilled"] = {"nll": 5.0}
+    assert [r["method"] for r in trained_rows([before_the_field])] == [
+        "trained from select, lr 0.006",
+        "trained from first_tokens, lr 0.006",
+    ]
     rows = trained_rows([sweep])
     assert rows == [
         {
@@ -192,9 +201,3 @@ def test_a_sweeps_trained_cartridges_join_the_plots_with_their_recovery_and_buil
             "build_seconds": 350.0,
         }
     ]
-    block = {"corpus": "c", "method": "matched", "budget": 1024, "kv_tokens": 1024, "recovery": 0.9}
-    block |= {"build_seconds": 90.0, "kv_bytes": 1e6}
-    plot([block], tmp_path, rows)
-    assert all(
-        (tmp_path / name).stat().st_size > 0 for name in ("recovery_vs_budget.png", "recovery_vs_build_seconds.png")
-    )
