@@ -238,11 +238,12 @@ def recovery_by_budget(rows: list[dict], method: str) -> dict[int, list[float]]:
 
 def start_of(row: dict) -> str:
     """A sweep row's start: its `init_method`, or in sweeps older than that field the method its untrained
-    score was recorded under (`init-select-p256`; `truncated` for the first tokens)."""
+    score was recorded under (`init-select-p256`; `init-p1024` or `truncated` for the first tokens)."""
     if row.get("init_method"):
         return row["init_method"]
     recorded = (row.get("init") or {}).get("method", "")
-    return recorded.split("-")[1] if recorded.startswith("init-") else "first_tokens"
+    parts = recorded.split("-")  # init-METHOD-pP; init-pP and truncated are the first tokens
+    return parts[1] if recorded.startswith("init-") and len(parts) > 2 else "first_tokens"
 
 
 def trained_rows(sweeps: list[dict]) -> list[dict]:

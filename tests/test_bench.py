@@ -183,11 +183,13 @@ def test_a_sweeps_trained_cartridges_become_plot_rows_with_their_recovery_and_bu
     sweep["rows"][0]["train_seconds"] = 350.0
     older = {"corpus": "c", "lr": 0.006, "num_tokens": 256, "init": {"method": "init-select-p256"}}
     older_default = {"corpus": "c", "lr": 0.006, "num_tokens": 256, "init": {"method": "truncated"}}
-    before_the_field = {"baselines": sweep["baselines"], "rows": [older, older_default]}
+    older_p1024 = {"corpus": "c", "lr": 0.006, "num_tokens": 1024, "init": {"method": "init-p1024"}}
+    before_the_field = {"baselines": sweep["baselines"], "rows": [older, older_default, older_p1024]}
     for row in before_the_field["rows"]:
         row["distilled"] = {"nll": 5.0}
     assert [r["method"] for r in trained_rows([before_the_field])] == [
         "trained from select, lr 0.006",
+        "trained from first_tokens, lr 0.006",
         "trained from first_tokens, lr 0.006",
     ]
     rows = trained_rows([sweep])
