@@ -11,8 +11,9 @@ as `select`, or by matching pursuit) and its values fitted (`fitted_values`), an
 the next layer having read that layer's block, as a chat reads the cartridge.
 
 One window of the model (the corpus, the repeat request and a chunk); the repeat pass's probes; no
-biases (a cartridge cannot carry them). About the plain repeat pass's cost: one more attention over P
-keys per window and layer.
+biases (a cartridge cannot carry them). About the plain repeat pass's cost, plus one attention over P keys
+per window and layer; the whole-corpus pass's own output (`RepeatObserver.attend` returns it) is computed and
+not used, one wasted [m, T] x [T, D] product per window and layer.
 """
 
 from dataclasses import dataclass
