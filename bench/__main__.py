@@ -21,6 +21,8 @@ COMMANDS = {
     "decoder-speed": "the server's batch decoder without HTTP",
     "kv-storage": "prefill against loading a corpus's stored KV at fp32/fp16/int8",
     "corpus-memory": "peak memory of reading a long one-line corpus file",
+    "library": "a library of per-document cartridges routed per question, against retrieval and the oracles",
+    "library-report": "several library runs of one suite as one table and plots (recovery, cost against quality)",
 }
 
 

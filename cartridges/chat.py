@@ -17,18 +17,22 @@ def describe(runtime: CartridgeRuntime) -> str:
 
 
 def chat_session(
-    runtime: CartridgeRuntime,
+    runtime: CartridgeRuntime | None,
     read_line: Callable[[], str],
     console: Console,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
+    route: Callable[[list[dict[str, str]]], tuple[CartridgeRuntime, str | None]] | None = None,
+    title: str | None = None,
 ) -> None:
     """Run turns until `/exit`, end of input or Ctrl-C at the prompt; history is kept across turns until `/reset`.
 
     Ctrl-C while an answer streams stops it and keeps what was said so far; an error in a turn
     (a chat past the model's window, a failed generation) is one line, and the session goes on.
+    With `route` (a library), each turn's runtime is `route(history)`, and the line it returns, if
+    any, is shown before the answer.
     """
-    console.print(f"[bold]{describe(runtime)}[/bold]\n{HELP}")
+    console.print(f"[bold]{describe(runtime) if runtime is not None else title}[/bold]\n{HELP}")
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -47,6 +51,10 @@ def chat_session(
         history.append({"role": "user", "content": line})
         pieces: list[str] = []
         try:
+            if route is not None:
+                runtime, note = route(history)
+                if note:
+                    console.print(note, style="dim", markup=False, highlight=False)
             with closing(runtime.stream(history, max_new_tokens=max_new_tokens, temperature=temperature)) as answer:
                 for piece in answer:
                     console.print(piece, end="", markup=False, highlight=False)

@@ -30,6 +30,7 @@ from cartridges.registry.store import Registry
 from cartridges.stages.config import BuildConfig
 from cartridges.stages.distillation.config import check_training_fits_window
 from cartridges.stages.ingest import Corpus, read_corpus
+from cartridges.stages.library.build import LibraryBuild, build_library, corpus_tokens
 from cartridges.stages.records import IngestRecord, PublishedRecord, SynthesisSummary, read_record
 from cartridges.stages.run_dir import RunDir
 from cartridges.stages.run_mirror import RunMirror
@@ -90,9 +91,13 @@ def build(
     registry: Registry,
     on_stage=lambda stage: None,
     qa: QACorpus | None = None,
-) -> BuildResult:
+) -> BuildResult | LibraryBuild:
+    """A corpus of more than `library.unit_tokens` tokens builds a library (`stages.library.build`) unless
+    `library.enabled` is false; any other builds one trained cartridge through the stages."""
     corpus = read_corpus(corpus_dir)  # a bad folder fails before the model loads
     loaded = load_model(config.model)
+    if config.library.enabled and corpus_tokens(loaded, corpus) > config.library.unit_tokens:
+        return build_library(corpus, loaded, name, config.library, registry)
     window = loaded.model.config.max_position_embeddings
     check_fits_window(config.synthesis, window)
     check_training_fits_window(config.distill, window)

@@ -51,6 +51,11 @@ ModelOption = Annotated[
     typer.Option("--model", help="'default' (embedded SmolLM2-135M-Instruct), a local HF model folder, or a hub id."),
 ]
 
+BudgetOption = Annotated[
+    int | None,
+    typer.Option("--budget", min=2, help="KV tokens a library routes per question (default: the library's own)"),
+]
+
 
 def open_registry(url: str | None, writing: bool = False) -> Registry:
     """The registry of --registry, $CARTRIDGES_REGISTRY or $CARTRIDGES_HOME; `writing`: refuse one that keeps nothing."""

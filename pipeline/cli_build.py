@@ -160,11 +160,15 @@ def build_command(
 ) -> None:
     """Build a trained cartridge end to end (ingest, synthesize, distill, evaluate, publish); rerun to resume.
 
+    A corpus of more than `library.unit_tokens` tokens builds a library instead: one cartridge per unit
+    (a document or a section of one) and a router that picks units per request (`--set library.enabled=false`:
+    one cartridge for any corpus).
     Example: cartridges build legal/ --name legal --set distill.steps=100
     """
     from cartridges.default_corpus import gather_license_corpus
     from cartridges.pipeline.build import build
     from cartridges.registry.names import validate_new_name
+    from cartridges.stages.library.build import LibraryBuild
 
     validate_new_name(name)
     reg = open_registry(registry, writing=True)
@@ -178,6 +182,9 @@ def build_command(
         lambda stage: console.print(f"[bold]{stage}[/bold]"),
         questions,
     )
+    if isinstance(result, LibraryBuild):
+        _report_library(result)
+        return
     if not result.built:
         console.print(f"nothing to do: {result.ref} is already built from this corpus and config ({result.run.root})")
         return
@@ -189,6 +196,15 @@ def build_command(
         f"{ingested.num_tokens} tokens): {synthesis.samples} samples {synthesis.kinds} ({_reuse_note(synthesis)}), "
         f"{result.steps} steps{_start(result)}; "
         f"{_headline_metrics(result.metrics)}\nwall time: {timing}; run folder {result.run.root}"
+    )
+
+
+def _report_library(result) -> None:
+    said = "published" if result.built else "nothing new: already published as"
+    console.print(
+        f"{said} library [bold]{result.ref}[/bold]: {result.units} units, {result.text_tokens} text tokens in "
+        f"{result.num_tokens} KV tokens ({result.made} made, {result.reused} reused by digest, {result.resumed} "
+        f'resumed) in {result.seconds:.0f} s; ask it with `cartridges ask {result.ref} "..."`'
     )
 
 

@@ -48,6 +48,14 @@ def serve_command(
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="torch threads for the model (default: torch's, one a core)")
     ] = None,
+    library_budget: Annotated[
+        int | None,
+        typer.Option(
+            "--library-budget",
+            min=2,
+            help="KV tokens a library routes per request unless the request says (default: each library's own)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the model and the registry's cartridges with the OpenAI API (chat, completions, models).
 
@@ -75,12 +83,14 @@ def serve_command(
         console.print(f"serving on Ray: {replicas} replica(s), http://{host}:{port}/v1", soft_wrap=True)
         memory = cartridge_memory_mb << 20
         cpus = cpus_per_actor(replicas, None)
-        settings = ReplicaSettings(model, reg.url, limits, key, max_batch, memory, threads)
+        settings = ReplicaSettings(model, reg.url, limits, key, max_batch, memory, threads, library_budget)
         serve_on_ray(settings, replicas, host, port, cpus)
         return
     listening = bind_listening_socket(host, port)  # a port in use is one line before the model loads
     loaded, decoder_threads = load_serving_model(model, threads)
-    server = build_server(loaded, reg, limits, key, max_batch, cartridge_memory_mb << 20, decoder_threads)
+    server = build_server(
+        loaded, reg, limits, key, max_batch, cartridge_memory_mb << 20, decoder_threads, library_budget
+    )
     console.print(
         f"serving {loaded.model_id} and the cartridges of {reg.url} on http://{host}:{port}/v1"
         f"{' (API key required)' if key else ''}",

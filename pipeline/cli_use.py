@@ -9,40 +9,77 @@ from rich.table import Table
 
 from cartridges.errors import CartridgeError
 from cartridges.pipeline.cli_app import (
+    BudgetOption,
     ModelOption,
     RegistryOption,
     app,
     console,
+    errors,
     open_registry,
 )
+from cartridges.runtime import CartridgeRuntime
 
 
 @app.command("chat")
 def chat(
-    refs: Annotated[list[str], typer.Argument(help="one or more cartridges (composed in order)")],
+    refs: Annotated[list[str], typer.Argument(help="one or more cartridges or libraries (composed in order)")],
     model: ModelOption = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    budget: BudgetOption = None,
+    show_units: Annotated[
+        bool, typer.Option("--show-units", help="print the library units each answer was given, with their scores")
+    ] = False,
     registry: RegistryOption = None,
 ) -> None:
-    """Chat in the terminal with cartridges loaded (/reset, /exit).
+    """Chat in the terminal with cartridges loaded (/reset, /exit); a library routes each turn on the
+    conversation's questions so far.
 
     Example: cartridges chat legal@latest
     """
     from cartridges.chat import chat_session
-    from cartridges.loading import load
+    from cartridges.loading import describe_units, open_all
 
     # A process started with SIGINT ignored (by a parent that ignores it: a job runner, nohup, a test
     # harness that ran training in-process) inherits that, and Python then installs no Ctrl-C handler:
     # an answer could not be stopped. A chat is interactive, so it takes Ctrl-C back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    runtime = load(refs, open_registry(registry), model)
-    chat_session(runtime, lambda: console.input("[bold green]you> [/bold green]"), console, max_new_tokens, temperature)
+    opened = open_all(refs, open_registry(registry), model)
+    route = None
+    if opened.has_library:
+
+        def route(history: list[dict[str, str]]):
+            runtime, units = opened.routed(_questions(history), budget)
+            return runtime, describe_units(units) if show_units else None
+
+    runtime = None if opened.has_library else CartridgeRuntime(opened.loaded, opened.items)
+    chat_session(
+        runtime,
+        lambda: console.input("[bold green]you> [/bold green]"),
+        console,
+        max_new_tokens,
+        temperature,
+        route=route,
+        title=" + ".join(_label(item) for item in opened.items),
+    )
+
+
+def _questions(history: list[dict[str, str]]) -> str:
+    """What a library routes a chat turn on: every user message so far, the last one last."""
+    return "\n".join(m["content"] for m in history if m["role"] == "user")
+
+
+def _label(item) -> str:
+    from cartridges.library.library import Library
+
+    if isinstance(item, Library):
+        return f"library {item.label} ({len(item.index.units)} units)"
+    return item.manifest.label
 
 
 @app.command("ask")
 def ask(
-    ref: Annotated[str, typer.Argument(help="cartridge reference or folder")],
+    ref: Annotated[str, typer.Argument(help="cartridge or library: reference or folder")],
     question: Annotated[str, typer.Argument(help="the question")],
     also: Annotated[
         list[str] | None, typer.Option("--also", help="another cartridge to compose after REF (repeatable)")
@@ -50,15 +87,20 @@ def ask(
     model: ModelOption = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    budget: BudgetOption = None,
     registry: RegistryOption = None,
 ) -> None:
-    """Answer one question with the cartridge loaded and print it (for scripts).
+    """Answer one question with the cartridge loaded and print it (for scripts). A library routes the
+    question to its units; which ones (with their scores) goes to stderr.
 
     Example: cartridges ask legal@latest "How many days notice must a landlord give?"
     """
-    from cartridges.loading import load
+    from cartridges.loading import describe_units, open_all
 
-    runtime = load([ref, *(also or [])], open_registry(registry), model)
+    opened = open_all([ref, *(also or [])], open_registry(registry), model)
+    runtime, units = opened.routed(question, budget)
+    if units:
+        errors.print(describe_units(units), highlight=False, markup=False)
     print(
         runtime.generate(
             [{"role": "user", "content": question}], max_new_tokens=max_new_tokens, temperature=temperature
@@ -72,7 +114,7 @@ def eval_command(
         str,
         typer.Option(
             "--method",
-            help="none, icl, truncated, select, matched, matched-bias, matched-omp, matched-omp-bias, matched-layerwise, matched-omp-layerwise, kvzip, rag, knorm, streaming, snapkv, lingua, ape or cartridge",
+            help="none, icl, truncated, select, matched, matched-bias, matched-omp, matched-omp-bias, matched-layerwise, matched-omp-layerwise, kvzip, rag, knorm, streaming, snapkv, lingua, ape, cartridge or library (--cartridge LIBRARY --budget N: the units routed per question)",
         ),
     ] = "cartridge",
     cartridge: Annotated[
@@ -117,14 +159,24 @@ def eval_command(
     from cartridges.stages.evaluation.evaluate import score_corpus
     from cartridges.stages.evaluation.methods.table import METHODS, context_source
 
-    if method not in METHODS:
-        raise CartridgeError(f"--method {method!r} is not a method; known: {', '.join(METHODS)}")
-    if method == "cartridge" and not cartridge:
-        raise CartridgeError("--method cartridge needs --cartridge NAME[@VERSION] (or pick another --method)")
-    if cartridge and method != "cartridge":
-        raise CartridgeError(f"--cartridge is only used with --method cartridge, not {method!r}")
+    given = ("cartridge", "library")
+    if method not in (*METHODS, "library"):
+        raise CartridgeError(f"--method {method!r} is not a method; known: {', '.join(METHODS)}, library")
+    if method in given and not cartridge:
+        raise CartridgeError(f"--method {method} needs --cartridge NAME[@VERSION] (or pick another --method)")
+    if cartridge and method not in given:
+        raise CartridgeError(f"--cartridge is only used with --method cartridge or library, not {method!r}")
     corpora = load_qa_files(qa, corpus_id)
-    if cartridge:
+    library = None
+    if method == "library":
+        from cartridges.library.library import Library
+        from cartridges.loading import open_all
+
+        opened = open_all(cartridge, open_registry(registry), model)
+        if len(opened.items) != 1 or not isinstance(opened.items[0], Library):
+            raise CartridgeError("--method library takes one --cartridge, a library")
+        loaded, prefix, library = opened.loaded, None, opened.items[0]
+    elif cartridge:
         from cartridges.loading import load
 
         runtime = load(cartridge, open_registry(registry), model)
@@ -137,7 +189,12 @@ def eval_command(
     table = Table(*columns, *(["answer F1", "exact", "contains"] if answer_tokens else []))
     scores = []
     for corpus in corpora:
-        source = context_source(loaded, method, corpus.text, budget, cartridge=prefix)
+        if library is not None:
+            from cartridges.stages.evaluation.methods.library import RoutedContext
+
+            source = RoutedContext(library, budget, loaded.model)
+        else:
+            source = context_source(loaded, method, corpus.text, budget, cartridge=prefix)
         score = score_corpus(loaded, corpus, source, method, distractors, answer_tokens=answer_tokens)
         scores.append(score)
         accuracy = "n/a" if score.rank_accuracy is None else f"{score.rank_accuracy:.2f} ({score.ranked_questions})"

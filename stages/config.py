@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from cartridges.hashing import sha256_bytes
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
+from cartridges.stages.library.config import LibraryConfig
 from cartridges.stages.synthesis.config import SynthesisConfig, SynthesisRunSettings
 
 
@@ -29,6 +30,10 @@ class BuildConfig(BaseModel):
     # `training` is this section's name in configs written before it was named after its stage.
     distill_run: DistillRunSettings = Field(
         default_factory=DistillRunSettings, validation_alias=AliasChoices("distill_run", "training")
+    )
+    library: LibraryConfig = Field(
+        default_factory=LibraryConfig,
+        description="a corpus of more than library.unit_tokens tokens builds a library of per-unit cartridges",
     )
     warm_start: bool = Field(
         True, description="start training from the latest published version of the same name when it fits"

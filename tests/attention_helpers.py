@@ -33,7 +33,7 @@ def assert_layer_zero_probes(loaded, corpus: torch.Tensor, probes, by_hand: torc
     """`probes` (queries read after the corpus KV `corpus`) against layer 0's attention `by_hand`
     [query_heads, m, tokens] of the same queries: each one's share of attention over the corpus, its output
     and its log mass there."""
-    from cartridges.stages.evaluation.methods.rotary import moved_by
+    from cartridges.rotary import moved_by
 
     (layers, kv_heads, head_dim), tokens = kv_shape(loaded.model.config), corpus.shape[0]
     share = by_hand / by_hand.sum(-1, keepdim=True)  # of the corpus part

@@ -203,3 +203,53 @@ def test_a_sweeps_trained_cartridges_become_plot_rows_with_their_recovery_and_bu
             "build_seconds": 350.0,
         }
     ]
+
+
+def test_the_library_bench_scores_every_method_on_the_whole_collection(
+    lively_model_dir, tmp_path, monkeypatch, grad_mode_kept
+):
+    """Two corpora become one collection and one library; the rows pair up per question, the library's
+    router finds each question's corpus, and the control never does."""
+    qa = tmp_path / "qa.json"
+    corpora = [
+        {
+            "id": "rent",
+            "text": "Section 1. Rent is due on the first day. " * 6,
+            "questions": [
+                {"id": "r", "question": "When is rent due?", "answer": "the first day", "answer_type": "value"}
+            ],
+        },
+        {
+            "id": "tax",
+            "text": "Section 9. Tax on rent is due each quarter. " * 6,
+            "questions": [
+                {"id": "t", "question": "When is tax due?", "answer": "each quarter", "answer_type": "value"}
+            ],
+        },
+    ]
+    qa.write_text(json.dumps({"corpora": corpora}))
+    out = tmp_path / "library"
+    argv = [
+        "library",
+        "--qa",
+        str(qa),
+        "--suite",
+        "tiny",
+        "--budget",
+        "40",
+        "--per-corpus",
+        "1",
+        "--answer-tokens",
+        "2",
+    ]
+    argv += ["--set", "unit_tokens=32", "--set", "init=kv", "--model", str(lively_model_dir), "--out", str(out)]
+    monkeypatch.setattr("cartridges.bench.library.plot", without_matplotlib)
+    assert bench_main(argv) == 0
+    record = json.loads((out / "tiny" / "results.json").read_text())
+    rows = {(row["method"], row["budget"]): row for row in record["rows"]}
+    assert set(rows) == {(m, None) for m in ("none", "oracle", "oracle-units")} | {
+        (m, 40) for m in ("library", "rag", "truncated", "control")
+    }
+    assert rows[("library", 40)]["hit_rate"] == 1.0 and rows[("control", 40)]["hit_rate"] == 0.0
+    assert rows[("none", None)]["recovery"] == 0 and rows[("oracle", None)]["recovery"] == pytest.approx(1)
+    assert 0 < rows[("library", 40)]["kv_tokens"] <= 40

@@ -9,6 +9,7 @@ from attention_helpers import layer_zero_attention
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
+from cartridges.rotary import move_keys
 from cartridges.runtime import prefix_logits
 from cartridges.stages.distillation.config import DistillConfig
 from cartridges.stages.distillation.init.prefix import initial_prefix
@@ -16,7 +17,6 @@ from cartridges.stages.evaluation.contexts import corpus_kv
 from cartridges.stages.evaluation.methods import repeat_pass
 from cartridges.stages.evaluation.methods import select as kv_reconstruction
 from cartridges.stages.evaluation.methods.repeat_pass import REPEAT_REQUEST
-from cartridges.stages.evaluation.methods.rotary import move_keys
 from cartridges.stages.evaluation.methods.select import select_tokens, selected_prefix
 from cartridges.stages.run_dir import RunDir
 

@@ -9,12 +9,12 @@ import torch
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import prefix_cache
 from cartridges.layout import chat_token_ids, context_token_ids
+from cartridges.rotary import moved_by
 from cartridges.stages.evaluation.contexts import corpus_kv
 from cartridges.stages.evaluation.methods import repeat_pass as repeat_pass_module
 from cartridges.stages.evaluation.methods.layerwise import layerwise_prefix
 from cartridges.stages.evaluation.methods.matched import RIDGE, matched_block
 from cartridges.stages.evaluation.methods.repeat_pass import REPEAT_REQUEST
-from cartridges.stages.evaluation.methods.rotary import moved_by
 
 TEXT = (
     "Section 1. A landlord shall give written notice to vacate three days before filing suit. "

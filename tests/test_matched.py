@@ -7,11 +7,11 @@ from attention_helpers import assert_layer_zero_probes, layer_zero_attention
 
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids, context_token_ids
+from cartridges.rotary import moved_by
 from cartridges.stages.evaluation.contexts import corpus_kv
 from cartridges.stages.evaluation.methods import repeat_pass as repeat_pass_module
 from cartridges.stages.evaluation.methods.matched import fitted_values, matched_prefix
 from cartridges.stages.evaluation.methods.repeat_pass import REPEAT_REQUEST, repeat_pass
-from cartridges.stages.evaluation.methods.rotary import moved_by
 from cartridges.stages.evaluation.methods.select import selected_prefix
 
 TEXT = (

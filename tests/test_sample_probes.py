@@ -10,9 +10,9 @@ from run_helpers import synthesized_run_of
 from cartridges.errors import CartridgeError
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
+from cartridges.rotary import moved_by
 from cartridges.stages.evaluation.contexts import corpus_kv
 from cartridges.stages.evaluation.methods.matched import attention_output, matched_block
-from cartridges.stages.evaluation.methods.rotary import moved_by
 from cartridges.stages.evaluation.methods.sample_probes import PROBE_SOURCES, conversation_probes
 
 TEXT = (

@@ -412,7 +412,7 @@ def test_requests_on_one_cartridge_or_composition_share_one_copy_of_its_keys_and
         first_wave = list(pool.map(lambda _: store.prefix(["legal@1"])[1], range(8)))
     legal = first_wave[0]
     assert all(prefix is legal for prefix in first_wave)
-    _, composed = store.prefix(["legal@1", "tax@1"])
+    _, composed, _ = store.prefix(["legal@1", "tax@1"])
     assert store.prefix(["legal@1", "tax@1"])[1] is composed and store.prefix(["legal"])[1] is not legal
     assert store.prefix(["tax@1", "legal@1"])[1] is not composed
     assert composed.shape[0] == 24 + 12

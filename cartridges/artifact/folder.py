@@ -5,6 +5,7 @@ The tensors live in `adapter_model.safetensors` under PEFT's key `prompt_embeddi
 cartridge with no code of ours. Nothing is pickled.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from peft import CartridgeConfig
 from safetensors.torch import save_file
 
-from cartridges.artifact.integrity import PROMPT_EMBEDDINGS_KEY, bound_metadata, inspect_artifact
+from cartridges.artifact.integrity import EXTRA_FILES_KEY, PROMPT_EMBEDDINGS_KEY, bound_metadata, inspect_artifact
 from cartridges.artifact.manifest import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, Manifest, payload_checksums
 from cartridges.artifact.precision import decode, encode
 from cartridges.atomic import write_folder_atomically
@@ -76,7 +77,11 @@ def non_finite_count(tensor: torch.Tensor) -> int:
 
 
 def save_artifact(
-    destination: Path, prompt_embeddings: torch.Tensor, peft_config: CartridgeConfig, manifest: Manifest
+    destination: Path,
+    prompt_embeddings: torch.Tensor,
+    peft_config: CartridgeConfig,
+    manifest: Manifest,
+    write_extra: Callable[[Path], dict[str, str]] | None = None,
 ) -> Manifest:
     """Write a complete artifact folder (temp folder, then one rename); returns the manifest with its file checksums.
 
@@ -84,6 +89,8 @@ def save_artifact(
     safetensors header, so the payload checksum covers it: an edited manifest no longer matches.
     A prefix with NaN or infinite values is refused: it would answer nothing and spread by warm start.
     The prefix is stored at the precision `manifest.dtype` names (cartridges/artifact/precision.py).
+    `write_extra(folder)` writes an artifact's own further files (a library's unit table and router) and
+    returns their sha256 by name, which go into `method_config["payload_sha256"]` and so are bound too.
     """
     tensor = prompt_embeddings.detach().to("cpu").contiguous()
     bad = non_finite_count(tensor)
@@ -93,7 +100,9 @@ def save_artifact(
             "(training diverged); lower distill.lr or start from another prefix"
         )
     stored = encode(PROMPT_EMBEDDINGS_KEY, tensor, manifest.dtype)  # the manifest names the stored precision
-    out_of_range = non_finite_count(decode(PROMPT_EMBEDDINGS_KEY, stored))  # as a load will read it back
+    # as a load will read it back: int8 times its scales; float16 and float32 widen to float32 exactly
+    readback = decode(PROMPT_EMBEDDINGS_KEY, stored) if manifest.dtype == "int8" else stored[PROMPT_EMBEDDINGS_KEY]
+    out_of_range = non_finite_count(readback)
     if out_of_range:
         raise CartridgeError(
             f"refusing to save cartridge {manifest.name}: {out_of_range} prefix values do not fit {manifest.dtype} "
@@ -106,9 +115,13 @@ def save_artifact(
 
     def write(folder: Path) -> None:
         nonlocal final
+        bound = manifest
+        if write_extra is not None:
+            extra = write_extra(folder)
+            bound = manifest.model_copy(update={"method_config": {**manifest.method_config, EXTRA_FILES_KEY: extra}})
         peft_config.save_pretrained(str(folder))
-        save_file(stored, str(folder / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(manifest))
-        final = manifest.model_copy(update={"files": payload_checksums(folder)})
+        save_file(stored, str(folder / ADAPTER_WEIGHTS_FILE), metadata=bound_metadata(bound))
+        final = bound.model_copy(update={"files": payload_checksums(folder, bound.method)})
         (folder / MANIFEST_FILE).write_text(final.to_json())
 
     if not write_folder_atomically(destination, write):

@@ -17,9 +17,11 @@ from safetensors import SafetensorError, safe_open
 from cartridges.artifact.manifest import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    PAYLOAD_FILES,
     PRECISIONS,
     Manifest,
     parse_strict_json,
+    payload_files,
     strict_json,
     verify_payload,
 )
@@ -30,6 +32,7 @@ SCALE_SUFFIX = (
     "_scale"  # an int8 prefix keeps its per-channel scales under "<key>_scale" (cartridges/artifact/precision.py)
 )
 BOUND_MANIFEST_KEY = "cartridges.manifest"  # safetensors header metadata: the manifest fields the payload binds
+EXTRA_FILES_KEY = "payload_sha256"  # method_config: sha256 of an artifact's own further files (a library's), bound
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "I8": "int8"}  # the stored dtypes the format defines
 
 
@@ -61,6 +64,7 @@ def inspect_artifact(folder: Path, expected: tuple[str, int] | None = None) -> t
             "the artifact is damaged: remove it and rebuild"
         ) from None
     _check_bound_manifest(folder, manifest, bound)
+    _check_extra_files(folder, manifest)
     non_finite = int((~np.isfinite(prefix)).sum())
     if non_finite:
         raise CartridgeError(
@@ -145,6 +149,23 @@ def _check_adapter_config(folder: Path, manifest: Manifest) -> None:
     ]
     if differing:
         raise CartridgeError(f"{folder}: {ADAPTER_CONFIG_FILE} does not match the manifest ({'; '.join(differing)})")
+
+
+def _check_extra_files(folder: Path, manifest: Manifest) -> None:
+    """A library's own files (unit table, router) must be the ones it was saved with: their checksums are
+    bound into the payload with the rest of its identity, so editing a file and its checksum is caught."""
+    extra = [name for name in payload_files(manifest.method) if name not in PAYLOAD_FILES]
+    if not extra:
+        return
+    bound = manifest.method_config.get(EXTRA_FILES_KEY)
+    if not isinstance(bound, dict) or any(bound.get(name) != manifest.files.get(name) for name in extra):
+        raise CartridgeError(
+            f"{folder}: the library's files ({', '.join(extra)}) differ from what it was saved with; "
+            "the artifact was edited: remove it and rebuild"
+        )
+    from cartridges.library.index import LibraryIndex
+
+    LibraryIndex.read(folder).check_rows(manifest.num_tokens, str(folder))
 
 
 def _check_bound_manifest(folder: Path, manifest: Manifest, bound: str | None) -> None:

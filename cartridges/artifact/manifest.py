@@ -17,8 +17,18 @@ MANIFEST_FILE = "manifest.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PAYLOAD_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+# A library (cartridges/library) also carries its unit table and its BM25 router (bm25s's own files, no pickle).
+LIBRARY_INDEX_FILE = "library.json"
+ROUTER_FILES = {
+    "data_name": "router_data.npy",
+    "indices_name": "router_indices.npy",
+    "indptr_name": "router_indptr.npy",
+    "vocab_name": "router_vocab.json",
+    "params_name": "router_params.json",
+}
+LIBRARY_FILES = (LIBRARY_INDEX_FILE, *ROUTER_FILES.values())
 
-Method = Literal["init", "distilled", "composed"]
+Method = Literal["init", "distilled", "composed", "library"]
 Precision = Literal["float32", "float16", "int8"]  # how a prefix may be stored (cartridges/artifact/precision.py)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
@@ -154,17 +164,22 @@ def manifest_digest(data: bytes) -> str:
     return sha256_bytes(data)
 
 
-def payload_checksums(folder: Path) -> dict[str, str]:
+def payload_files(method: str) -> tuple[str, ...]:
+    """The files besides `manifest.json` that an artifact of `method` is made of: a library adds its own."""
+    return (*PAYLOAD_FILES, *LIBRARY_FILES) if method == "library" else PAYLOAD_FILES
+
+
+def payload_checksums(folder: Path, method: str = "init") -> dict[str, str]:
     from cartridges.hashing import sha256_file
 
-    return {name: sha256_file(folder / name) for name in PAYLOAD_FILES}
+    return {name: sha256_file(folder / name) for name in payload_files(method)}
 
 
 def verify_payload(folder: Path, manifest: Manifest) -> None:
     """Raise if a payload file is missing or its sha256 differs from the manifest's."""
     from cartridges.hashing import sha256_file
 
-    for name in PAYLOAD_FILES:
+    for name in payload_files(manifest.method):
         expected = manifest.files.get(name)
         path = folder / name
         if expected is None:

@@ -17,8 +17,9 @@ def encode(key: str, prefix: torch.Tensor, precision: str) -> dict[str, torch.Te
     """The tensors that store `prefix` [tokens, channels] under `key` at `precision`."""
     if precision not in PRECISIONS:
         raise CartridgeError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    prefix = prefix.detach().to("cpu", torch.float32)
+    prefix = prefix.detach().to("cpu")  # a float16 prefix stored at float16 is not copied through float32
     if precision == "int8":
+        prefix = prefix.to(torch.float32)
         scale = prefix.abs().amax(dim=0).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
         quantized = torch.round(prefix / scale).clamp(-127, 127).to(torch.int8)
         return {key: quantized.contiguous(), key + SCALE_SUFFIX: scale.contiguous()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cartridges.artifact.manifest import MANIFEST_FILE, PAYLOAD_FILES, Manifest, manifest_digest, verify_payload
+from cartridges.artifact.manifest import MANIFEST_FILE, Manifest, manifest_digest, payload_files, verify_payload
 from cartridges.atomic import write_folder_atomically
 from cartridges.home import cartridges_home
 
@@ -30,7 +30,8 @@ def cached_copy(registry: Registry, name: str, version: int) -> Path:
 
 def download(registry: Registry, name: str, version: int, manifest_bytes: bytes, folder: Path) -> None:
     """The payload of `name@version` and the given manifest bytes into `folder`, checked against each other."""
-    for file in PAYLOAD_FILES:
+    manifest = Manifest.from_json(manifest_bytes, f"{registry.url}/{name}/{version}")
+    for file in payload_files(manifest.method):
         registry.fs.get_file(registry.path(name, version, file), str(folder / file))
     (folder / MANIFEST_FILE).write_bytes(manifest_bytes)
-    verify_payload(folder, Manifest.from_json(manifest_bytes, f"{registry.url}/{name}/{version}"))
+    verify_payload(folder, manifest)

@@ -25,14 +25,7 @@ from typing import TYPE_CHECKING
 from fsspec.implementations.local import LocalFileSystem
 
 from cartridges.artifact.integrity import check_artifact
-from cartridges.artifact.manifest import (
-    MANIFEST_FILE,
-    PAYLOAD_FILES,
-    Manifest,
-    parse_strict_json,
-    strict_json,
-    utc_now,
-)
+from cartridges.artifact.manifest import MANIFEST_FILE, Manifest, parse_strict_json, payload_files, strict_json, utc_now
 from cartridges.atomic import rename_unless_exists, write_atomically
 from cartridges.errors import CartridgeError, NotFound, short_list
 from cartridges.registry.artifact_cache import cached_copy, download
@@ -247,7 +240,7 @@ class Registry:
             staging = self.path(STAGING, uuid.uuid4().hex)
             self.fs.makedirs(staging, exist_ok=True)
             try:
-                for file in PAYLOAD_FILES:
+                for file in payload_files(manifest.method):
                     self.fs.put_file(str(folder / file), f"{staging}/{file}")
                 version = 0
                 for _ in range(MAX_PUBLISH_ATTEMPTS):
@@ -279,7 +272,8 @@ class Registry:
         claim = strict_json({"staging": staging.rsplit("/", 1)[-1], "claimed_at": utc_now()}).encode()
         if not create_exclusively(self.fs, f"{target}/{CLAIM_FILE}", claim):
             return False
-        for file in (*PAYLOAD_FILES, MANIFEST_FILE):  # manifest last: a version without one is not listed
+        staged = sorted(Path(p).name for p in self.fs.find(staging) if Path(p).name != MANIFEST_FILE)
+        for file in (*staged, MANIFEST_FILE):  # manifest last: a version without one is not listed
             self.fs.mv(f"{staging}/{file}", f"{target}/{file}")
         return True
 
@@ -326,7 +320,7 @@ class Registry:
                 self.remove_alias(name, alias)
             # The marker retires the version in one step; the files go after it.
             self._write_json(self.path(name, version, RETIRED_FILE), {"version": version, "removed_at": utc_now()})
-            for file in (MANIFEST_FILE, *PAYLOAD_FILES):
+            for file in (MANIFEST_FILE, *payload_files("library")):  # a cartridge's files and a library's own
                 path = self.path(name, version, file)
                 if self.fs.exists(path):
                     self.fs.rm(path)

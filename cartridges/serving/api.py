@@ -5,7 +5,7 @@ Parameters outside these models are refused by name (a 400), never ignored: a cl
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -54,6 +54,15 @@ class CartridgeChoice(BaseModel):
     force_redownload: bool = False  # accepted for Tokasaurus clients; a registry read is always current
 
 
+class LibraryChoice(BaseModel):
+    """`extra_body={"library": {"budget": 1024, "units": ["a.txt#2"]}}`: how a library in the request routes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int | None = Field(None, ge=2, description="KV tokens of units to route (default: the server's)")
+    units: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(default_factory=list, max_length=64)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +101,7 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cartridges: list[CartridgeChoice] = Field(default_factory=list, max_length=16)
+    library: LibraryChoice | None = None
     user: str | None = None
 
     def stop_strings(self) -> list[str]:

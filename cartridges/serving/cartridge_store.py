@@ -6,20 +6,35 @@ request gets the new version without a restart, while requests already running k
 they started with. Only registry references are accepted: a request never names a server path.
 A composition is concatenated once and kept (as its parts are), so that the requests that compose the
 same versions share one tensor: the decoder holds one copy of a prefix for all its rows.
+
+A library is held like a cartridge (its units' rows are one tensor, loaded once): per request its
+router picks units for the request's text, and their rows (views of the held tensor) compose like any
+cartridges; the composition is kept under the units' ids, so a hot set of units is concatenated once.
 """
 
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from cartridges.artifact.folder import check_compatible, load_artifact, to_model_dtype
 from cartridges.errors import CartridgeError, NotFound
+from cartridges.library.library import Library, RoutedUnit, is_library, library_of
 from cartridges.models import LoadedModel
 from cartridges.registry.names import Ref, parse_ref
 from cartridges.registry.store import Registry
 from cartridges.runtime import check_same_model
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a library routes on: the request's text, its KV budget (None: the library's default), pinned unit ids."""
+
+    text: str
+    budget: int | None = None
+    units: tuple[str, ...] = ()
 
 
 class CartridgeStore:
@@ -30,6 +45,7 @@ class CartridgeStore:
         self._held: OrderedDict[str, tuple[object, torch.Tensor]] = OrderedDict()
         self._composed: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self._libraries: dict[str, Library] = {}  # table and router of each held library version
         self._loading: dict[str, threading.Lock] = {}  # one load per label, however many requests wait for it
 
     def resolve(self, reference: str) -> str:
@@ -37,23 +53,48 @@ class CartridgeStore:
         name, version = self.registry.resolve(parse_ref(reference))
         return str(Ref(name, str(version)))
 
-    def prefix(self, references: Sequence[str]) -> tuple[list[str], torch.Tensor]:
-        """The versions the references name now and their prefixes composed in order, on the model's device."""
+    def prefix(
+        self, references: Sequence[str], routing: Routing | None = None
+    ) -> tuple[list[str], torch.Tensor, list[RoutedUnit]]:
+        """The versions the references name now, their prefixes composed in order on the model's device, and
+        the units each library among them routed `routing`'s text to."""
         labels = [self.resolve(reference) for reference in references]
         loaded = [self._get(label) for label in labels]
         check_same_model([cartridge for cartridge, _ in loaded])
-        if len(loaded) == 1:  # the held tensor itself: no copy, and the decoder's prompt cache knows it
-            return labels, loaded[0][1]
-        key = tuple(labels)
+        parts, keys, units = [], [], []
+        for label, (cartridge, prefix) in zip(labels, loaded, strict=True):
+            if not is_library(cartridge):
+                parts.append(prefix)
+                keys.append(label)
+                continue
+            routing = routing or Routing("")
+            library = self._library(label, cartridge)
+            routed = library.route(routing.text, routing.budget, routing.units)
+            units += routed
+            parts += library.placed(routed, self.loaded.model, rows=prefix)
+            keys += [f"{label}/{r.unit.id}" for r in routed]
+        if len(parts) == 1 and not units:  # the held tensor itself: no copy, and the decoder's prompt cache knows it
+            return labels, parts[0], units
+        key = tuple(keys)
         with self._lock:
             if key in self._composed:
                 self._composed.move_to_end(key)
-                return labels, self._composed[key]
-        composed = torch.cat([prefix for _, prefix in loaded])
+                return labels, self._composed[key], units
+        composed = torch.cat(parts)
         with self._lock:
             composed = self._composed.setdefault(key, composed)
             self._evict()
-        return labels, composed
+        return labels, composed, units
+
+    def _library(self, label: str, cartridge) -> Library:
+        """The library's table and router (read once per version, checked against its tensor)."""
+        with self._lock:
+            held = self._libraries.get(label)
+        if held is None:
+            held = library_of(cartridge)
+            with self._lock:
+                held = self._libraries.setdefault(label, held)
+        return held
 
     def _still_live(self, label: str) -> bool:
         name, _, version = label.partition("@")
@@ -75,7 +116,8 @@ class CartridgeStore:
         while self._size() > self.budget_bytes and self._composed:
             self._composed.popitem(last=False)
         while self._size() > self.budget_bytes and len(self._held) > 1:
-            self._held.popitem(last=False)
+            label, _ = self._held.popitem(last=False)
+            self._libraries.pop(label, None)
 
     def _get(self, label: str):
         with self._lock:

@@ -8,12 +8,13 @@ stop string, with the finish reason and the token counts (usage also says which 
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, model_serializer
 from sse_starlette.sse import EventSourceResponse
 
+from cartridges.library.library import RoutedUnit
 from cartridges.serving.api import ChatRequest, GenerationRequest
 from cartridges.serving.batch_decoder import BatchDecoder
 from cartridges.serving.generation import Generation
@@ -29,6 +30,14 @@ class Prepared:
     labels: list[str]
     cartridge_tokens: int
     prompt_tokens: int
+    units: list[RoutedUnit] = field(default_factory=list)
+
+
+class UnitUsage(BaseModel):
+    id: str
+    source: str
+    score: float
+    kv_tokens: int
 
 
 class Usage(BaseModel):
@@ -37,6 +46,7 @@ class Usage(BaseModel):
     total_tokens: int
     cartridge_tokens: int  # ours: the KV tokens the cartridges held
     cartridges: list[str]  # ours: the versions that answered (`legal@3`), in composition order
+    units: list[UnitUsage] | None = None  # ours: a library's routed units, in composition order
 
 
 class ChatMessage(BaseModel):
@@ -140,6 +150,11 @@ class Answer:
             total_tokens=prepared.prompt_tokens + completion,
             cartridge_tokens=prepared.cartridge_tokens,
             cartridges=prepared.labels,
+            units=[
+                UnitUsage(id=r.unit.id, source=r.unit.source, score=r.score, kv_tokens=r.unit.num_tokens)
+                for r in prepared.units
+            ]
+            or None,
         )
 
     @property

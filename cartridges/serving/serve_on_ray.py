@@ -22,6 +22,7 @@ class ReplicaSettings:
     max_batch: int
     memory: int
     threads: int | None = None
+    library_budget: int | None = None
 
 
 class CartridgeReplica:
@@ -40,6 +41,7 @@ class CartridgeReplica:
             settings.max_batch,
             settings.memory,
             decoder_threads,
+            settings.library_budget,
         )
 
     def __serve_build_asgi_app__(self):  # Ray Serve asks for the app once the replica is constructed

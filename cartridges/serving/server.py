@@ -21,7 +21,7 @@ from cartridges.registry.object_store import storage_problem
 from cartridges.runtime import stop_token_ids
 from cartridges.serving.api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, Limits, parse_request
 from cartridges.serving.batch_decoder import BatchDecoder
-from cartridges.serving.cartridge_store import CartridgeStore
+from cartridges.serving.cartridge_store import CartridgeStore, Routing
 from cartridges.serving.generation import Generation, Sampling
 from cartridges.serving.responses import Prepared, respond_chat, respond_completion
 
@@ -29,8 +29,17 @@ __all__ = ["Limits", "Server", "build_server", "create_app", "load_serving_model
 
 
 class Server:
-    def __init__(self, loaded: LoadedModel, store: CartridgeStore, decoder: BatchDecoder, limits: Limits, api_key=None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: CartridgeStore,
+        decoder: BatchDecoder,
+        limits: Limits,
+        api_key=None,
+        library_budget: int | None = None,
+    ):
         self.loaded, self.store, self.decoder, self.limits, self.api_key = loaded, store, decoder, limits, api_key
+        self.library_budget = library_budget  # KV tokens a library routes per request; None: each library's own
         config = loaded.model.config
         self.window = config.max_position_embeddings
         self.stop_ids = stop_token_ids(loaded)
@@ -67,14 +76,16 @@ class Server:
     def prepare(self, request: GenerationRequest) -> Prepared:
         references = [] if request.model in self.base_names() else [request.model]
         references += [choice.id for choice in request.cartridges]
-        labels, prefix = [], None
+        labels, prefix, units = [], None, []
         if references:
             try:
-                labels, prefix = self.store.prefix(references)
+                labels, prefix, units = self.store.prefix(references, self.routing(request))
             except NotFound as exc:
                 raise ApiError(404, self.public(str(exc)), "model", "model_not_found") from None
             except CartridgeError as exc:  # a bad name, another model's cartridge, a damaged artifact
                 raise ApiError(400, self.public(str(exc)), "model") from None
+        if request.library is not None and not units:
+            raise ApiError(400, f"library: {request.model} and the request's cartridges hold no library", "library")
         cartridge_tokens = 0 if prefix is None else prefix.shape[0]
         prompt = self.prompt_ids(request, with_prefix=prefix is not None)
         if not prompt:
@@ -97,7 +108,19 @@ class Server:
             min(asked or self.limits.max_tokens, room), request.temperature, request.top_p, request.seed
         )
         generation = Generation(prefix, prompt, sampling, self.stop_ids)
-        return Prepared(request, generation, labels, cartridge_tokens, len(prompt))
+        return Prepared(request, generation, labels, cartridge_tokens, len(prompt), units)
+
+    def routing(self, request: GenerationRequest) -> Routing:
+        """A library routes on the last user message (a completion: its prompt), within the request's budget,
+        else the server's, else the library's own; or takes the units the request pins."""
+        if isinstance(request, ChatRequest):
+            users = [m.text() for m in request.messages if m.role == "user"]
+            text = users[-1] if users else request.messages[-1].text()
+        else:
+            text = request.prompt if isinstance(request.prompt, str) else "".join(request.prompt)
+        choice = request.library
+        budget = choice.budget if choice is not None and choice.budget is not None else self.library_budget
+        return Routing(text, budget, tuple(choice.units) if choice is not None else ())
 
     def prompt_ids(self, request: GenerationRequest, with_prefix: bool) -> list[int]:
         tokenizer = self.loaded.tokenizer
@@ -180,11 +203,18 @@ def load_serving_model(spec: str | None, threads: int | None) -> tuple[LoadedMod
 
 
 def build_server(
-    loaded: LoadedModel, registry, limits: Limits, api_key=None, max_batch=16, memory_bytes=1 << 30, threads=None
+    loaded: LoadedModel,
+    registry,
+    limits: Limits,
+    api_key=None,
+    max_batch=16,
+    memory_bytes=1 << 30,
+    threads=None,
+    library_budget: int | None = None,
 ):
     """The server's parts on one model: the cartridge store and the decoder (computing with `threads` torch
     threads, the rest of the process with one; None: torch's settings as they are)."""
     decoder = BatchDecoder(
         loaded.model, kv_shape(loaded.model.config), max_batch, prefill_tokens=limits.prefill_tokens, threads=threads
     )
-    return Server(loaded, CartridgeStore(registry, loaded, memory_bytes), decoder, limits, api_key)
+    return Server(loaded, CartridgeStore(registry, loaded, memory_bytes), decoder, limits, api_key, library_budget)

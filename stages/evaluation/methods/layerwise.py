@@ -24,6 +24,7 @@ from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
+from cartridges.rotary import moved_by
 from cartridges.stages.evaluation.contexts import SINK_TOKENS
 from cartridges.stages.evaluation.methods.matched import MAX_QUERIES, fitted_values, omp_keys
 from cartridges.stages.evaluation.methods.repeat_pass import (
@@ -35,7 +36,6 @@ from cartridges.stages.evaluation.methods.repeat_pass import (
     observed,
     one_window_kv,
 )
-from cartridges.stages.evaluation.methods.rotary import moved_by
 
 KEY_CHOICES = ("attention", "omp")
 

@@ -40,9 +40,9 @@ from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
+from cartridges.rotary import move_keys, moved_by
 from cartridges.stages.evaluation.contexts import rows_per_head
 from cartridges.stages.evaluation.methods.repeat_pass import Probes, one_window_kv, whole_corpus_pass
-from cartridges.stages.evaluation.methods.rotary import move_keys, moved_by
 from cartridges.stages.evaluation.methods.sample_probes import conversation_probes, reference_probes
 from cartridges.stages.evaluation.methods.select import Selection, select_tokens
 

@@ -24,7 +24,7 @@ from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens, prefix_cache
 from cartridges.layout import chat_token_ids, context_token_ids
 from cartridges.models import LoadedModel
-from cartridges.stages.evaluation.methods.rotary import moved_by
+from cartridges.rotary import moved_by
 
 NAME = "cartridges_observed"
 OBSERVER_ARGUMENT = "cartridges_observer"

@@ -22,10 +22,10 @@ from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
 from cartridges.models import LoadedModel
+from cartridges.rotary import move_keys
 from cartridges.stages.evaluation.contexts import SINK_TOKENS, top_rows
 from cartridges.stages.evaluation.methods import repeat_pass as reconstruction
 from cartridges.stages.evaluation.methods.repeat_pass import Probes, repeat_pass, segment_capacity
-from cartridges.stages.evaluation.methods.rotary import move_keys
 
 
 @dataclass(frozen=True)

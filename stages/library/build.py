@@ -1,0 +1,232 @@
+"""Build a library: the corpus cut into units, one prefix per unit, a BM25 router over the units' text,
+published as one registry version.
+
+One model serves every unit. Each unit's prefix is kept in the run folder as soon as it is made
+(`units/<digest>.safetensors`), so a killed build resumes where it stopped; a unit whose digest and
+recipe equal one in the latest published version of the same name is taken from it instead (the
+table says from which version), so a rebuild after an edit makes only the changed units.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cartridges.artifact.folder import describe_model, load_artifact, save_artifact
+from cartridges.artifact.manifest import LIBRARY_INDEX_FILE, CorpusInfo, Manifest
+from cartridges.atomic import write_atomically
+from cartridges.errors import CartridgeError, NotFound
+from cartridges.hashing import sha256_bytes, sha256_file
+from cartridges.home import runs_dir
+from cartridges.kv_layout import NUM_FROZEN_TOKENS, cartridge_peft_config
+from cartridges.kv_prefix import kv_prefix_of_tokens
+from cartridges.layout import context_token_ids
+from cartridges.library.index import LibraryIndex, Router, UnitRecord
+from cartridges.library.library import Library, library_of
+from cartridges.library.units import Unit, split_units
+from cartridges.models import LoadedModel
+from cartridges.progress import ThroughputProgress
+from cartridges.registry.store import Registry
+from cartridges.stages.ingest import Corpus
+from cartridges.stages.library.config import LibraryConfig
+
+PREFIX_KEY = "prefix"
+
+
+@dataclass(frozen=True)
+class LibraryBuild:
+    ref: str
+    built: bool  # False: the same library was published already
+    units: int
+    made: int  # units whose prefix this build computed
+    reused: int  # units taken from an earlier version by digest
+    resumed: int  # units found in the run folder from an interrupted build
+    num_tokens: int  # KV tokens of all units
+    text_tokens: int
+    seconds: float
+
+
+def corpus_tokens(loaded: LoadedModel, corpus: Corpus) -> int:
+    return sum(len(loaded.tokenizer(doc.text, add_special_tokens=False)["input_ids"]) for doc in corpus.documents)
+
+
+def unit_prefix(loaded: LoadedModel, unit: Unit, config: LibraryConfig) -> tuple[torch.Tensor, str]:
+    """The unit's prefix and what made it: its whole KV when the budget covers it, else the configured block."""
+    ids = context_token_ids(loaded.tokenizer, unit.text)
+    budget = config.unit_budget(unit.num_tokens)
+    if config.init == "kv" or budget >= len(ids):
+        return kv_prefix_of_tokens(loaded.model, ids), "kv"
+    if config.init == "first_tokens":
+        return kv_prefix_of_tokens(loaded.model, ids[:budget]), "first_tokens"
+    from cartridges.stages.distillation.init.prefix import closed_form_prefix
+
+    return closed_form_prefix(loaded, unit.text, config.init, budget, None), config.init
+
+
+def previous_library(registry: Registry, name: str, loaded: LoadedModel) -> Library | None:
+    """The latest published version of `name` when it is a library of this model (to reuse units from)."""
+    try:
+        where, path = registry.locate(name)
+    except NotFound:
+        return None
+    try:
+        manifest = registry.stored_manifest(*where)
+        if manifest.method != "library" or manifest.model_fingerprint != loaded.fingerprint:
+            return None
+        return library_of(load_artifact(path, expected=where))
+    except CartridgeError:  # a damaged version lends nothing: every unit is made anew
+        return None
+
+
+def same_library(earlier: Library, units: list[Unit], config: LibraryConfig) -> bool:
+    """The latest version already is this build: the same units (by digest, in order) and routing settings."""
+    index = earlier.index
+    settings = (index.unit_tokens, index.default_budget, index.order, index.positions)
+    return settings == (config.unit_tokens, config.default_budget, config.order, config.positions) and [
+        u.digest for u in index.units
+    ] == [u.digest for u in units]
+
+
+def run_folder(name: str, corpus: Corpus, loaded: LoadedModel, config: LibraryConfig) -> Path:
+    recipe = sha256_bytes(repr(sorted(config.model_dump().items())).encode())
+    return runs_dir() / f"{name}-library-{corpus.fingerprint(loaded.tokenizer_fingerprint)[:12]}-{recipe[:12]}"
+
+
+def build_library(
+    corpus: Corpus, loaded: LoadedModel, name: str, config: LibraryConfig, registry: Registry
+) -> LibraryBuild:
+    started = time.perf_counter()
+    window = loaded.model.config.max_position_embeddings
+    if config.unit_tokens >= window:
+        raise CartridgeError(
+            f"library.unit_tokens is {config.unit_tokens}, but {loaded.model_id} reads {window} positions: "
+            f"set it below that (--set library.unit_tokens={window // 4})"
+        )
+    units = split_units(corpus.documents, loaded.tokenizer, loaded.tokenizer_fingerprint, config.unit_tokens)
+    folder = run_folder(name, corpus, loaded, config)
+    kept = folder / "units"
+    kept.mkdir(parents=True, exist_ok=True)
+    earlier = previous_library(registry, name, loaded)
+    reusable = {}
+    if earlier is not None and earlier.cartridge.manifest.method_config.get("recipe") == config.recipe():
+        if same_library(earlier, units, config):
+            return LibraryBuild(
+                ref=earlier.label,
+                built=False,
+                units=len(units),
+                made=0,
+                reused=0,
+                resumed=0,
+                num_tokens=earlier.cartridge.manifest.num_tokens,
+                text_tokens=sum(unit.num_tokens for unit in units),
+                seconds=time.perf_counter() - started,
+            )
+        reusable = {unit.digest: unit for unit in earlier.index.units}
+    stored_dtype = torch.float16 if config.precision == "float16" else torch.float32
+    prefixes, records = [], []
+    made = reused = resumed = 0
+    offset = 0
+    with ThroughputProgress(f"library {name}", len(units), "units") as progress:
+        for unit in units:
+            path = kept / f"{unit.digest}.safetensors"
+            source = None
+            if unit.digest in reusable:
+                old = reusable[unit.digest]
+                prefix, init, source = earlier.unit_prefix(old).clone(), old.init, earlier.label
+                reused += 1
+            elif path.is_file():
+                with safe_open(str(path), framework="pt") as stored:
+                    prefix, init = stored.get_tensor(PREFIX_KEY), (stored.metadata() or {}).get("init", config.init)
+                resumed += 1
+            else:
+                prefix, init = unit_prefix(loaded, unit, config)
+                prefix = prefix.detach().cpu().float().contiguous()
+                write_atomically(
+                    path, lambda tmp, p=prefix, i=init: save_file({PREFIX_KEY: p}, str(tmp), metadata={"init": i})
+                )
+                made += 1
+            prefixes.append(prefix.to(stored_dtype))  # the library's precision: a 105k-token library is 2.4 GB at fp16
+            records.append(
+                UnitRecord(
+                    id=unit.id,
+                    source=unit.source,
+                    title=unit.title,
+                    digest=unit.digest,
+                    text_tokens=unit.num_tokens,
+                    offset=offset,
+                    num_tokens=prefix.shape[0],
+                    init=init,
+                    reused_from=source,
+                )
+            )
+            offset += prefix.shape[0]
+            progress.advance(1, unit.num_tokens)
+    index = LibraryIndex(
+        unit_tokens=config.unit_tokens,
+        default_budget=config.default_budget,
+        order=config.order,
+        positions=config.positions,
+        units=records,
+    )
+    router = Router.build([unit.router_text() for unit in units])
+    artifact = folder / f"artifact-{sha256_bytes(index.to_json().encode())[:12]}"
+    manifest = library_manifest(loaded, corpus, name, config, offset, len(units))
+    if not artifact.exists():
+        rows = torch.cat(prefixes)
+        prefixes.clear()  # one copy of the rows, not two
+        save_artifact(
+            artifact,
+            rows,
+            cartridge_peft_config(loaded.model.config, offset, NUM_FROZEN_TOKENS),
+            manifest,
+            lambda where: write_index(where, index, router),
+        )
+    found = registry.find_published(name, artifact)
+    published = found or registry.publish(artifact, name)
+    return LibraryBuild(
+        ref=published.label,
+        built=found is None,
+        units=len(units),
+        made=made,
+        reused=reused,
+        resumed=resumed,
+        num_tokens=offset,
+        text_tokens=sum(unit.num_tokens for unit in units),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def write_index(folder: Path, index: LibraryIndex, router: Router) -> dict[str, str]:
+    """The library's own files into `folder`; their sha256 by name."""
+    (folder / LIBRARY_INDEX_FILE).write_text(index.to_json())
+    router.save(folder)
+    from cartridges.artifact.manifest import LIBRARY_FILES
+
+    return {file: sha256_file(folder / file) for file in LIBRARY_FILES}
+
+
+def library_manifest(
+    loaded: LoadedModel, corpus: Corpus, name: str, config: LibraryConfig, num_tokens: int, units: int
+) -> Manifest:
+    if num_tokens < 1:
+        raise CartridgeError("a library needs at least one unit")
+    return Manifest(
+        name=name,
+        **describe_model(loaded),
+        num_tokens=num_tokens,
+        num_frozen_tokens=NUM_FROZEN_TOKENS,
+        dtype=config.precision,
+        corpus=[
+            CorpusInfo(
+                fingerprint=corpus.fingerprint(loaded.tokenizer_fingerprint),
+                num_documents=len(corpus.documents),
+                num_tokens=corpus_tokens(loaded, corpus),
+                source=str(corpus.root),
+            )
+        ],
+        method="library",
+        method_config={"units": units, "recipe": config.recipe(), **config.model_dump(exclude={"enabled"})},
+    )
