@@ -295,3 +295,27 @@ def test_contiguous_composition_moves_each_unit_to_its_place_in_the_block(lively
     assert torch.equal(moved[0], parts[0])
     assert torch.allclose(moved[1], expected, atol=1e-5, rtol=0)
     assert not torch.allclose(parts[1], expected, atol=1e-3, rtol=0)  # the move mattered
+
+
+def test_chat_routes_each_turn_on_the_questions_so_far_and_shows_the_units(lively, library_corpus, tmp_path):
+    from rich.console import Console
+
+    from cartridges.chat import chat_session
+    from cartridges.loading import describe_units
+
+    registry = Registry(tmp_path / "registry")
+    build(lively, library_corpus, registry)
+    opened = open_all(["lib@1"], registry)
+    asked: list[str] = []
+
+    def route(history):
+        asked.append("\n".join(m["content"] for m in history if m["role"] == "user"))
+        runtime, units = opened.routed(asked[-1], 64)
+        return runtime, describe_units(units)
+
+    turns = iter([QUESTION, "And the dues?", "/exit"])
+    console = Console(record=True, width=300)
+    chat_session(None, lambda: next(turns), console, max_new_tokens=2, route=route, title="library lib@1")
+    text = console.export_text()
+    assert asked == [QUESTION, QUESTION + "\nAnd the dues?"]  # the second turn routes on both questions
+    assert text.count("units: beta.md") == 2 and "library lib@1" in text
