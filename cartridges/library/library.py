@@ -56,7 +56,8 @@ class Library:
         budget = self.index.default_budget if budget is None else budget
         scores = self.router.scores(query)
         if pinned:
-            return [RoutedUnit(self.unit(unit_id), float(scores[self._row(unit_id)])) for unit_id in pinned]
+            rows = [self._row(unit_id) for unit_id in pinned]
+            return [RoutedUnit(self.index.units[row], float(scores[row])) for row in rows]
         chosen: list[RoutedUnit] = []
         used = 0
         for row in np.argsort(-scores, kind="stable"):

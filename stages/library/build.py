@@ -91,7 +91,9 @@ def same_library(earlier: Library, units: list[Unit], config: LibraryConfig) -> 
 
 
 def run_folder(name: str, corpus: Corpus, loaded: LoadedModel, config: LibraryConfig) -> Path:
-    recipe = sha256_bytes(repr(sorted(config.model_dump().items())).encode())
+    """Named after what decides the units' prefixes (corpus, tokenizer, recipe), so a change of routing
+    settings (budget, order, positions) or of unit size resumes from the same unit files (keyed by digest)."""
+    recipe = sha256_bytes(repr(sorted(config.recipe().items())).encode())
     return runs_dir() / f"{name}-library-{corpus.fingerprint(loaded.tokenizer_fingerprint)[:12]}-{recipe[:12]}"
 
 
