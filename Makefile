@@ -15,7 +15,7 @@ CORPUS ?=
 NAME ?= legal
 CARTRIDGE ?= $(NAME)@latest
 
-.PHONY: setup setup-vllm setup-bench lint format test test-slow bench bench-quick bench-grid bench-synthesis bench-headroom bench-serve bench-distill cartridge chat serve nightly clean
+.PHONY: setup setup-vllm setup-bench lint format test browser test-slow bench bench-quick bench-grid bench-synthesis bench-headroom bench-serve bench-distill cartridge chat serve nightly clean
 
 setup: $(STAMP)
 
@@ -55,8 +55,16 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The page's tests drive Debian's Chromium headless (Playwright for Python, pointed at /usr/bin/chromium):
+# installed with apt where it is missing (as root, or through sudo).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { echo "installing Chromium for the page's tests (apt-get install chromium)"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null \
+		|| { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }; }
 
 test-slow: setup-vllm
 	$(BIN)/python -m pytest -q -m slow

@@ -56,6 +56,7 @@ def serve_command(
             help="KV tokens a library routes per request unless the request says (default: each library's own)",
         ),
     ] = None,
+    no_ui: Annotated[bool, typer.Option("--no-ui", help="serve the API only: no page at /")] = False,
 ) -> None:
     """Serve the model and the registry's cartridges with the OpenAI API (chat, completions, models).
 
@@ -83,7 +84,7 @@ def serve_command(
         console.print(f"serving on Ray: {replicas} replica(s), http://{host}:{port}/v1", soft_wrap=True)
         memory = cartridge_memory_mb << 20
         cpus = cpus_per_actor(replicas, None)
-        settings = ReplicaSettings(model, reg.url, limits, key, max_batch, memory, threads, library_budget)
+        settings = ReplicaSettings(model, reg.url, limits, key, max_batch, memory, threads, library_budget, not no_ui)
         serve_on_ray(settings, replicas, host, port, cpus)
         return
     listening = bind_listening_socket(host, port)  # a port in use is one line before the model loads
@@ -93,10 +94,12 @@ def serve_command(
     )
     console.print(
         f"serving {loaded.model_id} and the cartridges of {reg.url} on http://{host}:{port}/v1"
-        f"{' (API key required)' if key else ''}",
+        f"{' (API key required)' if key else ''}{'' if no_ui else f'; the page: http://{host}:{port}/'}",
         soft_wrap=True,
     )
-    config = uvicorn.Config(create_app(server), log_level="warning", timeout_keep_alive=limits.keep_alive_seconds)
+    config = uvicorn.Config(
+        create_app(server, page=not no_ui), log_level="warning", timeout_keep_alive=limits.keep_alive_seconds
+    )
     try:
         uvicorn.Server(config).run(sockets=[listening])
     finally:

@@ -13,33 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from croniter import croniter
-from pydantic import BaseModel
 
 from cartridges.errors import CartridgeError
 from cartridges.registry.names import validate_new_name
+from cartridges.registry.schedule_state import HISTORY_LIMIT, STATE_FILE, BuildOutcome, Schedule, read_schedule_state
 from cartridges.registry.store import Registry
 
-STATE_FILE = "schedules.json"
 ACTOR_NAME = "cartridges-scheduler"
-HISTORY_LIMIT = 200
 SCHEDULER_CPUS = 0.01
-
-
-class Schedule(BaseModel):
-    name: str
-    corpus: str
-    cron: str
-    config: str = "default"
-    overrides: list[str] = []
-    next_run: str  # ISO time, UTC
-
-
-class BuildOutcome(BaseModel):
-    name: str
-    started: str
-    finished: str
-    status: str  # published | unchanged | failed
-    detail: str
 
 
 Builder = Callable[[Schedule], tuple[str, str]]  # -> (status, detail); raises on failure
@@ -62,7 +43,7 @@ class Scheduler:
         self._lock = threading.Lock()
 
     def _state(self) -> dict:
-        return self.registry.read_state(STATE_FILE) or {"schedules": {}, "history": []}
+        return read_schedule_state(self.registry)
 
     def _save(self, state: dict) -> None:
         state["history"] = state["history"][-HISTORY_LIMIT:]

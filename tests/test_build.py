@@ -90,6 +90,10 @@ def test_build_publishes_a_distilled_cartridge_and_a_second_run_does_nothing(
     run = next((cartridges_home / "runs").glob("legal-*"))
     logged = json.loads((run / "distill" / "metrics.jsonl").read_text().splitlines()[-1])
     assert manifest["metrics"]["kd"] == logged["kd"] and "eta_seconds" in logged
+    every_step = [json.loads(line) for line in (run / "distill" / "metrics.jsonl").read_text().splitlines()]
+    curve = manifest["method_config"]["training_curve"]  # the registry page's plot: every step of this short run
+    assert curve["step"] == [r["step"] for r in every_step] and curve["kd"] == [r["kd"] for r in every_step]
+    assert curve["eval_topk_kl"] == [r["eval_topk_kl"] for r in every_step if "eval_topk_kl" in r]
     handed_on = json.loads((run / "distill" / "record.json").read_text())  # the distill stage's record
     assert handed_on == {"steps": 2, "parent": None, "init": "first_tokens", "metrics": manifest["metrics"]}
     code, out, err = cli(*args)

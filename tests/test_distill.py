@@ -299,3 +299,22 @@ def test_a_fitted_start_trains_at_its_own_rate_and_says_what_made_it(tiny, synth
     assert init_used(synthesized_run) == "matched"
     assert for_start(config(), "first_tokens").lr == 1e-2 and for_start(config(), "matched_omp").lr == 1e-3
     assert for_start(config(fitted_start_lr=None), "matched_omp").lr == 1e-2
+
+
+def test_a_long_training_log_becomes_a_curve_of_at_most_curve_points_steps_with_every_evaluation(tmp_path):
+    import json
+
+    from cartridges.stages.distillation.artifact import CURVE_POINTS, training_curve
+    from cartridges.stages.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.metrics.parent.mkdir(parents=True, exist_ok=True)
+    records = [{"step": s, "kd": 1 / s, "ce": 2.0, "topk_kl": 3 / s, "lr": 0.1} for s in range(1, 1025)]
+    for record in records[99::100]:
+        record |= {"eval_topk_kl": record["step"] / 1000, "qa_gold_nll": 5.0}
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve = training_curve(run)
+    assert len(curve["step"]) <= CURVE_POINTS and curve["step"][0] == 1 and curve["step"][-1] == 1024
+    assert all(curve["kd"][i] == 1 / step for i, step in enumerate(curve["step"]))
+    assert curve["eval_step"] == [float(s) for s in range(100, 1025, 100)]
+    assert curve["eval_topk_kl"] == [s / 1000 for s in range(100, 1025, 100)] and curve["qa_gold_nll"] == [5.0] * 10

@@ -209,7 +209,7 @@ def test_libraries_are_off_by_default_and_a_corpus_within_one_unit_builds_one_ca
 
 
 def test_the_server_answers_a_library_request_with_the_units_in_usage(lively, library_corpus, tmp_path):
-    from test_server import Running
+    from server_helpers import Running
 
     from cartridges.serving.server import Limits, build_server
 

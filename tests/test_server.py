@@ -4,7 +4,6 @@ import asyncio
 import concurrent.futures
 import json
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -12,53 +11,15 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from server_helpers import Running, free_port
 
 from cartridges.registry.store import Registry
 from cartridges.runtime import CartridgeRuntime
-from cartridges.serving.server import Limits, build_server, create_app
+from cartridges.serving.server import Limits, build_server
 from cartridges.stages.distillation.init.first_tokens import init_cartridge
 from cartridges.stages.ingest import read_corpus
 
 QUESTION = [{"role": "user", "content": "How many days notice must a landlord give?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Running:
-    """A real uvicorn server in a thread of this process, stopped at the end of the test."""
-
-    def __init__(self, server):
-        self.server = server
-        self.port = free_port()
-        self.uvicorn = uvicorn.Server(
-            uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port, log_level="error")
-        )
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=30)
-        self.server.decoder.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def client(self, key: str = "none", cls=openai.OpenAI):
-        return cls(base_url=self.url, api_key=key, max_retries=0, timeout=120)
 
 
 @pytest.fixture
@@ -330,8 +291,14 @@ def test_cartridges_serve_binds_loopback_and_answers_the_client(lively_model_dir
         client = served.client()
         assert "legal@stable" in {m.id for m in client.models.list()}
         assert client.chat.completions.create(model="legal", messages=QUESTION, max_tokens=4).choices
+        page = httpx.get(f"http://127.0.0.1:{served.port}/")
+        assert page.status_code == 200 and "content-security-policy" in page.headers and "<main>" in page.text
     text = served.log.read_text()
     assert f"on http://127.0.0.1:{served.port}/v1" in text and "Traceback" not in text
+    assert f"the page: http://127.0.0.1:{served.port}/" in " ".join(text.split())  # rich wraps lines
+    with ServeCommand(lively_model_dir, registry, tmp_path / "api-only.log", "--no-ui") as served:
+        assert httpx.get(f"http://127.0.0.1:{served.port}/").status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{served.port}/v1/cartridges").status_code == 200
 
 
 @pytest.mark.slow

@@ -51,13 +51,16 @@ class LibraryIndex(BaseModel):
     @classmethod
     def read(cls, folder: Path) -> "LibraryIndex":
         path = folder / LIBRARY_INDEX_FILE
+        return cls.parse(path.read_bytes(), str(path))
+
+    @classmethod
+    def parse(cls, data: bytes, source: str) -> "LibraryIndex":
         try:
-            index = cls.model_validate(parse_strict_json(path.read_bytes()))
+            return cls.model_validate(parse_strict_json(data))
         except ValueError as exc:
             if isinstance(exc, ValidationError):
-                raise invalid_settings(exc, str(path), "library field") from None
-            raise CartridgeError(f"{path}: not valid JSON ({exc}); the library is damaged") from None
-        return index
+                raise invalid_settings(exc, source, "library field") from None
+            raise CartridgeError(f"{source}: not valid JSON ({exc}); the library is damaged") from None
 
     def check_rows(self, total: int, where: str) -> None:
         """The units' rows must tile the tensor: contiguous from row 0 to its last row, in table order."""

@@ -23,6 +23,7 @@ class ReplicaSettings:
     memory: int
     threads: int | None = None
     library_budget: int | None = None
+    page: bool = True  # the page at / (`--no-ui` turns it off)
 
 
 class CartridgeReplica:
@@ -33,6 +34,7 @@ class CartridgeReplica:
         from cartridges.serving.server import build_server, load_serving_model
 
         loaded, decoder_threads = load_serving_model(settings.model, settings.threads)
+        self.page = settings.page
         self.server = build_server(
             loaded,
             Registry(settings.registry_url),
@@ -47,7 +49,7 @@ class CartridgeReplica:
     def __serve_build_asgi_app__(self):  # Ray Serve asks for the app once the replica is constructed
         from cartridges.serving.server import create_app
 
-        return create_app(self.server)
+        return create_app(self.server, self.page)
 
 
 def serve_on_ray(

@@ -22,7 +22,9 @@ from cartridges.runtime import stop_token_ids
 from cartridges.serving.api import ApiError, ChatRequest, CompletionRequest, GenerationRequest, Limits, parse_request
 from cartridges.serving.batch_decoder import BatchDecoder
 from cartridges.serving.cartridge_store import CartridgeStore, Routing
+from cartridges.serving.catalog_routes import add_catalog_routes
 from cartridges.serving.generation import Generation, Sampling
+from cartridges.serving.page import add_page
 from cartridges.serving.responses import Prepared, respond_chat, respond_completion
 
 __all__ = ["Limits", "Server", "build_server", "create_app", "load_serving_model"]
@@ -130,8 +132,12 @@ class Server:
         return tokenizer(prompt, add_special_tokens=not with_prefix)["input_ids"]
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, page: bool = True) -> FastAPI:
+    """The API (OpenAI's endpoints, the registry's JSON), and the page at `/` unless `page` is False."""
     app = FastAPI(title="cartridges", docs_url=None, redoc_url=None, openapi_url=None)
+    add_catalog_routes(app, server)
+    if page:
+        add_page(app)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -41,6 +41,25 @@ def last_logged(run: RunDir) -> dict[str, float]:
     return last
 
 
+CURVE_POINTS = 400  # most training steps a manifest's curve keeps (evenly spaced, the last always)
+
+
+def training_curve(run: RunDir) -> dict[str, list[float]]:
+    """Loss and KL over steps from the training log, for plots of how a build trained (the registry page):
+    `step`, `kd`, `ce` and `topk_kl` of the training batches, thinned to at most `CURVE_POINTS` steps, and
+    `eval_step` with `eval_topk_kl` (and `qa_gold_nll` where scored) at every evaluation."""
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+    stride = max(1, -(-len(records) // CURVE_POINTS))
+    kept = [r for i, r in enumerate(records) if i % stride == 0 or i == len(records) - 1]
+    curve = {key: [float(r[key]) for r in kept] for key in ("step", "kd", "ce", "topk_kl")}
+    evaluated = [r for r in records if "eval_topk_kl" in r]
+    curve["eval_step"] = [float(r["step"]) for r in evaluated]
+    curve["eval_topk_kl"] = [float(r["eval_topk_kl"]) for r in evaluated]
+    if evaluated and all("qa_gold_nll" in r for r in evaluated):
+        curve["qa_gold_nll"] = [float(r["qa_gold_nll"]) for r in evaluated]
+    return curve
+
+
 def final_metrics(run: RunDir, samples: int) -> dict[str, float]:
     """The manifest's training metrics: the `TrainingMetrics` among the last values of the training log."""
     metrics = TrainingMetrics.model_validate(last_logged(run) | {"samples": samples}).model_dump(exclude_none=True)
@@ -85,6 +104,7 @@ def publishable_manifest(loaded, trained: TrainedRun, name: str) -> Manifest:
             "init_used": init_used(trained.run),
             "reused_samples": synthesis.reused,
             "reused_from": synthesis.reused_from,
+            "training_curve": training_curve(trained.run),
         },
         parent=trained.parent,
         metrics=final_metrics(trained.run, synthesis.samples) | trained.evaluation,
