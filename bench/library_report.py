@@ -1,8 +1,9 @@
 """Several `library` runs of one suite (the same questions) as one table and two plots: recovery against the
 KV budget per method, and recovery against time to first token (cost against quality).
 
-A library row is named by the run's library recipe (`library kv/256`, `library select/1024`), so the runs
-of different recipes line up beside the baselines (taken from the first run that has them).
+A library row is named by the run's library recipe (`library kv/256`, `library select/1024`, and the unit
+budget ratio where a closed-form init compresses: `library select/1024 P=0.50`), so the runs of different
+recipes line up beside the baselines (taken from the first run that has them).
 
     python bench/library_report.py bench/results/2026-12-07/library/squad-all/*/results.json --out DIR
 """
@@ -19,6 +20,8 @@ def labelled_rows(paths: list[Path]) -> list[dict]:
         record = json.loads(path.read_text())
         config = record["library"]["config"]
         recipe = f"{config['init']}/{config['unit_tokens']}"
+        if config["init"] in ("select", "matched"):  # a unit keeps ratio x its tokens (`library.ratio`)
+            recipe += f" P={config['ratio']:.2f}"
         for row in record["rows"]:
             name = row["method"]
             if name.startswith("library"):
