@@ -319,3 +319,51 @@ def test_chat_routes_each_turn_on_the_questions_so_far_and_shows_the_units(livel
     text = console.export_text()
     assert asked == [QUESTION, QUESTION + "\nAnd the dues?"]  # the second turn routes on both questions
     assert text.count("units: beta.md") == 2 and "library lib@1" in text
+
+
+def mapped_files(address: int) -> set[str]:
+    """The files mapped into this process at `address` (from /proc/self/maps)."""
+    found = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(part, 16) for part in fields[0].split("-"))
+        if start <= address < end and len(fields) == 6:
+            found.add(fields[5])
+    return found
+
+
+def test_a_library_is_mapped_from_its_file_and_read_a_unit_at_a_time(lively, library_corpus, tmp_path):
+    """A library's rows are never loaded whole: the prefix is the file's own pages at the stored precision
+    (checked, NaN included, a block at a time), and the server holds none of it against its memory budget."""
+    from safetensors.torch import load_file
+
+    registry = Registry(tmp_path / "registry")
+    build(lively, library_corpus, registry, precision="float16")
+    library = opened_library(registry)
+    rows = library.cartridge.prompt_embeddings
+    weights = registry.local_path("lib@1") / "adapter_model.safetensors"
+    assert rows.dtype == torch.float16 and mapped_files(rows.data_ptr()) == {str(weights)}
+    stored = load_file(str(weights))["prompt_embeddings"]
+    unit = library.index.units[1]
+    expected = stored[unit.offset : unit.offset + unit.num_tokens].float()
+    assert torch.equal(library.unit_prefix(unit), expected)  # exactly the stored rows, widened
+
+    from cartridges.serving.cartridge_store import CartridgeStore, Routing
+
+    store = CartridgeStore(registry, lively)
+    _, prefix, units = store.prefix(["lib@1"], Routing(QUESTION))
+    assert store.held_bytes == prefix.numel() * prefix.element_size()  # the composition only, not the library
+
+    data = bytearray(weights.read_bytes())  # a NaN in the last row, the checksum fixed: the values check finds it
+    data[-2:] = b"\x00\x7e"  # float16 NaN, little-endian
+    weights.write_bytes(bytes(data))
+    manifest_path = registry.local_path("lib@1") / "manifest.json"
+    import json
+
+    from cartridges.hashing import sha256_file
+
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["adapter_model.safetensors"] = sha256_file(weights)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CartridgeError, match="NaN or infinite"):
+        opened_library(registry)

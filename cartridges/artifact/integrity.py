@@ -5,10 +5,13 @@ manifest's format, its name and version against where it sits, the payload check
 config and the tensor's shape and dtype against the manifest, the manifest against the identity
 bound into the payload when it was saved (format 2), and that every prefix value is finite as the
 runtime will read it (float32, int8 dequantised: `inspect_artifact`, which `load_artifact` takes its
-tensor from, so what is checked is what is used).
+tensor from, so what is checked is what is used). A library's prefix (every unit's rows, gigabytes for a
+large corpus) is not read into memory: it is mapped from the file at its stored precision, its values
+checked a block of rows at a time, and a request reads only the rows of the units it routes to.
 Kept free of torch (numpy reads the tensor) so that `verify` and `publish` start in a fraction of a second.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +45,8 @@ def check_artifact(folder: Path, expected: tuple[str, int] | None = None) -> Man
 
 
 def inspect_artifact(folder: Path, expected: tuple[str, int] | None = None) -> tuple[Manifest, np.ndarray]:
-    """`check_artifact`, and the prefix as the runtime will use it: float32, an int8 prefix dequantised.
+    """`check_artifact`, and the prefix as the runtime will use it: float32, an int8 prefix dequantised (a
+    library's: mapped at its stored precision; its users convert the rows they read).
 
     Finiteness is checked on those values, not on the stored ones: an int8 value times a scale near
     float32's largest, or a stored value beyond float32's range, is infinite once loaded.
@@ -65,7 +69,7 @@ def inspect_artifact(folder: Path, expected: tuple[str, int] | None = None) -> t
         ) from None
     _check_bound_manifest(folder, manifest, bound)
     _check_extra_files(folder, manifest)
-    non_finite = int((~np.isfinite(prefix)).sum())
+    non_finite = non_finite_values(prefix)
     if non_finite:
         raise CartridgeError(
             f"{folder}: {non_finite} of {prefix.size} prefix values are NaN or infinite as loaded (float32"
@@ -74,13 +78,47 @@ def inspect_artifact(folder: Path, expected: tuple[str, int] | None = None) -> t
     return manifest, prefix
 
 
+CHECK_ROWS = 1024  # rows of a prefix converted to float32 at a time to check their values
+
+
+def non_finite_values(prefix: np.ndarray) -> int:
+    """NaN and infinite values of a prefix as the runtime reads it (float32), a block of rows at a time, so a
+    mapped library is checked without a float32 copy of it, and with plain reads of its file: its mapping's
+    pages are only brought in for the rows a request uses."""
+    return sum(int((~np.isfinite(block.astype(np.float32))).sum()) for block in _row_blocks(prefix))
+
+
+def _row_blocks(prefix: np.ndarray):
+    if not isinstance(prefix, np.memmap):
+        yield from (prefix[row : row + CHECK_ROWS] for row in range(0, prefix.shape[0], CHECK_ROWS))
+        return
+    rows, width = prefix.shape
+    row_bytes = width * prefix.dtype.itemsize
+    with open(prefix.filename, "rb") as stream:
+        stream.seek(prefix.offset)
+        for row in range(0, rows, CHECK_ROWS):
+            count = min(CHECK_ROWS, rows - row)
+            yield np.frombuffer(stream.read(count * row_bytes), dtype=prefix.dtype).reshape(count, width)
+
+
+def mapped_tensor(path: Path, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor of a safetensors file (whose header was read and checked) mapped, not read: its pages are read
+    when used. Copy-on-write, so torch can wrap it; nothing is ever written back to the file."""
+    with path.open("rb") as stream:
+        header_size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(header_size))
+    begin, _ = header[key]["data_offsets"]
+    return np.memmap(path, dtype=np.dtype(dtype), mode="c", offset=8 + header_size + begin, shape=shape)
+
+
 def bound_metadata(manifest: Manifest) -> dict[str, str]:
     """The safetensors header metadata that binds `manifest` into the payload."""
     return {BOUND_MANIFEST_KEY: strict_json(manifest.bound_fields())}
 
 
 def _read_prefix(path: Path, manifest: Manifest) -> tuple[str | None, np.ndarray]:
-    """(bound manifest, float32 prefix) of a payload whose tensors match the manifest's shape and dtype."""
+    """(bound manifest, float32 prefix) of a payload whose tensors match the manifest's shape and dtype; a
+    library's prefix mapped at its stored precision (float16 or float32; int8 is read and dequantised)."""
     width = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim
     with safe_open(str(path), framework="numpy") as weights:
         if PROMPT_EMBEDDINGS_KEY not in weights.keys():
@@ -99,6 +137,8 @@ def _read_prefix(path: Path, manifest: Manifest) -> tuple[str | None, np.ndarray
             )
         if dtype != manifest.dtype:
             raise CartridgeError(f"{path}: tensor dtype {dtype} does not match the manifest's {manifest.dtype}")
+        if manifest.method == "library" and dtype != "int8":  # read per request, a unit's rows at a time
+            return bound, mapped_tensor(path, PROMPT_EMBEDDINGS_KEY, dtype, shape)
         values = weights.get_tensor(PROMPT_EMBEDDINGS_KEY)
         scales = _read_scales(path, weights, width) if dtype == "int8" else None
     return bound, dequantize(values, scales)

@@ -34,7 +34,7 @@ class RoutedUnit:
 
 @dataclass(frozen=True)
 class Library:
-    cartridge: Cartridge  # every unit's prefix, in table order, checked as any artifact is
+    cartridge: Cartridge  # every unit's prefix, in table order, checked as any artifact is, mapped from its file
     index: LibraryIndex
     router: Router
 
@@ -87,15 +87,14 @@ class Library:
         return self.index.units[self._row(unit_id)]
 
     def unit_prefix(self, unit: UnitRecord) -> torch.Tensor:
-        return self.cartridge.prompt_embeddings[unit.offset : unit.offset + unit.num_tokens]
+        """The unit's rows as float32 (read from the mapped file: only these rows)."""
+        return self.cartridge.prompt_embeddings[unit.offset : unit.offset + unit.num_tokens].float()
 
-    def placed(
-        self, routed: Sequence[RoutedUnit], model, rows: torch.Tensor | None = None, positions: Positions | None = None
-    ) -> list[torch.Tensor]:
-        """The routed units' prefixes in order, each moved to its place in the block when the library's
-        positions (or `positions`) are contiguous; `rows`: the library's tensor as held (another dtype, device)."""
-        held = self.cartridge.prompt_embeddings if rows is None else rows
-        parts = [held[r.unit.offset : r.unit.offset + r.unit.num_tokens] for r in routed]
+    def placed(self, routed: Sequence[RoutedUnit], model, positions: Positions | None = None) -> list[torch.Tensor]:
+        """The routed units' prefixes in order, on the model's device and in its dtype, each moved to its place
+        in the block when the library's positions (or `positions`) are contiguous."""
+        held = self.cartridge.prompt_embeddings  # mapped at the stored precision: only the routed rows are read
+        parts = [held[r.unit.offset : r.unit.offset + r.unit.num_tokens].to(model.device, model.dtype) for r in routed]
         if (positions or self.index.positions) == "contiguous":
             parts = moved_to_their_places(model, parts)
         return parts

@@ -7,9 +7,10 @@ they started with. Only registry references are accepted: a request never names 
 A composition is concatenated once and kept (as its parts are), so that the requests that compose the
 same versions share one tensor: the decoder holds one copy of a prefix for all its rows.
 
-A library is held like a cartridge (its units' rows are one tensor, loaded once): per request its
-router picks units for the request's text, and their rows (views of the held tensor) compose like any
-cartridges; the composition is kept under the units' ids, so a hot set of units is concatenated once.
+A library is held like a cartridge, but its units' rows stay mapped from its file (checked once on load,
+not counted against the memory budget): per request its router picks units for the request's text, and
+their rows, read and converted to the model's dtype, compose like any cartridges; the composition is kept
+under the units' ids, so a hot set of units is read and concatenated once.
 """
 
 import threading
@@ -71,7 +72,7 @@ class CartridgeStore:
             library = self._library(label, cartridge)
             routed = library.route(routing.text, routing.budget, routing.units)
             units += routed
-            parts += library.placed(routed, self.loaded.model, rows=prefix)
+            parts += library.placed(routed, self.loaded.model)
             keys += [f"{label}/{r.unit.id}" for r in routed]
         if len(parts) == 1 and not units:  # the held tensor itself: no copy, and the decoder's prompt cache knows it
             return labels, parts[0], units
@@ -108,8 +109,9 @@ class CartridgeStore:
         with self._lock:
             return self._size()
 
-    def _size(self) -> int:  # under the lock
-        held = [prefix for _, prefix in self._held.values()] + list(self._composed.values())
+    def _size(self) -> int:  # under the lock; a library's rows are mapped from its file, not held
+        held = [prefix for cartridge, prefix in self._held.values() if not is_library(cartridge)]
+        held += list(self._composed.values())
         return sum(prefix.numel() * prefix.element_size() for prefix in held)
 
     def _evict(self) -> None:  # under the lock: compositions first, then parts, least recently used first
@@ -140,7 +142,12 @@ class CartridgeStore:
                     raise
                 raise CartridgeError(f"{label}: cannot be read ({exc.strerror or type(exc).__name__})") from None
             check_compatible(cartridge, self.loaded)  # another model or tokenizer: refused, naming both
-            prefix = to_model_dtype(cartridge.prompt_embeddings, self.loaded, label)
+            # a library stays mapped at its stored precision: each request converts the rows it routes to
+            prefix = (
+                cartridge.prompt_embeddings
+                if is_library(cartridge)
+                else to_model_dtype(cartridge.prompt_embeddings, self.loaded, label)
+            )
             with self._lock:
                 self._held[label] = (cartridge, prefix)
                 self._loading.pop(label, None)
