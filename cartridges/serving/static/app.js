@@ -220,9 +220,9 @@ async function selectVersion(ref) {
   try {
     card = await getJSON(`v1/cartridges/${encodeURIComponent(ref)}`);
   } catch (error) {
-    showError(error.message);
     clear(panel, el("p", { class: "muted" }, `${ref} could not be shown.`));
     if (error.status === 404) { selectedRef = null; await loadRegistry(); } // removed while the page was open
+    showError(error.message); // after the reload, which clears the message of an earlier error
     return;
   }
   hideError();
