@@ -72,8 +72,12 @@ def describe_model(loaded: LoadedModel) -> dict:
     }
 
 
-def non_finite_count(tensor: torch.Tensor) -> int:
-    return int((~torch.isfinite(tensor)).sum())
+def non_finite_count(tensor: torch.Tensor, rows: int = 4096) -> int:
+    """NaN and infinite values, counted a block of rows at a time: a library's prefix is gigabytes, and a
+    mask of it at once would be another gigabyte per 1G values."""
+    if tensor.dim() == 0:
+        return int(~torch.isfinite(tensor))
+    return sum(int((~torch.isfinite(tensor[row : row + rows])).sum()) for row in range(0, tensor.shape[0], rows))
 
 
 def save_artifact(

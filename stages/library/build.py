@@ -177,8 +177,7 @@ def build_library(
     artifact = folder / f"artifact-{sha256_bytes(index.to_json().encode())[:12]}"
     manifest = library_manifest(loaded, corpus, name, config, offset, len(units))
     if not artifact.exists():
-        rows = torch.cat(prefixes)
-        prefixes.clear()  # one copy of the rows, not two
+        rows = joined(prefixes)
         save_artifact(
             artifact,
             rows,
@@ -199,6 +198,21 @@ def build_library(
         text_tokens=sum(unit.num_tokens for unit in units),
         seconds=time.perf_counter() - started,
     )
+
+
+def joined(prefixes: list[torch.Tensor]) -> torch.Tensor:
+    """The units' rows as one tensor, each unit's own tensor let go as it is copied in (emptying the list):
+    the peak is the rows once plus one unit, not twice the rows as with `torch.cat`."""
+    first = prefixes[0]
+    rows = torch.empty(sum(p.shape[0] for p in prefixes), first.shape[1], dtype=first.dtype)
+    offset = 0
+    for index in range(len(prefixes)):
+        part = prefixes[index]
+        prefixes[index] = None
+        rows[offset : offset + part.shape[0]] = part
+        offset += part.shape[0]
+    prefixes.clear()
+    return rows
 
 
 def write_index(folder: Path, index: LibraryIndex, router: Router) -> dict[str, str]:
