@@ -90,6 +90,17 @@ def test_score_corpus_budget_accounting(tiny):
     assert score_corpus(tiny, corpus, FixedContext(Context(prefix)), "truncated", distractors=0).kv_tokens == 16
 
 
+def test_score_corpus_reports_every_question_once_for_progress(tiny):
+    """Ranked or not (a yes/no question has no candidates), with or without distractors: one count each."""
+    corpus = corpus_of([("3 days", "duration"), ("10 days", "duration"), ("5 days", "duration"), ("Yes", "yes_no")])
+    for distractors in (8, 0):
+        counted = []
+        score_corpus(
+            tiny, corpus, FixedContext(Context(None)), "none", distractors=distractors, on_scored=counted.append
+        )
+        assert sum(counted) == len(corpus.questions)
+
+
 def test_qa_loader_errors(tmp_path):
     with pytest.raises(CartridgeError, match="does not exist"):
         load_qa_file(tmp_path / "none.json")

@@ -6,7 +6,7 @@ identical chat (see `cartridges.layout`). Scoring is shared, so only the prefix 
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,9 +110,11 @@ def score_corpus(
     batch_size: int = 8,
     seed: int = 0,
     answer_tokens: int = 0,
+    on_scored: Callable[[int], None] = lambda questions: None,
 ) -> CorpusScore:
     """Gold-answer NLL and rank accuracy of every question, each after its context block; with
-    `answer_tokens`, also its greedy answer of up to that many tokens, scored against the gold answers."""
+    `answer_tokens`, also its greedy answer of up to that many tokens, scored against the gold answers.
+    `on_scored(n)`: n more questions scored (gold answer and candidates), for progress."""
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     contexts = [source.context(q) for q in corpus.questions]
     groups: dict[int, list[int]] = {}  # questions that share one context block are scored in batches
@@ -131,14 +133,16 @@ def score_corpus(
             gold[i] = value
         for question in questions if distractors > 0 else ():
             candidates = rank_candidates(corpus, question, distractors, seed)
-            if candidates is None:
-                continue
-            scores = mean_answer_nll(
-                forward, loaded.tokenizer, [(question.question, c) for c in candidates], batch_size, pad
-            )
-            ranked += 1
-            correct += int(min(range(len(scores)), key=scores.__getitem__) == 0)
-            margins.append(sum(scores[1:]) / (len(scores) - 1) - scores[0])
+            if candidates is not None:
+                scores = mean_answer_nll(
+                    forward, loaded.tokenizer, [(question.question, c) for c in candidates], batch_size, pad
+                )
+                ranked += 1
+                correct += int(min(range(len(scores)), key=scores.__getitem__) == 0)
+                margins.append(sum(scores[1:]) / (len(scores) - 1) - scores[0])
+            on_scored(1)
+        if distractors <= 0:
+            on_scored(len(questions))
     nll, se = mean_and_se(gold)
     answers = _answers(loaded, corpus, contexts, answer_tokens) if answer_tokens else {}
     return CorpusScore(
