@@ -78,13 +78,8 @@ def tiny_build_config(model_dir: Path):
     return load_build_config("tiny", [f"model={model_dir}", "distill.eval_samples=2", "synthesis.samples=6"])
 
 
-@pytest.fixture(scope="module")
-def site(lively_model_dir, tmp_path_factory):
-    """legal@1 and legal@2 (distilled by the pipeline, the second warm-started from the first after an
-    edit; alias stable -> legal@1), tax@1 (untrained, another corpus), lib@1 (a library), a
-    cartridge whose corpus folder is named with HTML, and a schedule's history; served on 127.0.0.1."""
-    root = tmp_path_factory.mktemp("page")
-    os.environ["CARTRIDGES_HOME"] = str(root / "home")
+def build_site(root: Path, lively_model_dir: Path):
+    """The registry `site` serves, built under `root`; (registry, loaded model)."""
     registry = Registry(root / "registry")
     loaded = load_model(str(lively_model_dir))
     legal = root / "legal"
@@ -118,9 +113,20 @@ def site(lively_model_dir, tmp_path_factory):
     scheduler = Scheduler(registry, lambda schedule: ("published", "legal@2"))
     scheduler.add("legal", str(legal), "0 2 * * *")
     scheduler.run("legal")
+    return registry, loaded
+
+
+@pytest.fixture(scope="module")
+def site(lively_model_dir, tmp_path_factory):
+    """legal@1 and legal@2 (distilled by the pipeline, the second warm-started from the first after an
+    edit; alias stable -> legal@1), tax@1 (untrained, another corpus), lib@1 (a library), a
+    cartridge whose corpus folder is named with HTML, and a schedule's history; served on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("page")
+    with pytest.MonkeyPatch.context() as patch:  # the builds' run folders; the previous value comes back
+        patch.setenv("CARTRIDGES_HOME", str(root / "home"))
+        registry, loaded = build_site(root, lively_model_dir)
     with Running(build_server(loaded, registry, Limits(max_tokens=64, max_prompt_tokens=512))) as server:
         yield server
-    os.environ.pop("CARTRIDGES_HOME", None)
 
 
 def kv_loaded(manifest) -> str:

@@ -97,12 +97,11 @@ async function getJSON(path) { return (await api(path)).json(); }
 
 // ---- streamed chat ------------------------------------------------------------------------
 // POST /v1/chat/completions with stream: true, reading the server-sent events as they come.
-async function streamChat(request, onText, signal) {
+async function streamChat(request, onText) {
   const started = performance.now();
   const response = await api("v1/chat/completions", {
     method: "POST",
     body: JSON.stringify({ ...request, stream: true, stream_options: { include_usage: true } }),
-    signal,
   });
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
