@@ -23,6 +23,8 @@ COMMANDS = {
     "corpus-memory": "peak memory of reading a long one-line corpus file",
     "library": "a library of per-document cartridges routed per question, against retrieval and the oracles",
     "library-report": "several library runs of one suite as one table and plots (recovery, cost against quality)",
+    "library-composition": "a library's units made and composed four ways (sinks, in-document KV), paired",
+    "library-serving": "time to first token served: the library in cartridges serve, rag in vLLM's OpenAI server",
 }
 
 

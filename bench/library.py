@@ -30,7 +30,7 @@ from cartridges.bench.run_record import record_header
 from cartridges.errors import run_script
 from cartridges.kv_layout import kv_shape
 from cartridges.layout import chat_token_ids
-from cartridges.library.library import load_library
+from cartridges.library.library import RoutedUnit, load_library
 from cartridges.loading import open_cartridge
 from cartridges.models import load_model
 from cartridges.qa import QACorpus, load_qa_files
@@ -180,8 +180,10 @@ def main() -> None:
     score("oracle", None, PerQuestion(gold, lambda source: Context(corpus_kv(loaded, texts[source]))), answers=False)
 
     def gold_units(source: str) -> Context:
-        units = [u for u in library.index.units if u.source == source]
-        return Context(torch.cat([library.unit_prefix(u) for u in units]))
+        """The gold document's units in document order, composed as the library composes (its positions);
+        before 2026-12-08 each unit was read at its own positions whatever the library's."""
+        units = [RoutedUnit(u, 0.0) for u in library.index.units if u.source == source]
+        return Context(torch.cat(library.placed(units, loaded.model)))
 
     score("oracle-units", None, PerQuestion(gold, gold_units))
     if args.cartridge:

@@ -58,7 +58,7 @@ def publish_cartridge(corpus, tokens: int, registry: Path) -> str:
         return Registry(registry).publish(Path(scratch) / "bench", "bench").label
 
 
-async def one(client, model: str, messages: list[dict], max_tokens: int) -> dict:
+async def one(client, model: str, messages: list[dict], max_tokens: int, extra_body: dict | None = None) -> dict:
     started = time.perf_counter()
     first, tokens = None, 0
     stream = await client.chat.completions.create(
@@ -68,6 +68,7 @@ async def one(client, model: str, messages: list[dict], max_tokens: int) -> dict
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body=extra_body,
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:

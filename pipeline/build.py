@@ -97,7 +97,7 @@ def build(
     corpus = read_corpus(corpus_dir)  # a bad folder fails before the model loads
     loaded = load_model(config.model)
     if config.library.enabled and corpus_tokens(loaded, corpus) > config.library.unit_tokens:
-        return build_library(corpus, loaded, name, config.library, registry)
+        return build_library(corpus, loaded, name, config.library, registry, config.library_run)
     window = loaded.model.config.max_position_embeddings
     check_fits_window(config.synthesis, window)
     check_training_fits_window(config.distill, window)

@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from cartridges.hashing import sha256_bytes
 from cartridges.settings import STRICT_SETTINGS
 from cartridges.stages.distillation.config import DistillConfig, DistillRunSettings
-from cartridges.stages.library.config import LibraryConfig
+from cartridges.stages.library.config import LibraryConfig, LibraryRunSettings
 from cartridges.stages.synthesis.config import SynthesisConfig, SynthesisRunSettings
 
 
@@ -34,6 +34,9 @@ class BuildConfig(BaseModel):
     library: LibraryConfig = Field(
         default_factory=LibraryConfig,
         description="a corpus of more than library.unit_tokens tokens builds a library of per-unit cartridges",
+    )
+    library_run: LibraryRunSettings = Field(
+        default_factory=LibraryRunSettings, description="how a library's units are made: workers, executor"
     )
     warm_start: bool = Field(
         True, description="start training from the latest published version of the same name when it fits"

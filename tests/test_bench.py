@@ -253,3 +253,45 @@ def test_the_library_bench_scores_every_method_on_the_whole_collection(
     assert rows[("library", 40)]["hit_rate"] == 1.0 and rows[("control", 40)]["hit_rate"] == 0.0
     assert rows[("none", None)]["recovery"] == 0 and rows[("oracle", None)]["recovery"] == pytest.approx(1)
     assert 0 < rows[("library", 40)]["kv_tokens"] <= 40
+
+
+def test_composing_all_of_a_documents_units_in_document_is_the_document_read_at_once(lively, tmp_path):
+    """`bench/library_composition.py`'s ways, against prefills computed here: a document's units cut from its
+    whole prefill and composed in order are that prefill; a document's first unit is the same in-document and
+    after a shared BOS; `one-sink` drops one row per unit after the first."""
+    from cartridges.bench.library_composition import Compositions
+    from cartridges.kv_prefix import kv_prefix_of_tokens
+    from cartridges.layout import context_token_ids
+    from cartridges.library.library import load_library
+    from cartridges.library.units import split_units
+    from cartridges.registry.store import Registry
+    from cartridges.stages.library.build import build_library
+    from cartridges.stages.library.config import LibraryConfig
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "rent.txt").write_text("Section 1. Rent is due on the first day.\n\n" * 8)
+    (folder / "tax.txt").write_text("Section 9. Tax on rent is due each quarter.\n\n" * 3)
+    config = LibraryConfig(unit_tokens=32, init="kv", precision="float32")
+    registry = Registry(tmp_path / "registry")
+    built = build_library(read_corpus(folder), lively, "lib", config, registry)
+    where, path = registry.locate(built.ref)
+    library = load_library(path, expected=where)
+    units = split_units(read_corpus(folder).documents, lively.tokenizer, lively.tokenizer_fingerprint, 32)
+    texts = {u.id: u.text for u in units}
+    lively.tokenizer.bos_token = "<|im_start|>"  # as SmolLM2's (the tiny tokenizer has none; it adds none to text)
+    compositions = Compositions(lively, library, texts, segment=4096)
+    rent = [u.id for u in library.index.units if u.source == "rent.txt"]
+    assert len(rent) > 2
+
+    bos = lively.tokenizer.bos_token_id
+    whole = [bos] + [t for unit_id in rent for t in context_token_ids(lively.tokenizer, texts[unit_id])]
+    torch.testing.assert_close(
+        compositions.block("in-document", rent), kv_prefix_of_tokens(lively.model, whole), rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(
+        compositions.block("in-document", rent[:1]), compositions.block("shared-sink", rent[:1]), rtol=0, atol=1e-5
+    )
+    library_rows = compositions.block("library", rent).shape[0]
+    assert compositions.block("one-sink", rent).shape[0] == library_rows - (len(rent) - 1)
+    assert library_rows == sum(len(context_token_ids(lively.tokenizer, texts[u])) for u in rent)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 from sample_helpers import assert_same_samples
 
@@ -236,3 +237,50 @@ def test_the_scheduler_fires_once_on_the_cluster_and_carries_on_after_its_node_i
     [schedule] = Scheduler(registry, builder=None).schedules()
     assert datetime.fromisoformat(schedule.next_run) > datetime.now(UTC)
     ray.kill(actor)
+
+
+def test_a_library_build_makes_its_units_on_two_nodes_and_equals_one_made_in_one_process(
+    on_cluster, cli, tiny, tiny_model_dir, long_corpus, tmp_path
+):
+    """`cartridges build` of a library with two workers on a two-node cluster (one CPU a node): the units
+    are made on both nodes, and the published library equals one whose units were made in this process,
+    unit for unit and row for row."""
+    from cartridges.library.library import load_library
+    from cartridges.stages.ingest import read_corpus
+    from cartridges.stages.library.build import build_library
+    from cartridges.stages.library.config import LibraryConfig, LibraryRunSettings
+
+    settings = [
+        f"model={tiny_model_dir}",
+        "library.enabled=true",
+        "library.unit_tokens=48",
+        "library.precision=float32",
+    ]
+    settings += ["library_run.executor=ray", "library_run.workers=2", "library_run.cpus_per_worker=1"]
+    overrides = [part for setting in settings for part in ("--set", setting)]
+    code, out, err = cli("build", str(long_corpus), "--name", "lib", *overrides, "--registry", str(tmp_path / "ray"))
+    assert code == 0, err
+    assert "on 2 nodes" in " ".join(out.split()), out
+
+    config = LibraryConfig(unit_tokens=48, precision="float32")
+    alone = build_library(
+        read_corpus(long_corpus),
+        tiny,
+        "alone",
+        config,
+        Registry(tmp_path / "here"),
+        LibraryRunSettings(executor="local"),
+    )
+    assert alone.made_on == {"local": alone.units} and alone.units > 2
+
+    def opened(root, ref):
+        where, path = Registry(root).locate(ref)
+        return load_library(path, expected=where)
+
+    on_ray, here = opened(tmp_path / "ray", "lib@1"), opened(tmp_path / "here", "alone@1")
+    assert [(u.digest, u.offset, u.num_tokens) for u in on_ray.index.units] == [
+        (u.digest, u.offset, u.num_tokens) for u in here.index.units
+    ]
+    torch.testing.assert_close(
+        on_ray.cartridge.prompt_embeddings.float(), here.cartridge.prompt_embeddings.float(), rtol=0, atol=1e-5
+    )

@@ -1,19 +1,20 @@
 """Build a library: the corpus cut into units, one prefix per unit, a BM25 router over the units' text,
 published as one registry version.
 
-One model serves every unit. Each unit's prefix is kept in the run folder as soon as it is made
+The units to make go to workers (`workers.make_units`: this process, or Ray actors with a model each).
+Each unit's prefix is kept in the run folder as soon as it is made
 (`units/<digest>.safetensors`), so a killed build resumes where it stopped; a unit whose digest and
 recipe equal one in the latest published version of the same name is taken from it instead (the
 table says from which version), so a rebuild after an edit makes only the changed units.
 """
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cartridges.artifact.folder import describe_model, load_artifact, save_artifact
 from cartridges.artifact.manifest import LIBRARY_INDEX_FILE, CorpusInfo, Manifest
@@ -22,8 +23,6 @@ from cartridges.errors import CartridgeError, NotFound
 from cartridges.hashing import sha256_bytes, sha256_file
 from cartridges.home import runs_dir
 from cartridges.kv_layout import NUM_FROZEN_TOKENS, cartridge_peft_config
-from cartridges.kv_prefix import kv_prefix_of_tokens
-from cartridges.layout import context_token_ids
 from cartridges.library.index import LibraryIndex, Router, UnitRecord
 from cartridges.library.library import Library, library_of
 from cartridges.library.units import Unit, split_units
@@ -31,9 +30,8 @@ from cartridges.models import LoadedModel
 from cartridges.progress import ThroughputProgress
 from cartridges.registry.store import Registry
 from cartridges.stages.ingest import Corpus
-from cartridges.stages.library.config import LibraryConfig
-
-PREFIX_KEY = "prefix"
+from cartridges.stages.library.config import LibraryConfig, LibraryRunSettings
+from cartridges.stages.library.workers import PREFIX_KEY, make_units
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,7 @@ class LibraryBuild:
     built: bool  # False: the same library was published already
     units: int
     made: int  # units whose prefix this build computed
+    made_on: dict[str, int]  # units made per node ("local": this process)
     reused: int  # units taken from an earlier version by digest
     resumed: int  # units found in the run folder from an interrupted build
     num_tokens: int  # KV tokens of all units
@@ -51,19 +50,6 @@ class LibraryBuild:
 
 def corpus_tokens(loaded: LoadedModel, corpus: Corpus) -> int:
     return sum(len(loaded.tokenizer(doc.text, add_special_tokens=False)["input_ids"]) for doc in corpus.documents)
-
-
-def unit_prefix(loaded: LoadedModel, unit: Unit, config: LibraryConfig) -> tuple[torch.Tensor, str]:
-    """The unit's prefix and what made it: its whole KV when the budget covers it, else the configured block."""
-    ids = context_token_ids(loaded.tokenizer, unit.text)
-    budget = config.unit_budget(unit.num_tokens)
-    if config.init == "kv" or budget >= len(ids):
-        return kv_prefix_of_tokens(loaded.model, ids), "kv"
-    if config.init == "first_tokens":
-        return kv_prefix_of_tokens(loaded.model, ids[:budget]), "first_tokens"
-    from cartridges.stages.distillation.init.prefix import closed_form_prefix
-
-    return closed_form_prefix(loaded, unit.text, config.init, budget, None), config.init
 
 
 def previous_library(registry: Registry, name: str, loaded: LoadedModel) -> Library | None:
@@ -98,7 +84,12 @@ def run_folder(name: str, corpus: Corpus, loaded: LoadedModel, config: LibraryCo
 
 
 def build_library(
-    corpus: Corpus, loaded: LoadedModel, name: str, config: LibraryConfig, registry: Registry
+    corpus: Corpus,
+    loaded: LoadedModel,
+    name: str,
+    config: LibraryConfig,
+    registry: Registry,
+    settings: LibraryRunSettings | None = None,
 ) -> LibraryBuild:
     started = time.perf_counter()
     window = loaded.model.config.max_position_embeddings
@@ -120,6 +111,7 @@ def build_library(
                 built=False,
                 units=len(units),
                 made=0,
+                made_on={},
                 reused=0,
                 resumed=0,
                 num_tokens=earlier.cartridge.manifest.num_tokens,
@@ -127,45 +119,46 @@ def build_library(
                 seconds=time.perf_counter() - started,
             )
         reusable = {unit.digest: unit for unit in earlier.index.units}
+    pending = [u for u in units if u.digest not in reusable and not (kept / f"{u.digest}.safetensors").is_file()]
+    made_here: dict[str, str] = {}  # digest: the node that made it
+    if pending:
+        with ThroughputProgress(f"library {name}: making units", len(pending), "units") as progress:
+
+            def keep(unit: Unit, data: bytes, node: str) -> None:
+                write_atomically(kept / f"{unit.digest}.safetensors", lambda tmp: tmp.write_bytes(data))
+                made_here[unit.digest] = node
+                progress.advance(1, unit.num_tokens)
+
+            make_units(pending, loaded, config, settings or LibraryRunSettings(), keep)
     stored_dtype = torch.float16 if config.precision == "float16" else torch.float32
     prefixes, records = [], []
-    made = reused = resumed = 0
+    reused = resumed = 0
     offset = 0
-    with ThroughputProgress(f"library {name}", len(units), "units") as progress:
-        for unit in units:
-            path = kept / f"{unit.digest}.safetensors"
-            source = None
-            if unit.digest in reusable:
-                old = reusable[unit.digest]
-                prefix, init, source = earlier.unit_prefix(old).clone(), old.init, earlier.label
-                reused += 1
-            elif path.is_file():
-                with safe_open(str(path), framework="pt") as stored:
-                    prefix, init = stored.get_tensor(PREFIX_KEY), (stored.metadata() or {}).get("init", config.init)
-                resumed += 1
-            else:
-                prefix, init = unit_prefix(loaded, unit, config)
-                prefix = prefix.detach().cpu().float().contiguous()
-                write_atomically(
-                    path, lambda tmp, p=prefix, i=init: save_file({PREFIX_KEY: p}, str(tmp), metadata={"init": i})
-                )
-                made += 1
-            prefixes.append(prefix.to(stored_dtype))  # the library's precision: a 105k-token library is 2.4 GB at fp16
-            records.append(
-                UnitRecord(
-                    id=unit.id,
-                    source=unit.source,
-                    title=unit.title,
-                    digest=unit.digest,
-                    text_tokens=unit.num_tokens,
-                    offset=offset,
-                    num_tokens=prefix.shape[0],
-                    init=init,
-                    reused_from=source,
-                )
+    for unit in units:
+        source = None
+        if unit.digest in reusable:
+            old = reusable[unit.digest]
+            prefix, init, source = earlier.unit_prefix(old).clone(), old.init, earlier.label
+            reused += 1
+        else:
+            with safe_open(str(kept / f"{unit.digest}.safetensors"), framework="pt") as stored:
+                prefix, init = stored.get_tensor(PREFIX_KEY), (stored.metadata() or {}).get("init", config.init)
+            resumed += unit.digest not in made_here
+        prefixes.append(prefix.to(stored_dtype))  # the library's precision: a 105k-token library is 2.4 GB at fp16
+        records.append(
+            UnitRecord(
+                id=unit.id,
+                source=unit.source,
+                title=unit.title,
+                digest=unit.digest,
+                text_tokens=unit.num_tokens,
+                offset=offset,
+                num_tokens=prefix.shape[0],
+                init=init,
+                reused_from=source,
             )
-            offset += prefix.shape[0]
-            progress.advance(1, unit.num_tokens)
+        )
+        offset += prefix.shape[0]
     index = LibraryIndex(
         unit_tokens=config.unit_tokens,
         default_budget=config.default_budget,
@@ -191,7 +184,8 @@ def build_library(
         ref=published.label,
         built=found is None,
         units=len(units),
-        made=made,
+        made=len(made_here),
+        made_on=dict(Counter(made_here.values())),
         reused=reused,
         resumed=resumed,
         num_tokens=offset,

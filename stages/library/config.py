@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from cartridges.artifact.precision import Precision
+from cartridges.cluster import Executor
 from cartridges.library.index import Order, Positions
 from cartridges.settings import STRICT_SETTINGS
 
@@ -14,8 +15,9 @@ UnitInit = Literal["kv", "first_tokens", "select", "matched"]
 class LibraryConfig(BaseModel):
     model_config = STRICT_SETTINGS
 
-    # Off by default: a library is loaded whole (its units' KV in float32: 46 KB a corpus token for SmolLM2-135M with
-    # `kv` units, 9.5 GB for the 206k-token default corpus), and it is measured on two collections only.
+    # Off by default: measured on two collections only, it trails BM25 retrieval on statutes (BENCHMARKS.md
+    # "Libraries"), and its KV is stored whole (23 KB a corpus token for SmolLM2-135M at fp16: 5.2 GB for the
+    # default corpus), though mapped from its file when used, not loaded.
     enabled: bool = Field(
         False, description="a corpus of more than unit_tokens tokens builds a library; false: one cartridge"
     )
@@ -50,3 +52,16 @@ class LibraryConfig(BaseModel):
     def recipe(self) -> dict:
         """What decides a unit's prefix given its text: a unit is reused from another version only when equal."""
         return self.model_dump(include={"init", "ratio", "min_tokens", "max_tokens", "precision"})
+
+
+class LibraryRunSettings(BaseModel):
+    """How a library's units are made; does not change them."""
+
+    model_config = STRICT_SETTINGS
+
+    workers: int = Field(1, ge=1, description="workers making units, each with its own model (Ray actors)")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="Ray CPUs per worker (default: this machine's cores / workers)"
+    )
+    gpus_per_worker: float = Field(0, ge=0, description="Ray GPUs per worker")
+    executor: Executor = Field("auto", description="ray, local, or auto: Ray with RAY_ADDRESS or workers > 1")

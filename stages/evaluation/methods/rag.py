@@ -32,13 +32,19 @@ class RetrievedContext:
         order, _ = self.retriever.retrieve(tokens, k=len(self.passages), show_progress=False)
         return [self.passages[i] for i in order[0]]
 
+    def block_ids(self, query: str) -> list[int]:
+        """The token ids of the block for `query`: the best passages joined by newlines, cut at the budget
+        (what a rag prompt holds; `bench/library_serving.py` sends their text to a server)."""
+        chosen: list[str] = []
+        for passage in self.ranked_passages(query):
+            chosen.append(passage)
+            if len(context_token_ids(self.loaded.tokenizer, "\n".join(chosen))) >= self.budget:
+                break  # the last passage is cut at the budget
+        return context_token_ids(self.loaded.tokenizer, "\n".join(chosen), self.budget)
+
     def context(self, question: Question) -> Context:
         if question.id not in self._cache:
-            chosen: list[str] = []
-            for passage in self.ranked_passages(question.question):
-                chosen.append(passage)
-                if len(context_token_ids(self.loaded.tokenizer, "\n".join(chosen))) >= self.budget:
-                    break  # the last passage is cut at the budget
-            ids = context_token_ids(self.loaded.tokenizer, "\n".join(chosen), self.budget)
-            self._cache[question.id] = Context(kv_prefix_of_tokens(self.loaded.model, ids))
+            self._cache[question.id] = Context(
+                kv_prefix_of_tokens(self.loaded.model, self.block_ids(question.question))
+            )
         return self._cache[question.id]
