@@ -258,7 +258,15 @@ def test_a_library_build_makes_its_units_on_two_nodes_and_equals_one_made_in_one
     ]
     settings += ["library_run.executor=ray", "library_run.workers=2", "library_run.cpus_per_worker=1"]
     overrides = [part for setting in settings for part in ("--set", setting)]
-    code, out, err = cli("build", str(long_corpus), "--name", "lib", *overrides, "--registry", str(tmp_path / "ray"))
+    # two free CPUs whatever the module's earlier tests left running or removed (their scheduler actor, a lost node)
+    added = [on_cluster.add_node("library-a"), on_cluster.add_node("library-b")]
+    try:
+        code, out, err = cli(
+            "build", str(long_corpus), "--name", "lib", *overrides, "--registry", str(tmp_path / "ray")
+        )
+    finally:
+        for node in added:
+            on_cluster.remove_node(node)
     assert code == 0, err
     assert "on 2 nodes" in " ".join(out.split()), out
 
