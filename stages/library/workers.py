@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from cartridges.cluster import cpus_per_actor, init_ray, node_label, on_local_ray, runs_on_ray
@@ -26,6 +25,7 @@ from cartridges.stages.library.config import LibraryConfig, LibraryRunSettings
 
 PREFIX_KEY = "prefix"
 WORKER_START_TIMEOUT_S = 600  # every worker must have started (loaded its model) by then
+UNIT_FIELDS = ("id", "source", "title", "text", "num_tokens", "digest")  # a unit as a Ray Data row
 
 
 def unit_prefix(loaded: LoadedModel, unit: Unit, config: LibraryConfig) -> tuple[torch.Tensor, str]:
@@ -44,10 +44,6 @@ def unit_prefix(loaded: LoadedModel, unit: Unit, config: LibraryConfig) -> tuple
 def prefix_bytes(prefix: torch.Tensor, init: str) -> bytes:
     """A unit's prefix as the run folder keeps it (float32 safetensors, what made it in the metadata)."""
     return save_safetensors({PREFIX_KEY: prefix.detach().cpu().float().contiguous()}, metadata={"init": init})
-
-
-def prefix_of_bytes(data: bytes) -> torch.Tensor:
-    return load_safetensors(data)[PREFIX_KEY]
 
 
 class UnitWorker:
@@ -69,9 +65,6 @@ class UnitWorker:
             digests.append(unit.digest)
             data.append(prefix_bytes(prefix, init))
         return {"digest": digests, "data": data, "node": [self.node] * len(digests)}
-
-
-UNIT_FIELDS = ("id", "source", "title", "text", "num_tokens", "digest")
 
 
 def make_units(
