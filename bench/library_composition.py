@@ -31,7 +31,7 @@ from cartridges.errors import run_script
 from cartridges.kv_layout import kv_shape
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
-from cartridges.library.library import Library, load_library, moved_to_their_places
+from cartridges.library.library import Library, RoutedUnit, load_library, moved_to_their_places
 from cartridges.library.units import split_units
 from cartridges.models import LoadedModel, load_model
 from cartridges.qa import load_qa_files
@@ -89,11 +89,12 @@ class Compositions:
 
     def block(self, way: str, unit_ids: list[str]) -> torch.Tensor:
         model = self.loaded.model
-        if way in ("library", "one-sink"):
-            parts = [self.library.unit_prefix(self.library.unit(u)) for u in unit_ids]
-            if way == "one-sink":
-                parts = parts[:1] + [p[1:] for p in parts[1:]]
-            return torch.cat(moved_to_their_places(model, parts))
+        if way == "library":
+            return torch.cat(self.library.placed([RoutedUnit(self.library.unit(u), 0.0) for u in unit_ids], model))
+        if way == "one-sink":
+            routed = [RoutedUnit(self.library.unit(u), 0.0) for u in unit_ids]
+            parts = self.library.placed(routed, model, positions="own")
+            return torch.cat(moved_to_their_places(model, parts[:1] + [p[1:] for p in parts[1:]]))
         rows_of = self.shared_sink_rows if way == "shared-sink" else self.in_document_rows
         layers, heads, _ = kv_shape(model.config)
         parts, offset = [self.sink], 1

@@ -62,3 +62,52 @@ def init_ray() -> None:
         logging_level="ERROR",
         log_to_driver=not local,
     )
+
+
+def actor_pool_rows(
+    rows: list[dict],
+    worker: type,
+    constructor_kwargs: dict,
+    actors: int,
+    cpus: float,
+    gpus: float,
+    start_timeout_s: float,
+    in_flight: int = 1,
+):
+    """Ray Data: `worker` (a callable class, built once per actor) over `rows`, one row a call, on a pool of
+    `actors`; iterate the returned dataset's `iter_rows()` for the results as they come. Iterating raises
+    `ray.exceptions.GetTimeoutError` when the pool has not started within `start_timeout_s` (the caller
+    names the settings to change)."""
+    import logging
+    import warnings
+
+    import ray
+
+    init_ray()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours show shards and rates; Ray Data's own lines (it warns that
+    context.print_on_execution_start = False  # its bars are off, announces each finished dataset) are noise here
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray Data passes every actor its map function through the object store, and Ray logs an error-level
+    # line for each actor that may restart with such arguments (ray-project/ray#53727). On a local Ray an
+    # actor that dies is a crash of this machine's process (out of memory, a bug) that a restart repeats:
+    # the run stops and the next one resumes from what it finished. A cluster keeps Ray's restarts, which
+    # replace actors on lost nodes.
+    # Ray 2.60 (pinned) takes max_restarts only among its deprecated free-form remote arguments.
+    restarts = {"max_restarts": 0} if on_local_ray() else {}
+    # Start every actor before the first row is handed out, and hand each actor `in_flight` rows at a time:
+    # an actor that loaded first would otherwise queue rows that a later one could make, and a cluster that
+    # cannot place the actors fails with a line instead of waiting forever.
+    context.wait_for_min_actors_s = start_timeout_s
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ray.data.from_items(rows).map_batches(
+            worker,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
+            num_cpus=cpus,
+            num_gpus=gpus,
+            fn_constructor_kwargs=constructor_kwargs,
+            **restarts,
+        )

@@ -202,7 +202,7 @@ def build_command(
 def _report_library(result) -> None:
     said = "published" if result.built else "nothing new: already published as"
     nodes = len(result.made_on)
-    where = f" on {nodes} nodes ({', '.join(f'{count}' for count in result.made_on.values())})" if nodes > 1 else ""
+    where = f" on {nodes} nodes ({', '.join(map(str, result.made_on.values()))})" if nodes > 1 else ""
     console.print(
         f"{said} library [bold]{result.ref}[/bold]: {result.units} units, {result.text_tokens} text tokens in "
         f"{result.num_tokens} KV tokens ({result.made} made{where}, {result.reused} reused by digest, {result.resumed} "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 
 from cartridges.artifact.folder import describe_model, load_artifact, save_artifact
 from cartridges.artifact.manifest import LIBRARY_INDEX_FILE, CorpusInfo, Manifest
@@ -120,17 +121,19 @@ def build_library(
             )
         reusable = {unit.digest: unit for unit in earlier.index.units}
     pending = [u for u in units if u.digest not in reusable and not (kept / f"{u.digest}.safetensors").is_file()]
-    made_here: dict[str, str] = {}  # digest: the node that made it
+    stored_dtype = torch.float16 if config.precision == "float16" else torch.float32
+    made: dict[str, tuple[torch.Tensor, str]] = {}  # digest: the prefix this build made (stored precision), its init
+    made_on: Counter[str] = Counter()  # units made per node
     if pending:
         with ThroughputProgress(f"library {name}: making units", len(pending), "units") as progress:
 
-            def keep(unit: Unit, data: bytes, node: str) -> None:
+            def keep(unit: Unit, data: bytes, init: str, node: str) -> None:
                 write_atomically(kept / f"{unit.digest}.safetensors", lambda tmp: tmp.write_bytes(data))
-                made_here[unit.digest] = node
+                made[unit.digest] = (load_safetensors(data)[PREFIX_KEY].to(stored_dtype), init)
+                made_on[node] += 1
                 progress.advance(1, unit.num_tokens)
 
             make_units(pending, loaded, config, settings or LibraryRunSettings(), keep)
-    stored_dtype = torch.float16 if config.precision == "float16" else torch.float32
     prefixes, records = [], []
     reused = resumed = 0
     offset = 0
@@ -140,10 +143,12 @@ def build_library(
             old = reusable[unit.digest]
             prefix, init, source = earlier.unit_prefix(old).clone(), old.init, earlier.label
             reused += 1
+        elif unit.digest in made:
+            prefix, init = made.pop(unit.digest)  # held once: `joined` lets each prefix go as it copies it
         else:
             with safe_open(str(kept / f"{unit.digest}.safetensors"), framework="pt") as stored:
                 prefix, init = stored.get_tensor(PREFIX_KEY), (stored.metadata() or {}).get("init", config.init)
-            resumed += unit.digest not in made_here
+            resumed += 1
         prefixes.append(prefix.to(stored_dtype))  # the library's precision: a 105k-token library is 2.4 GB at fp16
         records.append(
             UnitRecord(
@@ -184,8 +189,8 @@ def build_library(
         ref=published.label,
         built=found is None,
         units=len(units),
-        made=len(made_here),
-        made_on=dict(Counter(made_here.values())),
+        made=sum(made_on.values()),
+        made_on=dict(made_on),
         reused=reused,
         resumed=resumed,
         num_tokens=offset,

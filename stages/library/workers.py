@@ -7,15 +7,12 @@ disk with the driver) and the driver keeps it in the run folder as it arrives, s
 resumes from the units it already has, wherever they were made.
 """
 
-import logging
-import time
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 from safetensors.torch import save as save_safetensors
 
-from cartridges.cluster import cpus_per_actor, init_ray, node_label, on_local_ray, runs_on_ray
+from cartridges.cluster import actor_pool_rows, cpus_per_actor, node_label, runs_on_ray
 from cartridges.errors import CartridgeError
 from cartridges.kv_prefix import kv_prefix_of_tokens
 from cartridges.layout import context_token_ids
@@ -55,7 +52,7 @@ class UnitWorker:
         self.node = node_label()
 
     def __call__(self, batch: dict) -> dict:
-        digests, data = [], []
+        digests, data, inits = [], [], []
         for index in range(len(batch["digest"])):
             unit = Unit(
                 **{field: str(batch[field][index]) for field in UNIT_FIELDS if field != "num_tokens"},
@@ -64,7 +61,8 @@ class UnitWorker:
             prefix, init = unit_prefix(self.loaded, unit, self.config)
             digests.append(unit.digest)
             data.append(prefix_bytes(prefix, init))
-        return {"digest": digests, "data": data, "node": [self.node] * len(digests)}
+            inits.append(init)
+        return {"digest": digests, "data": data, "init": inits, "node": [self.node] * len(digests)}
 
 
 def make_units(
@@ -72,54 +70,36 @@ def make_units(
     loaded: LoadedModel,
     config: LibraryConfig,
     settings: LibraryRunSettings,
-    on_made: Callable[[Unit, bytes, str], None],
+    on_made: Callable[[Unit, bytes, str, str], None],
 ) -> None:
-    """Make the pending units' prefixes; `on_made(unit, safetensors bytes, node)` as each arrives (here)."""
+    """Make the pending units' prefixes; `on_made(unit, safetensors bytes, what made it, node)` as each
+    arrives (here)."""
     by_digest = {unit.digest: unit for unit in pending}
     if not runs_on_ray(settings.executor, settings.workers):
         for unit in pending:
             prefix, init = unit_prefix(loaded, unit, config)
-            on_made(unit, prefix_bytes(prefix, init), "local")
+            on_made(unit, prefix_bytes(prefix, init), init, "local")
         return
-    for digest, data, node in _made_on_ray(pending, loaded.ref, config, settings):
-        on_made(by_digest[digest], data, node)
+    for digest, data, init, node in _made_on_ray(pending, loaded.ref, config, settings):
+        on_made(by_digest[digest], data, init, node)
 
 
 def _made_on_ray(
     pending: list[Unit], model: ModelRef, config: LibraryConfig, settings: LibraryRunSettings
-) -> Iterator[tuple[str, bytes, str]]:
+) -> Iterator[tuple[str, bytes, str, str]]:
     import ray
 
-    init_ray()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours show units and rates
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    context.wait_for_min_actors_s = WORKER_START_TIMEOUT_S
-    # as synthesis (`synthesize._run_shards`): no restarts on a local Ray, where a dead worker is this
-    # machine's crash; a cluster keeps Ray's restarts, which replace workers on lost nodes
-    restarts = {"max_restarts": 0} if on_local_ray() else {}
     cpus = cpus_per_actor(settings.workers, settings.cpus_per_worker)
     rows = [{field: getattr(unit, field) for field in UNIT_FIELDS} for unit in pending]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        dataset = ray.data.from_items(rows).map_batches(
-            UnitWorker,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=settings.workers, max_tasks_in_flight_per_actor=2),
-            num_cpus=cpus,
-            num_gpus=settings.gpus_per_worker,
-            fn_constructor_kwargs={"model": model, "config_json": config.model_dump_json()},
-            **restarts,
-        )
-    started = time.monotonic()
+    constructor = {"model": model, "config_json": config.model_dump_json()}
+    dataset = actor_pool_rows(
+        rows, UnitWorker, constructor, settings.workers, cpus, settings.gpus_per_worker, WORKER_START_TIMEOUT_S, 2
+    )
     try:
         for row in dataset.iter_rows():
-            yield row["digest"], row["data"], row["node"]
+            yield row["digest"], row["data"], row["init"], row["node"]
     except ray.exceptions.GetTimeoutError:
         raise CartridgeError(
             f"the cluster did not start {settings.workers} library worker(s) with {cpus} CPU and "
-            f"{settings.gpus_per_worker} GPU each within {WORKER_START_TIMEOUT_S} s "
-            f"({time.monotonic() - started:.0f} s waited): add nodes, or lower library_run.workers or cpus_per_worker"
+            f"{settings.gpus_per_worker} GPU each within {WORKER_START_TIMEOUT_S} s: add nodes, or lower library_run.workers or cpus_per_worker"
         ) from None

@@ -16,16 +16,14 @@ the Ray node that made it.
 """
 
 import json
-import logging
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
 from cartridges.atomic import write_text_atomically
-from cartridges.cluster import cpus_per_actor, init_ray, node_label, on_local_ray, runs_on_ray
+from cartridges.cluster import actor_pool_rows, cpus_per_actor, node_label, runs_on_ray
 from cartridges.errors import CartridgeError
 from cartridges.models import ModelRef, model_on_this_node
 from cartridges.progress import ThroughputProgress
@@ -182,41 +180,23 @@ def _run_shards(pending: list[int], worker_args: dict, settings: SynthesisRunSet
         return
     import ray
 
-    init_ray()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours show shards and rates; Ray Data's own lines (it warns that
-    context.print_on_execution_start = False  # its bars are off, announces each finished dataset) are noise here
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    # Ray Data passes every actor its map function through the object store, and Ray logs an error-level
-    # line for each actor that may restart with such arguments (ray-project/ray#53727). On a local Ray an
-    # engine that dies is a crash of this machine's process (out of memory, a bug) that a restart repeats:
-    # the run stops and the next one resumes from its finished shards. A cluster keeps Ray's restarts,
-    # which replace engines on lost nodes.
-    # Ray 2.60 (pinned) takes max_restarts only among its deprecated free-form remote arguments.
-    restarts = {"max_restarts": 0} if on_local_ray() else {}
-    # Start every engine before the first shard is handed out, and hand each engine one shard at a time:
-    # shards are long, so an engine that loaded first would otherwise queue shards that a later one could
-    # make, and a cluster that cannot place the engines fails with a line instead of waiting forever.
-    context.wait_for_min_actors_s = ENGINE_START_TIMEOUT_S
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        dataset = ray.data.from_items([{"shard": shard} for shard in pending]).map_batches(
-            SynthesisWorker,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=settings.engines, max_tasks_in_flight_per_actor=1),
-            num_cpus=cpus_per_actor(settings.engines, settings.cpus_per_engine),
-            num_gpus=settings.gpus_per_engine,
-            fn_constructor_kwargs=worker_args,
-            **restarts,
-        )
+    cpus = cpus_per_actor(settings.engines, settings.cpus_per_engine)
+    # each engine one shard at a time: shards are long
+    dataset = actor_pool_rows(
+        [{"shard": shard} for shard in pending],
+        SynthesisWorker,
+        worker_args,
+        settings.engines,
+        cpus,
+        settings.gpus_per_engine,
+        ENGINE_START_TIMEOUT_S,
+    )
     try:
         for row in dataset.iter_rows():
             on_done(ShardStats.model_validate_json(row["stats"]), row["parquet"])
     except ray.exceptions.GetTimeoutError:
         raise CartridgeError(
-            f"the cluster did not start {settings.engines} engine actor(s) with "
-            f"{cpus_per_actor(settings.engines, settings.cpus_per_engine)} CPU and {settings.gpus_per_engine} GPU each "
+            f"the cluster did not start {settings.engines} engine actor(s) with {cpus} CPU and {settings.gpus_per_engine} GPU each "
             f"within {ENGINE_START_TIMEOUT_S} s: add nodes, or lower synthesis_run.engines, cpus_per_engine or gpus_per_engine"
         ) from None
 
